@@ -1,0 +1,37 @@
+# Developer entry points. Every target sets up what it needs itself.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+ADDRESS ?= 127.0.0.1:11211
+
+.PHONY: install redis run test lint typecheck check bench soak clean
+
+$(BIN)/tlogserver: pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test]'
+	touch $(BIN)/tlogserver
+
+install: $(BIN)/tlogserver
+
+# redis-server for the tests: installed from Debian's packages when missing.
+redis:
+	@command -v redis-server >/dev/null 2>&1 || ./scripts/install_redis.sh
+
+run: install
+	$(BIN)/tlogserver --address $(ADDRESS) --memory-storage
+
+test: install redis
+	$(BIN)/pytest -q
+
+lint: install
+	$(BIN)/ruff check tlog tlogserver tests benchmarks
+	$(BIN)/mypy tlog tlogserver
+
+check: lint test
+
+bench: install redis
+	$(BIN)/python benchmarks/run_all.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

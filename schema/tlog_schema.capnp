@@ -1,0 +1,52 @@
+# Cap'n Proto schema of the tlog wire protocol and of the stored aggregations.
+#
+# Wire compatible with zero-os/0-Disk v1.1.0-alpha-7: struct names, field
+# ordinals and types are the contract and must never change. Our own additions
+# only ever take new, higher ordinals, which old peers ignore.
+@0x90d2567e09741796;
+
+# First message of a connection, client to server (no type byte in front).
+struct HandshakeRequest {
+  version            @0 :UInt32;  # major<<24 | minor<<16 | patch<<8 | stage
+  vdiskID            @1 :Text;
+  firstSequence      @2 :UInt64;  # sequence the client sends next
+  resetFirstSequence @3 :Bool;    # force the vdisk's expected sequence
+}
+
+# The server's answer to a HandshakeRequest.
+struct HandshakeResponse {
+  version @0 :UInt32;
+  status  @1 :Int8;   # HandshakeStatus: negative is an error
+}
+
+# Every later server-to-client message.
+struct TlogResponse {
+  status    @0 :Int8;           # BlockStatus
+  sequences @1 :List(UInt64);   # the sequences the status is about
+}
+
+# One write (or delete) of one block of a vdisk.
+struct TlogBlock {
+  sequence  @0 :UInt64;
+  index     @1 :Int64;   # block index: byte offset = index * block size
+  hash      @2 :Data;    # BLAKE2b-256 of data
+  data      @3 :Data;
+  timestamp @4 :UInt64;  # nanoseconds since the Unix epoch (set by the client)
+  operation @5 :UInt8;   # 1 = set, 2 = delete
+}
+
+# The unit stored in the storage pool: blocks flushed together.
+struct TlogAggregation {
+  name      @0 :Text;
+  size      @1 :UInt64;            # number of blocks
+  timestamp @2 :UInt64;            # flush time, ns since the Unix epoch
+  vdiskID   @3 :Text;
+  blocks    @4 :List(TlogBlock);
+  prev      @5 :Data;              # hash of the previous aggregation, 32 zero bytes first
+}
+
+# ForceFlushAtSeq (type byte 2) and WaitNbdSlaveSync (type byte 3).
+struct Command {
+  type     @0 :UInt8;
+  sequence @1 :UInt64;
+}

@@ -1,0 +1,38 @@
+"""Shared fixtures: real redis-server processes on free loopback ports."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+# The helper module sits next to this file; make it importable whatever the import mode.
+if str(Path(__file__).parent) not in sys.path:
+    sys.path.insert(0, str(Path(__file__).parent))
+
+from redis_fixture import RedisFactory, RedisProcess, redis_server_path  # noqa: E402
+
+__all__ = ["RedisProcess"]
+
+
+@pytest.fixture
+def redis_factory(tmp_path: Path) -> Iterator[RedisFactory]:
+    """``redis_factory(n=1, **extra_args) -> list[RedisProcess]``; all killed at teardown.
+
+    ``extra_args`` become redis-server options: ``maxmemory="10mb"`` -> ``--maxmemory 10mb``.
+    """
+    if redis_server_path() is None:
+        pytest.skip("redis-server is not on PATH (make redis installs it)")
+    factory = RedisFactory(tmp_path / "redis")
+    try:
+        yield factory
+    finally:
+        factory.stop_all()
+
+
+@pytest.fixture
+def redis6(redis_factory: RedisFactory) -> list[RedisProcess]:
+    """Six fresh servers: a k=4, m=2 storage pool."""
+    return redis_factory(6)

@@ -1,0 +1,227 @@
+"""Real redis-server processes for tests and benchmarks.
+
+Each server listens on a free loopback port, keeps nothing on disk (no RDB, no AOF) and is
+killed with SIGKILL when stopped, which is what a crashed storage server looks like.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import redis
+
+REDIS_SERVER = "redis-server"
+START_TIMEOUT = 10.0
+POLL_INTERVAL = 0.01
+PORT_ATTEMPTS = 10
+
+_running: set[RedisProcess] = set()
+
+
+def redis_server_path() -> str | None:
+    """Where redis-server is, None when it is not installed."""
+    return shutil.which(REDIS_SERVER)
+
+
+def free_port() -> int:
+    """A loopback port nobody listens on right now (it may be taken before we bind it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _config_args(extra: dict[str, Any]) -> list[str]:
+    """``maxmemory_policy="noeviction"`` -> ``--maxmemory-policy noeviction``."""
+    args: list[str] = []
+    for name, value in extra.items():
+        args.append("--" + name.replace("_", "-"))
+        values: Iterable[Any] = value if isinstance(value, list | tuple) else [value]
+        for item in values:
+            if isinstance(item, bool):
+                item = "yes" if item else "no"
+            args.append(str(item))
+    return args
+
+
+class RedisStartError(RuntimeError):
+    """redis-server exited or did not answer in time."""
+
+    def __init__(self, message: str, port_in_use: bool = False) -> None:
+        super().__init__(message)
+        self.port_in_use = port_in_use
+
+
+class RedisProcess:
+    """One redis-server process on 127.0.0.1; can be stopped and started again on its port."""
+
+    host = "127.0.0.1"
+
+    def __init__(self, port: int, directory: Path, extra_args: dict[str, Any] | None = None):
+        self.port = port
+        self.directory = Path(directory)
+        self.extra_args = dict(extra_args or {})
+        self.log_path = self.directory / "redis.log"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def __repr__(self) -> str:
+        state = "running" if self.running else "stopped"
+        return f"RedisProcess({self.address}, {state})"
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def command(self) -> list[str]:
+        return [
+            REDIS_SERVER,
+            "--port", str(self.port),
+            "--bind", self.host,
+            "--save", "",
+            "--appendonly", "no",
+            "--dir", str(self.directory),
+            "--daemonize", "no",
+            *_config_args(self.extra_args),
+        ]  # fmt: skip
+
+    def start(self) -> None:
+        """Start (or restart) on the same port and directory; return once it answers PING."""
+        if self.running:
+            raise RuntimeError(f"redis-server {self.address} is already running")
+        self.directory.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(
+                self.command(),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=self.directory,
+            )
+        _running.add(self)
+        try:
+            self._wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _log_tail(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-2000:]
+        except OSError:
+            return ""
+
+    def _wait_ready(self) -> None:
+        """Poll until this very process answers (another one may own the port)."""
+        assert self.process is not None
+        deadline = time.monotonic() + START_TIMEOUT
+        while True:
+            code = self.process.poll()
+            if code is not None:
+                log = self._log_tail()
+                raise RedisStartError(
+                    f"redis-server {self.address} exited with code {code}:\n{log}",
+                    port_in_use="Address already in use" in log,
+                )
+            if self._answers():
+                return
+            if time.monotonic() > deadline:
+                raise RedisStartError(
+                    f"redis-server {self.address} did not answer within {START_TIMEOUT} s:\n"
+                    + self._log_tail()
+                )
+            time.sleep(POLL_INTERVAL)
+
+    def _answers(self) -> bool:
+        """True when our process (checked by pid) answers on the port."""
+        assert self.process is not None
+        client = redis.Redis(
+            host=self.host, port=self.port, socket_timeout=1.0, socket_connect_timeout=1.0
+        )
+        try:
+            info = client.info("server")
+        except (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError):
+            return False
+        finally:
+            client.close()
+        if info.get("process_id") != self.process.pid:
+            # Someone else listens there; our process will exit with "Address already in use".
+            return False
+        return True
+
+    def stop(self) -> None:
+        """Kill with SIGKILL (a crash, no shutdown save) and wait for the process to end."""
+        process, self.process = self.process, None
+        _running.discard(self)
+        if process is None or process.poll() is not None:
+            return
+        try:
+            os.kill(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        process.wait(timeout=10)
+
+    def client(self, db: int = 0) -> redis.Redis:
+        """A synchronous client for checks from the test (raw bytes, no decoding)."""
+        return redis.Redis(
+            host=self.host, port=self.port, db=db, socket_timeout=5.0, socket_connect_timeout=5.0
+        )
+
+
+def start_redis(directory: Path, **extra_args: Any) -> RedisProcess:
+    """Start one redis-server on a free port, trying another port if that one got taken."""
+    if redis_server_path() is None:
+        raise RedisStartError(f"{REDIS_SERVER} is not on PATH")
+    last: RedisStartError | None = None
+    for _ in range(PORT_ATTEMPTS):
+        server = RedisProcess(free_port(), directory, extra_args)
+        try:
+            server.start()
+            return server
+        except RedisStartError as exc:
+            if not exc.port_in_use:
+                raise
+            last = exc
+    raise RedisStartError(f"no free port after {PORT_ATTEMPTS} attempts: {last}")
+
+
+class RedisFactory:
+    """Starts servers on demand (each in its own directory) and kills them all at the end."""
+
+    def __init__(self, base: Path) -> None:
+        self.base = Path(base)
+        self.servers: list[RedisProcess] = []
+
+    def __call__(self, n: int = 1, **extra_args: Any) -> list[RedisProcess]:
+        started = []
+        for _ in range(n):
+            directory = self.base / f"redis-{len(self.servers)}"
+            server = start_redis(directory, **extra_args)
+            self.servers.append(server)
+            started.append(server)
+        return started
+
+    def stop_all(self) -> None:
+        for server in self.servers:
+            server.stop()
+
+
+RedisFactoryFn = Callable[..., list[RedisProcess]]
+
+
+@atexit.register
+def _kill_leftovers() -> None:
+    """Never leave a redis-server behind, even when the test run is interrupted."""
+    for server in list(_running):
+        server.stop()

@@ -1,0 +1,324 @@
+"""Aggregations: the blocks of one flush, as a sealed record in the storage pool.
+
+Two record formats, both erasure-coded the same way afterwards (`tlog.erasure`)
+and stored under ``hash = BLAKE2b-256(record)``:
+
+- **v2** (ours, the default; docs/storage-format.md): a plaintext header that
+  says what the record is (format, key id, sequence range, prev, vdisk), then
+  the snappy-compressed Cap'n Proto aggregation sealed with AES-256-GCM under a
+  per-vdisk key and a fresh random nonce, the header as associated data.
+- **legacy** (0-Disk's): snappy + AES-256-GCM with one static nonce and no
+  associated data. Kept to read the reference's storage and to write storage
+  its tools can read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import struct
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import cramjam
+
+from . import crypto, schema, wire
+from .wire import Block, BlockFields
+
+log = logging.getLogger(__name__)
+
+HASH_SIZE = 32
+ZERO_HASH = bytes(HASH_SIZE)
+LEGACY_NAME = "The Go Tlog"
+V2_NAME = "tlog"
+
+V2_MAGIC = b"TLG2"
+V2_VERSION = 2
+COMPRESSION_SNAPPY = 1
+# magic, version, compression, reserved, key id, first seq, last seq, count, timestamp, prev
+_V2_HEAD = struct.Struct("<4sBBHIQQIQ32sH")
+NONCE_SIZE = 12
+
+
+def record_hash(record: bytes | memoryview) -> bytes:
+    """The key of a stored record, and the ``prev`` of the next aggregation."""
+    return hashlib.blake2b(record, digest_size=HASH_SIZE).digest()
+
+
+class RecordError(Exception):
+    """A stored record that cannot be opened: wrong key, tampered, truncated, not ours."""
+
+
+class MissingKeyError(RecordError):
+    """The record was sealed under a master key we were not given."""
+
+    def __init__(self, key_id: int) -> None:
+        super().__init__(f"record sealed with master key id {key_id:08x}, which was not given")
+        self.key_id = key_id
+
+
+@dataclass(frozen=True)
+class SealedRecord:
+    """One aggregation ready to store."""
+
+    hash: bytes
+    record: bytes
+    first_sequence: int
+    last_sequence: int
+    sequences: tuple[int, ...]
+
+
+@dataclass
+class Aggregation:
+    """One decoded aggregation."""
+
+    hash: bytes
+    prev: bytes
+    vdisk_id: str
+    timestamp: int
+    name: str
+    blocks: list[Block]
+    record_size: int = 0
+    compressed_size: int = 0
+    key_id: int | None = None
+    format: str = "v2"
+
+    @property
+    def first_sequence(self) -> int:
+        return min(b.sequence for b in self.blocks) if self.blocks else 0
+
+    @property
+    def last_sequence(self) -> int:
+        return max(b.sequence for b in self.blocks) if self.blocks else 0
+
+    @property
+    def data_size(self) -> int:
+        return sum(len(b.data) for b in self.blocks)
+
+
+def _plain_aggregation(name: str, timestamp: int, vdisk_id: str, prev: bytes,
+                       blocks: Sequence[BlockFields]) -> bytes:
+    return wire.encode_aggregation(name, timestamp, vdisk_id, prev, blocks)
+
+
+def _parse_plain(plain: bytes) -> wire.RawAggregation:
+    """Decode a framed aggregation, by hand when possible, else through pycapnp."""
+    header = wire.parse_frame_header(plain, 0, len(plain), len(plain))
+    if header is None or header.header_len + header.body_len > len(plain):
+        raise RecordError("aggregation frame is truncated")
+    body = memoryview(plain)[header.header_len:header.header_len + header.body_len]
+    if len(header.segment_sizes) == 1:
+        parsed = wire.parse_aggregation(body)
+        if parsed is not None:
+            return parsed
+    try:
+        segs, at = [], 0
+        for size in header.segment_sizes:
+            segs.append(bytes(body[at:at + size]))
+            at += size
+        msg = schema.TlogAggregation.from_segments(segs)
+        blocks = [Block(b.sequence, b.index, b.timestamp, b.operation,
+                           memoryview(b.hash), memoryview(b.data)) for b in msg.blocks]
+        return wire.RawAggregation(msg.name, msg.size, msg.timestamp, msg.vdiskID,
+                                   bytes(msg.prev), blocks)
+    except Exception as exc:
+        raise RecordError(f"malformed aggregation: {exc}") from None
+
+
+def _decompress(data: bytes | memoryview) -> bytes:
+    try:
+        return bytes(cramjam.snappy.decompress_raw(data))
+    except Exception as exc:
+        raise RecordError(f"snappy decompression failed: {exc}") from None
+
+
+# -- v2 ------------------------------------------------------------------------
+
+
+class V2Writer:
+    """Seals a vdisk's aggregations in the v2 format."""
+
+    format = "v2"
+
+    def __init__(self, master_key: bytes, vdisk_id: str) -> None:
+        self.vdisk_id = vdisk_id
+        self._vdisk = vdisk_id.encode()
+        self._cipher = crypto.VdiskCipher(master_key, vdisk_id)
+
+    def seal(self, prev: bytes, blocks: Sequence[BlockFields],
+             timestamp: int | None = None) -> SealedRecord:
+        ts = time.time_ns() if timestamp is None else timestamp
+        sequences = tuple(b.sequence for b in blocks)
+        plain = _plain_aggregation(V2_NAME, ts, self.vdisk_id, prev, blocks)
+        compressed = cramjam.snappy.compress_raw(plain)
+        head = _V2_HEAD.pack(V2_MAGIC, V2_VERSION, COMPRESSION_SNAPPY, 0, self._cipher.key_id,
+                             min(sequences), max(sequences), len(blocks), ts, prev,
+                             len(self._vdisk)) + self._vdisk
+        nonce, sealed = self._cipher.seal(bytes(compressed), head)
+        record = b"".join((head, nonce, sealed))
+        return SealedRecord(record_hash(record), record, min(sequences), max(sequences),
+                            sequences)
+
+
+@dataclass(frozen=True)
+class V2Header:
+    """The plaintext, authenticated header of a v2 record."""
+
+    key_id: int
+    first_sequence: int
+    last_sequence: int
+    count: int
+    timestamp: int
+    prev: bytes
+    vdisk_id: str
+    compression: int
+    size: int  # bytes of header, associated data
+
+
+def is_v2(record: bytes | memoryview) -> bool:
+    return bytes(record[:5]) == V2_MAGIC + bytes((V2_VERSION,))
+
+
+def parse_v2_header(record: bytes | memoryview) -> V2Header:
+    """Read a v2 header without decrypting (it is authenticated once the record is opened)."""
+    if len(record) < _V2_HEAD.size + NONCE_SIZE + 16 or not is_v2(record):
+        raise RecordError("not a v2 tlog record")
+    (_, _, compression, _, key_id, first, last, count, ts, prev,
+     vlen) = _V2_HEAD.unpack_from(record, 0)
+    end = _V2_HEAD.size + vlen
+    if len(record) < end + NONCE_SIZE + 16:
+        raise RecordError("v2 record is truncated")
+    vdisk = bytes(record[_V2_HEAD.size:end]).decode("utf-8", "replace")
+    return V2Header(key_id, first, last, count, ts, prev, vdisk, compression, end)
+
+
+@dataclass
+class Keyring:
+    """Master keys by id, to open records sealed under any of them."""
+
+    keys: dict[int, bytes] = field(default_factory=dict)
+    _ciphers: dict[tuple[int, str], crypto.VdiskCipher] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def of(cls, *keys: bytes) -> Keyring:
+        return cls({crypto.key_id(k): k for k in keys})
+
+    def cipher(self, key_id: int, vdisk_id: str) -> crypto.VdiskCipher:
+        found = self._ciphers.get((key_id, vdisk_id))
+        if found is None:
+            master = self.keys.get(key_id)
+            if master is None:
+                raise MissingKeyError(key_id)
+            found = self._ciphers[(key_id, vdisk_id)] = crypto.VdiskCipher(master, vdisk_id)
+        return found
+
+
+def open_v2(record: bytes, keyring: Keyring, expected_hash: bytes | None = None) -> Aggregation:
+    """Check and decrypt a v2 record into its aggregation."""
+    head = parse_v2_header(record)
+    digest = record_hash(record)
+    if expected_hash is not None and digest != expected_hash:
+        raise RecordError("record hash does not match its key")
+    cipher = keyring.cipher(head.key_id, head.vdisk_id)
+    nonce = record[head.size:head.size + NONCE_SIZE]
+    try:
+        compressed = cipher.open(nonce, record[head.size + NONCE_SIZE:],
+                                 record[:head.size])
+    except crypto.IntegrityError:
+        raise RecordError("authentication failed: wrong key or tampered record") from None
+    if head.compression != COMPRESSION_SNAPPY:
+        raise RecordError(f"unknown compression {head.compression}")
+    raw = _parse_plain(_decompress(compressed))
+    if raw.prev != head.prev or raw.vdisk_id != head.vdisk_id:
+        raise RecordError("record header does not match its sealed content")
+    return Aggregation(digest, raw.prev, raw.vdisk_id, raw.timestamp, raw.name, raw.blocks,
+                       record_size=len(record), compressed_size=len(compressed),
+                       key_id=head.key_id, format="v2")
+
+
+# -- legacy (0-Disk) ---------------------------------------------------------------
+
+
+class LegacyWriter:
+    """Seals aggregations exactly as the 0-Disk server does (static nonce, no AAD)."""
+
+    format = "legacy"
+
+    def __init__(self, priv_key: bytes, nonce: bytes, vdisk_id: str) -> None:
+        self.vdisk_id = vdisk_id
+        self._cipher = crypto.LegacyCipher(priv_key, nonce)
+
+    def seal(self, prev: bytes, blocks: Sequence[BlockFields],
+             timestamp: int | None = None) -> SealedRecord:
+        ts = time.time_ns() if timestamp is None else timestamp
+        sequences = tuple(b.sequence for b in blocks)
+        plain = _plain_aggregation(LEGACY_NAME, ts, self.vdisk_id, prev, blocks)
+        record = self._cipher.seal(bytes(cramjam.snappy.compress_raw(plain)))
+        return SealedRecord(record_hash(record), record, min(sequences), max(sequences),
+                            sequences)
+
+
+def open_legacy(record: bytes, cipher: crypto.LegacyCipher,
+                expected_hash: bytes | None = None) -> Aggregation:
+    digest = record_hash(record)
+    if expected_hash is not None and digest != expected_hash:
+        raise RecordError("record hash does not match its key")
+    try:
+        compressed = cipher.open(record)
+    except crypto.IntegrityError:
+        raise RecordError("authentication failed: wrong key/nonce or tampered record") from None
+    raw = _parse_plain(_decompress(compressed))
+    return Aggregation(digest, raw.prev, raw.vdisk_id, raw.timestamp, raw.name, raw.blocks,
+                       record_size=len(record), compressed_size=len(compressed), format="legacy")
+
+
+@dataclass
+class RecordOpener:
+    """Opens records of either format with the keys at hand ("auto" tells them apart)."""
+
+    keyring: Keyring
+    legacy: crypto.LegacyCipher | None = None
+    format: str = "auto"  # "v2", "legacy" or "auto"
+
+    def open(self, record: bytes, expected_hash: bytes | None = None) -> Aggregation:
+        # A legacy record is AES-GCM output, so it starts with the v2 magic and version
+        # only by chance (2^-40); when it does, the v2 open fails and legacy is tried.
+        if self.format != "legacy" and is_v2(record):
+            try:
+                return open_v2(record, self.keyring, expected_hash)
+            except RecordError:
+                if self.format == "v2" or self.legacy is None:
+                    raise
+        if self.format == "v2":
+            raise RecordError("not a v2 tlog record (a legacy one? try --format legacy)")
+        if self.legacy is None:
+            raise RecordError("legacy record, but no legacy key and nonce were given")
+        return open_legacy(record, self.legacy, expected_hash)
+
+
+def check_blocks(agg: Aggregation) -> list[int]:
+    """Sequences of the blocks whose BLAKE2b does not match their data."""
+    bad = []
+    for b in agg.blocks:
+        if hashlib.blake2b(b.data, digest_size=HASH_SIZE).digest() != bytes(b.hash):
+            bad.append(b.sequence)
+    return bad
+
+
+def describe(agg: Aggregation) -> Mapping[str, object]:
+    """The summary `tlog inspect` prints for an aggregation."""
+    return {
+        "hash": agg.hash.hex(),
+        "prev": agg.prev.hex(),
+        "first_sequence": agg.first_sequence,
+        "last_sequence": agg.last_sequence,
+        "blocks": len(agg.blocks),
+        "timestamp": agg.timestamp,
+        "first_block_timestamp": min((b.timestamp for b in agg.blocks), default=0),
+        "last_block_timestamp": max((b.timestamp for b in agg.blocks), default=0),
+        "data_bytes": agg.data_size,
+        "record_bytes": agg.record_size,
+        "compressed_bytes": agg.compressed_size,
+        "format": agg.format,
+    }

@@ -1,0 +1,377 @@
+"""Sans-I/O core of the tlog wire protocol.
+
+`ServerConnection` and `ClientConnection` are fed the bytes that arrived and
+return the events they complete; their ``send_*`` methods return the bytes to
+write. They know nothing of sockets or event loops, so the asyncio server, the
+client, the tests and the fuzzers all drive the same code.
+
+Framing (see docs/protocol.md): the client's first message is a bare
+`HandshakeRequest` frame; every later client message is a message-type byte and
+one frame. The server answers with one `HandshakeResponse` frame, then
+`TlogResponse` frames. A frame is Cap'n Proto's unpacked stream framing.
+
+The one bound that matters for memory is the maximum message size: a frame
+whose segment table announces more is refused as soon as the table is read,
+before its body is waited for.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from . import schema, wire
+from .status import BlockStatus, HandshakeStatus, MessageType, Operation
+from .version import CURRENT_VERSION
+from .wire import Block
+
+#: Default bound on one message: a 64 KiB block with its hash and framing fits
+#: with room to spare, while a hostile segment table cannot make us buffer more.
+DEFAULT_MAX_MESSAGE_SIZE = 128 * 1024
+
+HASH_SIZE = 32
+
+
+def block_hash(data: bytes | memoryview) -> bytes:
+    """BLAKE2b-256 of a block's data: what `TlogBlock.hash` must hold."""
+    return hashlib.blake2b(data, digest_size=HASH_SIZE).digest()
+
+
+class ProtocolError(Exception):
+    """The peer broke the protocol; the connection cannot continue."""
+
+
+# -- events --------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Handshake:
+    """A client's HandshakeRequest."""
+
+    version: int
+    vdisk_id: str
+    first_sequence: int
+    reset_first_sequence: bool
+
+
+@dataclass(frozen=True, slots=True)
+class ForceFlush:
+    """ForceFlushAtSeq: flush everything pending once ``sequence`` is reached."""
+
+    sequence: int
+
+
+@dataclass(frozen=True, slots=True)
+class WaitNbdSlaveSync:
+    """WaitNbdSlaveSync command."""
+
+    sequence: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class HandshakeResponse:
+    """The server's answer to the handshake."""
+
+    version: int
+    status: HandshakeStatus | int
+
+
+@dataclass(frozen=True, slots=True)
+class BlockResponse:
+    """A TlogResponse: a status about some sequences."""
+
+    status: BlockStatus | int
+    sequences: tuple[int, ...]
+
+
+ServerEvent = Handshake | Block | ForceFlush | WaitNbdSlaveSync
+ClientEvent = HandshakeResponse | BlockResponse
+
+
+def _status(enum_type: type[enum.IntEnum], value: int) -> int:
+    try:
+        return enum_type(value)
+    except ValueError:
+        return value  # an unknown status from a newer peer: keep the number
+
+
+# -- the shared receive buffer ---------------------------------------------------
+
+
+class _FrameReader:
+    """An incremental reader of frames out of one growable buffer.
+
+    Bytes go in either by `feed` (a copy) or, for an asyncio BufferedProtocol,
+    straight into `get_buffer()` followed by `buffer_updated(n)`.
+    """
+
+    def __init__(self, max_message_size: int, initial_size: int = 256 * 1024) -> None:
+        if max_message_size < 64:
+            raise ValueError("max_message_size must be at least 64 bytes")
+        self.max_message_size = max_message_size
+        self._buf = bytearray(max(initial_size, 2 * (max_message_size + 520)))
+        self._view = memoryview(self._buf)
+        self._start = 0  # first unparsed byte
+        self._end = 0  # end of received bytes
+
+    def get_buffer(self, sizehint: int = -1) -> memoryview:
+        if self._start == self._end:
+            self._start = self._end = 0
+        elif len(self._buf) - self._end < 65536:
+            self._compact()
+        return self._view[self._end:]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self._end += nbytes
+
+    def feed(self, data: bytes | bytearray | memoryview) -> None:
+        view = self.get_buffer()
+        if len(data) > len(view):
+            self._compact()
+            need = self._end + len(data)
+            if need > len(self._buf):
+                self._view.release()
+                self._buf.extend(bytes(need - len(self._buf)))
+                self._view = memoryview(self._buf)
+            view = self._view[self._end:]
+        view[:len(data)] = data
+        self._end += len(data)
+
+    def _compact(self) -> None:
+        pending = self._end - self._start
+        if self._start:
+            self._buf[0:pending] = self._buf[self._start:self._end]
+        self._start, self._end = 0, pending
+
+    @property
+    def pending(self) -> int:
+        return self._end - self._start
+
+    def peek_byte(self) -> int | None:
+        return self._buf[self._start] if self._end > self._start else None
+
+    def next_frame(self, skip: int = 0) -> tuple[memoryview, tuple[int, ...]] | None:
+        """The next whole frame after ``skip`` prefix bytes, consumed; None if incomplete.
+
+        Returns a view of the body (valid until the next call) and segment sizes.
+        """
+        at = self._start + skip
+        try:
+            header = wire.parse_frame_header(self._buf, at, self._end - at, self.max_message_size)
+        except wire.FrameError as exc:
+            raise ProtocolError(str(exc)) from None
+        if header is None:
+            return None
+        body_at = at + header.header_len
+        body_end = body_at + header.body_len
+        if body_end > self._end:
+            if body_end - self._start > len(self._buf):
+                self._compact()
+                self._view.release()
+                self._buf.extend(bytes(body_end - self._start - len(self._buf)))
+                self._view = memoryview(self._buf)
+            return None
+        self._start = body_end
+        return self._view[body_at:body_end], header.segment_sizes
+
+
+def _segments(body: memoryview, sizes: tuple[int, ...]) -> list[bytes]:
+    out, at = [], 0
+    for size in sizes:
+        out.append(bytes(body[at:at + size]))
+        at += size
+    return out
+
+
+def _read_struct(struct_type: object, body: memoryview, sizes: tuple[int, ...], what: str):  # type: ignore[no-untyped-def]
+    try:
+        return struct_type.from_segments(_segments(body, sizes))  # type: ignore[attr-defined]
+    except Exception as exc:  # pycapnp raises KjException and friends
+        raise ProtocolError(f"malformed {what}: {exc}") from None
+
+
+class _State(enum.Enum):
+    HANDSHAKE = "handshake"
+    MESSAGES = "messages"
+    ERROR = "error"
+
+
+# -- server side -----------------------------------------------------------------
+
+
+class ServerConnection:
+    """The server's side of one connection: bytes in, client events out."""
+
+    def __init__(self, max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE) -> None:
+        self._reader = _FrameReader(max_message_size)
+        self._state = _State.HANDSHAKE
+        self._error: ProtocolError | None = None
+
+    @property
+    def handshaken(self) -> bool:
+        return self._state is _State.MESSAGES
+
+    @property
+    def errored(self) -> bool:
+        return self._state is _State.ERROR
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received and not yet part of a whole message."""
+        return self._reader.pending
+
+    # zero-copy input, for asyncio.BufferedProtocol
+    def get_buffer(self, sizehint: int = -1) -> memoryview:
+        return self._reader.get_buffer(sizehint)
+
+    def buffer_updated(self, nbytes: int) -> list[ServerEvent]:
+        self._reader.buffer_updated(nbytes)
+        return self._events()
+
+    def receive_data(self, data: bytes | bytearray | memoryview) -> list[ServerEvent]:
+        """Feed received bytes; returns the events they complete, in order."""
+        self._reader.feed(data)
+        return self._events()
+
+    def _events(self) -> list[ServerEvent]:
+        if self._error is not None:
+            raise self._error
+        events: list[ServerEvent] = []
+        try:
+            while True:
+                event = self._next_event()
+                if event is None:
+                    return events
+                events.append(event)
+        except ProtocolError as exc:
+            self._state = _State.ERROR
+            self._error = exc
+            if events:
+                return events  # hand over what was valid; the error surfaces on the next call
+            raise
+
+    def _next_event(self) -> ServerEvent | None:
+        reader = self._reader
+        if self._state is _State.HANDSHAKE:
+            got = reader.next_frame()
+            if got is None:
+                return None
+            req = _read_struct(schema.HandshakeRequest, *got, "HandshakeRequest")
+            self._state = _State.MESSAGES
+            return Handshake(req.version, req.vdiskID, req.firstSequence, req.resetFirstSequence)
+        mtype = reader.peek_byte()
+        if mtype is None:
+            return None
+        if mtype == MessageType.TLOG_BLOCK:
+            got = reader.next_frame(skip=1)
+            if got is None:
+                return None
+            return _decode_block(*got)
+        if mtype in (MessageType.FORCE_FLUSH_AT_SEQ, MessageType.WAIT_NBD_SLAVE_SYNC):
+            got = reader.next_frame(skip=1)
+            if got is None:
+                return None
+            cmd = _read_struct(schema.Command, *got, "Command")
+            if mtype == MessageType.FORCE_FLUSH_AT_SEQ:
+                return ForceFlush(cmd.sequence)
+            return WaitNbdSlaveSync(cmd.sequence)
+        raise ProtocolError(f"unknown message type {mtype}")
+
+    # -- bytes to send --
+    @staticmethod
+    def send_handshake_response(status: HandshakeStatus, version: int | None = None) -> bytes:
+        return wire.encode_handshake_response(
+            CURRENT_VERSION.to_uint32() if version is None else version, int(status))
+
+    @staticmethod
+    def send_response(status: BlockStatus, sequences: Sequence[int] = ()) -> bytes:
+        return wire.encode_response(int(status), sequences)
+
+
+def _decode_block(body: memoryview, sizes: tuple[int, ...]) -> Block:
+    if len(sizes) == 1:
+        seg = memoryview(bytes(body))  # our own copy: the receive buffer is reused
+        block = wire.parse_block(seg)
+        if block is not None:
+            return block
+    msg = _read_struct(schema.TlogBlock, body, sizes, "TlogBlock")
+    try:
+        return Block(msg.sequence, msg.index, msg.timestamp, msg.operation, msg.hash, msg.data)
+    except Exception as exc:
+        raise ProtocolError(f"malformed TlogBlock: {exc}") from None
+
+
+# -- client side -----------------------------------------------------------------
+
+
+class ClientConnection:
+    """The client's side of one connection: encodes requests, decodes responses."""
+
+    def __init__(self, max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE) -> None:
+        self._reader = _FrameReader(max_message_size, initial_size=64 * 1024)
+        self._state = _State.HANDSHAKE
+
+    @property
+    def handshaken(self) -> bool:
+        return self._state is _State.MESSAGES
+
+    def receive_data(self, data: bytes | bytearray | memoryview) -> list[ClientEvent]:
+        self._reader.feed(data)
+        events: list[ClientEvent] = []
+        if self._state is _State.ERROR:
+            raise ProtocolError("connection already failed")
+        try:
+            while True:
+                got = self._reader.next_frame()
+                if got is None:
+                    return events
+                if self._state is _State.HANDSHAKE:
+                    resp = _read_struct(schema.HandshakeResponse, *got, "HandshakeResponse")
+                    self._state = _State.MESSAGES
+                    events.append(HandshakeResponse(
+                        resp.version, _status(HandshakeStatus, resp.status)))
+                    continue
+                body, sizes = got
+                parsed = wire.parse_response(body) if len(sizes) == 1 else None
+                if parsed is None:
+                    msg = _read_struct(schema.TlogResponse, body, sizes, "TlogResponse")
+                    parsed = (msg.status, list(msg.sequences))
+                events.append(BlockResponse(_status(BlockStatus, parsed[0]), tuple(parsed[1])))
+        except ProtocolError:
+            self._state = _State.ERROR
+            raise
+
+    @staticmethod
+    def send_handshake(vdisk_id: str, first_sequence: int, reset_first_sequence: bool = False,
+                       version: int | None = None) -> bytes:
+        msg = schema.HandshakeRequest.new_message()
+        msg.version = CURRENT_VERSION.to_uint32() if version is None else version
+        msg.vdiskID = vdisk_id
+        msg.firstSequence = first_sequence
+        msg.resetFirstSequence = reset_first_sequence
+        return bytes(msg.to_bytes())
+
+    @staticmethod
+    def send_block(sequence: int, index: int, timestamp: int, data: bytes | memoryview,
+                   operation: int = Operation.SET, hash: bytes | None = None) -> bytes:
+        """A TlogBlock message; ``hash`` defaults to the BLAKE2b-256 of ``data``."""
+        digest = block_hash(data) if hash is None else hash
+        return bytes((MessageType.TLOG_BLOCK,)) + wire.encode_block_frame(
+            sequence, index, timestamp, int(operation), digest, data)
+
+    @staticmethod
+    def send_force_flush(sequence: int) -> bytes:
+        return _command(MessageType.FORCE_FLUSH_AT_SEQ, sequence)
+
+    @staticmethod
+    def send_wait_nbd_slave_sync() -> bytes:
+        return _command(MessageType.WAIT_NBD_SLAVE_SYNC, 0)
+
+
+def _command(mtype: MessageType, sequence: int) -> bytes:
+    msg = schema.Command.new_message()
+    msg.type = int(mtype)
+    msg.sequence = sequence
+    return bytes((mtype,)) + bytes(msg.to_bytes())

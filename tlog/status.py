@@ -1,0 +1,49 @@
+"""Status codes of the tlog protocol, with the reference's numeric values."""
+
+from __future__ import annotations
+
+import enum
+
+
+class BlockStatus(enum.IntEnum):
+    """`TlogResponse.status`: what happened to the listed sequences."""
+
+    FLUSH_FAILED = -2
+    RECV_FAILED = -1
+    RECV_OK = 1
+    FLUSH_OK = 2
+    FORCE_FLUSH_RECEIVED = 3
+    WAIT_NBD_SLAVE_SYNC_RECEIVED = 4
+
+    @property
+    def is_error(self) -> bool:
+        return self < 0
+
+
+class HandshakeStatus(enum.IntEnum):
+    """`HandshakeResponse.status`: negative values are errors."""
+
+    INTERNAL_SERVER_ERROR = -4
+    INVALID_VDISK_ID = -3
+    INVALID_VERSION = -2
+    INVALID_REQUEST = -1
+    OK = 1
+
+    @property
+    def is_error(self) -> bool:
+        return self < 0
+
+
+class Operation(enum.IntEnum):
+    """`TlogBlock.operation`: what the block does to its index."""
+
+    SET = 1
+    DELETE = 2
+
+
+class MessageType(enum.IntEnum):
+    """The byte in front of every client message after the handshake."""
+
+    TLOG_BLOCK = 1
+    FORCE_FLUSH_AT_SEQ = 2
+    WAIT_NBD_SLAVE_SYNC = 3

@@ -1,0 +1,394 @@
+"""Cap'n Proto stream framing, and hand-written layouts of the hot messages.
+
+The blocks and responses of the tlog protocol are built and parsed here word
+by word instead of through pycapnp: decoding a block with pycapnp costs more
+than the whole per-block budget of the server. Only single-segment messages
+with near pointers take this path; the callers fall back to pycapnp (see
+``tlog.schema``) for anything else, so every valid encoding is still accepted.
+
+Layouts (word = 8 bytes, offsets in words), as a Cap'n Proto compiler lays out
+the structs of ``schema/tlog_schema.capnp``:
+
+- TlogBlock: data section of 4 words (sequence u64, index i64, timestamp u64,
+  operation u8 at byte 24), 2 pointers (hash, data).
+- TlogResponse: data section of 1 word (status i8), 1 pointer (sequences).
+- HandshakeResponse: data section of 1 word (version u32, status i8 at byte 4).
+- TlogAggregation: data section of 2 words (size, timestamp), 4 pointers
+  (name, vdiskID, blocks, prev).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+from collections.abc import Iterable, Sequence
+from typing import NamedTuple
+
+_U32 = struct.Struct("<I")
+_U32X2 = struct.Struct("<II")
+_U64 = struct.Struct("<Q")
+_BLOCK_DATA = struct.Struct("<QqQB")  # sequence, index, timestamp, operation
+_BLOCK_DATA_WORDS = 4
+_BLOCK_PTRS = 2
+_WORD = 8
+
+#: Most segments a frame may announce. Our peers always send one; a frame
+#: announcing thousands is an attack on the segment table, not a message.
+MAX_SEGMENTS = 64
+
+
+class FrameError(ValueError):
+    """A frame that is not valid Cap'n Proto stream framing, or breaks a limit."""
+
+
+class FrameHeader(NamedTuple):
+    header_len: int  # bytes of segment table, padding included
+    body_len: int  # bytes of all segments
+    segment_sizes: tuple[int, ...]  # in bytes
+
+
+def parse_frame_header(buf: bytes | bytearray | memoryview, offset: int, available: int,
+                       max_size: int) -> FrameHeader | None:
+    """Read the segment table at ``offset``; None if more bytes are needed.
+
+    Raises FrameError when the table announces too many segments or a body
+    larger than ``max_size`` bytes: both are checked before a byte of the body
+    is waited for, so a peer cannot make us buffer gigabytes.
+    """
+    if available < 4:
+        return None
+    count = _U32.unpack_from(buf, offset)[0] + 1
+    if count > MAX_SEGMENTS:
+        raise FrameError(f"frame announces {count} segments (at most {MAX_SEGMENTS})")
+    header_len = (4 + 4 * count + 7) & ~7
+    if available < header_len:
+        return None
+    sizes = struct.unpack_from(f"<{count}I", buf, offset + 4)
+    body_len = sum(sizes) * _WORD
+    if body_len > max_size:
+        raise FrameError(f"frame announces {body_len} bytes (limit {max_size})")
+    return FrameHeader(header_len, body_len, tuple(s * _WORD for s in sizes))
+
+
+def frame(segment: bytes | bytearray | memoryview) -> bytes:
+    """Wrap one segment in stream framing."""
+    return _U32X2.pack(0, len(segment) // _WORD) + bytes(segment)
+
+
+def _struct_root(seg: memoryview | bytes, seg_words: int) -> tuple[int, int, int] | None:
+    """(start word, data words, pointer count) of the root struct, or None if not a near one."""
+    if seg_words < 1:
+        return None
+    word = _U64.unpack_from(seg, 0)[0]
+    if word == 0:
+        return (1, 0, 0)  # null root: every field reads as its default
+    if word & 3 != 0:
+        return None
+    offset = _signed30(word >> 2)
+    start = 1 + offset
+    data_words = (word >> 32) & 0xFFFF
+    ptrs = word >> 48
+    if start < 1 or start + data_words + ptrs > seg_words:
+        return None
+    return (start, data_words, ptrs)
+
+
+def _signed30(value: int) -> int:
+    value &= 0x3FFFFFFF
+    return value - (1 << 30) if value & (1 << 29) else value
+
+
+def _byte_list(seg: memoryview | bytes, seg_words: int, ptr_word: int) -> tuple[int, int] | None:
+    """(byte offset, length) of the Data list at pointer ``ptr_word``; None if not plain."""
+    word = _U64.unpack_from(seg, ptr_word * _WORD)[0]
+    if word == 0:
+        return (0, 0)
+    if word & 3 != 1 or (word >> 32) & 7 != 2:
+        return None
+    start = ptr_word + 1 + _signed30(word >> 2)
+    length = word >> 35
+    if start < 0 or start * _WORD + length > seg_words * _WORD:
+        return None
+    return (start * _WORD, length)
+
+
+class Block:
+    """One TlogBlock. ``hash`` and ``data`` are views into a private copy of its bytes."""
+
+    __slots__ = ("sequence", "index", "timestamp", "operation", "hash", "data")
+
+    def __init__(self, sequence: int, index: int, timestamp: int, operation: int,
+                 hash: memoryview | bytes, data: memoryview | bytes) -> None:
+        self.sequence = sequence
+        self.index = index
+        self.timestamp = timestamp
+        self.operation = operation
+        self.hash = hash
+        self.data = data
+
+    def hash_ok(self) -> bool:
+        """Whether ``hash`` is the BLAKE2b-256 of ``data``."""
+        return (len(self.hash) == 32
+                and hashlib.blake2b(self.data, digest_size=32).digest() == self.hash)
+
+    def __repr__(self) -> str:
+        return (f"Block(sequence={self.sequence}, index={self.index}, timestamp={self.timestamp},"
+                f" operation={self.operation}, data=<{len(self.data)} bytes>)")
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Block):
+            return NotImplemented
+        return (self.sequence, self.index, self.timestamp, self.operation, bytes(self.hash),
+                bytes(self.data)) == (other.sequence, other.index, other.timestamp,
+                                      other.operation, bytes(other.hash), bytes(other.data))
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+#: What an aggregation stores of a block: any object with Block's attributes.
+BlockFields = Block
+
+
+def parse_block(seg: memoryview) -> Block | None:
+    """Parse a single-segment TlogBlock in place; None means "use pycapnp instead"."""
+    seg_words = len(seg) // _WORD
+    root = _struct_root(seg, seg_words)
+    if root is None:
+        return None
+    start, data_words, ptrs = root
+    base = start * _WORD
+    if data_words >= _BLOCK_DATA_WORDS:
+        sequence, index, timestamp, operation = _BLOCK_DATA.unpack_from(seg, base)
+    else:
+        # A smaller (older) struct: missing fields read as zero.
+        raw = bytes(seg[base:base + data_words * _WORD]).ljust(_BLOCK_DATA.size, b"\0")
+        sequence, index, timestamp, operation = _BLOCK_DATA.unpack_from(raw)
+    views = []
+    for i in range(_BLOCK_PTRS):
+        if i >= ptrs:
+            views.append(seg[0:0])
+            continue
+        loc = _byte_list(seg, seg_words, start + data_words + i)
+        if loc is None:
+            return None
+        views.append(seg[loc[0]:loc[0] + loc[1]])
+    return Block(sequence, index, timestamp, operation, views[0], views[1])
+
+
+def _pad(n: int) -> int:
+    return (-n) & 7
+
+
+def _list_ptr(ptr_word: int, target_word: int, elem_size: int, count: int) -> int:
+    offset = (target_word - ptr_word - 1) & 0x3FFFFFFF
+    return 1 | (offset << 2) | (elem_size << 32) | (count << 35)
+
+
+_ZEROS = bytes(8)
+
+
+def block_segment_parts(sequence: int, index: int, timestamp: int, operation: int,
+                        hash_: bytes | memoryview,
+                        data: bytes | memoryview) -> list[bytes | memoryview]:
+    """The segment of a TlogBlock, as pycapnp/Go lay it out: struct, hash, data."""
+    hash_words = (len(hash_) + 7) // 8
+    # root pointer (word 0) -> struct at word 1; pointers at words 5 and 6.
+    head = struct.pack(
+        "<QQqQQQQ",
+        (_BLOCK_DATA_WORDS << 32) | (_BLOCK_PTRS << 48),
+        sequence, index, timestamp, operation,
+        _list_ptr(5, 7, 2, len(hash_)),
+        _list_ptr(6, 7 + hash_words, 2, len(data)),
+    )
+    return [head, hash_, _ZEROS[:_pad(len(hash_))], data, _ZEROS[:_pad(len(data))]]
+
+
+def encode_block_frame(sequence: int, index: int, timestamp: int, operation: int,
+                       hash_: bytes | memoryview, data: bytes | memoryview) -> bytes:
+    """A whole framed TlogBlock message (without the message-type byte)."""
+    parts = block_segment_parts(sequence, index, timestamp, operation, hash_, data)
+    size = sum(len(p) for p in parts)
+    return b"".join([_U32X2.pack(0, size // _WORD), *parts])
+
+
+def encode_response(status: int, sequences: Sequence[int]) -> bytes:
+    """A framed TlogResponse; the sequence list is empty, never null, like the reference's."""
+    n = len(sequences)
+    return struct.pack(
+        f"<IIQQQ{n}Q",
+        0, 3 + n,
+        (1 << 32) | (1 << 48),  # struct: 1 data word, 1 pointer
+        status & 0xFF,
+        _list_ptr(2, 3, 5, n),
+        *sequences,
+    )
+
+
+def encode_handshake_response(version: int, status: int) -> bytes:
+    """A framed HandshakeResponse."""
+    return struct.pack("<IIQIbxxx", 0, 2, 1 << 32, version, status)
+
+
+def parse_response(seg: memoryview) -> tuple[int, list[int]] | None:
+    """(status, sequences) of a single-segment TlogResponse, or None for pycapnp."""
+    seg_words = len(seg) // _WORD
+    root = _struct_root(seg, seg_words)
+    if root is None:
+        return None
+    start, data_words, ptrs = root
+    status = struct.unpack_from("<b", seg, start * _WORD)[0] if data_words else 0
+    if ptrs < 1:
+        return status, []
+    ptr_word = start + data_words
+    word = _U64.unpack_from(seg, ptr_word * _WORD)[0]
+    if word == 0:
+        return status, []
+    if word & 3 != 1 or (word >> 32) & 7 != 5:
+        return None
+    first = ptr_word + 1 + _signed30(word >> 2)
+    count = word >> 35
+    if first < 0 or first + count > seg_words:
+        return None
+    return status, list(struct.unpack_from(f"<{count}Q", seg, first * _WORD))
+
+
+# -- aggregations --------------------------------------------------------------
+
+_AGG_DATA_WORDS = 2
+_AGG_PTRS = 4
+
+
+def _text_words(text: bytes) -> int:
+    return (len(text) + 1 + 7) // 8  # NUL terminated
+
+
+def encode_aggregation(name: str, timestamp: int, vdisk_id: str, prev: bytes,
+                       blocks: Sequence[BlockFields] | Iterable[BlockFields]) -> bytes:
+    """A framed single-segment TlogAggregation.
+
+    The layout is the one pycapnp and the Go server produce when the fields are
+    set in the order name, size, timestamp, prev, vdiskID, blocks (each block's
+    hash before its data): so the legacy writer is byte-identical to the Go one.
+    """
+    blocks = list(blocks)
+    name_b = name.encode()
+    vdisk_b = vdisk_id.encode()
+    n = len(blocks)
+    # Word positions inside the segment.
+    agg_start = 1
+    name_at = agg_start + _AGG_DATA_WORDS + _AGG_PTRS
+    prev_at = name_at + _text_words(name_b)
+    vdisk_at = prev_at + (len(prev) + 7) // 8
+    tag_at = vdisk_at + _text_words(vdisk_b)
+    elems_at = tag_at + 1
+    elem_words = _BLOCK_DATA_WORDS + _BLOCK_PTRS
+    tail_at = elems_at + n * elem_words
+    ptr0 = agg_start + _AGG_DATA_WORDS  # word of the name pointer
+    head = struct.pack(
+        "<QQQQQQQ",
+        (_AGG_DATA_WORDS << 32) | (_AGG_PTRS << 48),
+        n, timestamp,
+        _list_ptr(ptr0, name_at, 2, len(name_b) + 1),
+        _list_ptr(ptr0 + 1, vdisk_at, 2, len(vdisk_b) + 1),
+        _list_ptr(ptr0 + 2, tag_at, 7, n * elem_words),
+        _list_ptr(ptr0 + 3, prev_at, 2, len(prev)),
+    )
+    parts: list[bytes | memoryview] = [
+        head,
+        name_b, _ZEROS[:_text_words(name_b) * 8 - len(name_b)],
+        prev, _ZEROS[:_pad(len(prev))],
+        vdisk_b, _ZEROS[:_text_words(vdisk_b) * 8 - len(vdisk_b)],
+        # composite list tag: a struct "pointer" whose offset is the element count
+        _U64.pack((n << 2) | (_BLOCK_DATA_WORDS << 32) | (_BLOCK_PTRS << 48)),
+    ]
+    elems: list[bytes] = []
+    tail: list[bytes | memoryview] = []
+    at = tail_at
+    pack_elem = struct.Struct("<QqQQQQ").pack
+    for i, b in enumerate(blocks):
+        hash_ptr_word = elems_at + i * elem_words + _BLOCK_DATA_WORDS
+        hash_len, data_len = len(b.hash), len(b.data)
+        data_at = at + (hash_len + 7) // 8
+        elems.append(pack_elem(
+            b.sequence, b.index, b.timestamp, b.operation,
+            _list_ptr(hash_ptr_word, at, 2, hash_len) if hash_len else 0,
+            _list_ptr(hash_ptr_word + 1, data_at, 2, data_len) if data_len else 0,
+        ))
+        tail.extend((b.hash, _ZEROS[:_pad(hash_len)], b.data, _ZEROS[:_pad(data_len)]))
+        at = data_at + (data_len + 7) // 8
+    parts.extend(elems)
+    parts.extend(tail)
+    return b"".join([_U32X2.pack(0, at), *parts])
+
+
+class RawAggregation(NamedTuple):
+    """The fields of a stored TlogAggregation; block hashes and data are views."""
+
+    name: str
+    size: int
+    timestamp: int
+    vdisk_id: str
+    prev: bytes
+    blocks: list[Block]
+
+
+def _text(seg: memoryview, seg_words: int, ptr_word: int) -> str | None:
+    loc = _byte_list(seg, seg_words, ptr_word)
+    if loc is None:
+        return None
+    off, length = loc
+    if length == 0:
+        return ""
+    return bytes(seg[off:off + length - 1]).decode("utf-8", "replace")
+
+
+def parse_aggregation(seg: memoryview) -> RawAggregation | None:
+    """Parse a single-segment TlogAggregation in place; None means "use pycapnp"."""
+    seg_words = len(seg) // _WORD
+    root = _struct_root(seg, seg_words)
+    if root is None:
+        return None
+    start, data_words, ptrs = root
+    if data_words < _AGG_DATA_WORDS or ptrs < _AGG_PTRS:
+        return None
+    size, timestamp = struct.unpack_from("<QQ", seg, start * _WORD)
+    p0 = start + data_words
+    name = _text(seg, seg_words, p0)
+    vdisk = _text(seg, seg_words, p0 + 1)
+    prev_loc = _byte_list(seg, seg_words, p0 + 3)
+    if name is None or vdisk is None or prev_loc is None:
+        return None
+    prev = bytes(seg[prev_loc[0]:prev_loc[0] + prev_loc[1]])
+    word = _U64.unpack_from(seg, (p0 + 2) * _WORD)[0]
+    blocks: list[Block] = []
+    if word != 0:
+        if word & 3 != 1 or (word >> 32) & 7 != 7:
+            return None
+        tag_at = p0 + 2 + 1 + _signed30(word >> 2)
+        total_words = word >> 35
+        if tag_at < 0 or tag_at + 1 + total_words > seg_words:
+            return None
+        tag = _U64.unpack_from(seg, tag_at * _WORD)[0]
+        if tag & 3 != 0:
+            return None
+        count = (tag >> 2) & 0x3FFFFFFF
+        dw = (tag >> 32) & 0xFFFF
+        pc = tag >> 48
+        elem = dw + pc
+        if count * elem > total_words or dw < 1:
+            return None
+        for i in range(count):
+            at = tag_at + 1 + i * elem
+            raw = bytes(seg[at * _WORD:(at + dw) * _WORD]).ljust(_BLOCK_DATA.size, b"\0")
+            sequence, index, ts, op = _BLOCK_DATA.unpack_from(raw)
+            views = []
+            for j in range(_BLOCK_PTRS):
+                if j >= pc:
+                    views.append(seg[0:0])
+                    continue
+                loc = _byte_list(seg, seg_words, at + dw + j)
+                if loc is None:
+                    return None
+                views.append(seg[loc[0]:loc[0] + loc[1]])
+            blocks.append(Block(sequence, index, ts, op, views[0], views[1]))
+    return RawAggregation(name or "", size, timestamp, vdisk or "", prev, blocks)

@@ -1,0 +1,5 @@
+"""`python -m tlogserver`."""
+
+from .cli import main
+
+main()

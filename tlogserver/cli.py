@@ -1,0 +1,104 @@
+"""`tlogserver` command line: flags (each also a TLOG_* variable) -> ServerConfig -> run."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+from typing import Any
+
+import click
+
+from . import config as config_mod
+from .config import ConfigError, ServerConfig
+
+_D = ServerConfig()
+
+
+def _setup_logging(verbose: bool, log_file: str | None) -> None:
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    if log_file:
+        handlers.append(logging.FileHandler(log_file))
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        handlers=handlers, force=True)
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"],
+                                 "auto_envvar_prefix": "TLOG"})
+@click.option("--address", default=_D.address, show_default=True,
+              help="Address to listen on, host:port.")
+@click.option("--storage-addresses", default="",
+              help="Comma-separated k+m storage servers host:port[@db]; missing ones are filled "
+                   "in with sequential ports after the last one.")
+@click.option("--memory-storage", is_flag=True,
+              help="Use the embedded in-memory storage (the default when no storage is given); "
+                   "nothing survives a restart.")
+@click.option("--config", type=click.Path(dir_okay=False),
+              help="YAML file with any of these options (underscored names) and the vdisk -> "
+                   "storage cluster map.")
+@click.option("-k", "--k", type=int, default=_D.k, show_default=True,
+              help="Data pieces per aggregation.")
+@click.option("-m", "--m", type=int, default=_D.m, show_default=True,
+              help="Parity pieces per aggregation (that many servers may be lost).")
+@click.option("--flush-size", type=int, default=_D.flush_size, show_default=True,
+              help="Blocks per aggregation.")
+@click.option("--flush-time", type=float, default=_D.flush_time, show_default=True,
+              help="Seconds after which pending blocks are flushed anyway.")
+@click.option("--block-size", type=int, default=_D.block_size, show_default=True,
+              help="Block size of the vdisks, in bytes.")
+@click.option("--priv-key", default=None,
+              help="Master key: 32 characters used as key bytes (as 0-Disk). Visible in ps: "
+                   "prefer --key-file or TLOG_PRIV_KEY.")
+@click.option("--key-file", type=click.Path(dir_okay=False), default=None,
+              help="File holding the master key (32 raw bytes, 32 characters or 64 hex digits).")
+@click.option("--storage-format", type=click.Choice(["v2", "legacy"]), default=_D.storage_format,
+              show_default=True,
+              help="v2 (ours: random nonce per aggregation) or legacy (0-Disk's layout, static "
+                   "nonce).")
+@click.option("--nonce", default=None,
+              help="Legacy format only: the static AES-GCM nonce, 24 hex digits.")
+@click.option("--max-message-size", type=int, default=_D.max_message_size, show_default=True,
+              help="Largest client message accepted, in bytes.")
+@click.option("--max-buffered-blocks", type=int, default=_D.max_buffered_blocks,
+              show_default=True,
+              help="Out-of-order window per vdisk: blocks further ahead get RecvFailed.")
+@click.option("--max-buffered-bytes", type=int, default=_D.max_buffered_bytes,
+              show_default=True, help="Bytes of out-of-order blocks kept per vdisk.")
+@click.option("--handshake-timeout", type=float, default=_D.handshake_timeout,
+              show_default=True, help="Seconds a new connection has to send its handshake.")
+@click.option("--drain-timeout", type=float, default=_D.drain_timeout, show_default=True,
+              help="Seconds to flush pending blocks on SIGTERM/SIGINT before exiting.")
+@click.option("-v", "--verbose", is_flag=True, help="Log debug messages.")
+@click.option("--log-file", type=click.Path(dir_okay=False), default=None,
+              help="Also write the log to this file.")
+@click.pass_context
+def command(ctx: click.Context, **values: Any) -> None:
+    """Transaction-log server for virtual block devices (wire compatible with 0-Disk).
+
+    Every option can also be given as an environment variable TLOG_<OPTION>, e.g.
+    TLOG_PRIV_KEY, TLOG_STORAGE_ADDRESSES.
+    """
+    values["storage_addresses"] = [a for a in values["storage_addresses"].split(",") if a.strip()]
+    explicit = {name for name in values
+                if ctx.get_parameter_source(name) in (click.core.ParameterSource.COMMANDLINE,
+                                                      click.core.ParameterSource.ENVIRONMENT)}
+    try:
+        cfg = config_mod.from_sources(values, explicit)
+    except ConfigError as exc:
+        raise click.UsageError(str(exc)) from None
+    _setup_logging(cfg.verbose, cfg.log_file)
+    from .server import run
+
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency
+        code = asyncio.run(run(cfg))
+    else:
+        code = uvloop.run(run(cfg))
+    sys.exit(code)
+
+
+def main() -> None:
+    command(prog_name="tlogserver")
