@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 REDIS_SERVER = "redis-server"
 START_TIMEOUT = 10.0
@@ -144,18 +146,30 @@ class RedisProcess:
             time.sleep(POLL_INTERVAL)
 
     def _answers(self) -> bool:
-        """True when our process (checked by pid) answers on the port."""
+        """True when our process (checked by pid) answers on the port.
+
+        A raw socket, not redis-py: its clients retry with backoff, which would turn one
+        failed probe into seconds.
+        """
         assert self.process is not None
-        client = redis.Redis(
-            host=self.host, port=self.port, socket_timeout=1.0, socket_connect_timeout=1.0
-        )
         try:
-            info = client.info("server")
-        except (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError):
+            with socket.create_connection((self.host, self.port), timeout=0.5) as sock:
+                sock.sendall(b"INFO server\r\n")
+                reply = b""
+                size = -1  # bulk reply: $<size>\r\n<data>\r\n
+                while size < 0 or len(reply) < size:
+                    chunk = sock.recv(65536)
+                    if not chunk:
+                        return False
+                    reply += chunk
+                    if not reply.startswith(b"$"):  # e.g. -LOADING
+                        return False
+                    header_end = reply.find(b"\r\n")
+                    if size < 0 and header_end > 0:
+                        size = header_end + 2 + int(reply[1:header_end]) + 2
+        except OSError:  # refused, reset, timed out
             return False
-        finally:
-            client.close()
-        if info.get("process_id") != self.process.pid:
+        if f"process_id:{self.process.pid}\r\n".encode() not in reply:
             # Someone else listens there; our process will exit with "Address already in use".
             return False
         return True
@@ -175,7 +189,12 @@ class RedisProcess:
     def client(self, db: int = 0) -> redis.Redis:
         """A synchronous client for checks from the test (raw bytes, no decoding)."""
         return redis.Redis(
-            host=self.host, port=self.port, db=db, socket_timeout=5.0, socket_connect_timeout=5.0
+            host=self.host,
+            port=self.port,
+            db=db,
+            socket_timeout=5.0,
+            socket_connect_timeout=5.0,
+            retry=Retry(NoBackoff(), 0),  # fail at once when the server is down
         )
 
 

@@ -102,6 +102,8 @@ def test_parse_addresses_exact_and_list() -> None:
     text = ",".join(f"10.0.0.{i}:6379" for i in range(6))
     assert [a.host for a in parse_addresses(text, 6)] == [f"10.0.0.{i}" for i in range(6)]
     assert parse_addresses(text.split(","), 6, autofill=False) == parse_addresses(text, 6)
+    halves = [",".join(text.split(",")[:3]), ",".join(text.split(",")[3:])]
+    assert parse_addresses(halves, 6, autofill=False) == parse_addresses(text, 6)
 
 
 def test_parse_addresses_autofill() -> None:

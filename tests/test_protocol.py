@@ -1,0 +1,241 @@
+"""The sans-I/O protocol core, against the bytes the Go client and server produced."""
+
+from __future__ import annotations
+
+import os
+import random
+import struct
+
+import pytest
+
+from tlog import schema, wire
+from tlog.protocol import (
+    Block,
+    BlockResponse,
+    ClientConnection,
+    ForceFlush,
+    Handshake,
+    HandshakeResponse,
+    ProtocolError,
+    ServerConnection,
+    WaitNbdSlaveSync,
+    block_hash,
+)
+from tlog.status import BlockStatus, HandshakeStatus, MessageType
+from tlog.version import CURRENT_VERSION, MIN_SUPPORTED_VERSION, Stage, Version
+
+from .vectors import WIRE_CAPTURES, wire as capture
+
+
+def chunks(data: bytes, rng: random.Random) -> list[bytes]:
+    out, at = [], 0
+    while at < len(data):
+        n = rng.choice([1, 2, 3, 7, 8, 9, 100, 4193, 10000])
+        out.append(data[at:at + n])
+        at += n
+    return out
+
+
+@pytest.mark.parametrize("name", WIRE_CAPTURES)
+def test_server_side_decodes_go_client_stream(name: str) -> None:
+    c2s, _, manifest = capture(name)
+    expected = manifest["c2s_frames"]
+    for seed in range(3):
+        conn = ServerConnection()
+        events = []
+        for piece in chunks(c2s, random.Random(seed)):
+            events.extend(conn.receive_data(piece))
+        assert len(events) == len(expected)
+        assert isinstance(events[0], Handshake)
+        assert events[0].vdisk_id == "myimg"
+        assert events[0].version == CURRENT_VERSION.to_uint32()
+        for event, frame in zip(events[1:], expected[1:], strict=True):
+            if frame["kind"] == "forceFlushAtSeq":
+                assert event == ForceFlush(frame["decoded"]["sequence"])
+            else:
+                assert isinstance(event, Block)
+                assert event.sequence == frame["decoded"]["sequence"]
+                assert event.index == frame["decoded"]["index"]
+                assert event.hash_ok()
+                assert bytes(event.hash).hex() == frame["decoded"]["hash"]
+        assert conn.buffered == 0
+
+
+@pytest.mark.parametrize("name", WIRE_CAPTURES)
+def test_client_side_decodes_go_server_stream(name: str) -> None:
+    _, s2c, manifest = capture(name)
+    conn = ClientConnection()
+    events = []
+    for piece in chunks(s2c, random.Random(1)):
+        events.extend(conn.receive_data(piece))
+    frames = manifest["s2c_frames"]
+    assert events[0] == HandshakeResponse(frames[0]["decoded"]["version"], HandshakeStatus.OK)
+    got = [(int(e.status), list(e.sequences)) for e in events[1:]]
+    assert got == [(f["decoded"]["status"], f["decoded"]["sequences"]) for f in frames[1:]]
+
+
+@pytest.mark.parametrize("name", WIRE_CAPTURES)
+def test_our_encoders_rebuild_the_go_bytes(name: str) -> None:
+    c2s, s2c, manifest = capture(name)
+    out = [ClientConnection.send_handshake("myimg", 0)]
+    conn = ServerConnection()
+    for event in conn.receive_data(c2s)[1:]:
+        if isinstance(event, Block):
+            out.append(ClientConnection.send_block(event.sequence, event.index, event.timestamp,
+                                                   bytes(event.data), event.operation))
+        else:
+            out.append(ClientConnection.send_force_flush(event.sequence))
+    assert b"".join(out) == c2s
+    responses = [ServerConnection.send_handshake_response(HandshakeStatus.OK)]
+    for frame in manifest["s2c_frames"][1:]:
+        responses.append(ServerConnection.send_response(
+            BlockStatus(frame["decoded"]["status"]), frame["decoded"]["sequences"]))
+    assert b"".join(responses) == s2c
+
+
+def test_eof_before_handshake_answer_matches_go() -> None:
+    from .vectors import need_vectors
+    expected = (need_vectors() / "wire" / "eof_before_handshake.s2c.bin").read_bytes()
+    assert ServerConnection.send_handshake_response(HandshakeStatus.INVALID_REQUEST) == expected
+
+
+def handshaken() -> ServerConnection:
+    conn = ServerConnection()
+    assert conn.receive_data(ClientConnection.send_handshake("vd", 0)) == [
+        Handshake(CURRENT_VERSION.to_uint32(), "vd", 0, False)]
+    return conn
+
+
+def test_all_message_types_roundtrip() -> None:
+    conn = handshaken()
+    data = os.urandom(4096)
+    stream = (ClientConnection.send_block(7, -3, 99, data, 2)
+              + ClientConnection.send_force_flush(12)
+              + ClientConnection.send_wait_nbd_slave_sync())
+    block, force, wait = conn.receive_data(stream)
+    assert isinstance(block, Block)
+    assert (block.sequence, block.index, block.timestamp, block.operation) == (7, -3, 99, 2)
+    assert bytes(block.data) == data and bytes(block.hash) == block_hash(data)
+    assert force == ForceFlush(12)
+    assert isinstance(wait, WaitNbdSlaveSync)
+
+
+def test_block_built_by_pycapnp_any_layout_is_accepted() -> None:
+    # Another writer may lay the message out differently (here: data before hash,
+    # two segments); the fallback decoder must still read it.
+    data = os.urandom(100)
+    msg = schema.TlogBlock.new_message()
+    msg.sequence, msg.index, msg.timestamp, msg.operation = 5, 6, 7, 1
+    msg.data = data
+    msg.hash = block_hash(data)
+    framed = bytes(msg.to_bytes())
+    conn = handshaken()
+    (block,) = conn.receive_data(bytes((MessageType.TLOG_BLOCK,)) + framed)
+    assert block.sequence == 5 and bytes(block.data) == data and block.hash_ok()
+    # Two segments: the data list in a second segment via a far pointer is not on our
+    # fast path; build one by splitting a message with pycapnp's allocator.
+    big = schema.TlogBlock.new_message(num_first_segment_words=8)
+    big.sequence = 9
+    big.hash = block_hash(b"x" * 300)
+    big.data = b"x" * 300
+    segments = big.to_segments()
+    assert len(segments) > 1
+    (block,) = conn.receive_data(bytes((MessageType.TLOG_BLOCK,)) + bytes(big.to_bytes()))
+    assert block.sequence == 9 and bytes(block.data) == b"x" * 300
+
+
+def test_hand_parsed_block_matches_pycapnp_for_random_blocks() -> None:
+    rng = random.Random(5)
+    for _ in range(200):
+        data = rng.randbytes(rng.choice([0, 1, 7, 8, 9, 4096, 65536]))
+        fields = (rng.getrandbits(64), rng.getrandbits(63) - (1 << 62), rng.getrandbits(64),
+                  rng.choice([1, 2]))
+        frame = wire.encode_block_frame(*fields, block_hash(data), data)
+        seg = memoryview(frame)[8:]
+        parsed = wire.parse_block(seg)
+        ref = schema.TlogBlock.from_segments([bytes(seg)])
+        assert parsed is not None
+        assert (parsed.sequence, parsed.index, parsed.timestamp, parsed.operation) == (
+            ref.sequence, ref.index, ref.timestamp, ref.operation) == fields
+        assert bytes(parsed.data) == ref.data == data
+
+
+def test_unknown_message_type_is_a_protocol_error() -> None:
+    for mtype in (0, 4, 255):
+        conn = handshaken()
+        with pytest.raises(ProtocolError, match=f"unknown message type {mtype}"):
+            conn.receive_data(bytes((mtype,)) + b"\0" * 16)
+        assert conn.errored
+        with pytest.raises(ProtocolError):
+            conn.receive_data(b"")
+
+
+def test_valid_events_before_an_error_are_delivered_first() -> None:
+    conn = handshaken()
+    good = ClientConnection.send_block(1, 1, 1, b"a" * 8)
+    events = conn.receive_data(good + b"\x09garbage")
+    assert [e.sequence for e in events] == [1]  # type: ignore[union-attr]
+    with pytest.raises(ProtocolError, match="unknown message type 9"):
+        conn.receive_data(b"")
+
+
+def test_oversized_segment_table_is_refused_before_the_body() -> None:
+    conn = ServerConnection(max_message_size=70_000)
+    # a handshake announcing 1 GiB: refused from its 8-byte table alone
+    with pytest.raises(ProtocolError, match="limit 70000"):
+        conn.receive_data(struct.pack("<II", 0, (1 << 30) // 8))
+    conn = handshaken()
+    with pytest.raises(ProtocolError, match="segments"):
+        conn.receive_data(b"\x01" + struct.pack("<I", 100000))
+    # a 64 KiB block fits the default bound
+    conn = handshaken()
+    (block,) = conn.receive_data(ClientConnection.send_block(3, 3, 3, bytes(65536)))
+    assert len(block.data) == 65536  # type: ignore[union-attr]
+    conn = ServerConnection(max_message_size=4096)
+    conn.receive_data(ClientConnection.send_handshake("vd", 0))
+    with pytest.raises(ProtocolError, match="limit 4096"):
+        conn.receive_data(ClientConnection.send_block(3, 3, 3, bytes(8192)))
+
+
+def test_malformed_capnp_is_a_protocol_error() -> None:
+    # a handshake whose root pointer points far outside its segment
+    bad = struct.pack("<IIQ", 0, 1, (0x1000 << 2) | (3 << 32))
+    with pytest.raises(ProtocolError, match="malformed HandshakeRequest"):
+        ServerConnection().receive_data(bad)
+    conn = handshaken()
+    with pytest.raises(ProtocolError, match="malformed TlogBlock"):
+        conn.receive_data(b"\x01" + bad)
+
+
+def test_truncated_frames_wait_for_more() -> None:
+    conn = handshaken()
+    frame = ClientConnection.send_block(1, 1, 1, b"z" * 4096)
+    for cut in (1, 4, 9, 100, len(frame) - 1):
+        c = handshaken()
+        assert c.receive_data(frame[:cut]) == []
+        assert len(c.receive_data(frame[cut:])) == 1
+    assert conn.receive_data(b"") == []
+
+
+def test_client_side_reads_our_responses_and_unknown_statuses() -> None:
+    conn = ClientConnection()
+    stream = (ServerConnection.send_handshake_response(HandshakeStatus.INVALID_VDISK_ID)
+              + wire.encode_response(2, list(range(25)))
+              + wire.encode_response(99, [1]))
+    hs, flush, unknown = conn.receive_data(stream)
+    assert hs == HandshakeResponse(CURRENT_VERSION.to_uint32(), HandshakeStatus.INVALID_VDISK_ID)
+    assert flush == BlockResponse(BlockStatus.FLUSH_OK, tuple(range(25)))
+    assert unknown == BlockResponse(99, (1,))
+
+
+def test_version_encoding_order_and_text() -> None:
+    v = Version(1, 1, 0, Stage.ALPHA)
+    assert v.to_uint32() == 0x01010008
+    assert Version.from_uint32(0x01010008) == v
+    assert str(v) == "1.1.0-alpha" and str(Version(2, 0, 1)) == "2.0.1"
+    assert Version(1, 1, 0, Stage.ALPHA) < Version(1, 1, 0)
+    assert Version(1, 0, 9) < Version(1, 1, 0, Stage.DEV)
+    assert not Version(1, 1, 0, Stage.BETA) < Version(1, 1, 0, Stage.ALPHA)
+    assert Version(1, 0, 0) < MIN_SUPPORTED_VERSION <= CURRENT_VERSION
+    assert sorted([Version(2, 0, 0), Version(1, 2, 3), Version(1, 2, 3, Stage.RC)]) == [
+        Version(1, 2, 3, Stage.RC), Version(1, 2, 3), Version(2, 0, 0)]
