@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-# The helper module sits next to this file; make it importable whatever the import mode.
-if str(Path(__file__).parent) not in sys.path:
-    sys.path.insert(0, str(Path(__file__).parent))
-
-from redis_fixture import RedisFactory, RedisProcess, redis_server_path  # noqa: E402
+try:
+    from .redis_fixture import RedisFactory, RedisProcess, redis_server_path
+except ImportError:  # tests/ run as plain directory (no __init__.py)
+    from redis_fixture import (  # type: ignore[no-redef]
+        RedisFactory,
+        RedisProcess,
+        redis_server_path,
+    )
 
 __all__ = ["RedisProcess"]
 

@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
-from redis_fixture import RedisFactory, RedisProcess
 
 from tlog.storage import (
     LAST_HASH_KEEP,
@@ -30,6 +29,8 @@ from tlog.storage import (
     parse_addresses,
     parse_storage_config,
 )
+
+from .redis_fixture import RedisFactory, RedisProcess
 
 T = TypeVar("T")
 
