@@ -535,6 +535,8 @@ def test_cluster_factory(redis_factory: RedisFactory) -> None:
     run(scenario())
     assert procs[0].client().get(b"h") == b"a"
     assert procs[2].client().get(b"h") == b"b"
+    with pytest.raises(StorageError, match="closed"):
+        factory.pool_for("va")
 
     with pytest.raises(StorageConfigError, match="unknown storage cluster 'zzz'"):
         factory.update(StorageConfig(config.clusters, {"va": "zzz"}))

@@ -728,6 +728,7 @@ class ClusterPoolFactory(StoragePoolFactory):
         self._check(config)
         self._config = config
         self._servers: dict[ServerAddress, RedisStorageServer] = {}
+        self._closed = False
 
     @property
     def config(self) -> StorageConfig:
@@ -765,6 +766,8 @@ class ClusterPoolFactory(StoragePoolFactory):
         return server
 
     def pool_for(self, vdisk_id: str) -> StoragePool:
+        if self._closed:
+            raise StorageError("storage pool factory is closed")
         config = self._config
         name = config.cluster_for(vdisk_id)
         if name is None:
@@ -777,6 +780,7 @@ class ClusterPoolFactory(StoragePoolFactory):
         return StoragePool(servers, self.k, self.m, owns_servers=False)
 
     async def close(self) -> None:
+        self._closed = True
         servers = list(self._servers.values())
         await asyncio.gather(*(s.close() for s in servers))
 

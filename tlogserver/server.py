@@ -354,7 +354,6 @@ class TlogServer:
 async def run(config: ServerConfig, ready: asyncio.Event | None = None) -> int:
     """Run until SIGTERM/SIGINT, then drain; returns the exit code."""
     server = TlogServer(config)
-    await server.start()
     loop = asyncio.get_running_loop()
     signals = 0
 
@@ -368,8 +367,10 @@ async def run(config: ServerConfig, ready: asyncio.Event | None = None) -> int:
             log.warning("second %s: exiting without waiting", signame)
             raise SystemExit(1)
 
+    # Handlers first: a signal that arrives as soon as "listening" is logged must drain too.
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig.name)
+    await server.start()
     if ready is not None:
         ready.set()
     await server.serve_forever()
