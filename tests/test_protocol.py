@@ -24,7 +24,8 @@ from tlog.protocol import (
 from tlog.status import BlockStatus, HandshakeStatus, MessageType
 from tlog.version import CURRENT_VERSION, MIN_SUPPORTED_VERSION, Stage, Version
 
-from .vectors import WIRE_CAPTURES, wire as capture
+from .vectors import WIRE_CAPTURES
+from .vectors import wire as capture
 
 
 def chunks(data: bytes, rng: random.Random) -> list[bytes]:
