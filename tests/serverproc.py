@@ -91,11 +91,10 @@ class ServerProcess:
         self.python = python
         self.process: subprocess.Popen[bytes] | None = None
         self.starts = 0
-        self._lines: collections.deque[str] = collections.deque(maxlen=_TAIL_LINES)
+        self._lines: collections.deque[tuple[int, str]] = collections.deque(maxlen=_TAIL_LINES)
         self._cond = threading.Condition()
         self._listening = False
         self._reader: threading.Thread | None = None
-        self._seen = 0  # lines read from the current process
 
     def __repr__(self) -> str:
         return f"ServerProcess({self.address}, {'running' if self.running else 'stopped'})"
@@ -119,7 +118,7 @@ class ServerProcess:
     def output(self) -> str:
         """The last lines the server logged (all of its runs)."""
         with self._cond:
-            return "\n".join(self._lines)
+            return "\n".join(line for _, line in self._lines)
 
     def cpu_seconds(self) -> float:
         """User + system CPU seconds of the running server, from /proc."""
@@ -138,13 +137,13 @@ class ServerProcess:
         env.setdefault("PYTHONUNBUFFERED", "1")
         with self._cond:
             self._listening = False
-            self._seen = 0
+            self.starts += 1
+            run = self.starts
         process = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL,
                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
         self.process = process
-        self.starts += 1
         _running.add(self)
-        self._reader = threading.Thread(target=self._read_stderr, args=(process,),
+        self._reader = threading.Thread(target=self._read_stderr, args=(process, run),
                                         name=f"tlogserver {self.address} stderr", daemon=True)
         self._reader.start()
         try:
@@ -154,7 +153,7 @@ class ServerProcess:
             raise
         return self
 
-    def _read_stderr(self, process: subprocess.Popen[bytes]) -> None:
+    def _read_stderr(self, process: subprocess.Popen[bytes], run: int) -> None:
         assert process.stderr is not None
         log = open(self.log_path, "a", encoding="utf-8") if self.log_path else None  # noqa: SIM115
         try:
@@ -164,9 +163,8 @@ class ServerProcess:
                     log.write(line + "\n")
                     log.flush()
                 with self._cond:
-                    self._lines.append(line)
-                    self._seen += 1
-                    if process is self.process and LISTENING.search(line):
+                    self._lines.append((run, line))
+                    if run == self.starts and LISTENING.search(line):
                         self._listening = True
                     self._cond.notify_all()
         finally:
@@ -182,28 +180,27 @@ class ServerProcess:
                 if process.poll() is not None:
                     # Let the reader thread catch the last lines before reporting them.
                     self._cond.wait(0.2)
-                    out = "\n".join(list(self._lines)[-30:])
+                    out = "\n".join(line for _, line in list(self._lines)[-30:])
                     raise ServerStartError(
                         f"tlogserver {self.address} exited with code {process.returncode}:\n{out}",
-                        port_in_use="Address already in use" in out or "in use" in out)
+                        port_in_use="address already in use" in out.lower())
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise ServerStartError(f"tlogserver {self.address} did not listen within "
                                            f"{timeout} s:\n{self.output()[-3000:]}")
                 self._cond.wait(min(left, 0.1))
 
-    def wait_for_log(self, pattern: str, timeout: float = 10.0, since_start: bool = True) -> str:
-        """Wait until a line of the current run matches ``pattern`` (regex); return the line."""
+    def wait_for_log(self, pattern: str, timeout: float = 10.0, any_run: bool = False) -> str:
+        """Wait until a line matches ``pattern`` (a regex); return the line.
+
+        Only lines of the current run count unless ``any_run``.
+        """
         regex = re.compile(pattern)
         deadline = time.monotonic() + timeout
         with self._cond:
             while True:
-                lines = list(self._lines)
-                recent = lines[-self._seen:] if since_start and self._seen else lines
-                if not since_start:
-                    recent = lines
-                for line in recent:
-                    if regex.search(line):
+                for run, line in self._lines:
+                    if (any_run or run == self.starts) and regex.search(line):
                         return line
                 left = deadline - time.monotonic()
                 if left <= 0:

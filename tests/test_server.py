@@ -295,3 +295,27 @@ def test_memory_storage_is_the_default(caplog: pytest.LogCaptureFixture) -> None
         run(scenario())
     assert "will NOT survive a restart" in caplog.text
     assert "random key" in caplog.text
+
+
+def test_storage_failure_answers_flush_failed_then_recovers(redis6: list[Any]) -> None:
+    addresses = [r.address for r in redis6]
+
+    async def scenario() -> None:
+        async with running_server(addresses) as server:
+            client = await WireClient.connect(port_of(server))
+            client.send(0, block_data(0))
+            client.write(ClientConnection.send_force_flush(0))
+            await client.wait_flushed([0])  # the vdisk is open and its chain known
+            redis6[2].stop()
+            for seq in range(1, 26):
+                client.send(seq, block_data(seq))
+            await client.wait_for(lambda: bool(client.responses(BlockStatus.FLUSH_FAILED)),
+                                  "FlushFailed")
+            assert client.responses(BlockStatus.FLUSH_FAILED)[0] == tuple(range(1, 26))
+            assert not client.closed
+            redis6[2].start()
+            await client.wait_flushed(range(1, 26))  # retried by the server, nothing lost
+            await client.close()
+
+    run(scenario())
+    assert [s for s, _, _ in chain_blocks(read_chain(addresses, "vd"))] == list(range(26))

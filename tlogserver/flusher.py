@@ -105,13 +105,14 @@ class Flusher:
             await self._wake.wait()
             self._wake.clear()
             while self._queue or sealed:
-                while self._queue and len(sealed) < MAX_ROUND:
-                    batch = self._queue.popleft()
-                    self._seal(batch)
-                    sealed.append(batch)
                 try:
+                    while self._queue and len(sealed) < MAX_ROUND:
+                        self._seal(self._queue[0])
+                        sealed.append(self._queue.popleft())
                     await self._store(sealed)
-                except StorageError as exc:
+                except Exception as exc:  # storage down, or a bug: never lose the batches
+                    if not isinstance(exc, StorageError):
+                        log.exception("vdisk %s: unexpected error while flushing", self.vdisk_id)
                     self.failing = True
                     log.warning("vdisk %s: storing %d aggregation(s) failed, retrying in %.2fs: %s",
                                 self.vdisk_id, len(sealed), delay, exc)

@@ -175,16 +175,19 @@ class TlogConnection(asyncio.BufferedProtocol):
         if not _VDISK_ID.match(request.vdisk_id):
             log.warning("%s: invalid vdisk id %r", self.name, request.vdisk_id[:80])
             return HandshakeStatus.INVALID_VDISK_ID
-        try:
-            vdisk = await self.server.vdisk(request.vdisk_id)
-        except StorageConfigError as exc:
-            log.warning("%s: vdisk %s refused: %s", self.name, request.vdisk_id, exc)
-            return HandshakeStatus.INVALID_VDISK_ID
-        except Exception as exc:  # storage down, unreadable chain: the client retries
-            log.error("%s: cannot open vdisk %s: %s", self.name, request.vdisk_id, exc)
-            return HandshakeStatus.INTERNAL_SERVER_ERROR
-        if self._closing:
-            return HandshakeStatus.INTERNAL_SERVER_ERROR
+        while True:
+            try:
+                vdisk = await self.server.vdisk(request.vdisk_id)
+            except StorageConfigError as exc:
+                log.warning("%s: vdisk %s refused: %s", self.name, request.vdisk_id, exc)
+                return HandshakeStatus.INVALID_VDISK_ID
+            except Exception as exc:  # storage down, unreadable chain: the client retries
+                log.error("%s: cannot open vdisk %s: %s", self.name, request.vdisk_id, exc)
+                return HandshakeStatus.INTERNAL_SERVER_ERROR
+            if self._closing:
+                return HandshakeStatus.INTERNAL_SERVER_ERROR
+            if not vdisk.retired:  # else it went idle while we waited: open it again
+                break
         status = vdisk.handshake(self, request.first_sequence, request.reset_first_sequence)
         if status == HandshakeStatus.OK:
             self.vdisk = vdisk

@@ -1,0 +1,374 @@
+"""Replaying a vdisk's log into block storage: restore, roll back to a sequence or a time.
+
+The player takes the blocks the decoder selects (`tlog.decoder.ChainReader`: checked,
+oldest first, each sequence once) and applies them to a `BlockStorage`: a ``set`` writes
+the block's data at ``index x block_size``, a ``delete`` makes the block read as zeroes.
+A callback hears of every applied sequence, so a caller can record how far it got.
+
+Two storages: `FileBlockStorage`, a raw disk image written sparsely (a block never written
+stays a hole), and `RedisBlockStorage`, one Redis key per block index, the layout a block
+server keeping its blocks in Redis reads.
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+import ctypes
+import ctypes.util
+import errno
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import redis.asyncio
+
+from .aggregation import RecordOpener
+from .decoder import ChainItem, ChainReader, Limiter
+from .status import Operation
+from .storage import ServerAddress, StoragePool
+from .wire import Block
+
+__all__ = [
+    "DEFAULT_BLOCK_SIZE",
+    "BlockStorage",
+    "FileBlockStorage",
+    "PlayResult",
+    "Player",
+    "PlayerError",
+    "RedisBlockStorage",
+    "restore",
+]
+
+DEFAULT_BLOCK_SIZE = 4096
+#: Most buffers handed to one pwritev (Linux's IOV_MAX is 1024).
+_MAX_IOV = 512
+
+
+class PlayerError(Exception):
+    """A block that cannot be applied (bad index, oversized data, unknown operation), or a
+    storage that failed; the message names the block or the storage."""
+
+
+class BlockStorage(abc.ABC):
+    """Where replayed blocks go. Block ``i`` covers bytes ``[i * block_size, (i+1) *
+    block_size)``; a block never set, or deleted, reads as zeroes."""
+
+    block_size: int
+
+    def _check(self, block: Block) -> None:
+        if block.index < 0:
+            raise PlayerError(f"sequence {block.sequence}: negative block index {block.index}")
+        if block.operation == Operation.SET and len(block.data) > self.block_size:
+            raise PlayerError(f"sequence {block.sequence}: {len(block.data)} bytes of data do not "
+                              f"fit a block of {self.block_size} bytes (wrong --block-size?)")
+        if block.operation not in (Operation.SET, Operation.DELETE):
+            raise PlayerError(f"sequence {block.sequence}: unknown operation {block.operation}")
+
+    def _padded(self, data: bytes | memoryview) -> bytes | memoryview:
+        """Data shorter than a block is completed with zeroes."""
+        if len(data) == self.block_size:
+            return data
+        return bytes(data) + bytes(self.block_size - len(data))
+
+    @abc.abstractmethod
+    async def apply(self, blocks: Sequence[Block]) -> None:
+        """Apply ``blocks`` in order (a later block on the same index wins)."""
+
+    @abc.abstractmethod
+    async def read(self, index: int) -> bytes:
+        """The current content of block ``index`` (zeroes when never set or deleted)."""
+
+    async def flush(self) -> None:
+        """Make what was applied durable (where the storage can)."""
+        return None
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Finish writing and release the storage; idempotent."""
+
+    def describe(self) -> str:
+        """Where the blocks go, for messages."""
+        return type(self).__name__
+
+
+# ---------------------------------------------------------------------------------------------
+# Disk image file
+
+
+def _load_fallocate() -> Callable[[int, int, int, int], int] | None:
+    """libc's fallocate(2), to punch holes for deleted blocks; None where there is none."""
+    if not hasattr(os, "pwritev"):
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        func = libc.fallocate
+    except (OSError, AttributeError):
+        return None
+    func.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    func.restype = ctypes.c_int
+    return func  # type: ignore[no-any-return]
+
+
+_FALLOCATE = _load_fallocate()
+_FALLOC_FL_KEEP_SIZE = 0x01
+_FALLOC_FL_PUNCH_HOLE = 0x02
+
+
+class FileBlockStorage(BlockStorage):
+    """A raw disk image. Writes go straight to their offset (pwrite, adjacent blocks in one
+    pwritev); blocks never written stay holes. A deleted block becomes a hole too when the
+    file system can punch one, zeroes otherwise. At close the file is extended to cover
+    every block touched, so a trailing deleted block still reads as zeroes.
+
+    ``truncate`` (the default) starts from an empty image; without it the blocks are applied
+    onto the file's current content (replaying a later range onto an earlier restore).
+    ``size``, when given, is the image size to end with (at least).
+    """
+
+    def __init__(self, path: str | os.PathLike[str], block_size: int = DEFAULT_BLOCK_SIZE, *,
+                 truncate: bool = True, size: int = 0, sync: bool = False) -> None:
+        if block_size < 1:
+            raise ValueError(f"block size must be >= 1, got {block_size}")
+        self.path = os.fspath(path)
+        self.block_size = block_size
+        flags = os.O_RDWR | os.O_CREAT | (os.O_TRUNC if truncate else 0)
+        try:
+            self._fd = os.open(self.path, flags, 0o644)
+        except OSError as exc:
+            raise PlayerError(f"cannot open {self.path}: {exc.strerror or exc}") from None
+        self._size = os.fstat(self._fd).st_size  # current file size
+        self._extent = max(self._size, size)  # size to end with
+        self._zero = bytes(block_size)
+        self._punch = _FALLOCATE is not None
+        self._sync = sync
+        self._closed = False
+
+    def describe(self) -> str:
+        return self.path
+
+    def _zero_block(self, offset: int) -> None:
+        if offset >= self._size:
+            return  # beyond the end of the file: already reads as zeroes
+        if self._punch and _FALLOCATE is not None:
+            length = min(self.block_size, self._size - offset)
+            if _FALLOCATE(self._fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset,
+                          length) == 0:
+                return
+            err = ctypes.get_errno()
+            if err not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                raise PlayerError(f"{self.path}: cannot punch a hole: {os.strerror(err)}")
+            self._punch = False  # not on this file system: write zeroes from now on
+        os.pwrite(self._fd, self._zero, offset)
+
+    def _write_run(self, offset: int, buffers: list[bytes | memoryview]) -> None:
+        size = len(buffers) * self.block_size
+        if len(buffers) == 1:
+            written = os.pwrite(self._fd, buffers[0], offset)
+        else:
+            written = os.pwritev(self._fd, buffers, offset)
+        if written != size:  # a short write: finish it the slow way
+            data = b"".join(bytes(b) for b in buffers)
+            while written < size:
+                written += os.pwrite(self._fd, data[written:], offset + written)
+        end = offset + size
+        if end > self._size:
+            self._size = end
+
+    async def apply(self, blocks: Sequence[Block]) -> None:
+        if self._closed:
+            raise PlayerError(f"{self.path}: already closed")
+        bs = self.block_size
+        run: list[bytes | memoryview] = []
+        run_start = run_next = -1
+        try:
+            for block in blocks:
+                self._check(block)
+                index = block.index
+                if block.operation == Operation.SET:
+                    if run and index == run_next and len(run) < _MAX_IOV:
+                        run.append(self._padded(block.data))
+                        run_next += 1
+                        continue
+                    if run:
+                        self._write_run(run_start * bs, run)
+                    run = [self._padded(block.data)]
+                    run_start, run_next = index, index + 1
+                else:
+                    if run:
+                        self._write_run(run_start * bs, run)
+                        run = []
+                    self._zero_block(index * bs)
+                    self._extent = max(self._extent, (index + 1) * bs)
+            if run:
+                self._write_run(run_start * bs, run)
+        except OSError as exc:
+            raise PlayerError(f"{self.path}: write failed: {exc.strerror or exc}") from None
+
+    async def read(self, index: int) -> bytes:
+        data = os.pread(self._fd, self.block_size, index * self.block_size)
+        return data + bytes(self.block_size - len(data))
+
+    async def flush(self) -> None:
+        os.fsync(self._fd)
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            if self._extent > self._size:
+                os.ftruncate(self._fd, self._extent)
+            if self._sync:
+                os.fsync(self._fd)
+        finally:
+            os.close(self._fd)
+
+
+# ---------------------------------------------------------------------------------------------
+# Redis block store
+
+
+class RedisBlockStorage(BlockStorage):
+    """One Redis key per block: ``<prefix><index>`` (decimal) holds the block's bytes; a
+    deleted block has no key. Each `apply` is one pipelined round trip."""
+
+    def __init__(self, address: ServerAddress, prefix: str | bytes,
+                 block_size: int = DEFAULT_BLOCK_SIZE, *, timeout: float = 10.0) -> None:
+        if block_size < 1:
+            raise ValueError(f"block size must be >= 1, got {block_size}")
+        self.address = address
+        self.prefix = prefix.encode() if isinstance(prefix, str) else bytes(prefix)
+        self.block_size = block_size
+        self._client = redis.asyncio.Redis(host=address.host, port=address.port, db=address.db,
+                                           socket_timeout=timeout,
+                                           socket_connect_timeout=timeout)
+        self._closed = False
+
+    def describe(self) -> str:
+        return f"redis {self.address} (keys {self.prefix.decode(errors='replace')}<index>)"
+
+    def key(self, index: int) -> bytes:
+        """The key of block ``index``."""
+        return b"%s%d" % (self.prefix, index)
+
+    async def apply(self, blocks: Sequence[Block]) -> None:
+        if not blocks:
+            return
+        pipe = self._client.pipeline(transaction=False)
+        for block in blocks:
+            self._check(block)
+            if block.operation == Operation.SET:
+                pipe.set(self.key(block.index), bytes(self._padded(block.data)))
+            else:
+                pipe.delete(self.key(block.index))
+        try:
+            await pipe.execute()
+        except (redis.RedisError, OSError) as exc:
+            raise PlayerError(f"block store {self.address}: {exc}") from None
+
+    async def read(self, index: int) -> bytes:
+        try:
+            value = await self._client.get(self.key(index))
+        except (redis.RedisError, OSError) as exc:
+            raise PlayerError(f"block store {self.address}: {exc}") from None
+        if value is None:
+            return bytes(self.block_size)
+        return value if isinstance(value, bytes) else value.encode()
+
+    async def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            with contextlib.suppress(redis.RedisError, OSError):
+                await self._client.aclose()
+
+
+# ---------------------------------------------------------------------------------------------
+# Player
+
+
+@dataclass
+class PlayResult:
+    """What a replay did."""
+
+    aggregations: int = 0
+    blocks: int = 0  # applied
+    sets: int = 0
+    deletes: int = 0
+    duplicates: int = 0  # skipped: sequence replayed before
+    outside: int = 0  # skipped: outside the limits
+    data_bytes: int = 0  # bytes of block data applied
+    first_sequence: int | None = None
+    last_sequence: int | None = None  # highest sequence applied
+    last_timestamp: int | None = None  # timestamp of the block with the highest sequence
+    rebuilt: int = 0  # aggregations read with pieces rebuilt from parity
+    seconds: float = 0.0
+
+    @property
+    def mb_per_s(self) -> float:
+        """Throughput in MB/s (10^6 bytes) of block data applied."""
+        return self.data_bytes / self.seconds / 1e6 if self.seconds > 0 else 0.0
+
+
+class Player:
+    """Applies a chain's blocks to a `BlockStorage`.
+
+    ``on_sequence(seq)`` is called for every sequence applied, in order, after its
+    aggregation reached the storage; ``on_item(item, result)`` after every aggregation (for
+    progress reports).
+    """
+
+    def __init__(self, storage: BlockStorage, *,
+                 on_sequence: Callable[[int], None] | None = None,
+                 on_item: Callable[[ChainItem, PlayResult], None] | None = None) -> None:
+        self.storage = storage
+        self.on_sequence = on_sequence
+        self.on_item = on_item
+
+    async def play(self, reader: ChainReader) -> PlayResult:
+        """Replay everything ``reader`` yields; returns the totals."""
+        result = PlayResult()
+        started = time.perf_counter()
+        apply = self.storage.apply
+        on_sequence = self.on_sequence
+        async for item in reader.items():
+            blocks = item.blocks
+            await apply(blocks)
+            result.aggregations += 1
+            result.duplicates += item.duplicates
+            result.outside += len(item.aggregation.blocks) - len(blocks) - item.duplicates
+            if item.missing or item.corrupt:
+                result.rebuilt += 1
+            if blocks:
+                result.blocks += len(blocks)
+                deletes = sum(1 for b in blocks if b.operation == Operation.DELETE)
+                result.deletes += deletes
+                result.sets += len(blocks) - deletes
+                result.data_bytes += sum(len(b.data) for b in blocks)
+                low = min(b.sequence for b in blocks)
+                top = max(blocks, key=lambda b: b.sequence)
+                if result.first_sequence is None or low < result.first_sequence:
+                    result.first_sequence = low
+                if result.last_sequence is None or top.sequence > result.last_sequence:
+                    result.last_sequence = top.sequence
+                    result.last_timestamp = top.timestamp
+                if on_sequence is not None:
+                    for b in blocks:
+                        on_sequence(b.sequence)
+            if self.on_item is not None:
+                result.seconds = time.perf_counter() - started
+                self.on_item(item, result)
+        result.seconds = time.perf_counter() - started
+        return result
+
+
+async def restore(pool: StoragePool, vdisk_id: str, opener: RecordOpener,
+                  storage: BlockStorage, *, start_seq: int = 0, end_seq: int = 0,
+                  start_ts: int = 0, end_ts: int = 0,
+                  on_sequence: Callable[[int], None] | None = None) -> PlayResult:
+    """Replay a vdisk's log into ``storage``: to the last sequence by default, up to
+    ``end_seq`` or ``end_ts`` (inclusive) to roll back. 0 means unbounded. The storage is
+    not closed."""
+    reader = ChainReader(pool, vdisk_id, opener, Limiter(start_seq, end_seq, start_ts, end_ts))
+    return await Player(storage, on_sequence=on_sequence).play(reader)
