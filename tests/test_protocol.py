@@ -240,3 +240,26 @@ def test_version_encoding_order_and_text() -> None:
     assert Version(1, 0, 0) < MIN_SUPPORTED_VERSION <= CURRENT_VERSION
     assert sorted([Version(2, 0, 0), Version(1, 2, 3), Version(1, 2, 3, Stage.RC)]) == [
         Version(1, 2, 3, Stage.RC), Version(1, 2, 3), Version(2, 0, 0)]
+
+
+def test_large_reads_grow_the_buffer_while_views_are_held() -> None:
+    # More than the initial buffer in one call, while a view from get_buffer is alive
+    # (an event loop may hold it): the buffer must be replaced, not resized.
+    conn = ClientConnection()
+    stream = ServerConnection.send_handshake_response(HandshakeStatus.OK) + b"".join(
+        wire.encode_response(1, [i]) for i in range(60_000))
+    held = conn._reader.get_buffer()
+    events = conn.receive_data(stream)
+    assert len(events) == 60_001 and events[-1] == BlockResponse(BlockStatus.RECV_OK, (59_999,))
+    del held
+    server = handshaken()
+    view = server.get_buffer()
+    block = ClientConnection.send_block(1, 1, 1, bytes(65536))
+    view[:100] = block[:100]
+    assert server.buffer_updated(100) == []
+    for at in range(100, len(block), 30_000):  # the frame outgrows the free space
+        chunk = block[at:at + 30_000]
+        view = server.get_buffer()
+        view[:len(chunk)] = chunk
+        events = server.buffer_updated(len(chunk))
+    assert [e.sequence for e in events] == [1]  # type: ignore[union-attr]

@@ -127,22 +127,27 @@ class _FrameReader:
         self._end += nbytes
 
     def feed(self, data: bytes | bytearray | memoryview) -> None:
-        view = self.get_buffer()
-        if len(data) > len(view):
+        if len(data) > len(self._buf) - self._end:
             self._compact()
-            need = self._end + len(data)
-            if need > len(self._buf):
-                self._view.release()
-                self._buf.extend(bytes(need - len(self._buf)))
-                self._view = memoryview(self._buf)
-            view = self._view[self._end:]
-        view[:len(data)] = data
+            if len(data) > len(self._buf) - self._end:
+                self._grow(self._end + len(data))
+        self._buf[self._end:self._end + len(data)] = data
         self._end += len(data)
 
     def _compact(self) -> None:
+        # Same-length slice assignment: allowed even while views of the buffer exist.
         pending = self._end - self._start
         if self._start:
             self._buf[0:pending] = self._buf[self._start:self._end]
+        self._start, self._end = 0, pending
+
+    def _grow(self, size: int) -> None:
+        # A new buffer rather than resizing in place: views of the old one (handed to the
+        # event loop by get_buffer, or still held by a caller) stay valid.
+        pending = self._end - self._start
+        new = bytearray(max(size, 2 * len(self._buf)))
+        new[0:pending] = self._buf[self._start:self._end]
+        self._buf, self._view = new, memoryview(new)
         self._start, self._end = 0, pending
 
     @property
@@ -168,10 +173,7 @@ class _FrameReader:
         body_end = body_at + header.body_len
         if body_end > self._end:
             if body_end - self._start > len(self._buf):
-                self._compact()
-                self._view.release()
-                self._buf.extend(bytes(body_end - self._start - len(self._buf)))
-                self._view = memoryview(self._buf)
+                self._grow(body_end - self._start)  # room for the whole frame
             return None
         self._start = body_end
         return self._view[body_at:body_end], header.segment_sizes

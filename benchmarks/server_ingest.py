@@ -1,0 +1,166 @@
+"""Server-side ingest: pre-encoded 4 KiB blocks over one socket into a tlogserver process.
+
+Measures the server alone (the sender only writes prepared bytes and counts
+FlushOKs): blocks/s and the server's CPU microseconds per block, read from
+/proc. Starts its own redis-server processes (k+m of them) unless
+--memory-storage is given. Prints one JSON object per run, then a summary.
+
+    .venv/bin/python benchmarks/server_ingest.py --blocks 50000 --runs 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tlog.protocol import ClientConnection  # noqa: E402
+from tlog.status import BlockStatus  # noqa: E402
+
+KEY = "12345678901234567890123456789012"
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICKS
+
+
+def wait_listening(port: int, deadline: float) -> None:
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.02)
+    raise RuntimeError(f"nothing listens on {port}")
+
+
+def start_redis(n: int, workdir: str) -> list[tuple[subprocess.Popen[bytes], int]]:
+    procs = []
+    for i in range(n):
+        port = free_port()
+        proc = subprocess.Popen(
+            ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", workdir, "--dbfilename", f"d{i}.rdb"],
+            stdout=subprocess.DEVNULL)
+        procs.append((proc, port))
+    for _, port in procs:
+        wait_listening(port, time.monotonic() + 10)
+    return procs
+
+
+def make_blocks(n: int, random_data: bool) -> list[bytes]:
+    rng = os.urandom if random_data else (lambda size: b"tlog" * (size // 4))
+    now = time.time_ns()
+    return [ClientConnection.send_block(seq, seq, now, rng(4096)) for seq in range(n)]
+
+
+def one_run(args: argparse.Namespace, frames: list[bytes], storage: list[str]) -> dict[str, float]:
+    port = free_port()
+    cmd = [sys.executable, "-m", "tlogserver", "--address", f"127.0.0.1:{port}",
+           "--flush-size", str(args.flush_size)]
+    cmd += ["--storage-addresses", ",".join(storage), "--priv-key", KEY] if storage else [
+        "--memory-storage"]
+    server = subprocess.Popen(cmd, stderr=subprocess.DEVNULL)
+    try:
+        wait_listening(port, time.monotonic() + 30)
+        sock = socket.create_connection(("127.0.0.1", port))
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        client = ClientConnection()
+        sock.sendall(ClientConnection.send_handshake(f"bench{port}", 0))
+        flushed = 0
+        want = len(frames)
+        cpu0 = cpu_seconds(server.pid)
+        t0 = time.perf_counter()
+        batch = 64
+        sent = 0
+        sock.setblocking(False)
+        pending = b""
+        while flushed < want:
+            if sent < want and not pending:
+                pending = b"".join(frames[sent:sent + batch])
+                sent = min(sent + batch, want)
+            if pending:
+                try:
+                    n = sock.send(pending)
+                    pending = pending[n:]
+                except BlockingIOError:
+                    pass
+            if sent == want and not pending and flushed + args.flush_size > want:
+                sock.setblocking(True)
+                sock.sendall(ClientConnection.send_force_flush(want - 1))
+                sock.setblocking(False)
+                sent += 1  # only once
+            try:
+                data = sock.recv(1 << 20)
+            except BlockingIOError:
+                if sent >= want and not pending:
+                    time.sleep(0.0005)
+                continue
+            if not data:
+                raise RuntimeError("server closed the connection")
+            for event in client.receive_data(data):
+                if getattr(event, "status", None) == BlockStatus.FLUSH_OK:
+                    flushed += len(event.sequences)  # type: ignore[union-attr]
+        seconds = time.perf_counter() - t0
+        cpu = cpu_seconds(server.pid) - cpu0
+        sock.close()
+    finally:
+        server.send_signal(signal.SIGKILL)
+        server.wait()
+    return {"blocks": want, "seconds": round(seconds, 3),
+            "blocks_per_second": round(want / seconds),
+            "mb_per_second": round(want * 4096 / seconds / 1e6, 1),
+            "server_cpu_us_per_block": round(cpu / want * 1e6, 2)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--blocks", type=int, default=50_000)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--flush-size", type=int, default=25)
+    parser.add_argument("--random-data", action="store_true")
+    parser.add_argument("--memory-storage", action="store_true")
+    args = parser.parse_args()
+    frames = make_blocks(args.blocks, args.random_data)
+    workdir = tempfile.mkdtemp(prefix="tlogbench")
+    redis = [] if args.memory_storage else start_redis(6, workdir)
+    results = []
+    try:
+        for _ in range(args.runs):
+            result = one_run(args, frames, [f"127.0.0.1:{p}" for _, p in redis])
+            print(json.dumps(result), flush=True)
+            results.append(result)
+    finally:
+        for proc, _ in redis:
+            proc.kill()
+            proc.wait()
+        shutil.rmtree(workdir, ignore_errors=True)
+    summary = {key: {"median": statistics.median(r[key] for r in results),
+                     "min": min(r[key] for r in results), "max": max(r[key] for r in results)}
+               for key in ("blocks_per_second", "server_cpu_us_per_block")}
+    print(json.dumps({"summary": summary, "flush_size": args.flush_size,
+                      "random_data": args.random_data,
+                      "storage": "memory" if args.memory_storage else "6 redis, k=4 m=2"}))
+
+
+if __name__ == "__main__":
+    main()
