@@ -263,3 +263,21 @@ def test_large_reads_grow_the_buffer_while_views_are_held() -> None:
         view[:len(chunk)] = chunk
         events = server.buffer_updated(len(chunk))
     assert [e.sequence for e in events] == [1]  # type: ignore[union-attr]
+
+
+def test_fast_block_path_agrees_with_the_generic_parser() -> None:
+    rng = random.Random(9)
+    for _ in range(100):
+        data = rng.randbytes(rng.choice([0, 1, 9, 4096, 65536]))
+        msg = ClientConnection.send_block(rng.getrandbits(64), rng.getrandbits(63), 5,
+                                          data, rng.choice([1, 2]))
+        buf = bytearray(b"junk" + msg + b"tail")
+        got = wire.take_block(buf, 4, len(buf), 1 << 20)
+        assert got is not None and got[1] == 4 + len(msg)
+        generic = wire.parse_block(memoryview(msg)[9:])
+        assert got[0] == generic
+        assert wire.take_block(buf, 4, len(buf) - 5, 1 << 20) is None  # incomplete
+        assert wire.take_block(buf, 4, len(buf), len(msg) - 10) is None  # over the limit
+    other = schema.TlogBlock.new_message(sequence=1, data=b"abc", hash=block_hash(b"abc"))
+    odd = bytearray(b"\x01" + bytes(other.to_bytes()))  # data laid out before the hash
+    assert wire.take_block(odd, 0, len(odd), 1 << 20) is None

@@ -241,8 +241,19 @@ class ServerConnection:
         if self._error is not None:
             raise self._error
         events: list[ServerEvent] = []
+        reader = self._reader
+        take = wire.take_block
         try:
             while True:
+                if self._state is _State.MESSAGES:
+                    # Blocks in the usual layout straight out of the buffer; anything
+                    # else (and every error) goes through the generic path below.
+                    buf, at, end = reader._buf, reader._start, reader._end
+                    limit = reader.max_message_size
+                    while (got := take(buf, at, end, limit)) is not None:
+                        events.append(got[0])
+                        at = got[1]
+                    reader._start = at
                 event = self._next_event()
                 if event is None:
                     return events

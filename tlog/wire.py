@@ -175,6 +175,40 @@ def parse_block(seg: memoryview) -> Block | None:
     return Block(sequence, index, timestamp, operation, views[0], views[1])
 
 
+# The fast path for the message that dominates the traffic: a block message (type byte 1)
+# in one segment, laid out as the Go client and ours lay it out: root struct right after
+# the root pointer, 4 data words, hash (32 bytes) then data right after the pointers.
+_BLOCK_MSG_HEAD = struct.Struct("<BIIQQqQQQQ")  # type, seg count-1, words, 7 words
+_CANON_ROOT = (_BLOCK_DATA_WORDS << 32) | (_BLOCK_PTRS << 48)
+_CANON_HASH_PTR = 1 | (1 << 2) | (2 << 32) | (32 << 35)  # word 5 -> word 7, bytes, 32
+_CANON_DATA_PTR_LOW = 1 | (4 << 2) | (2 << 32)  # word 6 -> word 11, bytes
+_DATA_AT = 9 + 88  # message offset of the data: type, table, 11 words
+
+
+def take_block(buf: bytearray, at: int, end: int, max_size: int) -> tuple[Block, int] | None:
+    """A canonically laid-out block message at ``at``: (block, offset after it).
+
+    None when anything differs (another layout, an incomplete or oversized frame,
+    another message type): the generic path then decides. Hash and data are copied
+    out of ``buf``, which the caller reuses.
+    """
+    if end - at < _DATA_AT:
+        return None
+    (mtype, nseg, words, root, sequence, index, timestamp, opword, hash_ptr,
+     data_ptr) = _BLOCK_MSG_HEAD.unpack_from(buf, at)
+    if (mtype != 1 or nseg != 0 or root != _CANON_ROOT or hash_ptr != _CANON_HASH_PTR
+            or data_ptr & 0x7FFFFFFFF != _CANON_DATA_PTR_LOW):
+        return None
+    body = words << 3
+    length = data_ptr >> 35
+    stop = at + 9 + body
+    if body > max_size or stop > end or 88 + length > body:
+        return None
+    data_at = at + _DATA_AT
+    return (Block(sequence, index, timestamp, opword & 0xFF, buf[data_at - 32:data_at],
+                  buf[data_at:data_at + length]), stop)
+
+
 def _pad(n: int) -> int:
     return (-n) & 7
 

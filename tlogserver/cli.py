@@ -9,6 +9,8 @@ from typing import Any
 
 import click
 
+from tlog.allocator import tune_allocator
+
 from . import config as config_mod
 from .config import ConfigError, ServerConfig
 
@@ -89,6 +91,7 @@ def command(ctx: click.Context, **values: Any) -> None:
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from None
     _setup_logging(cfg.verbose, cfg.log_file)
+    tune_allocator()
     from .server import run
 
     try:
