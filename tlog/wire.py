@@ -112,13 +112,17 @@ def _byte_list(seg: memoryview | bytes, seg_words: int, ptr_word: int) -> tuple[
     return (start * _WORD, length)
 
 
+#: What block hashes and data may be: copies (bytes, bytearray) or views into one.
+Buffer = bytes | bytearray | memoryview
+
+
 class Block:
     """One TlogBlock. ``hash`` and ``data`` are views into a private copy of its bytes."""
 
     __slots__ = ("sequence", "index", "timestamp", "operation", "hash", "data")
 
     def __init__(self, sequence: int, index: int, timestamp: int, operation: int,
-                 hash: memoryview | bytes, data: memoryview | bytes) -> None:
+                 hash: Buffer, data: Buffer) -> None:
         self.sequence = sequence
         self.index = index
         self.timestamp = timestamp
