@@ -331,7 +331,7 @@ def encode_aggregation(name: str, timestamp: int, vdisk_id: str, prev: bytes,
         _list_ptr(ptr0 + 2, tag_at, 7, n * elem_words),
         _list_ptr(ptr0 + 3, prev_at, 2, len(prev)),
     )
-    parts: list[bytes | memoryview] = [
+    parts: list[Buffer] = [
         head,
         name_b, _ZEROS[:_text_words(name_b) * 8 - len(name_b)],
         prev, _ZEROS[:_pad(len(prev))],
@@ -340,7 +340,7 @@ def encode_aggregation(name: str, timestamp: int, vdisk_id: str, prev: bytes,
         _U64.pack((n << 2) | (_BLOCK_DATA_WORDS << 32) | (_BLOCK_PTRS << 48)),
     ]
     elems: list[bytes] = []
-    tail: list[bytes | memoryview] = []
+    tail: list[Buffer] = []
     at = tail_at
     pack_elem = struct.Struct("<QqQQQQ").pack
     for i, b in enumerate(blocks):
