@@ -32,6 +32,8 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from types import TracebackType
 
+from tlog.wire import Block
+
 START_TIMEOUT = 20.0
 STOP_TIMEOUT = 30.0
 LISTENING = re.compile(r"listening on (\S+):(\d+)")
@@ -274,10 +276,10 @@ def storage_args(addresses: Sequence[str], *, priv_key: str = "12345678901234567
             "-k", str(k), "-m", str(m)]
 
 
-async def stored_sequences(addresses: Sequence[str], vdisk_id: str,
-                           priv_key: str = "12345678901234567890123456789012",
-                           k: int = 4, m: int = 2) -> list[int]:
-    """Every block sequence in a vdisk's stored chain, oldest aggregation first.
+async def stored_blocks(addresses: Sequence[str], vdisk_id: str,
+                        priv_key: str = "12345678901234567890123456789012",
+                        k: int = 4, m: int = 2) -> list[Block]:
+    """Every block in a vdisk's stored chain, oldest aggregation first.
 
     Walks ``prev`` back from the newest aggregation (`tlog.decoder.find_last`) to
     the zero hash; duplicates (an aggregation stored again after a crash) are kept.
@@ -292,15 +294,22 @@ async def stored_sequences(addresses: Sequence[str], vdisk_id: str,
     try:
         pool = factory.pool_for(vdisk_id)
         agg = await find_last(pool, vdisk_id, opener)
-        chunks: list[list[int]] = []
+        chunks: list[list[Block]] = []
         while agg is not None:
-            chunks.append([b.sequence for b in agg.blocks])
+            chunks.append(list(agg.blocks))
             if agg.prev == bytes(32):
                 break
             agg = await read_aggregation(pool, agg.prev, opener)
     finally:
         await factory.close()
-    return [seq for chunk in reversed(chunks) for seq in chunk]
+    return [block for chunk in reversed(chunks) for block in chunk]
+
+
+async def stored_sequences(addresses: Sequence[str], vdisk_id: str,
+                           priv_key: str = "12345678901234567890123456789012",
+                           k: int = 4, m: int = 2) -> list[int]:
+    """The sequences of `stored_blocks`, in chain order."""
+    return [b.sequence for b in await stored_blocks(addresses, vdisk_id, priv_key, k, m)]
 
 
 @atexit.register

@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import enum
 import hashlib
+import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from . import schema, wire
 from .status import BlockStatus, HandshakeStatus, MessageType, Operation
@@ -78,9 +80,12 @@ class HandshakeResponse:
     status: HandshakeStatus | int
 
 
-@dataclass(frozen=True, slots=True)
-class BlockResponse:
-    """A TlogResponse: a status about some sequences."""
+class BlockResponse(NamedTuple):
+    """A TlogResponse: a status about some sequences.
+
+    A named tuple: the client receives one per block, and tuples are the cheapest
+    objects Python builds; ``status, sequences = response`` works too.
+    """
 
     status: BlockStatus | int
     sequences: tuple[int, ...]
@@ -111,7 +116,8 @@ class _FrameReader:
         if max_message_size < 64:
             raise ValueError("max_message_size must be at least 64 bytes")
         self.max_message_size = max_message_size
-        self._buf = bytearray(max(initial_size, 2 * (max_message_size + 520)))
+        # Starts small; grows (by replacement) to fit the largest frame actually seen.
+        self._buf = bytearray(initial_size)
         self._view = memoryview(self._buf)
         self._start = 0  # first unparsed byte
         self._end = 0  # end of received bytes
@@ -331,13 +337,19 @@ class ClientConnection:
         return self._state is _State.MESSAGES
 
     def receive_data(self, data: bytes | bytearray | memoryview) -> list[ClientEvent]:
-        self._reader.feed(data)
+        """Feed received bytes; returns the events they complete, in order."""
+        reader = self._reader
+        reader.feed(data)
         events: list[ClientEvent] = []
         if self._state is _State.ERROR:
             raise ProtocolError("connection already failed")
         try:
             while True:
-                got = self._reader.next_frame()
+                if self._state is _State.MESSAGES:
+                    # Responses in the usual layout (one per block at full speed) by hand.
+                    reader._start = _take_responses(reader._buf, reader._start, reader._end,
+                                                    events)
+                got = reader.next_frame()
                 if got is None:
                     return events
                 if self._state is _State.HANDSHAKE:
@@ -369,10 +381,12 @@ class ClientConnection:
     @staticmethod
     def send_block(sequence: int, index: int, timestamp: int, data: bytes | memoryview,
                    operation: int = Operation.SET, hash: bytes | None = None) -> bytes:
-        """A TlogBlock message; ``hash`` defaults to the BLAKE2b-256 of ``data``."""
+        """A TlogBlock message; ``hash`` defaults to the BLAKE2b-256 of ``data``.
+
+        Runs once per vdisk write: one copy of the data, laid out as the Go client does.
+        """
         digest = block_hash(data) if hash is None else hash
-        return bytes((MessageType.TLOG_BLOCK,)) + wire.encode_block_frame(
-            sequence, index, timestamp, int(operation), digest, data)
+        return wire.encode_block_message(sequence, index, timestamp, int(operation), digest, data)
 
     @staticmethod
     def send_force_flush(sequence: int) -> bytes:
@@ -381,6 +395,40 @@ class ClientConnection:
     @staticmethod
     def send_wait_nbd_slave_sync() -> bytes:
         return _command(MessageType.WAIT_NBD_SLAVE_SYNC, 0)
+
+
+_BLOCK_STATUS = {int(s): s for s in BlockStatus}
+_U64 = struct.Struct("<Q")
+_U32X2 = struct.Struct("<II")
+_Q3 = struct.Struct("<QQQ")
+_RESPONSE_ROOT = (1 << 32) | (1 << 48)  # 1 data word, 1 pointer, right after the root
+_SEQ_LIST_LOW = 1 | (5 << 32)  # list pointer, offset 0, 8-byte elements
+_LOW35 = (1 << 35) - 1
+_RECV_OK_HEAD = wire.encode_response(BlockStatus.RECV_OK, [0])[:32]
+
+
+def _take_responses(buf: bytearray, at: int, end: int, events: list[ClientEvent]) -> int:
+    """Decode responses in the usual single-segment layout; returns where it stopped."""
+    append = events.append
+    while end - at >= 40:
+        if buf[at:at + 32] == _RECV_OK_HEAD:
+            append(BlockResponse(BlockStatus.RECV_OK, _U64.unpack_from(buf, at + 32)))
+            at += 40
+            continue
+        nseg, words = _U32X2.unpack_from(buf, at)
+        size = 8 + (words << 3)
+        if nseg != 0 or words < 3 or end - at < size:
+            break
+        root, word, ptr = _Q3.unpack_from(buf, at + 8)
+        count = ptr >> 35
+        if root != _RESPONSE_ROOT or ptr & _LOW35 != _SEQ_LIST_LOW or words != 3 + count:
+            break
+        status = word & 0xFF
+        status = status - 256 if status > 127 else status
+        append(BlockResponse(_BLOCK_STATUS.get(status, status),
+                             struct.unpack_from(f"<{count}Q", buf, at + 32)))
+        at += size
+    return at
 
 
 def _command(mtype: MessageType, sequence: int) -> bytes:

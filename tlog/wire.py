@@ -187,6 +187,8 @@ _CANON_ROOT = (_BLOCK_DATA_WORDS << 32) | (_BLOCK_PTRS << 48)
 _CANON_HASH_PTR = 1 | (1 << 2) | (2 << 32) | (32 << 35)  # word 5 -> word 7, bytes, 32
 _CANON_DATA_PTR_LOW = 1 | (4 << 2) | (2 << 32)  # word 6 -> word 11, bytes
 _DATA_AT = 9 + 88  # message offset of the data: type, table, 11 words
+#: Bytes of a block message besides its data and the data's padding (32-byte hash).
+BLOCK_MESSAGE_OVERHEAD = _DATA_AT
 
 
 def take_block(buf: bytearray, at: int, end: int, max_size: int) -> tuple[Block, int] | None:
@@ -247,6 +249,22 @@ def encode_block_frame(sequence: int, index: int, timestamp: int, operation: int
     parts = block_segment_parts(sequence, index, timestamp, operation, hash_, data)
     size = sum(len(p) for p in parts)
     return b"".join([_U32X2.pack(0, size // _WORD), *parts])
+
+
+_BLOCK_MSG_PACK = struct.Struct("<BIIQQqQQQQ").pack
+_PADS = tuple(bytes(n) for n in range(8))
+
+
+def encode_block_message(sequence: int, index: int, timestamp: int, operation: int,
+                         hash_: bytes | memoryview, data: bytes | memoryview) -> bytes:
+    """A whole TlogBlock message, type byte included, with one copy of the data."""
+    if len(hash_) != 32:
+        return bytes((1,)) + encode_block_frame(sequence, index, timestamp, operation, hash_,
+                                                data)
+    n = len(data)
+    head = _BLOCK_MSG_PACK(1, 0, 11 + ((n + 7) >> 3), _CANON_ROOT, sequence, index, timestamp,
+                           operation, _CANON_HASH_PTR, _CANON_DATA_PTR_LOW | (n << 35))
+    return b"".join((head, hash_, data, _PADS[-n & 7]))
 
 
 def encode_response(status: int, sequences: Sequence[int]) -> bytes:

@@ -1,0 +1,1085 @@
+"""The tlog client: log a vdisk's writes to a tlogserver, never losing one.
+
+`TlogClient` is the asyncio client an NBD server puts in front of every write;
+`ThreadedClient` runs one in a background thread for synchronous callers.
+
+What the client promises (see docs/client.md for the why):
+
+- Every block handed to `TlogClient.send` is kept, as its encoded frame, until
+  the server answers ``FlushOK`` for its sequence. Nothing else removes it.
+- A block without ``RecvOK`` after ``resend_timeout`` is sent again, found by
+  one periodic check (not a timer per block).
+- When the connection is lost, or the server reports ``FlushFailed``, the
+  client reconnects with capped exponential backoff, moving to the next server
+  of its list, handshakes with ``firstSequence`` = its lowest unflushed sequence
+  and resends every unflushed block in sequence order.
+- The unflushed buffer is bounded in bytes: a full buffer makes `send` wait,
+  which is the only backpressure an NBD server sees.
+
+The wire is spoken by the sans-I/O `tlog.protocol.ClientConnection`, whose
+fast paths (one copy of the data per block message, responses in the usual
+layout decoded with a few byte comparisons) were written for this client;
+writes are batched per event-loop iteration.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import hashlib
+import heapq
+import itertools
+import logging
+import threading
+import time
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar, cast
+
+from . import wire
+from .protocol import (
+    BlockResponse,
+    ClientConnection,
+    HandshakeResponse,
+    ProtocolError,
+)
+from .status import BlockStatus, HandshakeStatus, Operation
+
+log = logging.getLogger("tlog.client")
+
+T = TypeVar("T")
+
+#: Seconds without RecvOK after which a block is sent again (the reference's value).
+DEFAULT_RESEND_TIMEOUT = 2.0
+#: Bytes of encoded, unflushed blocks kept before `send` waits.
+DEFAULT_MAX_UNFLUSHED_BYTES = 32 * 1024 * 1024
+#: First and largest pause between two rounds of connection attempts.
+DEFAULT_RECONNECT_DELAY = 0.05
+DEFAULT_RECONNECT_MAX_DELAY = 1.0
+#: Seconds one attempt (TCP connect + handshake) may take.
+DEFAULT_CONNECT_TIMEOUT = 5.0
+#: Largest server message accepted. Responses are small, but a force flush of a
+#: long ordered run is one FlushOK listing every sequence of it.
+DEFAULT_MAX_RESPONSE_SIZE = 16 * 1024 * 1024
+#: Bytes queued by `send` before they are written and the loop gets a turn.
+WRITE_BATCH = 256 * 1024
+
+_HASH_SIZE = 32
+_BLOCK_MESSAGE_OVERHEAD = wire.BLOCK_MESSAGE_OVERHEAD
+
+
+# -- errors ----------------------------------------------------------------------------
+
+
+class TlogClientError(Exception):
+    """Base of the client's errors."""
+
+
+class ClientClosedError(TlogClientError):
+    """The client was closed; nothing more can be sent or awaited."""
+
+
+class HandshakeError(TlogClientError):
+    """The server refused the handshake with a negative (or unknown) status."""
+
+    #: Whether retrying with the same request cannot help.
+    permanent = False
+
+    def __init__(self, status: int, address: str = "") -> None:
+        self.status = status
+        self.address = address
+        name = status.name if isinstance(status, HandshakeStatus) else str(status)
+        where = f" by {address}" if address else ""
+        super().__init__(f"handshake refused{where}: {name}")
+
+
+class InvalidRequestError(HandshakeError):
+    """HandshakeStatus InvalidRequest: the server could not decode the handshake."""
+
+    permanent = True
+
+
+class InvalidVersionError(HandshakeError):
+    """HandshakeStatus InvalidVersion: the server does not support our protocol version."""
+
+    permanent = True
+
+
+class InvalidVdiskIDError(HandshakeError):
+    """HandshakeStatus InvalidVdiskID: the server does not accept this vdisk id."""
+
+    permanent = True
+
+
+class InternalServerError(HandshakeError):
+    """HandshakeStatus InternalServerError: transient (e.g. storage down); retried."""
+
+
+_HANDSHAKE_ERRORS: dict[int, type[HandshakeError]] = {
+    HandshakeStatus.INVALID_REQUEST: InvalidRequestError,
+    HandshakeStatus.INVALID_VERSION: InvalidVersionError,
+    HandshakeStatus.INVALID_VDISK_ID: InvalidVdiskIDError,
+    HandshakeStatus.INTERNAL_SERVER_ERROR: InternalServerError,
+}
+
+
+def handshake_error(status: int, address: str = "") -> HandshakeError:
+    """The typed exception for a handshake status other than OK."""
+    return _HANDSHAKE_ERRORS.get(int(status), HandshakeError)(status, address)
+
+
+# -- encoding --------------------------------------------------------------------------
+
+def encode_block(sequence: int, index: int, timestamp: int, data: bytes | memoryview,
+                 operation: int = Operation.SET, hash: bytes | None = None) -> bytes:
+    """The bytes of one TlogBlock message (the protocol core's encoder)."""
+    return ClientConnection.send_block(sequence, index, timestamp, data, operation, hash)
+
+
+# -- addresses -------------------------------------------------------------------------
+
+
+def parse_address(text: str) -> tuple[str, int]:
+    """``host:port`` (IPv6 in brackets) to ``(host, port)``."""
+    host, sep, port = text.strip().rpartition(":")
+    if not sep or not port.isdigit() or not host or not 0 < int(port) < 65536:
+        raise ValueError(f"not a host:port address: {text!r}")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    return host, int(port)
+
+
+def _check_servers(servers: Iterable[str]) -> list[str]:
+    found = [s.strip() for s in servers]
+    if not found:
+        raise ValueError("at least one tlogserver address is needed")
+    for address in found:
+        parse_address(address)
+    return found
+
+
+# -- the connection --------------------------------------------------------------------
+
+
+class _Link(asyncio.Protocol):
+    """One TCP connection to a tlogserver; hands what it reads to the client."""
+
+    def __init__(self, client: TlogClient, address: str) -> None:
+        self.client = client
+        self.address = address
+        self.loop = client._loop
+        self.transport: asyncio.Transport | None = None
+        self.core = ClientConnection(client.max_response_size)
+        self.handshake: asyncio.Future[HandshakeResponse] = self.loop.create_future()
+        self.lost = False
+        self.last_rx = self.loop.time()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # uvloop's is no subclass
+        sock = transport.get_extra_info("socket")
+        try:
+            if sock is not None and sock.getsockname() == sock.getpeername():
+                # Connecting to a port nobody listens on may hand us that port as our
+                # own source port: TCP then connects the socket to itself.
+                self._fail_handshake(ConnectionRefusedError(f"{self.address}: self-connection"))
+                self.abort()
+        except OSError:
+            pass
+
+    def data_received(self, data: bytes) -> None:
+        self.last_rx = self.loop.time()
+        try:
+            responses = self.core.receive_data(data)
+        except ProtocolError as exc:
+            log.warning("%s: protocol error: %s", self.address, exc)
+            self._fail_handshake(exc)
+            self.client._lose(self, f"protocol error: {exc}")
+            return
+        if responses and isinstance(responses[0], HandshakeResponse):
+            if not self.handshake.done():
+                self.handshake.set_result(responses[0])
+            del responses[0]
+        if responses:
+            # only a connection's first event is a HandshakeResponse, removed above
+            self.client._on_responses(self, cast(list[BlockResponse], responses))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        self._fail_handshake(ConnectionError(
+            f"{self.address}: connection closed during the handshake"
+            + (f": {exc}" if exc else "")))
+        self.client._lose(self, f"connection lost: {exc}" if exc else "connection closed")
+
+    def _fail_handshake(self, exc: BaseException) -> None:
+        if not self.handshake.done():
+            self.handshake.set_exception(exc)
+            self.handshake.exception()  # mark retrieved: nobody may be waiting any more
+
+    def write(self, data: bytes) -> None:
+        if self.transport is not None and not self.lost:
+            self.transport.write(data)
+
+    def writelines(self, frames: list[bytes]) -> None:
+        if self.transport is not None and not self.lost:
+            self.transport.writelines(frames)
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+
+# -- the asyncio client ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ClientStats:
+    """Counters of one client, as of the moment they were read."""
+
+    sent_blocks: int  # blocks handed to send()
+    flushed_blocks: int  # blocks whose FlushOK arrived
+    unflushed_blocks: int
+    unflushed_bytes: int
+    resends: int  # blocks sent again after the resend timeout or a RecvFailed
+    reconnect_resends: int  # blocks sent again after a reconnect
+    reconnects: int  # successful reconnections (the first connect not counted)
+    last_flushed: int | None  # highest sequence with FlushOK
+    server: str | None  # the server connected to, None while reconnecting
+
+
+
+ResponseCallback = Callable[[BlockStatus | int, Sequence[int]], None]
+
+
+class ResponseStream:
+    """The server's block responses, as an async iterator (`TlogClient.responses`).
+
+    Subscribed from creation on; it ends when the client closes or `close` is
+    called. It is unbounded: a subscriber must keep reading.
+    """
+
+    def __init__(self, client: TlogClient) -> None:
+        self._client = client
+        self._queue: asyncio.Queue[BlockResponse | None] = asyncio.Queue()
+        client._subscribers.append(self._queue)
+
+    def __aiter__(self) -> ResponseStream:
+        return self
+
+    async def __anext__(self) -> BlockResponse:
+        item = await self._queue.get()
+        if item is None:
+            self.close()
+            raise StopAsyncIteration
+        return item
+
+    def close(self) -> None:
+        if self._queue in self._client._subscribers:
+            self._client._subscribers.remove(self._queue)
+
+
+class TlogClient:
+    """Logs one vdisk's blocks to a list of tlogservers (asyncio; one event loop).
+
+    ``servers`` are ``host:port`` addresses in failover order. Sequences must
+    be sent in increasing order (the server orders blocks by sequence and
+    reconnects handshake from the lowest unflushed one). ``on_response`` is
+    called in the loop with every server response ``(status, sequences)``;
+    it must be quick and must not raise.
+    """
+
+    def __init__(self, servers: Sequence[str], vdisk_id: str, first_sequence: int = 0, *,
+                 reset_first_sequence: bool = False,
+                 resend_timeout: float = DEFAULT_RESEND_TIMEOUT,
+                 max_unflushed_bytes: int = DEFAULT_MAX_UNFLUSHED_BYTES,
+                 reconnect_delay: float = DEFAULT_RECONNECT_DELAY,
+                 reconnect_max_delay: float = DEFAULT_RECONNECT_MAX_DELAY,
+                 connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+                 stall_timeout: float | None = None,
+                 reconnect_on_flush_failed: bool = True,
+                 on_response: ResponseCallback | None = None,
+                 max_response_size: int = DEFAULT_MAX_RESPONSE_SIZE,
+                 version: int | None = None) -> None:
+        if resend_timeout <= 0 or max_unflushed_bytes <= 0 or connect_timeout <= 0:
+            raise ValueError("timeouts and max_unflushed_bytes must be > 0")
+        if not 0 < reconnect_delay <= reconnect_max_delay:
+            raise ValueError("need 0 < reconnect_delay <= reconnect_max_delay")
+        self._servers = _check_servers(servers)
+        self.vdisk_id = vdisk_id
+        self.first_sequence = first_sequence
+        self.reset_first_sequence = reset_first_sequence
+        self.resend_timeout = resend_timeout
+        self.max_unflushed_bytes = max_unflushed_bytes
+        self.reconnect_delay = reconnect_delay
+        self.reconnect_max_delay = reconnect_max_delay
+        self.connect_timeout = connect_timeout
+        #: No byte from the server for this long while blocks wait for RecvOK: reconnect.
+        self.stall_timeout = 5 * resend_timeout if stall_timeout is None else stall_timeout
+        self.reconnect_on_flush_failed = reconnect_on_flush_failed
+        self.max_response_size = max_response_size
+        self.version = version
+        self._on_response = on_response
+        self._subscribers: list[asyncio.Queue[BlockResponse | None]] = []
+        self._release_hooks: list[Callable[[], None]] = []
+
+        self._loop = asyncio.get_running_loop()
+        # unflushed blocks: sequence -> encoded frame; the only owner of the data
+        self._unflushed: dict[int, bytes] = {}
+        self._unflushed_bytes = 0
+        self._low = first_sequence  # <= the lowest unflushed sequence while any
+        self._next = first_sequence  # highest sequence sent + 1
+        # sequence -> loop time of the last write, for blocks without RecvOK;
+        # insertion order is write order, so the oldest come first
+        self._awaiting: dict[int, float] = {}
+        self._out: list[bytes] = []
+        self._out_bytes = 0
+        self._out_scheduled = False
+        self._link: _Link | None = None
+        self._server_index = 0
+        self._handshaken_once = False
+        self._reconnect_task: asyncio.Task[None] | None = None
+        self._kick = asyncio.Event()
+        self._space_waiters: collections.deque[tuple[int, bytes, asyncio.Future[None]]] = (
+            collections.deque())
+        self._flush_waiters: list[tuple[int, int, asyncio.Future[None]]] = []
+        self._sync_waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+        self._force_target: int | None = None
+        self._flush_failed_delay = reconnect_delay
+        self._ids = itertools.count()
+        self._error: BaseException | None = None
+        self._closed = False
+        self._tick_interval = max(0.01, min(0.5, resend_timeout / 4))
+        self._tick_handle: asyncio.TimerHandle | None = None
+
+        self.sent_blocks = 0
+        self.flushed_blocks = 0
+        self.resends = 0
+        self.reconnect_resends = 0
+        self.reconnects = 0
+        self.last_flushed: int | None = None
+
+    # -- facts --
+    @property
+    def servers(self) -> list[str]:
+        return list(self._servers)
+
+    @property
+    def server(self) -> str | None:
+        """The server connected to; None while (re)connecting."""
+        return self._link.address if self._link is not None else None
+
+    @property
+    def connected(self) -> bool:
+        return self._link is not None
+
+    @property
+    def unflushed_blocks(self) -> int:
+        return len(self._unflushed)
+
+    @property
+    def unflushed_bytes(self) -> int:
+        return self._unflushed_bytes
+
+    def stats(self) -> ClientStats:
+        return ClientStats(self.sent_blocks, self.flushed_blocks, len(self._unflushed),
+                           self._unflushed_bytes, self.resends, self.reconnect_resends,
+                           self.reconnects, self.last_flushed, self.server)
+
+    def lowest_unflushed(self) -> int | None:
+        """The lowest sequence sent and not yet flushed, None when all are flushed."""
+        u = self._unflushed
+        if not u:
+            return None
+        low = self._low
+        if low in u:
+            return low
+        limit = low + len(u) + 64
+        low += 1
+        while low not in u:
+            low += 1
+            if low > limit:  # sequences with big gaps: just look
+                low = min(u)
+                break
+        self._low = low
+        return low
+
+    # -- connecting --
+    @classmethod
+    async def open(cls, servers: Sequence[str], vdisk_id: str, first_sequence: int = 0,
+                   timeout: float | None = 30.0, **options: Any) -> TlogClient:
+        """Create a client and `connect` it."""
+        client = cls(servers, vdisk_id, first_sequence, **options)
+        try:
+            await client.connect(timeout)
+        except BaseException:
+            await client.close()
+            raise
+        return client
+
+    async def connect(self, timeout: float | None = 30.0) -> None:
+        """Connect to the first server that accepts, in list order, retrying until ``timeout``.
+
+        Raises a `HandshakeError` subclass when every server refuses the
+        handshake for good, `ConnectionError` when none could be reached in time.
+        """
+        self._check_usable()
+        if self._link is not None:
+            return
+        deadline = None if timeout is None else self._loop.time() + timeout
+        link = await self._dial(0, deadline)
+        self._activate(link)
+        if self._tick_handle is None:
+            self._tick_handle = self._loop.call_later(self._tick_interval, self._tick)
+
+    async def _dial(self, start: int, deadline: float | None) -> _Link:
+        """Cycle through the servers from ``start`` with capped backoff between rounds."""
+        delay = self.reconnect_delay
+        last: BaseException | None = None
+        quiet = False
+        while True:
+            servers = list(self._servers)
+            permanent: list[HandshakeError] = []
+            for i in range(len(servers)):
+                if self._closed:
+                    raise ClientClosedError("client closed")
+                index = (start + i) % len(servers)
+                address = servers[index]
+                timeout = self.connect_timeout
+                if deadline is not None:
+                    timeout = min(timeout, max(0.001, deadline - self._loop.time()))
+                try:
+                    link = await self._connect_once(address, timeout)
+                except HandshakeError as exc:
+                    last = exc
+                    if exc.permanent:
+                        permanent.append(exc)
+                    log.log(logging.DEBUG if quiet else logging.WARNING, "%s", exc)
+                    continue
+                except (OSError, TimeoutError, ProtocolError) as exc:
+                    last = exc
+                    log.log(logging.DEBUG if quiet else logging.WARNING,
+                            "cannot connect to tlogserver %s: %s", address, exc or type(exc))
+                    continue
+                self._server_index = index
+                return link
+            quiet = True
+            if len(permanent) == len(servers):
+                raise permanent[0]
+            now = self._loop.time()
+            if deadline is not None and now >= deadline:
+                raise ConnectionError(f"no tlogserver of {servers} accepted vdisk "
+                                      f"{self.vdisk_id}: {last}") from last
+            pause = delay if deadline is None else min(delay, deadline - now)
+            delay = min(delay * 2, self.reconnect_max_delay)
+            self._kick.clear()
+            try:
+                await asyncio.wait_for(self._kick.wait(), pause)
+            except TimeoutError:
+                pass
+
+    async def _connect_once(self, address: str, timeout: float) -> _Link:
+        host, port = parse_address(address)
+        link = _Link(self, address)
+        try:
+            async with asyncio.timeout(timeout):
+                await self._loop.create_connection(lambda: link, host, port)
+                first = self._handshake_sequence()
+                reset = self.reset_first_sequence and not self._handshaken_once
+                link.write(ClientConnection.send_handshake(self.vdisk_id, first, reset,
+                                                           self.version))
+                response = await asyncio.shield(link.handshake)
+        except BaseException:
+            link.abort()
+            raise
+        if response.status != HandshakeStatus.OK:
+            link.abort()
+            raise handshake_error(response.status, address)
+        if link.lost:
+            raise ConnectionError(f"{address}: connection lost right after the handshake")
+        if self._closed:
+            link.abort()
+            raise ClientClosedError("client closed")
+        return link
+
+    def _handshake_sequence(self) -> int:
+        low = self.lowest_unflushed()
+        return self._next if low is None else low
+
+    def _activate(self, link: _Link, resend: bool = False) -> None:
+        """Make ``link`` current; write every unflushed block, then pending commands."""
+        self._link = link
+        self._handshaken_once = True
+        self._out = []
+        self._out_bytes = 0
+        aw = self._awaiting
+        aw.clear()
+        u = self._unflushed
+        if u:
+            now = self._loop.time()
+            frames = []
+            for seq in sorted(u):
+                aw[seq] = now
+                frames.append(u[seq])
+            self._out = frames
+            if resend:
+                self.reconnect_resends += len(frames)
+        low = self.lowest_unflushed()
+        target = self._force_target
+        if target is not None and low is not None and low <= target:
+            self._out.append(ClientConnection.send_force_flush(target))
+        pending = [f for f in self._sync_waiters if not f.done()]
+        self._sync_waiters = collections.deque(pending)
+        for _ in pending:
+            self._out.append(ClientConnection.send_wait_nbd_slave_sync())
+        self._write_out()
+        log.info("vdisk %s: connected to %s (%d unflushed block(s) sent)", self.vdisk_id,
+                 link.address, len(u))
+
+    def _lose(self, link: _Link, reason: str, flush_failed: bool = False) -> None:
+        """Drop ``link``; when it is the current one, start reconnecting."""
+        if link is self._link:
+            self._link = None
+            self._out = []
+            self._out_bytes = 0
+            self._awaiting.clear()
+            if not self._closed and self._error is None:
+                log.warning("vdisk %s: lost tlogserver %s (%s); %d unflushed block(s) kept, "
+                            "reconnecting", self.vdisk_id, link.address, reason,
+                            len(self._unflushed))
+                if self._reconnect_task is None or self._reconnect_task.done():
+                    self._reconnect_task = self._loop.create_task(
+                        self._reconnect(flush_failed), name=f"tlog reconnect {self.vdisk_id}")
+        link.abort()
+
+    async def _reconnect(self, flush_failed: bool = False) -> None:
+        try:
+            if flush_failed:
+                # A server that keeps failing to flush would otherwise be reconnected to,
+                # and sent the whole buffer, at the pace of its retries: back off until a
+                # FlushOK shows that storing works again.
+                pause, self._flush_failed_delay = self._flush_failed_delay, min(
+                    2 * self._flush_failed_delay, self.reconnect_max_delay)
+                self._kick.clear()
+                try:
+                    await asyncio.wait_for(self._kick.wait(), pause)
+                except TimeoutError:
+                    pass
+            link = await self._dial(self._server_index + 1, None)
+        except ClientClosedError:
+            return
+        except HandshakeError as exc:
+            log.error("vdisk %s: every tlogserver refused the handshake: %s", self.vdisk_id, exc)
+            self._fail(exc)
+            return
+        self.reconnects += 1
+        self._activate(link, resend=True)
+
+    # -- sending --
+    async def send(self, operation: int, sequence: int, index: int, timestamp: int | None,
+                   data: bytes | memoryview) -> None:
+        """Log one block; returns once it is buffered (waits only while the buffer is full).
+
+        ``timestamp`` None means now (nanoseconds since the epoch).
+        """
+        if self._error is not None:
+            raise self._reraise()
+        frame = encode_block(sequence, index, time.time_ns() if timestamp is None else timestamp,
+                             data, operation)
+        if self._space_waiters or (self._unflushed_bytes + len(frame) > self.max_unflushed_bytes
+                                   and self._unflushed):
+            future: asyncio.Future[None] = self._loop.create_future()
+            self._space_waiters.append((sequence, frame, future))
+            await future  # _release puts the frame, in FIFO order
+        else:
+            self._put(sequence, frame)
+        if self._out_bytes >= WRITE_BATCH:
+            self._write_out()
+            await asyncio.sleep(0)  # let the loop read the answers
+
+    def _put(self, sequence: int, frame: bytes) -> None:
+        """Buffer an encoded block and queue its write (loop thread; never blocks)."""
+        u = self._unflushed
+        if sequence in u:
+            self._unflushed_bytes -= len(u.pop(sequence))
+            self._awaiting.pop(sequence, None)
+        elif not u or sequence < self._low:
+            self._low = sequence
+        u[sequence] = frame
+        self._unflushed_bytes += len(frame)
+        self.sent_blocks += 1
+        if sequence >= self._next:
+            self._next = sequence + 1
+        if self._link is not None:
+            self._awaiting[sequence] = self._loop.time()
+            self._out.append(frame)
+            self._out_bytes += len(frame)
+            if not self._out_scheduled:
+                self._out_scheduled = True
+                self._loop.call_soon(self._write_out)
+
+    def _write_out(self) -> None:
+        self._out_scheduled = False
+        if self._out:
+            out, self._out = self._out, []
+            self._out_bytes = 0
+            if self._link is not None:
+                self._link.writelines(out)
+
+    def _release(self) -> None:
+        """Buffer room came back: admit waiting sends, first come first served."""
+        waiters = self._space_waiters
+        while waiters:
+            sequence, frame, future = waiters[0]
+            if future.done():
+                waiters.popleft()
+                continue
+            if self._unflushed and (self._unflushed_bytes + len(frame)
+                                    > self.max_unflushed_bytes):
+                break
+            waiters.popleft()
+            self._put(sequence, frame)
+            future.set_result(None)
+        for hook in self._release_hooks:
+            hook()
+
+    # -- commands --
+    def force_flush_at(self, sequence: int) -> None:
+        """Ask the server to flush everything pending once ``sequence`` has arrived.
+
+        Remembered: sent again after a reconnect while blocks up to it are unflushed.
+        """
+        self._check_usable()
+        if self._force_target is None or sequence > self._force_target:
+            self._force_target = sequence
+        self._command(ClientConnection.send_force_flush(sequence))
+
+    def _command(self, data: bytes) -> None:
+        if self._link is not None:
+            self._out.append(data)
+            self._write_out()
+
+    async def wait_flushed(self, sequence: int | None = None, timeout: float | None = None,
+                           force: bool = True) -> None:
+        """Wait until every block sent with a sequence <= ``sequence`` is flushed.
+
+        ``sequence`` None means every block sent so far. With ``force`` the
+        server is asked to flush now rather than at its flush size or time:
+        what an NBD FLUSH needs. Raises TimeoutError after ``timeout`` seconds.
+        """
+        self._check_usable()
+        target = self._next - 1 if sequence is None else sequence
+        low = self.lowest_unflushed()
+        if low is None or low > target:
+            return
+        if force:
+            self.force_flush_at(min(target, self._next - 1))
+        future: asyncio.Future[None] = self._loop.create_future()
+        heapq.heappush(self._flush_waiters, (target, next(self._ids), future))
+        try:
+            await asyncio.wait_for(future, timeout)
+        except TimeoutError:
+            raise TimeoutError(
+                f"vdisk {self.vdisk_id}: blocks up to sequence {target} not flushed within "
+                f"{timeout} s ({len(self._unflushed)} unflushed, lowest "
+                f"{self.lowest_unflushed()})") from None
+
+    def _check_flush_waiters(self) -> None:
+        low = self.lowest_unflushed()
+        waiters = self._flush_waiters
+        while waiters and (low is None or waiters[0][0] < low):
+            future = heapq.heappop(waiters)[2]
+            if not future.done():
+                future.set_result(None)
+
+    async def wait_nbd_slave_sync(self, timeout: float | None = None) -> None:
+        """Send WaitNbdSlaveSync and wait for the server's WaitNbdSlaveSyncReceived."""
+        self._check_usable()
+        future: asyncio.Future[None] = self._loop.create_future()
+        self._sync_waiters.append(future)
+        self._command(ClientConnection.send_wait_nbd_slave_sync())
+        try:
+            await asyncio.wait_for(future, timeout)
+        except TimeoutError:
+            raise TimeoutError(f"vdisk {self.vdisk_id}: no WaitNbdSlaveSyncReceived within "
+                               f"{timeout} s") from None
+
+    def change_servers(self, servers: Sequence[str]) -> None:
+        """Use another server list; leaves the current server if it is not in it."""
+        self._check_usable()
+        self._servers = _check_servers(servers)
+        link = self._link
+        if link is not None:
+            if link.address in self._servers:
+                self._server_index = self._servers.index(link.address)
+            else:
+                self._server_index = -1  # the reconnect starts at the new list's first
+                self._lose(link, "no longer in the server list")
+        else:
+            self._server_index = -1
+        self._kick.set()
+
+    def responses(self) -> ResponseStream:
+        """An async iterator over every response from now on (see `ResponseStream`)."""
+        return ResponseStream(self)
+
+    async def close(self) -> None:
+        """Stop: pending writes go out, the connection closes, waiters get ClientClosedError.
+
+        Unflushed blocks are dropped: call `wait_flushed` first to keep them.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        self._kick.set()
+        if self._tick_handle is not None:
+            self._tick_handle.cancel()
+            self._tick_handle = None
+        task = self._reconnect_task
+        if task is not None and not task.done():
+            task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
+        link, self._link = self._link, None
+        if link is not None:
+            if self._out:
+                link.writelines(self._out)
+            if link.transport is not None:
+                link.transport.close()
+        self._out = []
+        self._fail(ClientClosedError("client closed"))
+
+    async def __aenter__(self) -> TlogClient:
+        await self.connect()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    # -- failure --
+    def _check_usable(self) -> None:
+        if self._error is not None:
+            raise self._reraise()
+
+    def _reraise(self) -> BaseException:
+        assert self._error is not None
+        err = self._error
+        if isinstance(err, HandshakeError):
+            return type(err)(err.status, err.address)
+        return type(err)(*err.args)
+
+    def _fail(self, exc: BaseException) -> None:
+        """No way forward (closed, or refused for good): wake every waiter with ``exc``."""
+        if self._error is None:
+            self._error = exc
+        for _, _, future in self._space_waiters:
+            if not future.done():
+                future.set_exception(self._reraise())
+        self._space_waiters.clear()
+        for _, _, future in self._flush_waiters:
+            if not future.done():
+                future.set_exception(self._reraise())
+        self._flush_waiters.clear()
+        for future in self._sync_waiters:
+            if not future.done():
+                future.set_exception(self._reraise())
+        self._sync_waiters.clear()
+        for queue in self._subscribers:
+            queue.put_nowait(None)
+        for hook in self._release_hooks:
+            hook()
+
+    # -- what the server says --
+    def _on_responses(self, link: _Link, responses: list[BlockResponse]) -> None:
+        aw = self._awaiting
+        u = self._unflushed
+        freed = 0
+        flushed = 0
+        callback = self._on_response
+        for event in responses:
+            status, seqs = event
+            if status == 1:  # RecvOK
+                for s in seqs:
+                    aw.pop(s, None)
+            elif status == 2:  # FlushOK; twice, or for a block we do not hold: ignored
+                for s in seqs:
+                    frame = u.pop(s, None)
+                    if frame is not None:
+                        freed += len(frame)
+                        flushed += 1
+                        aw.pop(s, None)
+                if seqs:
+                    high = max(seqs)
+                    if self.last_flushed is None or high > self.last_flushed:
+                        self.last_flushed = high
+            elif status == -1:  # RecvFailed: send again after the resend timeout
+                now = self._loop.time()
+                for s in seqs:
+                    if s in u:
+                        aw.pop(s, None)
+                        aw[s] = now
+            elif status == -2:  # FlushFailed
+                log.warning("vdisk %s: %s reports FlushFailed for %d block(s)", self.vdisk_id,
+                            link.address, len(seqs))
+                if self.reconnect_on_flush_failed and link is self._link:
+                    self._lose(link, "the server failed to flush", flush_failed=True)
+            elif status == 4:  # WaitNbdSlaveSyncReceived
+                if link is self._link and self._sync_waiters:
+                    future = self._sync_waiters.popleft()
+                    if not future.done():
+                        future.set_result(None)
+            if callback is not None:
+                callback(status, seqs)
+            if self._subscribers:
+                for queue in self._subscribers:
+                    queue.put_nowait(event)
+        if flushed:
+            self._flush_failed_delay = self.reconnect_delay
+            self.flushed_blocks += flushed
+            self._unflushed_bytes -= freed
+            if self._space_waiters or self._release_hooks:
+                self._release()
+            if self._flush_waiters:
+                self._check_flush_waiters()
+
+    def _tick(self) -> None:
+        """The periodic check: resend blocks without RecvOK; give up on a silent server."""
+        self._tick_handle = self._loop.call_later(self._tick_interval, self._tick)
+        link = self._link
+        aw = self._awaiting
+        if link is None:
+            return
+        now = self._loop.time()
+        if not aw:
+            link.last_rx = now  # nothing owed: silence so far is no stall
+            return
+        oldest_allowed = now - self.resend_timeout
+        expired = []
+        for seq, sent in aw.items():
+            if sent > oldest_allowed:
+                break
+            expired.append(seq)
+        if not expired:
+            return
+        if self.stall_timeout and now - link.last_rx > self.stall_timeout:
+            self._lose(link, f"no answer for {now - link.last_rx:.1f} s")
+            return
+        expired.sort()
+        u = self._unflushed
+        out = self._out
+        count = 0
+        for seq in expired:
+            del aw[seq]
+            frame = u.get(seq)
+            if frame is not None:
+                aw[seq] = now
+                out.append(frame)
+                count += 1
+        if count:
+            self.resends += count
+            log.info("vdisk %s: resending %d block(s) without RecvOK after %g s (from %d)",
+                     self.vdisk_id, count, self.resend_timeout, expired[0])
+            self._write_out()
+
+
+# -- the threaded facade ---------------------------------------------------------------
+
+
+def _new_loop() -> asyncio.AbstractEventLoop:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
+
+
+class ThreadedClient:
+    """`TlogClient` for synchronous callers: the same operations, safe from any thread.
+
+    The asyncio client runs in a background thread with its own event loop.
+    `send` hashes and encodes in the calling thread (BLAKE2b releases the GIL,
+    so several writers hash in parallel) and hands the frame over without a
+    round trip; it blocks only while the unflushed buffer is full. Blocks are
+    handed to the server in the order the `send` calls took the lock, so one
+    thread's blocks stay in its order; `send_next` also allocates the sequence
+    under that lock, so several threads get strictly increasing sequences.
+    Callbacks (``on_response``) run in the background thread.
+    """
+
+    def __init__(self, servers: Sequence[str], vdisk_id: str, first_sequence: int = 0, *,
+                 connect_timeout: float | None = 30.0, **options: Any) -> None:
+        self._loop = _new_loop()
+        self._thread = threading.Thread(target=self._run_loop, daemon=True,
+                                        name=f"tlog client {vdisk_id}")
+        self._cond = threading.Condition()
+        self._inbox: list[tuple[int, bytes]] = []
+        self._inbox_bytes = 0
+        self._wake_pending = False
+        self._waiting = 0
+        self._next_sequence = first_sequence
+        self._closed = False
+        self._thread.start()
+
+        async def make() -> TlogClient:
+            client = TlogClient(servers, vdisk_id, first_sequence, **options)
+            client._release_hooks.append(self._on_release)
+            try:
+                await client.connect(connect_timeout)
+            except BaseException:
+                await client.close()
+                raise
+            return client
+
+        try:
+            self._client = self._call(make(), None)
+        except BaseException:
+            self._stop_loop()
+            raise
+
+    # -- plumbing --
+    def _run_loop(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        try:
+            self._loop.run_forever()
+        finally:
+            self._loop.close()
+
+    def _stop_loop(self) -> None:
+        if self._loop.is_running():
+            self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=10)
+
+    def _call(self, coro: Coroutine[Any, Any, T], timeout: float | None) -> T:
+        if threading.current_thread() is self._thread:
+            coro.close()
+            raise RuntimeError("ThreadedClient methods cannot be called from its own loop "
+                               "thread (e.g. from on_response)")
+        future = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        try:
+            return future.result(timeout)
+        except concurrent.futures.TimeoutError:
+            future.cancel()
+            raise TimeoutError(f"no answer from the client loop within {timeout} s") from None
+
+    def _on_release(self) -> None:
+        # loop thread: buffer room came back, or the client failed
+        with self._cond:
+            if self._waiting:
+                self._cond.notify_all()
+
+    def _drain(self) -> None:
+        """Loop thread: move the inbox into the client, in order, and write."""
+        with self._cond:
+            items, self._inbox = self._inbox, []
+            self._inbox_bytes = 0
+            self._wake_pending = False
+            client = self._client
+            if client._error is None:
+                put = client._put
+                for sequence, frame in items:
+                    put(sequence, frame)
+        client._write_out()
+
+    def _enqueue(self, frame_for: Callable[[], tuple[int, bytes]], size: int,
+                 timeout: float | None) -> int:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        client = self._client
+        with self._cond:
+            while True:
+                if client._error is not None:
+                    raise client._reraise()
+                used = client._unflushed_bytes + self._inbox_bytes
+                if used == 0 or used + size <= client.max_unflushed_bytes:
+                    break
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    raise TimeoutError(f"unflushed buffer still full after {timeout} s")
+                self._waiting += 1
+                try:
+                    self._cond.wait(left)
+                finally:
+                    self._waiting -= 1
+            sequence, frame = frame_for()
+            self._inbox.append((sequence, frame))
+            self._inbox_bytes += len(frame)
+            if sequence >= self._next_sequence:
+                self._next_sequence = sequence + 1
+            if not self._wake_pending:
+                self._wake_pending = True
+                self._loop.call_soon_threadsafe(self._drain)
+        return sequence
+
+    def _in_loop(self, fn: Callable[[], Awaitable[T]], timeout: float | None) -> T:
+        async def run() -> T:
+            self._drain()
+            return await fn()
+        return self._call(run(), timeout)
+
+    # -- the operations --
+    def send(self, operation: int, sequence: int, index: int, timestamp: int | None,
+             data: bytes | memoryview, timeout: float | None = None) -> None:
+        """Log one block; blocks only while the unflushed buffer is full (then up to ``timeout``).
+        """
+        ts = time.time_ns() if timestamp is None else timestamp
+        frame = encode_block(sequence, index, ts, data, operation)
+        self._enqueue(lambda: (sequence, frame), len(frame), timeout)
+
+    def send_next(self, operation: int, index: int, timestamp: int | None,
+                  data: bytes | memoryview, timeout: float | None = None) -> int:
+        """Log one block under the next sequence, allocated atomically; returns the sequence."""
+        ts = time.time_ns() if timestamp is None else timestamp
+        digest = hashlib.blake2b(data, digest_size=_HASH_SIZE).digest()
+        size = _BLOCK_MESSAGE_OVERHEAD + len(data) + (-len(data) & 7)
+
+        def frame_for() -> tuple[int, bytes]:
+            sequence = self._next_sequence
+            return sequence, encode_block(sequence, index, ts, data, operation, digest)
+        return self._enqueue(frame_for, size, timeout)
+
+    def force_flush_at(self, sequence: int) -> None:
+        """See `TlogClient.force_flush_at`."""
+        async def run() -> None:
+            self._client.force_flush_at(sequence)
+        self._in_loop(run, None)
+
+    def wait_flushed(self, sequence: int | None = None, timeout: float | None = None,
+                     force: bool = True) -> None:
+        """See `TlogClient.wait_flushed`; blocks the calling thread."""
+        self._in_loop(lambda: self._client.wait_flushed(sequence, timeout, force),
+                      None if timeout is None else timeout + 10)
+
+    def wait_nbd_slave_sync(self, timeout: float | None = None) -> None:
+        """See `TlogClient.wait_nbd_slave_sync`."""
+        self._in_loop(lambda: self._client.wait_nbd_slave_sync(timeout),
+                      None if timeout is None else timeout + 10)
+
+    def change_servers(self, servers: Sequence[str]) -> None:
+        """See `TlogClient.change_servers`."""
+        async def run() -> None:
+            self._client.change_servers(servers)
+        self._in_loop(run, None)
+
+    def stats(self) -> ClientStats:
+        return self._client.stats()
+
+    @property
+    def next_sequence(self) -> int:
+        """The sequence `send_next` will use next."""
+        return self._next_sequence
+
+    def close(self) -> None:
+        """Close the client and stop its thread. Unflushed blocks are dropped."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._in_loop(self._client.close, 30)
+        finally:
+            self._stop_loop()
+
+    def __enter__(self) -> ThreadedClient:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
