@@ -214,12 +214,22 @@ class Keyring:
         return found
 
 
-def open_v2(record: bytes, keyring: Keyring, expected_hash: bytes | None = None) -> Aggregation:
-    """Check and decrypt a v2 record into its aggregation."""
-    head = parse_v2_header(record)
+def _digest(record: bytes, expected_hash: bytes | None, hash_checked: bool) -> bytes:
+    """The record's hash; not computed again when the caller already checked it against
+    ``expected_hash`` (a reader that rebuilt the record from pieces had to)."""
+    if hash_checked and expected_hash is not None:
+        return expected_hash
     digest = record_hash(record)
     if expected_hash is not None and digest != expected_hash:
         raise RecordError("record hash does not match its key")
+    return digest
+
+
+def open_v2(record: bytes, keyring: Keyring, expected_hash: bytes | None = None,
+            hash_checked: bool = False) -> Aggregation:
+    """Check and decrypt a v2 record into its aggregation."""
+    head = parse_v2_header(record)
+    digest = _digest(record, expected_hash, hash_checked)
     cipher = keyring.cipher(head.key_id, head.vdisk_id)
     nonce = record[head.size:head.size + NONCE_SIZE]
     try:
@@ -260,10 +270,8 @@ class LegacyWriter:
 
 
 def open_legacy(record: bytes, cipher: crypto.LegacyCipher,
-                expected_hash: bytes | None = None) -> Aggregation:
-    digest = record_hash(record)
-    if expected_hash is not None and digest != expected_hash:
-        raise RecordError("record hash does not match its key")
+                expected_hash: bytes | None = None, hash_checked: bool = False) -> Aggregation:
+    digest = _digest(record, expected_hash, hash_checked)
     try:
         compressed = cipher.open(record)
     except crypto.IntegrityError:
@@ -281,12 +289,15 @@ class RecordOpener:
     legacy: crypto.LegacyCipher | None = None
     format: str = "auto"  # "v2", "legacy" or "auto"
 
-    def open(self, record: bytes, expected_hash: bytes | None = None) -> Aggregation:
+    def open(self, record: bytes, expected_hash: bytes | None = None,
+             hash_checked: bool = False) -> Aggregation:
+        """Open a record; ``hash_checked``: the caller already knows it hashes to
+        ``expected_hash`` (skips hashing it again)."""
         # A legacy record is AES-GCM output, so it starts with the v2 magic and version
         # only by chance (2^-40); when it does, the v2 open fails and legacy is tried.
         if self.format != "legacy" and is_v2(record):
             try:
-                return open_v2(record, self.keyring, expected_hash)
+                return open_v2(record, self.keyring, expected_hash, hash_checked)
             except RecordError:
                 if self.format == "v2" or self.legacy is None:
                     raise
@@ -294,7 +305,7 @@ class RecordOpener:
             raise RecordError("not a v2 tlog record (a legacy one? try --format legacy)")
         if self.legacy is None:
             raise RecordError("legacy record, but no legacy key and nonce were given")
-        return open_legacy(record, self.legacy, expected_hash)
+        return open_legacy(record, self.legacy, expected_hash, hash_checked)
 
 
 def check_blocks(agg: Aggregation) -> list[int]:

@@ -12,6 +12,7 @@ import asyncio
 import json
 import logging
 import sys
+import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -163,8 +164,11 @@ def _setup(ctx: click.Context, values: dict[str, Any]) -> ReadSetup:
     data: dict[str, Any] = {}
     if values["config"]:
         data = _load_config(values["config"])
+        key_given = _explicit(ctx, "priv_key") or _explicit(ctx, "key_file")
         for name, kind in _CONFIG_KEYS.items():
             option = "record_format" if name == "storage_format" else name
+            if name in ("priv_key", "key_file") and key_given:
+                continue  # a key on the command line replaces the file's, whichever kind
             if name in data and not _explicit(ctx, option):
                 value = data[name]
                 if not isinstance(value, kind) or isinstance(value, bool):
@@ -359,6 +363,7 @@ def restore_command(ctx: click.Context, **values: Any) -> None:
     async def run() -> tuple[PlayResult, ChainReader]:
         reader = ChainReader(setup.pool, setup.vdisk, setup.opener, limiter,
                              on_walk=progress.walked)
+        started = time.perf_counter()
         try:
             links = await reader.walk()
             if not links:
@@ -369,6 +374,7 @@ def restore_command(ctx: click.Context, **values: Any) -> None:
                 result = await player.play(reader)
             finally:
                 progress.finish()
+            result.seconds = time.perf_counter() - started  # the walk back included
             return result, reader
         finally:
             await storage.close()

@@ -8,17 +8,19 @@ entered at its head:
 1. **Walk back** from the head (`find_last`'s rule: per server, the first entry of its
    last-hash list that decodes; among servers, the one whose aggregation ends with the
    highest sequence) along ``prev`` to the zero hash, or to the aggregation where a
-   limiter says older ones cannot matter. Every record is checked against its key
-   (hash = key) as it is fetched. A v2 record's plaintext header already holds ``prev``
-   and the sequence range, so this pass decrypts nothing for v2; a legacy record must be
-   decrypted to learn its ``prev``. What was fetched (or opened) is kept for the second
-   pass, within a memory budget; beyond it only the hashes are kept and the records are
-   read again.
-2. **Replay forward**, oldest first: open each record (AES-GCM tag), check that its
-   authenticated ``prev`` is the link the walk followed, that it belongs to the vdisk and
-   that every block's BLAKE2b matches its data; then select the blocks a limiter lets
-   through, skipping sequences already replayed. Records not kept from the walk are
-   fetched ahead, a bounded number at a time.
+   limiter says older ones cannot matter. A v2 record's plaintext header holds ``prev``
+   and the sequence range, so for v2 this pass reads piece 0 alone and decrypts nothing;
+   such a header is only believed for the walk: one that leads to no stored record, or
+   that the walk would stop on, is read whole and hash-checked first. A legacy record
+   must be fetched whole (hash = key) and decrypted to learn its ``prev``. What was read
+   is kept for the second pass within a memory budget; beyond it only the hashes are
+   kept and the records are read again.
+2. **Replay forward**, oldest first: fetch each record not kept (a few batches ahead,
+   one MGET per data server per batch), check that it hashes to its key, open it (AES-GCM
+   tag, which covers the v2 header), check that its sealed ``prev`` is the link the walk
+   followed, that it belongs to the vdisk and that every block's BLAKE2b matches its
+   data (in worker threads, while the caller applies the previous aggregation); then
+   select the blocks a limiter lets through, skipping sequences already replayed.
 
 Pieces: the k data pieces are fetched first; the m parity pieces only when a data piece
 is missing or the rebuilt record does not hash to its key. Up to m missing or corrupt
@@ -44,21 +46,28 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import concurrent.futures
 import logging
+import os
+import struct
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 from .aggregation import (
+    NONCE_SIZE,
     ZERO_HASH,
     Aggregation,
     RecordError,
     RecordOpener,
+    V2Header,
     check_blocks,
     is_v2,
     parse_v2_header,
     record_hash,
 )
+from .crypto import TAG_SIZE
 from .erasure import ErasureCoder, ErasureError
 from .storage import StorageError, StoragePool, last_hash_key
 from .wire import Block
@@ -87,6 +96,13 @@ __all__ = [
 DEFAULT_CACHE_BYTES = 512 * 1024 * 1024
 #: Records fetched ahead of the one being replayed.
 DEFAULT_PREFETCH = 16
+#: Records fetched together (one MGET per data server).
+BATCH = 8
+#: Threads that check and open records while the event loop fetches and applies (hashing
+#: and AES-GCM release the GIL; parsing does not, so a few are enough).
+DEFAULT_WORKERS = max(1, min(4, (os.cpu_count() or 1) // 2))
+
+T = TypeVar("T")
 
 
 class DecodeError(Exception):
@@ -270,14 +286,42 @@ class _PieceReader:
             self.down.add(index)
             return None
 
-    async def pieces(self, key: bytes, indexes: Sequence[int]) -> list[bytes | None]:
-        return list(await asyncio.gather(*(self._get(i, key) for i in indexes)))
+    async def pieces(self, key: bytes, indexes: Sequence[int],
+                     known: dict[int, bytes] | None = None) -> list[bytes | None]:
+        """Pieces ``indexes`` of the record under ``key``, fetched concurrently except the
+        ``known`` ones; None for a missing piece or an unreachable server."""
+        if not known:
+            return list(await asyncio.gather(*(self._get(i, key) for i in indexes)))
+        wanted = [i for i in indexes if i not in known]
+        got = dict(zip(wanted, await asyncio.gather(*(self._get(i, key) for i in wanted)),
+                       strict=True))
+        return [known[i] if i in known else got[i] for i in indexes]
 
-    async def fetch(self, key: bytes, all_pieces: bool = False) -> Fetched:
+    async def many(self, index: int, keys: Sequence[bytes]) -> list[bytes | None]:
+        """Piece ``index`` of several records in one request (all None if it fails)."""
+        if not keys:
+            return []
+        if index not in self.down:
+            try:
+                return await self.pool.servers[index].get_many(keys)
+            except StorageError as exc:
+                log.warning("storage server %s unavailable, reading without it: %s",
+                            self.pool.servers[index].address, exc)
+                self.down.add(index)
+        return [None] * len(keys)
+
+    async def first_piece(self, key: bytes) -> bytes | None:
+        """Piece 0 alone: it starts with the record's header."""
+        return await self._get(0, key)
+
+    async def fetch(self, key: bytes, all_pieces: bool = False,
+                    known: dict[int, bytes] | None = None) -> Fetched:
         """The record under ``key``, rebuilt from parity when needed, hash-checked.
 
-        With ``all_pieces`` every piece is fetched and compared with the pieces re-encoded
-        from the record, so damaged parity is noticed too (for ``verify``).
+        The k data pieces are fetched first (except the ``known`` ones), the parity pieces
+        only when a data piece is missing or the record does not hash to ``key``. With
+        ``all_pieces`` every piece is fetched and compared with the pieces re-encoded from
+        the record, so damaged parity is noticed too (for ``verify``).
         """
         coder = self.coder
         k, n = coder.k, coder.n
@@ -286,7 +330,7 @@ class _PieceReader:
             return record_hash(record) == key
 
         if not all_pieces:
-            data = await self.pieces(key, range(k))
+            data = await self.pieces(key, range(k), known)
             if all(p is not None for p in data):
                 try:
                     record = coder.decode(data + [None] * coder.m)
@@ -296,9 +340,12 @@ class _PieceReader:
                     return Fetched(record, [])
             pieces = data + await self.pieces(key, range(k, n))
         else:
-            pieces = await self.pieces(key, range(n))
+            pieces = await self.pieces(key, range(n), known)
         missing = [i for i, p in enumerate(pieces) if p is None]
         if len(missing) == n:
+            if self.down:
+                raise DecodeError(f"aggregation {_short(key)}: no piece of it could be read "
+                                  f"(servers down: {sorted(self.down)})", key)
             raise DecodeError(f"aggregation {_short(key)} is not stored on any server", key)
         try:
             record = coder.decode_verified(pieces, matches)
@@ -318,8 +365,9 @@ async def fetch_record(pool: StoragePool, key: bytes, coder: ErasureCoder | None
 
 
 def _open(opener: RecordOpener, record: bytes, key: bytes) -> Aggregation:
+    """Open a record that `_PieceReader.fetch` already checked against its key."""
     try:
-        return opener.open(record, key)
+        return opener.open(record, key, hash_checked=True)
     except RecordError as exc:
         raise DecodeError(f"aggregation {_short(key)}: {exc}", key) from None
 
@@ -358,6 +406,7 @@ class _Head:
     lists: list[list[bytes]]
     tried: dict[bytes, Aggregation | None]
     errors: dict[bytes, str]
+    fetched: dict[bytes, Fetched]
 
 
 async def _find_head(pool: StoragePool, vdisk_id: str, opener: RecordOpener,
@@ -366,11 +415,13 @@ async def _find_head(pool: StoragePool, vdisk_id: str, opener: RecordOpener,
     best: Aggregation | None = None
     tried: dict[bytes, Aggregation | None] = {}
     errors: dict[bytes, str] = {}
+    fetched: dict[bytes, Fetched] = {}
     for entries in lists:
         for key in entries:
             if key not in tried:
                 try:
-                    agg = _open(opener, (await reader.fetch(key)).record, key)
+                    fetched[key] = await reader.fetch(key)
+                    agg = _open(opener, fetched[key].record, key)
                     if agg.vdisk_id != vdisk_id:
                         raise DecodeError(f"aggregation {_short(key)} belongs to vdisk "
                                           f"{agg.vdisk_id!r}, not {vdisk_id!r}", key)
@@ -386,7 +437,7 @@ async def _find_head(pool: StoragePool, vdisk_id: str, opener: RecordOpener,
     if best is None and any(lists):
         raise DecodeError(f"vdisk {vdisk_id}: no last hash decodes: "
                           f"{'; '.join(list(errors.values())[:3])}")
-    return _Head(best, lists, tried, errors)
+    return _Head(best, lists, tried, errors, fetched)
 
 
 async def find_last(pool: StoragePool, vdisk_id: str, opener: RecordOpener,
@@ -406,7 +457,12 @@ async def find_last(pool: StoragePool, vdisk_id: str, opener: RecordOpener,
 
 @dataclass
 class ChainLink:
-    """One aggregation found by the walk back: what is known of it without replaying it."""
+    """One aggregation found by the walk back: what is known of it before the replay.
+
+    A link walked through its v2 header alone (``verified`` False) holds only piece 0; its
+    header is checked when the record is fetched whole and opened (hash = key, then the
+    AES-GCM tag, which covers the header).
+    """
 
     key: bytes
     prev: bytes
@@ -416,6 +472,8 @@ class ChainLink:
     timestamp: int  # of the aggregation (flush time)
     record: bytes | None = None  # fetched and hash-checked, not opened yet (v2)
     agg: Aggregation | None = None  # opened already (legacy, the head, time limits)
+    piece0: bytes | None = None  # the first piece, when only the header was read
+    verified: bool = True  # whether the fields above come from a hash-checked record
     missing: list[int] = field(default_factory=list)
     corrupt: list[int] = field(default_factory=list)
 
@@ -423,7 +481,13 @@ class ChainLink:
     def cached_bytes(self) -> int:
         if self.agg is not None:
             return self.agg.record_size + self.agg.data_size
-        return len(self.record) if self.record is not None else 0
+        if self.record is not None:
+            return len(self.record)
+        return len(self.piece0) if self.piece0 is not None else 0
+
+    def drop(self) -> None:
+        """Forget what was fetched (it is read again when needed)."""
+        self.record = self.agg = self.piece0 = None
 
 
 @dataclass
@@ -437,18 +501,38 @@ class ChainItem:
     corrupt: list[int]  # servers whose piece was corrupt (rebuilt from parity)
 
 
+_PREFIX = struct.Struct("<Q")
+
+
+def _header_of_piece(piece: bytes | None) -> V2Header | None:
+    """The v2 header at the start of piece 0, when the piece holds all of it."""
+    if piece is None or len(piece) < _PREFIX.size:
+        return None
+    (length,) = _PREFIX.unpack_from(piece)
+    start = piece[_PREFIX.size:_PREFIX.size + length]
+    if not is_v2(start):
+        return None
+    try:
+        head = parse_v2_header(start)
+    except RecordError:
+        return None
+    return head if head.size + NONCE_SIZE + TAG_SIZE <= length else None
+
+
 class ChainReader:
     """Reads a vdisk's chain: `walk` back from the head, then iterate `items` oldest first.
 
     ``opener`` decides the record format (v2, legacy or auto). ``cache_bytes`` bounds what
     the walk keeps for the replay; ``prefetch`` bounds the records fetched ahead.
+    ``workers`` threads check and open records while the caller applies the previous ones
+    (hashing and AES-GCM run outside the GIL); 0 opens them in the event loop's thread.
     ``all_pieces`` fetches and checks every piece, parity included (slower; for verify).
     """
 
     def __init__(self, pool: StoragePool, vdisk_id: str, opener: RecordOpener,
                  limiter: Limiter | None = None, *, coder: ErasureCoder | None = None,
                  cache_bytes: int = DEFAULT_CACHE_BYTES, prefetch: int = DEFAULT_PREFETCH,
-                 all_pieces: bool = False,
+                 workers: int = DEFAULT_WORKERS, all_pieces: bool = False,
                  on_walk: Callable[[int], None] | None = None) -> None:
         self.pool = pool
         self.vdisk_id = vdisk_id
@@ -456,10 +540,13 @@ class ChainReader:
         self.limiter = limiter or Limiter()
         self.cache_bytes = cache_bytes
         self.prefetch = max(1, prefetch)
+        self.workers = max(0, workers)
         self.all_pieces = all_pieces
         self.on_walk = on_walk
-        self._reader = _PieceReader(pool, coder or ErasureCoder(pool.k, pool.m))
+        self.coder = coder or ErasureCoder(pool.k, pool.m)
+        self._reader = _PieceReader(pool, self.coder)
         self._cached = 0
+        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self.links: list[ChainLink] = []  # oldest first, after walk()
         self.head: _Head | None = None
         self.walked = False
@@ -475,18 +562,11 @@ class ChainReader:
         """Blocks in the aggregations the walk found (before limits and duplicates)."""
         return sum(link.count for link in self.links)
 
-    @property
-    def total_record_bytes(self) -> int:
-        return sum(len(link.record) if link.record is not None
-                   else link.agg.record_size if link.agg is not None else 0
-                   for link in self.links)
-
     def _keep(self, link: ChainLink) -> None:
         """Drop what the walk fetched once over the memory budget (read again later)."""
         size = link.cached_bytes
         if self._cached + size > self.cache_bytes:
-            link.record = None
-            link.agg = None
+            link.drop()
         else:
             self._cached += size
 
@@ -501,11 +581,15 @@ class ChainReader:
             raise DecodeError(f"aggregation {_short(key)} belongs to vdisk {vdisk_id!r}, "
                               f"not {self.vdisk_id!r}", key)
 
+    @property
+    def _headers_suffice(self) -> bool:
+        """Whether the walk can go by v2 headers (no block timestamps needed)."""
+        return self.opener.format != "legacy" and not self.limiter.needs_block_times
+
     def _make_link(self, key: bytes, fetched: Fetched) -> ChainLink:
+        """A verified link from a fetched record: by its header (v2), else opened."""
         record = fetched.record
-        limiter = self.limiter
-        if (self.opener.format != "legacy" and is_v2(record)
-                and not limiter.needs_block_times):
+        if self._headers_suffice and is_v2(record):
             try:
                 head = parse_v2_header(record)
             except RecordError as exc:
@@ -517,6 +601,25 @@ class ChainReader:
         agg = _open(self.opener, record, key)
         self._check_vdisk(key, agg.vdisk_id)
         return self._link_from_agg(agg, fetched)
+
+    async def _step(self, key: bytes) -> ChainLink:
+        """The link of ``key``: from piece 0's v2 header when that suffices, else verified."""
+        known = None
+        if self._headers_suffice and not self.all_pieces:
+            piece = await self._reader.first_piece(key)
+            head = _header_of_piece(piece)
+            if head is not None and head.vdisk_id == self.vdisk_id:
+                return ChainLink(key, head.prev, head.first_sequence, head.last_sequence,
+                                 head.count, head.timestamp, piece0=piece, verified=False)
+            if piece is not None:
+                known = {0: piece}  # a legacy record (auto), a tiny one, or a bad piece
+        return self._make_link(key, await self._reader.fetch(key, self.all_pieces, known))
+
+    async def _verified(self, link: ChainLink) -> ChainLink:
+        """``link`` read whole and hash-checked (its header may have come from a bad piece)."""
+        if link.verified:
+            return link
+        return self._make_link(link.key, await self._reader.fetch(link.key))
 
     def _stops(self, link: ChainLink) -> bool:
         oldest_ts: int | None = None
@@ -536,54 +639,54 @@ class ChainReader:
         self.head = head
         links: list[ChainLink] = []
         if head.agg is not None:
-            link = self._link_from_agg(head.agg, None)
+            link = self._link_from_agg(head.agg, head.fetched.get(head.agg.hash))
             if self.all_pieces:
                 fetched = await self._reader.fetch(link.key, all_pieces=True)
                 link.missing, link.corrupt = fetched.missing, fetched.corrupt
-            self._keep(link)
             links.append(link)
             seen = {link.key}
-            while link.prev != ZERO_HASH and not self._stops(link):
+            while True:
+                if link.prev != ZERO_HASH and self._stops(link) and not link.verified:
+                    link = links[-1] = await self._verified(link)  # stop on checked facts
+                if link.prev == ZERO_HASH or self._stops(link):
+                    break
                 key = link.prev
                 if key in seen:
                     raise DecodeError(f"aggregation {_short(link.key)}: the chain loops back to "
                                       f"{_short(key)}", link.key)
-                seen.add(key)
                 try:
-                    fetched = await self._reader.fetch(key, self.all_pieces)
+                    nxt = await self._step(key)
                 except DecodeError as exc:
+                    if not link.verified:
+                        # The header we followed came from piece 0 alone: check it first.
+                        link = links[-1] = await self._verified(link)
+                        if link.prev != key:
+                            continue
                     raise DecodeError(
                         f"chain broken at aggregation {_short(link.key)} (sequences "
                         f"{link.first_sequence}..{link.last_sequence}): its prev {exc}",
                         link.key) from None
-                link = self._make_link(key, fetched)
+                seen.add(key)
                 self._keep(link)
+                link = nxt
                 links.append(link)
                 if self.on_walk is not None:
                     self.on_walk(len(links))
+            self._keep(link)
         links.reverse()
         self.links = links
         self.walked = True
         return links
 
-    async def _fetch_link(self, link: ChainLink) -> Fetched:
-        return await self._reader.fetch(link.key, self.all_pieces)
+    # -- the replay --
 
-    def _open_link(self, link: ChainLink, fetched: Fetched | None) -> Aggregation:
-        agg = link.agg
-        if agg is None:
-            record = link.record if link.record is not None else (
-                fetched.record if fetched is not None else None)
-            assert record is not None
-            agg = _open(self.opener, record, link.key)
-        if fetched is not None:
-            link.missing, link.corrupt = fetched.missing, fetched.corrupt
-        link.record = None
-        link.agg = None
+    def _finish(self, link: ChainLink, agg: Aggregation) -> Aggregation:
+        """Check an opened aggregation against its link; CPU only (runs in a worker)."""
         key = link.key
         if agg.prev != link.prev:
             raise DecodeError(f"aggregation {_short(key)}: its sealed prev {_short(agg.prev)} "
-                              f"differs from its header's {_short(link.prev)}", key)
+                              f"differs from the link followed to it ({_short(link.prev)})",
+                              key)
         self._check_vdisk(key, agg.vdisk_id)
         bad = check_blocks(agg)
         if bad:
@@ -591,6 +694,78 @@ class ChainReader:
             raise DecodeError(f"aggregation {_short(key)}: {len(bad)} block(s) do not match "
                               f"their BLAKE2b hash (sequences {shown})", key)
         return agg
+
+    def _open_record(self, link: ChainLink, record: bytes) -> Aggregation:
+        return self._finish(link, _open(self.opener, record, link.key))
+
+    def _join_and_open(self, link: ChainLink, data: list[bytes]) -> Aggregation | None:
+        """The aggregation of k data pieces, None if they do not hash to the key."""
+        try:
+            record = self.coder.decode([*data, *([None] * self.coder.m)])
+        except ErasureError:
+            return None
+        if record_hash(record) != link.key:
+            return None
+        return self._open_record(link, record)
+
+    async def _in_worker(self, func: Callable[..., T], *args: Any) -> T:
+        if self._executor is None:
+            return func(*args)
+        return await asyncio.get_running_loop().run_in_executor(self._executor, func, *args)
+
+    async def _load(self, link: ChainLink,
+                    data: list[bytes | None] | None = None) -> Aggregation:
+        """Fetch (when not kept from the walk), check and open one link's aggregation.
+
+        ``data``: its k data pieces when the caller fetched them already (None = missing).
+        """
+        if link.agg is not None:
+            agg = link.agg
+            link.drop()
+            return await self._in_worker(self._finish, link, agg)
+        if link.record is not None:
+            record = link.record
+            link.drop()
+            return await self._in_worker(self._open_record, link, record)
+        known = {0: link.piece0} if link.piece0 is not None else None
+        link.drop()
+        if not self.all_pieces:
+            if data is None:
+                data = await self._reader.pieces(link.key, range(self.coder.k), known)
+            if all(p is not None for p in data):
+                pieces = [p for p in data if p is not None]
+                joined: Aggregation | None = await self._in_worker(self._join_and_open, link,
+                                                                    pieces)
+                if joined is not None:
+                    return joined
+            known = {i: p for i, p in enumerate(data) if p is not None}
+        fetched = await self._reader.fetch(link.key, self.all_pieces, known)
+        link.missing, link.corrupt = fetched.missing, fetched.corrupt
+        return await self._in_worker(self._open_record, link, fetched.record)
+
+    async def _load_batch(self, batch: list[ChainLink]) -> list[Aggregation | DecodeError]:
+        """Load several links with one MGET per data server; a failure is returned in its
+        place, so the links before it are still replayed."""
+        need = [link for link in batch if link.agg is None and link.record is None]
+        data: dict[bytes, list[bytes | None]] = {}
+        if len(need) > 1 and not self.all_pieces:
+            k = self.coder.k
+            for link in need:
+                data[link.key] = [link.piece0] + [None] * (k - 1)
+            asked = [[link for link in need if i or link.piece0 is None] for i in range(k)]
+            got = await asyncio.gather(*(self._reader.many(i, [link.key for link in links])
+                                         for i, links in enumerate(asked)))
+            for i, (links, values) in enumerate(zip(asked, got, strict=True)):
+                for link, value in zip(links, values, strict=True):
+                    data[link.key][i] = value
+
+        async def one(link: ChainLink) -> Aggregation | DecodeError:
+            try:
+                return await self._load(link, data.get(link.key))
+            except DecodeError as exc:
+                return exc
+
+        return list(await asyncio.gather(*(one(link) for link in batch)))
 
     def _select(self, agg: Aggregation) -> tuple[list[Block], int]:
         """The blocks of ``agg`` to replay, and how many were duplicates."""
@@ -618,45 +793,56 @@ class ChainReader:
     async def items(self) -> AsyncIterator[ChainItem]:
         """Replay: every aggregation of the walk, oldest first, checked and opened.
 
-        Raises DecodeError at the first aggregation that fails a check.
+        Raises DecodeError at the first aggregation that fails a check (the ones before it
+        have been yielded). A reader replays once: make a new one to read again.
         """
         links = await self.walk()
-        pending: deque[tuple[int, asyncio.Task[Fetched]]] = deque()
-        next_fetch = 0
-
-        def schedule(upto: int) -> None:
-            nonlocal next_fetch
-            while next_fetch < min(upto, len(links)):
-                link = links[next_fetch]
-                if link.record is None and link.agg is None:
-                    task = asyncio.get_running_loop().create_task(self._fetch_link(link))
-                    pending.append((next_fetch, task))
-                next_fetch += 1
-
+        limiter = self.limiter
+        # The links to replay: skip copies wholly before the start, stop before the end. A
+        # header read from piece 0 alone is only a hint here; the checks are repeated on
+        # the opened aggregations.
+        todo: list[ChainLink] = []
+        for link in links:
+            if link.verified and limiter.after_end(link.first_sequence):
+                break
+            if link.verified and limiter.before_start(link.last_sequence):
+                link.drop()
+                continue
+            todo.append(link)
+        loop = asyncio.get_running_loop()
+        size = max(1, min(BATCH, self.prefetch))
+        batches = [todo[i:i + size] for i in range(0, len(todo), size)]
+        pending: deque[asyncio.Task[list[Aggregation | DecodeError]]] = deque()
+        if self.workers and len(todo) > 1:
+            self._executor = concurrent.futures.ThreadPoolExecutor(
+                self.workers, thread_name_prefix="tlog-decoder")
+        started = 0
         try:
-            for i, link in enumerate(links):
-                if self.limiter.before_start(link.last_sequence):
-                    link.record = link.agg = None  # wholly before the start (a duplicate)
-                    continue
-                if self.limiter.after_end(link.first_sequence):
-                    break  # nothing in it or after it to replay
-                schedule(i + 1)
-                fetched = None
-                if link.record is None and link.agg is None:
-                    index, task = pending.popleft()
-                    assert index == i
-                    fetched = await task
-                agg = self._open_link(link, fetched)
-                schedule(i + 1 + self.prefetch)
-                blocks, dups = self._select(agg)
-                yield ChainItem(agg, blocks, dups, list(link.missing), list(link.corrupt))
-                if self.limiter.passes_end(agg):
-                    break
+            for batch in batches:
+                while started < len(batches) and len(pending) * size <= self.prefetch:
+                    pending.append(loop.create_task(self._load_batch(batches[started])))
+                    started += 1
+                results = await pending.popleft()
+                for link, result in zip(batch, results, strict=True):
+                    if isinstance(result, DecodeError):
+                        raise result
+                    if result.blocks and limiter.after_end(result.first_sequence):
+                        return
+                    if result.blocks and limiter.before_start(result.last_sequence):
+                        continue
+                    blocks, dups = self._select(result)
+                    yield ChainItem(result, blocks, dups, list(link.missing),
+                                    list(link.corrupt))
+                    if limiter.passes_end(result):
+                        return
         finally:
-            for _, task in pending:
+            for task in pending:
                 task.cancel()
             if pending:
-                await asyncio.gather(*(t for _, t in pending), return_exceptions=True)
+                await asyncio.gather(*pending, return_exceptions=True)
+            if self._executor is not None:
+                self._executor.shutdown(wait=False, cancel_futures=True)
+                self._executor = None
 
 
 async def aggregations(pool: StoragePool, vdisk_id: str, opener: RecordOpener, *,
@@ -740,8 +926,7 @@ async def verify_chain(pool: StoragePool, vdisk_id: str, opener: RecordOpener, *
     """
     report = VerifyReport()
     addresses = [s.address for s in pool.servers]
-    reader = ChainReader(pool, vdisk_id, opener, coder=coder, all_pieces=True,
-                         cache_bytes=0)
+    reader = ChainReader(pool, vdisk_id, opener, coder=coder, all_pieces=True)
     try:
         links = await reader.walk()
     except DecodeError as exc:
@@ -751,18 +936,30 @@ async def verify_chain(pool: StoragePool, vdisk_id: str, opener: RecordOpener, *
     assert head is not None
     report.head = head.agg.hash if head.agg is not None else None
     on_chain = {link.key for link in links}
-    for key, message in head.errors.items():
-        report.problems.append(Problem(key, f"last-hash entry {_short(key)} does not decode: "
-                                            f"{message}", "warning"))
+    # Every entry of the last-hash lists must be on the chain: the newest aggregations are
+    # all listed, so one that is not was cut off by a broken prev link (or a fork).
     for index, entries in enumerate(head.lists):
         for key in entries:
-            if head.tried.get(key) is not None and key not in on_chain:
+            if key in on_chain:
+                continue
+            on_chain.add(key)  # report it once
+            message = head.errors.get(key)
+            if message is None and head.tried.get(key) is None:
+                try:
+                    agg = _open(opener, (await reader._reader.fetch(key)).record, key)
+                    if agg.vdisk_id != vdisk_id:
+                        message = f"belongs to vdisk {agg.vdisk_id!r}"
+                except DecodeError as exc:
+                    message = str(exc)
+            if message is not None:
                 report.problems.append(Problem(
-                    key, f"aggregation {_short(key)} is in the last-hash list of server "
-                         f"{index} ({addresses[index]}) but not on the chain from the head "
-                         f"{_short(report.head or b'')}: a prev link is broken or the chain "
-                         "forked"))
-                on_chain.add(key)  # report it once
+                    key, f"last-hash entry {_short(key)} of server {index} ({addresses[index]}) "
+                         f"does not decode: {message}", "warning"))
+                continue
+            report.problems.append(Problem(
+                key, f"aggregation {_short(key)} is in the last-hash list of server {index} "
+                     f"({addresses[index]}) but not on the chain from the head "
+                     f"{_short(report.head or b'')}: a prev link is broken or the chain forked"))
     high: int | None = None  # highest sequence so far
     high_key: bytes | None = None
     try:

@@ -16,13 +16,15 @@ import abc
 import contextlib
 import ctypes
 import ctypes.util
-import errno
 import os
+import stat
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import redis.asyncio
+from redis.asyncio.retry import Retry
+from redis.backoff import ConstantBackoff
 
 from .aggregation import RecordOpener
 from .decoder import ChainItem, ChainReader, Limiter
@@ -66,7 +68,7 @@ class BlockStorage(abc.ABC):
         if block.operation not in (Operation.SET, Operation.DELETE):
             raise PlayerError(f"sequence {block.sequence}: unknown operation {block.operation}")
 
-    def _padded(self, data: bytes | memoryview) -> bytes | memoryview:
+    def _padded(self, data: bytes | bytearray | memoryview) -> bytes | bytearray | memoryview:
         """Data shorter than a block is completed with zeroes."""
         if len(data) == self.block_size:
             return data
@@ -112,6 +114,14 @@ def _load_fallocate() -> Callable[[int, int, int, int], int] | None:
 
 
 _FALLOCATE = _load_fallocate()
+
+
+def _is_plain_file(path: str) -> bool:
+    """A regular file, not a symlink, a device or a directory."""
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except OSError:
+        return False
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
 
@@ -123,7 +133,8 @@ class FileBlockStorage(BlockStorage):
     every block touched, so a trailing deleted block still reads as zeroes.
 
     ``truncate`` (the default) starts from an empty image; without it the blocks are applied
-    onto the file's current content (replaying a later range onto an earlier restore).
+    onto the file's current content (replaying a later range onto an earlier restore). A
+    block device is written in place: blocks the log does not touch keep their content.
     ``size``, when given, is the image size to end with (at least).
     """
 
@@ -135,13 +146,22 @@ class FileBlockStorage(BlockStorage):
         self.block_size = block_size
         flags = os.O_RDWR | os.O_CREAT | (os.O_TRUNC if truncate else 0)
         try:
+            if truncate and _is_plain_file(self.path):
+                # A new file rather than the old one truncated: ext4 (auto_da_alloc) writes
+                # a truncated file back synchronously when it is closed, a second or more
+                # for a large image.
+                os.unlink(self.path)
             self._fd = os.open(self.path, flags, 0o644)
         except OSError as exc:
             raise PlayerError(f"cannot open {self.path}: {exc.strerror or exc}") from None
-        self._size = os.fstat(self._fd).st_size  # current file size
-        self._extent = max(self._size, size)  # size to end with
+        info = os.fstat(self._fd)
+        # A block device (or /dev/null) has no size to track and cannot be truncated or
+        # punched: deleted blocks are written as zeroes there.
+        self._regular = stat.S_ISREG(info.st_mode)
+        self._size = info.st_size if self._regular else 1 << 62  # current file size
+        self._extent = max(info.st_size, size)  # size to end with
         self._zero = bytes(block_size)
-        self._punch = _FALLOCATE is not None
+        self._punch = _FALLOCATE is not None and self._regular
         self._sync = sync
         self._closed = False
 
@@ -156,13 +176,11 @@ class FileBlockStorage(BlockStorage):
             if _FALLOCATE(self._fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset,
                           length) == 0:
                 return
-            err = ctypes.get_errno()
-            if err not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
-                raise PlayerError(f"{self.path}: cannot punch a hole: {os.strerror(err)}")
-            self._punch = False  # not on this file system: write zeroes from now on
+            # Not on this file system (EOPNOTSUPP and friends): write zeroes from now on.
+            self._punch = False
         os.pwrite(self._fd, self._zero, offset)
 
-    def _write_run(self, offset: int, buffers: list[bytes | memoryview]) -> None:
+    def _write_run(self, offset: int, buffers: list[bytes | bytearray | memoryview]) -> None:
         size = len(buffers) * self.block_size
         if len(buffers) == 1:
             written = os.pwrite(self._fd, buffers[0], offset)
@@ -180,7 +198,7 @@ class FileBlockStorage(BlockStorage):
         if self._closed:
             raise PlayerError(f"{self.path}: already closed")
         bs = self.block_size
-        run: list[bytes | memoryview] = []
+        run: list[bytes | bytearray | memoryview] = []
         run_start = run_next = -1
         try:
             for block in blocks:
@@ -218,7 +236,7 @@ class FileBlockStorage(BlockStorage):
             return
         self._closed = True
         try:
-            if self._extent > self._size:
+            if self._regular and self._extent > self._size:
                 os.ftruncate(self._fd, self._extent)
             if self._sync:
                 os.fsync(self._fd)
@@ -241,9 +259,12 @@ class RedisBlockStorage(BlockStorage):
         self.address = address
         self.prefix = prefix.encode() if isinstance(prefix, str) else bytes(prefix)
         self.block_size = block_size
+        # Two quick retries ride out a dropped connection (SET and DEL can be repeated); a
+        # server that is down fails the restore at once instead of after redis-py's backoff.
         self._client = redis.asyncio.Redis(host=address.host, port=address.port, db=address.db,
                                            socket_timeout=timeout,
-                                           socket_connect_timeout=timeout)
+                                           socket_connect_timeout=timeout,
+                                           retry=Retry(ConstantBackoff(0.05), 2))
         self._closed = False
 
     def describe(self) -> str:
