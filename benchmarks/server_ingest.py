@@ -6,6 +6,8 @@ FlushOKs): blocks/s and the server's CPU microseconds per block, read from
 --memory-storage is given. Prints one JSON object per run, then a summary.
 
     .venv/bin/python benchmarks/server_ingest.py --blocks 50000 --runs 3
+    .venv/bin/python benchmarks/server_ingest.py --memory-storage \
+        --server-arg=--metrics-address=127.0.0.1:0
 """
 
 from __future__ import annotations
@@ -79,6 +81,7 @@ def one_run(args: argparse.Namespace, frames: list[bytes], storage: list[str]) -
            "--flush-size", str(args.flush_size)]
     cmd += ["--storage-addresses", ",".join(storage), "--priv-key", KEY] if storage else [
         "--memory-storage"]
+    cmd += args.server_arg
     server = subprocess.Popen(cmd, stderr=subprocess.DEVNULL)
     try:
         wait_listening(port, time.monotonic() + 30)
@@ -139,6 +142,9 @@ def main() -> None:
     parser.add_argument("--flush-size", type=int, default=25)
     parser.add_argument("--random-data", action="store_true")
     parser.add_argument("--memory-storage", action="store_true")
+    parser.add_argument("--server-arg", action="append", default=[], metavar="ARG",
+                        help="extra tlogserver argument, repeatable "
+                             "(--server-arg=--metrics-address=127.0.0.1:0)")
     args = parser.parse_args()
     frames = make_blocks(args.blocks, args.random_data)
     workdir = tempfile.mkdtemp(prefix="tlogbench")
@@ -158,7 +164,7 @@ def main() -> None:
                      "min": min(r[key] for r in results), "max": max(r[key] for r in results)}
                for key in ("blocks_per_second", "server_cpu_us_per_block")}
     print(json.dumps({"summary": summary, "flush_size": args.flush_size,
-                      "random_data": args.random_data,
+                      "random_data": args.random_data, "server_args": args.server_arg,
                       "storage": "memory" if args.memory_storage else "6 redis, k=4 m=2"}))
 
 

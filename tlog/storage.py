@@ -633,6 +633,10 @@ class StoragePoolFactory(abc.ABC):
     def describe(self) -> str:
         """One line for the logs."""
 
+    def servers(self) -> list[StorageServer]:
+        """Every server this factory can hand out a pool of (for health checks)."""
+        return []
+
 
 class StaticPoolFactory(StoragePoolFactory):
     """The same k+m servers for every vdisk."""
@@ -659,6 +663,9 @@ class StaticPoolFactory(StoragePoolFactory):
     def pool_for(self, vdisk_id: str) -> StoragePool:
         return self._pool
 
+    def servers(self) -> list[StorageServer]:
+        return list(self._pool.servers)
+
     async def close(self) -> None:
         await asyncio.gather(*(s.close() for s in self._pool.servers))
 
@@ -680,6 +687,9 @@ class MemoryPoolFactory(StoragePoolFactory):
 
     def pool_for(self, vdisk_id: str) -> StoragePool:
         return self._pool
+
+    def servers(self) -> list[StorageServer]:
+        return list(self._pool.servers)
 
     async def close(self) -> None:
         return None
@@ -778,6 +788,16 @@ class ClusterPoolFactory(StoragePoolFactory):
         addresses = config.clusters[name][: self.k + self.m]
         servers = [self._server(a) for a in addresses]
         return StoragePool(servers, self.k, self.m, owns_servers=False)
+
+    def servers(self) -> list[StorageServer]:
+        """The servers of every configured cluster (those a vdisk may be given)."""
+        if self._closed:
+            return []
+        seen: dict[ServerAddress, StorageServer] = {}
+        for addresses in self._config.clusters.values():
+            for address in addresses[: self.k + self.m]:
+                seen.setdefault(address, self._server(address))
+        return list(seen.values())
 
     async def close(self) -> None:
         self._closed = True

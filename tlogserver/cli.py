@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 import sys
 from typing import Any
 
@@ -12,19 +11,10 @@ import click
 from tlog.allocator import tune_allocator
 
 from . import config as config_mod
+from . import logs
 from .config import ConfigError, ServerConfig
 
 _D = ServerConfig()
-
-
-def _setup_logging(verbose: bool, log_file: str | None) -> None:
-    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
-    if log_file:
-        handlers.append(logging.FileHandler(log_file))
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        handlers=handlers, force=True)
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"],
@@ -72,15 +62,24 @@ def _setup_logging(verbose: bool, log_file: str | None) -> None:
               show_default=True, help="Seconds a new connection has to send its handshake.")
 @click.option("--drain-timeout", type=float, default=_D.drain_timeout, show_default=True,
               help="Seconds to flush pending blocks on SIGTERM/SIGINT before exiting.")
-@click.option("-v", "--verbose", is_flag=True, help="Log debug messages.")
+@click.option("-v", "--verbose", is_flag=True, help="Log debug messages (--log-level debug).")
+@click.option("--log-level", type=click.Choice(list(config_mod.LOG_LEVELS)),
+              default=_D.log_level, show_default=True, help="Least severe messages logged.")
+@click.option("--log-format", type=click.Choice(["text", "json"]), default=_D.log_format,
+              show_default=True,
+              help="text, or json: one object per line with ts, level, logger, msg, vdisk, conn.")
 @click.option("--log-file", type=click.Path(dir_okay=False), default=None,
               help="Also write the log to this file.")
+@click.option("--metrics-address", default=None,
+              help="Serve /metrics (Prometheus), /healthz and /readyz over HTTP on host:port. "
+                   "Off by default.")
 @click.pass_context
 def command(ctx: click.Context, **values: Any) -> None:
     """Transaction-log server for virtual block devices (wire compatible with 0-Disk).
 
     Every option can also be given as an environment variable TLOG_<OPTION>, e.g.
-    TLOG_PRIV_KEY, TLOG_STORAGE_ADDRESSES.
+    TLOG_PRIV_KEY, TLOG_STORAGE_ADDRESSES. SIGHUP re-reads the --config file: the
+    storage map and the flush, window, timeout and log settings change at once.
     """
     values["storage_addresses"] = [a for a in values["storage_addresses"].split(",") if a.strip()]
     explicit = {name for name in values
@@ -90,16 +89,20 @@ def command(ctx: click.Context, **values: Any) -> None:
         cfg = config_mod.from_sources(values, explicit)
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from None
-    _setup_logging(cfg.verbose, cfg.log_file)
+    logs.setup(cfg.effective_log_level, cfg.log_format, cfg.log_file)
     tune_allocator()
     from .server import run
+
+    def reload() -> ServerConfig:
+        # The same flags and environment as at start; only the file is read again.
+        return config_mod.from_sources(values, explicit)
 
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency
-        code = asyncio.run(run(cfg))
+        code = asyncio.run(run(cfg, reload=reload))
     else:
-        code = uvloop.run(run(cfg))
+        code = uvloop.run(run(cfg, reload=reload))
     sys.exit(code)
 
 

@@ -32,6 +32,13 @@ log = logging.getLogger(__name__)
 
 #: YAML keys that are not server options but the storage map (see tlog.storage).
 STORAGE_KEYS = ("storage_clusters", "vdisks", "default_storage_cluster")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+#: Options a SIGHUP applies to the running server; the others need a restart.
+RELOADABLE = frozenset({"flush_size", "flush_time", "max_buffered_blocks", "max_buffered_bytes",
+                        "handshake_timeout", "drain_timeout", "verbose", "log_level",
+                        "log_format"})
+#: Options whose values are never logged, not even when they change.
+SECRET = frozenset({"priv_key", "nonce"})
 
 
 class ConfigError(ValueError):
@@ -49,21 +56,26 @@ class ServerConfig:
     flush_size: int = 25
     flush_time: float = 25.0
     block_size: int = 4096
-    priv_key: str | None = None
+    priv_key: str | None = field(default=None, repr=False)
     key_file: str | None = None
     storage_format: str = "v2"
-    nonce: str | None = None
+    nonce: str | None = field(default=None, repr=False)
     max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE
     max_buffered_blocks: int = 16384
     max_buffered_bytes: int = 128 * 1024 * 1024
     handshake_timeout: float = 10.0
     drain_timeout: float = 30.0
     verbose: bool = False
+    log_level: str = "info"
+    log_format: str = "text"
     log_file: str | None = None
+    metrics_address: str | None = None
 
     # derived by validate()
     host: str = field(default="", init=False, repr=False)
     port: int = field(default=0, init=False, repr=False)
+    metrics_host: str | None = field(default=None, init=False, repr=False)
+    metrics_port: int = field(default=0, init=False, repr=False)
     master_key: bytes | None = field(default=None, init=False, repr=False)
     legacy_nonce: bytes | None = field(default=None, init=False, repr=False)
     storage: StorageConfig | None = field(default=None, init=False, repr=False)
@@ -76,6 +88,14 @@ class ServerConfig:
     def validate(self) -> ServerConfig:
         """Check every value and derive host/port, keys and storage; returns self."""
         self.host, self.port = parse_listen_address(self.address)
+        if self.metrics_address:
+            self.metrics_host, self.metrics_port = parse_listen_address(self.metrics_address,
+                                                                        "metrics-address")
+        if self.log_level not in LOG_LEVELS:
+            raise ConfigError(f"log-level: must be one of {', '.join(LOG_LEVELS)}, "
+                              f"got {self.log_level!r}")
+        if self.log_format not in ("text", "json"):
+            raise ConfigError(f"log-format: must be text or json, got {self.log_format!r}")
         for name in ("k", "flush_size", "block_size", "max_message_size", "max_buffered_blocks",
                      "max_buffered_bytes"):
             _positive_int(name, getattr(self, name))
@@ -107,6 +127,11 @@ class ServerConfig:
                 parse_addresses(",".join(given), self.k + self.m)
         except StorageConfigError as exc:
             raise ConfigError(f"storage-addresses: {exc}") from None
+
+    @property
+    def effective_log_level(self) -> str:
+        """``--verbose`` is short for ``--log-level debug``."""
+        return "debug" if self.verbose else self.log_level
 
     @property
     def uses_memory_storage(self) -> bool:
@@ -146,24 +171,24 @@ class ServerConfig:
             self.ephemeral_key = True
 
 
-def parse_listen_address(text: str) -> tuple[str, int]:
-    """``host:port`` (IPv6 in brackets) to a (host, port) pair."""
+def parse_listen_address(text: str, what: str = "address") -> tuple[str, int]:
+    """``host:port`` (IPv6 in brackets) to a (host, port) pair; errors start with ``what``."""
     text = text.strip()
     host, sep, port_text = text.rpartition(":")
     if not sep or not port_text.isdigit():
-        raise ConfigError(f"address: expected host:port, got {text!r}")
+        raise ConfigError(f"{what}: expected host:port, got {text!r}")
     port = int(port_text)
     if not 0 <= port <= 65535:
-        raise ConfigError(f"address: port {port} out of range")
+        raise ConfigError(f"{what}: port {port} out of range")
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
     if not host:
-        raise ConfigError(f"address: missing host in {text!r}")
+        raise ConfigError(f"{what}: missing host in {text!r}")
     try:
         ipaddress.ip_address(host)
     except ValueError:
         if not all(part.isalnum() or "-" in part for part in host.split(".")):
-            raise ConfigError(f"address: bad host {host!r}") from None
+            raise ConfigError(f"{what}: bad host {host!r}") from None
     return host, port
 
 
@@ -239,6 +264,19 @@ def _coerce(name: str, value: Any, path: str) -> Any:
     if kind.startswith("str") and isinstance(value, int) and not isinstance(value, bool):
         return str(value)
     return value
+
+
+def changed_options(old: ServerConfig, new: ServerConfig) -> list[str]:
+    """Names of the options (not derived values) whose values differ, in declaration order."""
+    return [name for name in ServerConfig.option_names()
+            if getattr(old, name) != getattr(new, name)]
+
+
+def describe_change(name: str, old: ServerConfig, new: ServerConfig) -> str:
+    """``flush_size 25 -> 50`` for a log line; secrets only say that they changed."""
+    if name in SECRET:
+        return f"{name} (changed)"
+    return f"{name} {getattr(old, name)!r} -> {getattr(new, name)!r}"
 
 
 def storage_description(cfg: ServerConfig) -> str:

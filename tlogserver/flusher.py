@@ -22,6 +22,9 @@ from tlog.erasure import ErasureCoder
 from tlog.storage import StorageError, StoragePool, last_hash_key
 from tlog.wire import BlockFields
 
+from .logs import ContextLogger
+from .metrics import ServerStats
+
 log = logging.getLogger(__name__)
 
 #: Most aggregations stored in one round; bounds the size of one pipeline.
@@ -38,20 +41,24 @@ class RecordWriter(Protocol):
 class Batch:
     """Blocks handed to the flusher together: one aggregation."""
 
-    __slots__ = ("blocks", "epoch", "record", "pieces")
+    __slots__ = ("blocks", "epoch", "record", "pieces", "cut_at")
 
     def __init__(self, blocks: Sequence[BlockFields], epoch: int) -> None:
         self.blocks = blocks
         self.epoch = epoch
         self.record: SealedRecord | None = None
         self.pieces: list[bytes] = []
+        self.cut_at = time.monotonic()  # for the cut-to-stored latency
 
 
 class Flusher:
     def __init__(self, vdisk_id: str, pool: StoragePool, writer: RecordWriter, prev: bytes,
                  on_stored: Callable[[list[Batch]], None],
-                 on_failed: Callable[[list[Batch], Exception], None]) -> None:
+                 on_failed: Callable[[list[Batch], Exception], None],
+                 stats: ServerStats | None = None) -> None:
         self.vdisk_id = vdisk_id
+        self.stats = stats if stats is not None else ServerStats()
+        self.log = ContextLogger(log, vdisk=vdisk_id)
         self.pool = pool
         self.prev = prev
         self._writer = writer
@@ -86,6 +93,18 @@ class Flusher:
     def queued_blocks(self) -> int:
         return sum(len(b.blocks) for b in self._queue)
 
+    @property
+    def pending_blocks(self) -> int:
+        """Blocks handed over and not stored yet (queued or in the current round)."""
+        return self.queued_blocks + sum(len(b.blocks) for b in self._inflight)
+
+    @property
+    def oldest_cut(self) -> float | None:
+        """`time.monotonic` at which the oldest batch not stored yet was handed over."""
+        if self._inflight:
+            return self._inflight[0].cut_at
+        return self._queue[0].cut_at if self._queue else None
+
     async def wait_idle(self) -> None:
         await self._idle.wait()
 
@@ -112,22 +131,24 @@ class Flusher:
                     await self._store(sealed)
                 except Exception as exc:  # storage down, or a bug: never lose the batches
                     if not isinstance(exc, StorageError):
-                        log.exception("vdisk %s: unexpected error while flushing", self.vdisk_id)
+                        self.log.exception("unexpected error while flushing")
                     self.failing = True
-                    log.warning("vdisk %s: storing %d aggregation(s) failed, retrying in %.2fs: %s",
-                                self.vdisk_id, len(sealed), delay, exc)
+                    self.log.warning("storing %d aggregation(s) failed, retrying in %.2fs: %s",
+                                     len(sealed), delay, exc)
+                    self.stats.flush_failed_blocks += sum(len(b.blocks) for b in sealed)
                     self._on_failed(sealed, exc)
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, RETRY_MAX)
                     continue
                 if self.failing:
-                    log.info("vdisk %s: storage is back, stored %d pending aggregation(s)",
-                             self.vdisk_id, len(sealed))
+                    self.log.info("storage is back, stored %d pending aggregation(s)",
+                                  len(sealed))
                 self.failing = False
                 delay = RETRY_MIN
                 done = sealed[:]
                 sealed.clear()
                 self.stored_rounds += 1
+                self._count_stored(done)
                 self._on_stored(done)
             self._idle.set()
 
@@ -137,16 +158,38 @@ class Flusher:
         batch.pieces = self._coder.encode(record.record)
         self.prev = record.hash
 
+    def _count_stored(self, done: list[Batch]) -> None:
+        stats = self.stats
+        now = time.monotonic()
+        for batch in done:
+            stats.flushed_blocks += len(batch.blocks)
+            if batch.record is not None:
+                stats.flushed_bytes += len(batch.record.record)
+            stats.flush_latency.observe(now - batch.cut_at)
+        stats.aggregations_stored += len(done)
+
     async def _store(self, batches: list[Batch]) -> None:
         hashes = [b.record.hash for b in batches if b.record is not None]
         calls = []
-        for i, server in enumerate(self.pool.servers):
+        servers = self.pool.servers
+        for i, server in enumerate(servers):
             items = [(h, b.pieces[i]) for h, b in zip(hashes, batches, strict=True)]
             calls.append(server.store(items, self._list_key, hashes))
+        started = time.perf_counter()
         results = await asyncio.gather(*calls, return_exceptions=True)
+        elapsed = time.perf_counter() - started
         errors = [r for r in results if isinstance(r, BaseException)]
-        if errors:
-            for err in errors:
-                if not isinstance(err, StorageError):
-                    raise StorageError(f"unexpected storage failure: {err!r}") from err
+        for server, result in zip(servers, results, strict=True):
+            if isinstance(result, BaseException):
+                self.stats.storage_failed(server.address, len(batches))
+        if not errors:
+            self.stats.flush_round.observe(elapsed)
+            return
+        for err in errors:
+            if not isinstance(err, StorageError):
+                raise StorageError(f"unexpected storage failure: {err!r}") from err
+        if len(errors) == 1:
             raise errors[0]
+        # Name every failed server in the one warning the round gets.
+        raise StorageError(f"{len(errors)} of {len(servers)} storage servers failed: "
+                           + "; ".join(str(e) for e in errors)) from errors[0]

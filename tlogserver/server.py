@@ -3,8 +3,10 @@
 `TlogConnection` is a thin `asyncio.BufferedProtocol`: the kernel reads straight
 into the sans-I/O `ServerConnection`'s buffer, the events go to the connection's
 `Vdisk` by plain calls, and all answers to one read leave in one write.
-`TlogServer` owns the listener, the vdisks and the storage pools, and drains on
-SIGTERM/SIGINT: stop accepting, flush every vdisk, answer, close, exit.
+`TlogServer` owns the listener, the vdisks and the storage pools, drains on
+SIGTERM/SIGINT (stop accepting, flush every vdisk, answer, close, exit), reloads
+its config file on SIGHUP, and serves metrics and health checks when asked to
+(`tlogserver.http`, `tlogserver.metrics`).
 """
 
 from __future__ import annotations
@@ -14,6 +16,9 @@ import itertools
 import logging
 import re
 import signal
+import time
+from collections.abc import Callable
+from time import perf_counter
 from typing import Any
 
 from tlog.aggregation import Keyring, LegacyWriter, RecordOpener, V2Writer
@@ -29,11 +34,21 @@ from tlog.protocol import (
     WaitNbdSlaveSync,
 )
 from tlog.status import BlockStatus, HandshakeStatus
-from tlog.storage import StorageConfigError, StoragePoolFactory, any_pool_factory
+from tlog.storage import (
+    ClusterPoolFactory,
+    StorageConfigError,
+    StoragePoolFactory,
+    StorageServer,
+    any_pool_factory,
+)
 from tlog.version import MIN_SUPPORTED_VERSION, Version
 
-from .config import ServerConfig
+from . import logs
+from .config import RELOADABLE, ServerConfig, changed_options, describe_change
 from .flusher import Flusher
+from .http import OpsServer
+from .logs import ContextLogger
+from .metrics import ServerStats, make_registry
 from .vdisk import Vdisk
 
 log = logging.getLogger("tlogserver")
@@ -43,6 +58,9 @@ _VDISK_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:@-]{0,254}$")
 WRITE_BUFFER_HIGH = 4 * 1024 * 1024
 #: How long a client may leave that buffer full before it is disconnected.
 STALLED_WRITER_TIMEOUT = 30.0
+#: /readyz pings every storage server at most this often, each with this timeout.
+READY_CACHE_SECONDS = 1.0
+PING_TIMEOUT = 2.0
 _ids = itertools.count(1)
 
 
@@ -51,10 +69,12 @@ class TlogConnection(asyncio.BufferedProtocol):
 
     def __init__(self, server: TlogServer) -> None:
         self.server = server
+        self.stats = server.stats
         self.core = ServerConnection(server.config.max_message_size)
         self.transport: asyncio.Transport | None = None
         self.vdisk: Vdisk | None = None
         self.name = f"conn#{next(_ids)}"
+        self.log = ContextLogger(log, conn=self.name)
         self._backlog: list[ServerEvent] | None = None  # events waiting for the handshake
         self._paused: set[str] = set()
         self._timer: asyncio.TimerHandle | None = None
@@ -65,9 +85,12 @@ class TlogConnection(asyncio.BufferedProtocol):
         self.transport = transport
         peer = transport.get_extra_info("peername")
         if peer:
+            self.log.bind(peer=f"{peer[0]}:{peer[1]}")
             self.name = f"{self.name} {peer[0]}:{peer[1]}"
         transport.set_write_buffer_limits(high=WRITE_BUFFER_HIGH)
         self.server.connections.add(self)
+        self.stats.connections_accepted += 1
+        self.log.debug("connected")
         self._timer = asyncio.get_running_loop().call_later(
             self.server.config.handshake_timeout, self._handshake_timeout)
 
@@ -75,12 +98,15 @@ class TlogConnection(asyncio.BufferedProtocol):
         return self.core.get_buffer(sizehint)
 
     def buffer_updated(self, nbytes: int) -> None:
+        started = perf_counter()
+        self.stats.received_bytes += nbytes
         try:
             events = self.core.buffer_updated(nbytes)
         except ProtocolError as exc:
             self._protocol_error(exc)
             return
-        self._handle(events)
+        if events:
+            self._handle(events, started)
         if self.core.errored and not self._closing:
             try:
                 self.core.buffer_updated(0)
@@ -99,7 +125,7 @@ class TlogConnection(asyncio.BufferedProtocol):
         self.server.connections.discard(self)
         if self.vdisk is not None:
             self.vdisk.disconnect(self)
-            log.debug("%s: disconnected from vdisk %s", self.name, self.vdisk.id)
+            self.log.debug("disconnected")
 
     def pause_writing(self) -> None:
         # The client does not read its answers: stop reading its requests, and give up on
@@ -121,38 +147,52 @@ class TlogConnection(asyncio.BufferedProtocol):
     def close(self, reason: str) -> None:
         if self._closing or self.transport is None:
             return
-        log.info("%s: closing: %s", self.name, reason)
+        self.log.info("closing: %s", reason)
         self._closing = True
         self._cancel_timer()
         self.transport.close()
 
     # -- internals --
-    def _handle(self, events: list[ServerEvent]) -> None:
+    def _handle(self, events: list[ServerEvent], started: float = 0.0) -> None:
+        """Feed ``events`` to the vdisk and write all answers at once.
+
+        ``started`` (perf_counter at the read) times the read's answers; counters are
+        added once per call, not per block.
+        """
         if self._backlog is not None:
             self._backlog.extend(events)
             return
         vdisk = self.vdisk
+        if vdisk is not None:
+            vdisk.sender = self
         out: list[bytes] = []
+        blocks = len(events)  # minus the other messages, below
         for i, event in enumerate(events):
             if type(event) is Block:
                 if vdisk is None:
                     raise AssertionError("block before handshake")
                 vdisk.receive(event, out)
             elif isinstance(event, Handshake):
+                blocks -= len(events) - i  # the rest is handled after the handshake
                 self._backlog = list(events[i + 1:])
                 self._pause("handshake")
                 asyncio.get_running_loop().create_task(self._handshake(event))
                 break
             elif isinstance(event, ForceFlush):
                 assert vdisk is not None
+                blocks -= 1
                 out.append(ServerConnection.send_response(BlockStatus.FORCE_FLUSH_RECEIVED))
                 vdisk.force_flush(event.sequence)
             elif isinstance(event, WaitNbdSlaveSync):
+                blocks -= 1
                 # No slave sync exists yet: nothing to wait for.
                 out.append(ServerConnection.send_response(
                     BlockStatus.WAIT_NBD_SLAVE_SYNC_RECEIVED))
+        self.stats.received_blocks += blocks
         if out:
             self.send(b"".join(out))
+            if started:
+                self.stats.recv_latency.observe(perf_counter() - started)
 
     async def _handshake(self, request: Handshake) -> None:
         status = await self._accept(request)
@@ -169,34 +209,37 @@ class TlogConnection(asyncio.BufferedProtocol):
     async def _accept(self, request: Handshake) -> HandshakeStatus:
         version = Version.from_uint32(request.version)
         if version < MIN_SUPPORTED_VERSION:
-            log.warning("%s: client version %s is older than %s", self.name, version,
-                        MIN_SUPPORTED_VERSION)
+            self.log.warning("client version %s is older than %s", version,
+                             MIN_SUPPORTED_VERSION)
             return HandshakeStatus.INVALID_VERSION
         if not _VDISK_ID.match(request.vdisk_id):
-            log.warning("%s: invalid vdisk id %r", self.name, request.vdisk_id[:80])
+            self.log.warning("invalid vdisk id %r", request.vdisk_id[:80])
             return HandshakeStatus.INVALID_VDISK_ID
+        context = {"vdisk": request.vdisk_id}
         while True:
             try:
                 vdisk = await self.server.vdisk(request.vdisk_id)
             except StorageConfigError as exc:
-                log.warning("%s: vdisk %s refused: %s", self.name, request.vdisk_id, exc)
+                self.log.warning("vdisk refused: %s", exc, extra=context)
                 return HandshakeStatus.INVALID_VDISK_ID
             except Exception as exc:  # storage down, unreadable chain: the client retries
-                log.error("%s: cannot open vdisk %s: %s", self.name, request.vdisk_id, exc)
+                self.log.error("cannot open the vdisk: %s", exc, extra=context)
                 return HandshakeStatus.INTERNAL_SERVER_ERROR
             if self._closing:
                 return HandshakeStatus.INTERNAL_SERVER_ERROR
             if not vdisk.retired:  # else it went idle while we waited: open it again
                 break
+        self.log.bind(vdisk=vdisk.id)
         status = vdisk.handshake(self, request.first_sequence, request.reset_first_sequence)
         if status == HandshakeStatus.OK:
             self.vdisk = vdisk
-            log.info("%s: vdisk %s, first sequence %d%s", self.name, vdisk.id,
-                     request.first_sequence, " (reset)" if request.reset_first_sequence else "")
+            self.log.info("handshake: vdisk %s, first sequence %d%s", vdisk.id,
+                          request.first_sequence,
+                          " (reset)" if request.reset_first_sequence else "")
         return status
 
     def _protocol_error(self, exc: ProtocolError) -> None:
-        log.warning("%s: protocol error, closing: %s", self.name, exc)
+        self.log.warning("protocol error, closing: %s", exc)
         if not self.core.handshaken and self._backlog is None:
             self.send(ServerConnection.send_handshake_response(HandshakeStatus.INVALID_REQUEST))
         self.close(f"protocol error: {exc}")
@@ -227,16 +270,17 @@ class TlogServer:
 
     def __init__(self, config: ServerConfig, factory: StoragePoolFactory | None = None) -> None:
         self.config = config
-        self.factory = factory or any_pool_factory(
-            k=config.k, m=config.m,
-            addresses=",".join(config.storage_addresses) or None,
-            config_path=config.config if config.storage is not None else None,
-            allow_memory=True)
+        self.factory = factory or _pool_factory(config)
         self.vdisks: dict[str, Vdisk] = {}
         self._opening: dict[str, asyncio.Future[Vdisk]] = {}
         self.connections: set[TlogConnection] = set()
         self._server: asyncio.base_events.Server | None = None
         self._stopping = asyncio.Event()
+        self.stats = ServerStats()
+        self.registry = make_registry(self)
+        self._ops: OpsServer | None = None
+        self._probe: asyncio.Task[tuple[bool, str]] | None = None
+        self._probed: tuple[float, bool, str] | None = None  # (loop time, ready, reason)
         assert config.master_key is not None
         legacy = (LegacyCipher(config.master_key, config.legacy_nonce)
                   if config.legacy_nonce is not None else None)
@@ -247,7 +291,13 @@ class TlogServer:
     def sockets(self) -> list[Any]:
         return list(self._server.sockets) if self._server else []
 
+    @property
+    def metrics_sockets(self) -> list[Any]:
+        """The sockets of the /metrics, /healthz, /readyz endpoint (none when it is off)."""
+        return self._ops.sockets if self._ops else []
+
     async def start(self) -> None:
+        """Log the setup, open the ops endpoint (if configured), then listen for clients."""
         cfg = self.config
         if self.factory.is_memory:
             log.warning("storage: in-memory (embedded default): data will NOT survive a restart")
@@ -258,8 +308,23 @@ class TlogServer:
         if cfg.storage_format == "legacy":
             log.warning("storage format legacy: every aggregation is encrypted with the SAME "
                         "AES-GCM nonce (0-Disk's layout); use it only for compatibility")
-        self._server = await asyncio.get_running_loop().create_server(
-            lambda: TlogConnection(self), cfg.host, cfg.port, reuse_address=True, backlog=1024)
+        if cfg.metrics_host is not None:
+            # First, so that it is up once "listening on" is logged.
+            self._ops = OpsServer(cfg.metrics_host, cfg.metrics_port, self.registry,
+                                  self.readiness)
+            await self._ops.start()
+            for sock in self._ops.sockets:
+                host, port = sock.getsockname()[:2]
+                log.info("metrics on http://%s:%d/metrics (health: /healthz, /readyz)", host,
+                         port)
+        try:
+            self._server = await asyncio.get_running_loop().create_server(
+                lambda: TlogConnection(self), cfg.host, cfg.port, reuse_address=True,
+                backlog=1024)
+        except BaseException:
+            if self._ops is not None:
+                await self._ops.close()
+            raise
         for sock in self._server.sockets:
             host, port = sock.getsockname()[:2]
             log.info("listening on %s:%d (flush-size %d, flush-time %gs, k=%d, m=%d, format %s)",
@@ -297,8 +362,8 @@ class TlogServer:
             raise RuntimeError(f"cannot continue the chain: {exc}") from None
         prev = last.hash if last is not None else bytes(32)
         if last is not None:
-            log.info("vdisk %s: continuing the chain after %s (last sequence %d)", vdisk_id,
-                     last.hash.hex()[:16], last.last_sequence)
+            log.info("continuing the chain after %s (last sequence %d)", last.hash.hex()[:16],
+                     last.last_sequence, extra={"vdisk": vdisk_id})
         assert cfg.master_key is not None
         writer: V2Writer | LegacyWriter
         if cfg.storage_format == "legacy":
@@ -309,8 +374,9 @@ class TlogServer:
         holder: list[Vdisk] = []
         flusher = Flusher(vdisk_id, pool, writer, prev,
                           on_stored=lambda batches: holder[0].on_stored(batches),
-                          on_failed=lambda batches, exc: holder[0].on_failed(batches, exc))
-        vdisk = Vdisk(vdisk_id, cfg, flusher, self._retire)
+                          on_failed=lambda batches, exc: holder[0].on_failed(batches, exc),
+                          stats=self.stats)
+        vdisk = Vdisk(vdisk_id, cfg, flusher, self._retire, self.stats)
         holder.append(vdisk)
         flusher.start()
         return vdisk
@@ -319,7 +385,7 @@ class TlogServer:
         if self.vdisks.get(vdisk.id) is vdisk:
             del self.vdisks[vdisk.id]
         asyncio.get_running_loop().create_task(vdisk.flusher.stop())
-        log.debug("vdisk %s: idle, released", vdisk.id)
+        log.debug("idle, released", extra={"vdisk": vdisk.id})
 
     async def serve_forever(self) -> None:
         await self._stopping.wait()
@@ -329,6 +395,7 @@ class TlogServer:
 
     async def shutdown(self) -> bool:
         """Stop accepting, flush every vdisk, close connections. True if all was stored."""
+        self._stopping.set()  # /readyz says so from now on
         if self._server is not None:
             self._server.close()
         for conn in list(self.connections):
@@ -350,12 +417,153 @@ class TlogServer:
             await vdisk.flusher.stop()
         if self._server is not None:
             await self._server.wait_closed()
+        if self._probe is not None:
+            self._probe.cancel()
+        if self._ops is not None:
+            await self._ops.close()
         await self.factory.close()
         return clean
 
+    # -- health --
+    async def readiness(self) -> tuple[bool, str]:
+        """``/readyz``: listening, not shutting down, and every storage server answers.
 
-async def run(config: ServerConfig, ready: asyncio.Event | None = None) -> int:
-    """Run until SIGTERM/SIGINT, then drain; returns the exit code."""
+        Storage is pinged at most once per `READY_CACHE_SECONDS`, whatever the number of
+        probes; concurrent probes share one round of pings.
+        """
+        if self._stopping.is_set():
+            return False, "shutting down"
+        if self._server is None or not self._server.is_serving():
+            return False, "not listening yet"
+        loop = asyncio.get_running_loop()
+        if self._probed is not None and loop.time() - self._probed[0] < READY_CACHE_SECONDS:
+            return self._probed[1], self._probed[2]
+        if self._probe is None or self._probe.done():
+            self._probe = loop.create_task(self._probe_storage())
+        return await asyncio.shield(self._probe)
+
+    async def _probe_storage(self) -> tuple[bool, str]:
+        servers = self.factory.servers()
+        failures = [f for f in await asyncio.gather(*(_ping(s) for s in servers)) if f]
+        ready = not failures
+        reason = "ready" if ready else "storage unreachable: " + "; ".join(failures)
+        if self._probed is not None and self._probed[1] != ready:
+            if ready:
+                log.info("ready again: every storage server answers")
+            else:
+                log.warning("not ready: %s", reason)
+        self._probed = (asyncio.get_running_loop().time(), ready, reason)
+        return ready, reason
+
+    # -- config reload --
+    def reload_from(self, load: Callable[[], ServerConfig]) -> bool:
+        """SIGHUP: build the config again with ``load`` and apply it; on any error keep the
+        running one. True if the new config was applied."""
+        try:
+            new = load()
+        except Exception as exc:  # a ConfigError names the bad key; anything else is logged too
+            return self._reload_failed(str(exc))
+        return self.reload(new)
+
+    def reload(self, new: ServerConfig) -> bool:
+        """Apply ``new``: the storage map and the reloadable settings at once.
+
+        Vdisks opened from now on get their storage cluster from the new map; open vdisks
+        keep theirs until they are released. Options outside `RELOADABLE` are reported as
+        needing a restart and keep their running values. Nothing changes if the new storage
+        map does not fit the running k and m.
+        """
+        cur = self.config
+        changed = changed_options(cur, new)
+        reloadable = [name for name in changed if name in RELOADABLE]
+        restart = [describe_change(name, cur, new) for name in changed
+                   if name not in RELOADABLE and name != "config"]
+        if (new.master_key != cur.master_key and not cur.ephemeral_key
+                and not {"priv_key", "key_file"} & set(changed)):
+            restart.append("master key (the key file's content)")
+        applied = [describe_change(name, cur, new) for name in reloadable]
+        if new.storage != cur.storage:
+            if isinstance(self.factory, ClusterPoolFactory) and new.storage is not None:
+                try:
+                    self.factory.update(new.storage)  # checked before it is swapped in
+                except StorageConfigError as exc:
+                    return self._reload_failed(f"storage map: {exc}")
+                self._note_moved_vdisks(cur, new)
+                cur.storage = new.storage
+                applied.append(f"storage map ({self.factory.describe()})")
+            elif new.storage is None:
+                restart.append("storage map removed (the running one is kept)")
+            else:
+                restart.append("storage map (this server runs on --storage-addresses or "
+                               "in-memory storage)")
+        for name in reloadable:
+            setattr(cur, name, getattr(new, name))
+        for vdisk in list(self.vdisks.values()):
+            vdisk.apply(cur)
+        logs.reconfigure(cur.effective_log_level, cur.log_format)
+        self._reload_access(new)
+        self.stats.reloads_ok += 1
+        self.stats.last_reload_ok = True
+        self.stats.last_reload_time = time.time()
+        log.info("config reloaded: %s", ", ".join(applied) if applied else "nothing changed")
+        for what in restart:
+            log.warning("config reload: %s: takes effect only after a restart", what)
+        return True
+
+    def _reload_failed(self, reason: str) -> bool:
+        log.error("config reload rejected, keeping the running config: %s", reason)
+        self.stats.reloads_failed += 1
+        self.stats.last_reload_ok = False
+        self.stats.last_reload_time = time.time()
+        return False
+
+    def _note_moved_vdisks(self, cur: ServerConfig, new: ServerConfig) -> None:
+        assert new.storage is not None
+        for vdisk_id in self.vdisks:
+            before = cur.storage.cluster_for(vdisk_id) if cur.storage is not None else None
+            after = new.storage.cluster_for(vdisk_id)
+            if before != after:
+                log.info("storage cluster %s -> %s: the vdisk stays on %s until it is released "
+                         "(no client, nothing pending)", before, after, before,
+                         extra={"vdisk": vdisk_id})
+
+    def _reload_access(self, new: ServerConfig) -> None:
+        """Hook for per-vdisk access settings, reloaded with the storage map.
+
+        There are none yet (the security work adds them): when there are, validate them in
+        `ServerConfig` and swap them in here; connections already accepted keep running.
+        """
+
+
+def _pool_factory(config: ServerConfig) -> StoragePoolFactory:
+    if config.storage is not None and not config.storage_addresses:
+        # The map validated with the config, not the file again (it may have changed since).
+        return ClusterPoolFactory(config.storage, config.k, config.m, source=config.config)
+    return any_pool_factory(k=config.k, m=config.m,
+                            addresses=",".join(config.storage_addresses) or None,
+                            allow_memory=True)
+
+
+async def _ping(server: StorageServer) -> str | None:
+    """None if ``server`` answers PING within `PING_TIMEOUT`, else why not."""
+    try:
+        async with asyncio.timeout(PING_TIMEOUT):
+            await server.ping()
+    except TimeoutError:
+        return f"{server.address}: no answer within {PING_TIMEOUT:g} s"
+    except Exception as exc:
+        text = str(exc)
+        return text if server.address in text else f"{server.address}: {text}"
+    return None
+
+
+async def run(config: ServerConfig, ready: asyncio.Event | None = None,
+              reload: Callable[[], ServerConfig] | None = None) -> int:
+    """Run until SIGTERM/SIGINT, then drain; returns the exit code.
+
+    SIGHUP builds the config again with ``reload`` (the file re-read, the same flags) and
+    applies what can change while running.
+    """
     server = TlogServer(config)
     loop = asyncio.get_running_loop()
     signals = 0
@@ -370,9 +578,18 @@ async def run(config: ServerConfig, ready: asyncio.Event | None = None) -> int:
             log.warning("second %s: exiting without waiting", signame)
             raise SystemExit(1)
 
+    def on_hangup() -> None:
+        if reload is None:
+            log.warning("SIGHUP received: no config to reload")
+            return
+        log.info("SIGHUP received: reloading the config%s",
+                 f" from {config.config}" if config.config else "")
+        server.reload_from(reload)
+
     # Handlers first: a signal that arrives as soon as "listening" is logged must drain too.
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig.name)
+    loop.add_signal_handler(signal.SIGHUP, on_hangup)
     await server.start()
     if ready is not None:
         ready.set()

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import heapq
 import logging
+import time
 from collections.abc import Callable
 from typing import Protocol
 
@@ -26,6 +27,8 @@ from tlog.status import BlockStatus, HandshakeStatus
 
 from .config import ServerConfig
 from .flusher import Batch, Flusher
+from .logs import ContextLogger
+from .metrics import ServerStats
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +37,7 @@ class Peer(Protocol):
     """What a vdisk needs of a connection."""
 
     name: str
+    log: ContextLogger  # carries the connection's context (conn, peer, vdisk)
 
     def send(self, data: bytes) -> None: ...
 
@@ -45,16 +49,19 @@ def _response(status: BlockStatus, sequences: list[int] | tuple[int, ...]) -> by
 
 
 class Vdisk:
+    """The ordering window, flush triggers and FlushOK fan-out of one vdisk."""
+
     def __init__(self, vdisk_id: str, config: ServerConfig, flusher: Flusher,
-                 on_retire: Callable[[Vdisk], None]) -> None:
+                 on_retire: Callable[[Vdisk], None], stats: ServerStats | None = None) -> None:
         self.id = vdisk_id
-        self._flush_size = config.flush_size
-        self._flush_time = config.flush_time
-        self._window = config.max_buffered_blocks
-        self._window_bytes = config.max_buffered_bytes
+        self.stats = stats if stats is not None else ServerStats()
+        self.log = ContextLogger(log, vdisk=vdisk_id)
         self.flusher = flusher
         self._on_retire = on_retire
         self.peers: set[Peer] = set()
+        #: The connection whose read is being handled (set once per read): its log context
+        #: goes on what receive() logs.
+        self.sender: Peer | None = None
         self.expected: int | None = None
         self.flushed_next = 0
         self.ready: list[Block] = []
@@ -62,8 +69,23 @@ class Vdisk:
         self.ahead_bytes = 0
         self._force_at: list[int] = []
         self._timer: asyncio.TimerHandle | None = None
+        self._ready_since = 0.0  # time.monotonic() when the timer was armed: oldest ready block
         self._epoch = 0  # bumped by a reset, so stale flush results do not move flushed_next
         self.retired = False
+        self.apply(config)
+
+    def apply(self, config: ServerConfig) -> None:
+        """Take the flush and window settings of ``config`` (at creation and on reload).
+
+        A smaller flush size cuts what is already pending at once; a new flush time counts
+        from the next block that finds nothing pending.
+        """
+        self._flush_size = config.flush_size
+        self._flush_time = config.flush_time
+        self._window = config.max_buffered_blocks
+        self._window_bytes = config.max_buffered_bytes
+        while len(self.ready) >= self._flush_size:
+            self._cut(self._flush_size)
 
     # -- connections --
     def handshake(self, peer: Peer, first_sequence: int, reset: bool) -> HandshakeStatus:
@@ -77,8 +99,8 @@ class Vdisk:
         return HandshakeStatus.OK
 
     def _reset(self, peer: Peer, first_sequence: int) -> None:
-        log.info("vdisk %s: reset to first sequence %d by %s (%d buffered out-of-order "
-                 "block(s) dropped)", self.id, first_sequence, peer.name, len(self.ahead))
+        peer.log.info("reset the vdisk to first sequence %d (%d buffered out-of-order "
+                      "block(s) dropped)", first_sequence, len(self.ahead))
         for other in list(self.peers):
             if other is not peer:
                 other.close("another client reset the vdisk's first sequence")
@@ -92,6 +114,8 @@ class Vdisk:
 
     def disconnect(self, peer: Peer) -> None:
         self.peers.discard(peer)
+        if self.sender is peer:
+            self.sender = None
         self._maybe_retire()
 
     # -- blocks --
@@ -99,7 +123,9 @@ class Vdisk:
         """Take one block; appends the bytes of its immediate answers to ``out``."""
         seq = block.sequence
         if not block.hash_ok():
-            log.warning("vdisk %s: block %d has a wrong hash, answered RecvFailed", self.id, seq)
+            (self.sender or self).log.warning("block %d has a wrong hash, answered RecvFailed",
+                                              seq)
+            self.stats.recv_failed_hash += 1
             out.append(_response(BlockStatus.RECV_FAILED, (seq,)))
             return
         expected = self.expected
@@ -127,16 +153,19 @@ class Vdisk:
                 self._arm_timer()
         elif seq > expected:
             if seq in self.ahead:
+                self.stats.duplicate_blocks += 1
                 out.append(_response(BlockStatus.RECV_OK, (seq,)))
             elif (seq - expected > self._window
                   or self.ahead_bytes + len(block.data) > self._window_bytes):
                 # Beyond the window: not kept; the client resends it once it got closer.
+                self.stats.recv_failed_window += 1
                 out.append(_response(BlockStatus.RECV_FAILED, (seq,)))
             else:
                 self.ahead[seq] = block
                 self.ahead_bytes += len(block.data)
                 out.append(_response(BlockStatus.RECV_OK, (seq,)))
         else:
+            self.stats.duplicate_blocks += 1
             out.append(_response(BlockStatus.RECV_OK, (seq,)))
             if seq < self.flushed_next:
                 out.append(_response(BlockStatus.FLUSH_OK, (seq,)))
@@ -164,13 +193,13 @@ class Vdisk:
             self._timer = None
 
     def _arm_timer(self) -> None:
+        self._ready_since = time.monotonic()
         self._timer = asyncio.get_running_loop().call_later(self._flush_time, self._on_timer)
 
     def _on_timer(self) -> None:
         self._timer = None
         if self.ready:
-            log.debug("vdisk %s: flush-time reached, flushing %d block(s)", self.id,
-                      len(self.ready))
+            self.log.debug("flush-time reached, flushing %d block(s)", len(self.ready))
             self._cut(len(self.ready))
 
     # -- flusher callbacks --
@@ -189,6 +218,24 @@ class Vdisk:
     def _broadcast(self, data: bytes) -> None:
         for peer in list(self.peers):
             peer.send(data)
+
+    # -- metrics --
+    def gauges(self, now: float) -> dict[str, float]:
+        """The per-vdisk gauges at ``now`` (`time.monotonic`), read when metrics are scraped."""
+        flusher = self.flusher
+        oldest = flusher.oldest_cut
+        if oldest is None and self.ready:
+            oldest = self._ready_since
+        expected = self.expected
+        return {
+            "pending_blocks": len(self.ready) + flusher.pending_blocks,
+            "out_of_order_blocks": len(self.ahead),
+            "out_of_order_bytes": self.ahead_bytes,
+            "flush_lag_sequences": 0 if expected is None else expected - self.flushed_next,
+            "oldest_pending_seconds": 0.0 if oldest is None else max(0.0, now - oldest),
+            "clients": len(self.peers),
+            "storage_failing": int(flusher.failing),
+        }
 
     # -- lifecycle --
     @property
