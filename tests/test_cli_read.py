@@ -1,7 +1,7 @@
 """`tlog restore`, `tlog inspect` and `tlog verify` as real subprocesses, on storage written
 by a real tlogserver process (a random workload across a server crash) or laid out directly.
 
-`ServerProcess` and `send_workload` are shared with the legacy tests.
+`start_tlogserver` and `send_workload` are shared with the legacy tests.
 """
 
 from __future__ import annotations
@@ -9,12 +9,10 @@ from __future__ import annotations
 import json
 import os
 import random
-import signal
 import socket
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -27,6 +25,7 @@ from tlog.status import BlockStatus, HandshakeStatus
 from tlog.wire import Block
 
 from .redis_fixture import RedisFactory, RedisProcess
+from .serverproc import ServerProcess, start_server, storage_args
 from .test_decoder import TS0, VDISK, ChainWriter, make_blocks
 
 KEY = "12345678901234567890123456789012"
@@ -38,49 +37,10 @@ BLOCK_SIZE = 4096
 # A real tlogserver process and a plain-socket client
 
 
-class ServerProcess:
+def start_tlogserver(servers: Sequence[RedisProcess], key: str, *extra: str) -> ServerProcess:
     """`tlogserver` in a subprocess on a free port, storing into ``servers``."""
-
-    def __init__(self, servers: Sequence[RedisProcess], key: str, *extra: str) -> None:
-        cmd = [sys.executable, "-m", "tlogserver", "--address", "127.0.0.1:0",
-               "--storage-addresses", ",".join(s.address for s in servers),
-               "--priv-key", key, "--flush-time", "600", *extra]
-        env = {k: v for k, v in os.environ.items() if not k.startswith("TLOG_")}
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.PIPE, text=True, env=env)
-        self.lines: list[str] = []
-        self.port = 0
-        self._ready = threading.Event()
-        self._reader = threading.Thread(target=self._read_log, daemon=True)
-        self._reader.start()
-        if not self._ready.wait(WAIT) or not self.port:
-            self.kill()
-            raise AssertionError("tlogserver did not start:\n" + "".join(self.lines[-30:]))
-
-    def _read_log(self) -> None:
-        assert self.proc.stderr is not None
-        for line in self.proc.stderr:
-            self.lines.append(line)
-            if "listening on" in line and not self.port:
-                self.port = int(line.split("listening on ", 1)[1].split()[0].rsplit(":", 1)[1])
-                self._ready.set()
-        self._ready.set()  # exited before listening
-
-    def kill(self) -> None:
-        """SIGKILL: a crash, nothing pending is stored."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(timeout=WAIT)
-        self._reader.join(timeout=WAIT)
-
-    def stop(self) -> None:
-        """SIGTERM: the server drains (stores what is pending) and exits."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=WAIT)
-        finally:
-            self.kill()
+    return start_server(*storage_args([s.address for s in servers], priv_key=key),
+                        "--flush-time", "600", *extra)
 
 
 class Client:
@@ -224,7 +184,7 @@ def test_random_workload_across_a_server_crash(redis6: list[RedisProcess],
     ops = workload(0, total, seed=11, indexes=indexes)
     rng = random.Random(3)
 
-    server = ServerProcess(redis6, KEY)
+    server = start_tlogserver(redis6, KEY)
     try:
         client = Client(server.port, vdisk, 0)
         send_shuffled(client, ops[:1000], rng)  # several flushes of 25, then a forced one
@@ -236,7 +196,7 @@ def test_random_workload_across_a_server_crash(redis6: list[RedisProcess],
     finally:
         server.kill()  # crash: 1600..1609 are lost by the server, the client still has them
 
-    server = ServerProcess(redis6, KEY)
+    server = start_tlogserver(redis6, KEY)
     try:
         # Reconnect as the Go client does, as if the last 30 FlushOKs had been lost too: the
         # server stores 1570..1599 a second time (the duplicates 0-Disk leaves after a crash).
@@ -246,7 +206,7 @@ def test_random_workload_across_a_server_crash(redis6: list[RedisProcess],
         client.wait_flushed(range(1570, total))
         client.close()
     finally:
-        server.stop()
+        server.terminate()
 
     args = read_args(redis6, vdisk)
     full = tmp_path / "full.img"

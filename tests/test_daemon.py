@@ -15,26 +15,8 @@ import pytest
 from tlog.protocol import ClientConnection
 
 from .redis_fixture import free_port
+from .serverproc import start_server, storage_args
 from .wireclient import KEY, WireClient, chain_blocks, read_chain
-
-
-def start_server(port: int, *args: str) -> subprocess.Popen[str]:
-    """Start `python -m tlogserver` and return once it listens (bounded)."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "tlogserver", "--address", f"127.0.0.1:{port}", *args],
-        stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 30
-    assert proc.stderr is not None
-    seen = []
-    while time.monotonic() < deadline:
-        line = proc.stderr.readline()
-        if not line:
-            break
-        seen.append(line)
-        if "listening on" in line:
-            return proc
-    proc.kill()
-    raise AssertionError("tlogserver did not start:\n" + "".join(seen))
 
 
 def data(seq: int) -> bytes:
@@ -43,8 +25,8 @@ def data(seq: int) -> bytes:
 
 def test_sigkill_and_restart_continues_the_chain(redis6: list[Any]) -> None:
     addresses = [r.address for r in redis6]
-    port = free_port()
-    args = ("--storage-addresses", ",".join(addresses), "--priv-key", KEY)
+    server = start_server(*storage_args(addresses, priv_key=KEY))
+    port = server.port
 
     async def send(first: int, last: int) -> None:
         client = await WireClient.connect(port, first=first)
@@ -54,19 +36,14 @@ def test_sigkill_and_restart_continues_the_chain(redis6: list[Any]) -> None:
         await client.wait_flushed(range(first, last))
         await client.close()
 
-    proc = start_server(port, *args)
     try:
         asyncio.run(send(0, 60))
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(10)
-    before = read_chain(addresses, "vd")
-    proc = start_server(port, *args)
-    try:
+        server.kill()
+        before = read_chain(addresses, "vd")
+        server.start()  # same port, same storage
         asyncio.run(send(60, 110))
     finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(10)
+        server.kill()
     chain = read_chain(addresses, "vd")
     assert [a.hash for a in chain[:len(before)]] == [a.hash for a in before]
     assert chain[len(before)].prev == before[-1].hash
@@ -75,26 +52,26 @@ def test_sigkill_and_restart_continues_the_chain(redis6: list[Any]) -> None:
 
 def test_sigterm_drains_pending_blocks_and_exits_zero(redis6: list[Any]) -> None:
     addresses = [r.address for r in redis6]
-    port = free_port()
-    proc = start_server(port, "--storage-addresses", ",".join(addresses), "--priv-key", KEY,
-                        "--flush-time", "300")
+    server = start_server(*storage_args(addresses, priv_key=KEY), "--flush-time", "300")
+    port = server.port
+    exit_code: list[int | None] = []
 
     async def scenario() -> WireClient:
         client = await WireClient.connect(port)
         for seq in range(10):  # fewer than flush-size: only a drain stores them
             client.send(seq, data(seq))
         await client.wait_for(lambda: len(client.events) == 11, "RecvOK x10")
-        proc.send_signal(signal.SIGTERM)
+        draining = asyncio.get_running_loop().run_in_executor(None, server.terminate)
         await client.wait_flushed(range(10))
         await client.wait_closed()
+        exit_code.append(await draining)
         return client
 
     try:
         asyncio.run(scenario())
-        assert proc.wait(30) == 0
+        assert exit_code == [0]
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        server.kill()
     assert [s for s, _, _ in chain_blocks(read_chain(addresses, "vd"))] == list(range(10))
 
 

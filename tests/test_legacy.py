@@ -254,18 +254,18 @@ def test_our_legacy_server_continues_the_go_chain(redis6: list[RedisProcess],
                                                  tmp_path: Path) -> None:
     """tlogserver --storage-format legacy on the Go server's storage: it continues the chain
     the Go server left, and the whole chain restores (and verifies) as one."""
-    from .test_cli_read import ServerProcess, send_workload
+    from .test_cli_read import send_workload, start_tlogserver
 
     man = manifest("ff30")
     load_dump("ff30", redis6)
     last = man["aggregations_oldest_first"][-1]["last_seq"]
-    server = ServerProcess(redis6, PRIV_KEY.decode(), "--storage-format", "legacy",
+    server = start_tlogserver(redis6, PRIV_KEY.decode(), "--storage-format", "legacy",
                            "--nonce", NONCE_HEX)
     try:
         ours = send_workload(server.port, VDISK, first=last + 1, count=60, seed=5,
                              indexes=40)
     finally:
-        server.stop()
+        server.terminate()
     out = tmp_path / "disk.img"
     tlog_cli("restore", *legacy_args(redis6), "--output", str(out))
     final = expected_blocks(man)
