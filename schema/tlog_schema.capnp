@@ -11,12 +11,15 @@ struct HandshakeRequest {
   vdiskID            @1 :Text;
   firstSequence      @2 :UInt64;  # sequence the client sends next
   resetFirstSequence @3 :Bool;    # force the vdisk's expected sequence
+  # Ours (the reference has no such field, and ignores it): the vdisk's access token,
+  # for vdisks configured with "token" access. Old clients do not send it (reads empty).
+  token              @4 :Data;
 }
 
 # The server's answer to a HandshakeRequest.
 struct HandshakeResponse {
   version @0 :UInt32;
-  status  @1 :Int8;   # HandshakeStatus: negative is an error
+  status  @1 :Int8;   # HandshakeStatus: negative is an error (-6 Unauthorized is ours)
 }
 
 # Every later server-to-client message.

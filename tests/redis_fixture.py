@@ -152,9 +152,11 @@ class RedisProcess:
         failed probe into seconds.
         """
         assert self.process is not None
+        password = self.extra_args.get("requirepass")
+        auth = (b"AUTH %s\r\n" % str(password).encode()) if password else b""
         try:
             with socket.create_connection((self.host, self.port), timeout=0.5) as sock:
-                sock.sendall(b"INFO server\r\n")
+                sock.sendall(auth + b"INFO server\r\n")
                 reply = b""
                 size = -1  # bulk reply: $<size>\r\n<data>\r\n
                 while size < 0 or len(reply) < size:
@@ -162,6 +164,10 @@ class RedisProcess:
                     if not chunk:
                         return False
                     reply += chunk
+                    if auth and reply.startswith(b"+OK\r\n"):
+                        reply = reply[5:]  # the AUTH's answer
+                    if not reply:
+                        continue
                     if not reply.startswith(b"$"):  # e.g. -LOADING
                         return False
                     header_end = reply.find(b"\r\n")
@@ -188,10 +194,12 @@ class RedisProcess:
 
     def client(self, db: int = 0) -> redis.Redis:
         """A synchronous client for checks from the test (raw bytes, no decoding)."""
+        password = self.extra_args.get("requirepass")
         return redis.Redis(
             host=self.host,
             port=self.port,
             db=db,
+            password=str(password) if password else None,
             socket_timeout=5.0,
             socket_connect_timeout=5.0,
             retry=Retry(NoBackoff(), 0),  # fail at once when the server is down

@@ -51,10 +51,17 @@ class RecordError(Exception):
 
 
 class MissingKeyError(RecordError):
-    """The record was sealed under a master key we were not given."""
+    """The record was sealed under a master key we were not given.
 
-    def __init__(self, key_id: int) -> None:
-        super().__init__(f"record sealed with master key id {key_id:08x}, which was not given")
+    The message names the key id (as `crypto.key_id` prints it, 8 hex digits) so that an
+    operator can find the key file to add after a key rotation.
+    """
+
+    def __init__(self, key_id: int, known: Sequence[int] = ()) -> None:
+        have = ", ".join(f"{k:08x}" for k in known) or "none"
+        super().__init__(f"record sealed with master key id {key_id:08x}, which was not "
+                         f"given (keys given: {have}); add that key's file "
+                         "(--old-key-file or another --key-file)")
         self.key_id = key_id
 
 
@@ -83,6 +90,9 @@ class Aggregation:
     compressed_size: int = 0
     key_id: int | None = None
     format: str = "v2"
+    #: The decompressed, framed aggregation the blocks are views into (None when built
+    #: another way); a reader in another process sends this instead of the blocks.
+    plain: bytes | memoryview | None = field(default=None, repr=False, compare=False)
 
     @property
     def first_sequence(self) -> int:
@@ -102,7 +112,7 @@ def _plain_aggregation(name: str, timestamp: int, vdisk_id: str, prev: bytes,
     return wire.encode_aggregation(name, timestamp, vdisk_id, prev, blocks)
 
 
-def _parse_plain(plain: bytes) -> wire.RawAggregation:
+def _parse_plain(plain: bytes | memoryview) -> wire.RawAggregation:
     """Decode a framed aggregation, by hand when possible, else through pycapnp."""
     header = wire.parse_frame_header(plain, 0, len(plain), len(plain))
     if header is None or header.header_len + header.body_len > len(plain):
@@ -126,11 +136,23 @@ def _parse_plain(plain: bytes) -> wire.RawAggregation:
         raise RecordError(f"malformed aggregation: {exc}") from None
 
 
-def _decompress(data: bytes | memoryview) -> bytes:
+def _decompress(data: bytes | memoryview) -> memoryview:
+    """The snappy-decompressed ``data``, as a view of cramjam's buffer (no copy: the blocks
+    parsed from it are views that keep it alive)."""
     try:
-        return bytes(cramjam.snappy.decompress_raw(data))
+        return memoryview(cramjam.snappy.decompress_raw(data))
     except Exception as exc:
         raise RecordError(f"snappy decompression failed: {exc}") from None
+
+
+def aggregation_from_plain(plain: bytes | memoryview, digest: bytes, record_size: int,
+                           compressed_size: int, key_id: int | None,
+                           fmt: str) -> Aggregation:
+    """The aggregation in a decompressed plaintext (its blocks are views into it)."""
+    raw = _parse_plain(plain)
+    return Aggregation(digest, raw.prev, raw.vdisk_id, raw.timestamp, raw.name, raw.blocks,
+                       record_size=record_size, compressed_size=compressed_size,
+                       key_id=key_id, format=fmt, plain=plain)
 
 
 # -- v2 ------------------------------------------------------------------------
@@ -202,14 +224,22 @@ class Keyring:
 
     @classmethod
     def of(cls, *keys: bytes) -> Keyring:
+        """A keyring of these master keys (duplicates collapse: same key, same id)."""
         return cls({crypto.key_id(k): k for k in keys})
 
+    @property
+    def ids(self) -> list[int]:
+        """The key ids held, in the order the keys were given."""
+        return list(self.keys)
+
     def cipher(self, key_id: int, vdisk_id: str) -> crypto.VdiskCipher:
+        """The cipher of ``vdisk_id`` under master key ``key_id`` (cached per pair);
+        `MissingKeyError` names the id when the key was not given."""
         found = self._ciphers.get((key_id, vdisk_id))
         if found is None:
             master = self.keys.get(key_id)
             if master is None:
-                raise MissingKeyError(key_id)
+                raise MissingKeyError(key_id, list(self.keys))
             found = self._ciphers[(key_id, vdisk_id)] = crypto.VdiskCipher(master, vdisk_id)
         return found
 
@@ -231,20 +261,19 @@ def open_v2(record: bytes, keyring: Keyring, expected_hash: bytes | None = None,
     head = parse_v2_header(record)
     digest = _digest(record, expected_hash, hash_checked)
     cipher = keyring.cipher(head.key_id, head.vdisk_id)
-    nonce = record[head.size:head.size + NONCE_SIZE]
+    view = memoryview(record)  # slices of a view, not copies of a 100 KB record
+    nonce = bytes(view[head.size:head.size + NONCE_SIZE])
     try:
-        compressed = cipher.open(nonce, record[head.size + NONCE_SIZE:],
-                                 record[:head.size])
+        compressed = cipher.open(nonce, view[head.size + NONCE_SIZE:], view[:head.size])
     except crypto.IntegrityError:
         raise RecordError("authentication failed: wrong key or tampered record") from None
     if head.compression != COMPRESSION_SNAPPY:
         raise RecordError(f"unknown compression {head.compression}")
-    raw = _parse_plain(_decompress(compressed))
-    if raw.prev != head.prev or raw.vdisk_id != head.vdisk_id:
+    plain = _decompress(compressed)
+    agg = aggregation_from_plain(plain, digest, len(record), len(compressed), head.key_id, "v2")
+    if agg.prev != head.prev or agg.vdisk_id != head.vdisk_id:
         raise RecordError("record header does not match its sealed content")
-    return Aggregation(digest, raw.prev, raw.vdisk_id, raw.timestamp, raw.name, raw.blocks,
-                       record_size=len(record), compressed_size=len(compressed),
-                       key_id=head.key_id, format="v2")
+    return agg
 
 
 # -- legacy (0-Disk) ---------------------------------------------------------------
@@ -276,9 +305,8 @@ def open_legacy(record: bytes, cipher: crypto.LegacyCipher,
         compressed = cipher.open(record)
     except crypto.IntegrityError:
         raise RecordError("authentication failed: wrong key/nonce or tampered record") from None
-    raw = _parse_plain(_decompress(compressed))
-    return Aggregation(digest, raw.prev, raw.vdisk_id, raw.timestamp, raw.name, raw.blocks,
-                       record_size=len(record), compressed_size=len(compressed), format="legacy")
+    return aggregation_from_plain(_decompress(compressed), digest, len(record),
+                                  len(compressed), None, "legacy")
 
 
 @dataclass
@@ -298,6 +326,8 @@ class RecordOpener:
         if self.format != "legacy" and is_v2(record):
             try:
                 return open_v2(record, self.keyring, expected_hash, hash_checked)
+            except MissingKeyError:
+                raise  # a v2 header naming a key we lack: say so, not "legacy failed"
             except RecordError:
                 if self.format == "v2" or self.legacy is None:
                     raise
@@ -311,8 +341,10 @@ class RecordOpener:
 def check_blocks(agg: Aggregation) -> list[int]:
     """Sequences of the blocks whose BLAKE2b does not match their data."""
     bad = []
+    blake2b = hashlib.blake2b
     for b in agg.blocks:
-        if hashlib.blake2b(b.data, digest_size=HASH_SIZE).digest() != bytes(b.hash):
+        # bytes == memoryview compares contents: no copy of the stored hash
+        if blake2b(b.data, digest_size=HASH_SIZE).digest() != b.hash:
             bad.append(b.sequence)
     return bad
 
@@ -332,4 +364,6 @@ def describe(agg: Aggregation) -> Mapping[str, object]:
         "record_bytes": agg.record_size,
         "compressed_bytes": agg.compressed_size,
         "format": agg.format,
+        # which master key sealed it (v2), to plan a key's retirement; None for legacy
+        "key_id": f"{agg.key_id:08x}" if agg.key_id is not None else None,
     }

@@ -31,6 +31,7 @@ import hashlib
 import heapq
 import itertools
 import logging
+import ssl
 import threading
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
@@ -116,7 +117,15 @@ class InternalServerError(HandshakeError):
     """HandshakeStatus InternalServerError: transient (e.g. storage down); retried."""
 
 
+class UnauthorizedError(HandshakeError):
+    """HandshakeStatus Unauthorized (ours, -6): no or a wrong token, or a client certificate
+    not allowed for this vdisk. Not retried: the same credentials would be refused again."""
+
+    permanent = True
+
+
 _HANDSHAKE_ERRORS: dict[int, type[HandshakeError]] = {
+    HandshakeStatus.UNAUTHORIZED: UnauthorizedError,
     HandshakeStatus.INVALID_REQUEST: InvalidRequestError,
     HandshakeStatus.INVALID_VERSION: InvalidVersionError,
     HandshakeStatus.INVALID_VDISK_ID: InvalidVdiskIDError,
@@ -135,6 +144,58 @@ def encode_block(sequence: int, index: int, timestamp: int, data: bytes | memory
                  operation: int = Operation.SET, hash: bytes | None = None) -> bytes:
     """The bytes of one TlogBlock message (the protocol core's encoder)."""
     return ClientConnection.send_block(sequence, index, timestamp, data, operation, hash)
+
+
+# -- security --------------------------------------------------------------------------
+
+
+def client_tls_context(ca_file: str | None = None, cert_file: str | None = None,
+                       key_file: str | None = None) -> ssl.SSLContext:
+    """A TLS context to reach a tlogserver: verifies its certificate and host name.
+
+    ``ca_file`` holds the CA certificates to trust (PEM); without it, the system's trust
+    store is used. ``cert_file`` (with ``key_file``, unless the key is in the same file)
+    is this client's certificate, for servers that map client certificates to vdisks
+    (mutual TLS). TLS 1.2 is the oldest version accepted.
+    """
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=ca_file)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    if cert_file:
+        context.load_cert_chain(cert_file, key_file)
+    elif key_file:
+        raise ValueError("a client key needs its certificate (cert_file)")
+    return context
+
+
+def load_token(path: str) -> bytes:
+    """Read an access token from a file (surrounding whitespace, e.g. a newline, dropped).
+
+    Tokens are secrets: pass them in a file or the environment, never as a command-line
+    argument, which every local user can read in ``ps``.
+    """
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read(4097)
+    except OSError as exc:
+        raise ValueError(f"cannot read token file {path}: {exc.strerror or exc}") from None
+    token = data.strip()
+    if not token or len(data) > 4096:
+        raise ValueError(f"token file {path}: expected one token of 1 to 4096 bytes")
+    return token
+
+
+def security_options(*, tls: bool = False, ca_file: str | None = None,
+                     cert_file: str | None = None, key_file: str | None = None,
+                     token_file: str | None = None) -> dict[str, Any]:
+    """`TlogClient` keyword arguments from command-line style settings (for tools such as
+    ``tlog send``): TLS when ``tls`` or any certificate file is given (system trust without
+    ``ca_file``), and the token read from ``token_file``."""
+    options: dict[str, Any] = {}
+    if tls or ca_file or cert_file or key_file:
+        options["tls"] = client_tls_context(ca_file, cert_file, key_file)
+    if token_file:
+        options["token"] = load_token(token_file)
+    return options
 
 
 # -- addresses -------------------------------------------------------------------------
@@ -286,6 +347,11 @@ class TlogClient:
     reconnects handshake from the lowest unflushed one). ``on_response`` is
     called in the loop with every server response ``(status, sequences)``;
     it must be quick and must not raise.
+
+    ``tls`` (an `ssl.SSLContext`, see `client_tls_context`) makes every connection
+    TLS, checked against ``server_hostname`` (default: each address's host).
+    ``token`` is the vdisk's access token, sent in every handshake, for servers that
+    require one; a server that refuses it answers Unauthorized (`UnauthorizedError`).
     """
 
     def __init__(self, servers: Sequence[str], vdisk_id: str, first_sequence: int = 0, *,
@@ -299,7 +365,10 @@ class TlogClient:
                  reconnect_on_flush_failed: bool = True,
                  on_response: ResponseCallback | None = None,
                  max_response_size: int = DEFAULT_MAX_RESPONSE_SIZE,
-                 version: int | None = None) -> None:
+                 version: int | None = None,
+                 tls: ssl.SSLContext | None = None,
+                 server_hostname: str | None = None,
+                 token: bytes | str | None = None) -> None:
         if resend_timeout <= 0 or max_unflushed_bytes <= 0 or connect_timeout <= 0:
             raise ValueError("timeouts and max_unflushed_bytes must be > 0")
         if not 0 < reconnect_delay <= reconnect_max_delay:
@@ -318,6 +387,12 @@ class TlogClient:
         self.reconnect_on_flush_failed = reconnect_on_flush_failed
         self.max_response_size = max_response_size
         self.version = version
+        #: TLS for every connection (see `client_tls_context`); None: plain TCP.
+        self.tls = tls
+        #: The name the server certificates must carry; default: the host of each address.
+        self.server_hostname = server_hostname
+        # The vdisk's access token, sent in every handshake; private so that no repr shows it.
+        self._token = token.encode() if isinstance(token, str) else token
         self._on_response = on_response
         self._subscribers: list[asyncio.Queue[BlockResponse | None]] = []
         self._release_hooks: list[Callable[[], None]] = []
@@ -456,7 +531,8 @@ class TlogClient:
                     log.log(logging.DEBUG if quiet else logging.WARNING, "%s", exc)
                     continue
                 except (OSError, TimeoutError, ProtocolError) as exc:
-                    last = exc
+                    if not (isinstance(exc, TimeoutError) and last is not None):
+                        last = exc  # a timeout (often the deadline's) says less than the rest
                     log.log(logging.DEBUG if quiet else logging.WARNING,
                             "cannot connect to tlogserver %s: %s", address, exc or type(exc))
                     continue
@@ -482,11 +558,16 @@ class TlogClient:
         link = _Link(self, address)
         try:
             async with asyncio.timeout(timeout):
-                await self._loop.create_connection(lambda: link, host, port)
+                if self.tls is not None:
+                    await self._loop.create_connection(
+                        lambda: link, host, port, ssl=self.tls,
+                        server_hostname=self.server_hostname or host)
+                else:
+                    await self._loop.create_connection(lambda: link, host, port)
                 first = self._handshake_sequence()
                 reset = self.reset_first_sequence and not self._handshaken_once
                 link.write(ClientConnection.send_handshake(self.vdisk_id, first, reset,
-                                                           self.version))
+                                                           self.version, self._token))
                 response = await asyncio.shield(link.handshake)
         except BaseException:
             link.abort()

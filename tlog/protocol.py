@@ -21,7 +21,7 @@ import enum
 import hashlib
 import struct
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from . import schema, wire
@@ -50,12 +50,17 @@ class ProtocolError(Exception):
 
 @dataclass(frozen=True, slots=True)
 class Handshake:
-    """A client's HandshakeRequest."""
+    """A client's HandshakeRequest.
+
+    ``token`` is our addition (field @4): the vdisk's access token, empty when the client
+    sent none (every 0-Disk client). Kept out of ``repr`` so that it never reaches a log.
+    """
 
     version: int
     vdisk_id: str
     first_sequence: int
     reset_first_sequence: bool
+    token: bytes = field(default=b"", repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -278,8 +283,13 @@ class ServerConnection:
             if got is None:
                 return None
             req = _read_struct(schema.HandshakeRequest, *got, "HandshakeRequest")
+            try:
+                handshake = Handshake(req.version, req.vdiskID, req.firstSequence,
+                                      req.resetFirstSequence, bytes(req.token))
+            except Exception as exc:  # pycapnp reads lazily: bad pointers surface here
+                raise ProtocolError(f"malformed HandshakeRequest: {exc}") from None
             self._state = _State.MESSAGES
-            return Handshake(req.version, req.vdiskID, req.firstSequence, req.resetFirstSequence)
+            return handshake
         mtype = reader.peek_byte()
         if mtype is None:
             return None
@@ -370,13 +380,16 @@ class ClientConnection:
 
     @staticmethod
     def send_handshake(vdisk_id: str, first_sequence: int, reset_first_sequence: bool = False,
-                       version: int | None = None) -> bytes:
-        msg = schema.HandshakeRequest.new_message()
-        msg.version = CURRENT_VERSION.to_uint32() if version is None else version
-        msg.vdiskID = vdisk_id
-        msg.firstSequence = first_sequence
-        msg.resetFirstSequence = reset_first_sequence
-        return bytes(msg.to_bytes())
+                       version: int | None = None, token: bytes | None = None) -> bytes:
+        """A HandshakeRequest frame; ``token`` (our field @4) only when given.
+
+        Laid out by hand: without a token the bytes are exactly the Go client's (a struct
+        with one pointer, as the reference schema has), so a server that predates the
+        token field cannot tell us apart; with one, the struct has a second pointer, which
+        such a server ignores.
+        """
+        return encode_handshake(CURRENT_VERSION.to_uint32() if version is None else version,
+                                vdisk_id, first_sequence, reset_first_sequence, token)
 
     @staticmethod
     def send_block(sequence: int, index: int, timestamp: int, data: bytes | memoryview,
@@ -429,6 +442,36 @@ def _take_responses(buf: bytearray, at: int, end: int, events: list[ClientEvent]
                              struct.unpack_from(f"<{count}Q", buf, at + 32)))
         at += size
     return at
+
+
+_HANDSHAKE_DATA_WORDS = 2  # version u32 + resetFirstSequence (bit 32), firstSequence u64
+
+
+def _byte_list_ptr(ptr_word: int, target_word: int, count: int) -> int:
+    """A Cap'n Proto list pointer to ``count`` bytes at ``target_word``."""
+    return 1 | (((target_word - ptr_word - 1) & 0x3FFFFFFF) << 2) | (2 << 32) | (count << 35)
+
+
+def encode_handshake(version: int, vdisk_id: str, first_sequence: int,
+                     reset_first_sequence: bool = False, token: bytes | None = None) -> bytes:
+    """A framed HandshakeRequest: the vdisk id as NUL-terminated text, then the token."""
+    text = vdisk_id.encode("utf-8") + b"\0"
+    ptrs = 2 if token else 1
+    text_at = 1 + _HANDSHAKE_DATA_WORDS + ptrs  # word of the text, after root and struct
+    text_words = (len(text) + 7) // 8
+    words = [
+        (_HANDSHAKE_DATA_WORDS << 32) | (ptrs << 48),  # root: struct right after it
+        (version & 0xFFFFFFFF) | ((1 << 32) if reset_first_sequence else 0),
+        first_sequence,
+        _byte_list_ptr(3, text_at, len(text)),
+    ]
+    tail = [text, bytes(-len(text) & 7)]
+    if token:
+        token = bytes(token)
+        words.append(_byte_list_ptr(4, text_at + text_words, len(token)))
+        tail += [token, bytes(-len(token) & 7)]
+    body = struct.pack(f"<{len(words)}Q", *words) + b"".join(tail)
+    return struct.pack("<II", 0, len(body) // 8) + body
 
 
 def _command(mtype: MessageType, sequence: int) -> bytes:

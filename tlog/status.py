@@ -21,8 +21,14 @@ class BlockStatus(enum.IntEnum):
 
 
 class HandshakeStatus(enum.IntEnum):
-    """`HandshakeResponse.status`: negative values are errors."""
+    """`HandshakeResponse.status`: negative values are errors.
 
+    -4..1 are the reference's. UNAUTHORIZED is ours: -6, because later 0-Disk releases
+    gave -5 to "attach failed". A 0-Disk Go client treats any status <= 0 as an error and
+    reports an unknown one as "invalid connection with unknown status: -6".
+    """
+
+    UNAUTHORIZED = -6
     INTERNAL_SERVER_ERROR = -4
     INVALID_VDISK_ID = -3
     INVALID_VERSION = -2

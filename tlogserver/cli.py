@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import sys
 from typing import Any
 
@@ -22,8 +23,11 @@ _D = ServerConfig()
 @click.option("--address", default=_D.address, show_default=True,
               help="Address to listen on, host:port.")
 @click.option("--storage-addresses", default="",
-              help="Comma-separated k+m storage servers host:port[@db]; missing ones are filled "
-                   "in with sequential ports after the last one.")
+              help="Comma-separated k+m storage servers host:port[@db], or "
+                   "redis://[user:password@]host:port[/db] / rediss://...?ca=FILE (TLS); "
+                   "missing ones are filled in with sequential ports after the last one. Put "
+                   "passwords in the config file, TLOG_STORAGE_ADDRESSES or "
+                   "?password_file=FILE: not on the command line.")
 @click.option("--memory-storage", is_flag=True,
               help="Use the embedded in-memory storage (the default when no storage is given); "
                    "nothing survives a restart.")
@@ -41,10 +45,16 @@ _D = ServerConfig()
 @click.option("--block-size", type=int, default=_D.block_size, show_default=True,
               help="Block size of the vdisks, in bytes.")
 @click.option("--priv-key", default=None,
-              help="Master key: 32 characters used as key bytes (as 0-Disk). Visible in ps: "
-                   "prefer --key-file or TLOG_PRIV_KEY.")
+              help="Master key: 32 characters used as key bytes (as 0-Disk). Kept for 0-Disk "
+                   "compatibility only: a command line is readable by every local user (ps, "
+                   "/proc). Use --key-file (or TLOG_PRIV_KEY) instead.")
 @click.option("--key-file", type=click.Path(dir_okay=False), default=None,
-              help="File holding the master key (32 raw bytes, 32 characters or 64 hex digits).")
+              help="File holding the current master key (32 raw bytes, 32 characters or 64 hex "
+                   "digits): new aggregations are sealed with it.")
+@click.option("--old-key-file", "--old-key-files", "old_key_files", multiple=True,
+              type=click.Path(dir_okay=False),
+              help="File holding a previous master key, to read aggregations sealed before a "
+                   "key rotation (repeatable; each record names its key id).")
 @click.option("--storage-format", type=click.Choice(["v2", "legacy"]), default=_D.storage_format,
               show_default=True,
               help="v2 (ours: random nonce per aggregation) or legacy (0-Disk's layout, static "
@@ -73,15 +83,37 @@ _D = ServerConfig()
 @click.option("--metrics-address", default=None,
               help="Serve /metrics (Prometheus), /healthz and /readyz over HTTP on host:port. "
                    "Off by default.")
+@click.option("--tls-cert", type=click.Path(dir_okay=False), default=None,
+              help="Certificate (PEM, chain included) of the listener: --address then speaks "
+                   "TLS only.")
+@click.option("--tls-key", type=click.Path(dir_okay=False), default=None,
+              help="Private key of --tls-cert (PEM), unless it is in the same file.")
+@click.option("--tls-client-ca", type=click.Path(dir_okay=False), default=None,
+              help="CA certificates (PEM) that sign client certificates, for mtls access: a "
+                   "certificate's names map to vdisks in the config's tls_clients.")
+@click.option("--plain-address", default=None,
+              help="With --tls-cert: also listen on host:port for plain TCP (0-Disk's Go "
+                   "clients), for the vdisks whose access allows them.")
+@click.option("--access", default=_D.access, show_default=True,
+              help="Access of vdisks without their own rule in the config: plain (anyone), "
+                   "token, mtls, or a comma-separated list (any one suffices).")
+@click.option("--min-pieces", type=int, default=None,
+              help="A flush is acknowledged once this many of its k+m pieces are stored "
+                   "(k..k+m; default k+1).")
 @click.pass_context
 def command(ctx: click.Context, **values: Any) -> None:
     """Transaction-log server for virtual block devices (wire compatible with 0-Disk).
 
     Every option can also be given as an environment variable TLOG_<OPTION>, e.g.
-    TLOG_PRIV_KEY, TLOG_STORAGE_ADDRESSES. SIGHUP re-reads the --config file: the
-    storage map and the flush, window, timeout and log settings change at once.
+    TLOG_PRIV_KEY, TLOG_STORAGE_ADDRESSES. Secrets (the master key, storage passwords)
+    belong in files or the environment, never on the command line, which ps shows.
+    SIGHUP re-reads the --config file: the storage map, the access rules, the old keys,
+    the TLS certificate and the flush, window, timeout and log settings change at once.
     """
     values["storage_addresses"] = [a for a in values["storage_addresses"].split(",") if a.strip()]
+    values["old_key_files"] = list(values["old_key_files"])
+    key_on_command_line = (ctx.get_parameter_source("priv_key")
+                           == click.core.ParameterSource.COMMANDLINE)
     explicit = {name for name in values
                 if ctx.get_parameter_source(name) in (click.core.ParameterSource.COMMANDLINE,
                                                       click.core.ParameterSource.ENVIRONMENT)}
@@ -90,6 +122,10 @@ def command(ctx: click.Context, **values: Any) -> None:
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from None
     logs.setup(cfg.effective_log_level, cfg.log_format, cfg.log_file)
+    if key_on_command_line:
+        logging.getLogger("tlogserver").warning(
+            "--priv-key: the master key is on the command line, where every local user can "
+            "read it (ps); use --key-file or TLOG_PRIV_KEY")
     tune_allocator()
     from .server import run
 

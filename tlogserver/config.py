@@ -12,6 +12,7 @@ import dataclasses
 import ipaddress
 import logging
 import os
+import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,16 +29,22 @@ from tlog.storage import (
     parse_storage_config,
 )
 
+from .access import AccessConfigError, AccessPolicy, parse_modes, parse_policy
+
 log = logging.getLogger(__name__)
 
-#: YAML keys that are not server options but the storage map (see tlog.storage).
+#: YAML keys that are not server options but the storage map (see tlog.storage); the
+#: ``vdisks`` entries also hold the vdisks' access settings (tlogserver.access).
 STORAGE_KEYS = ("storage_clusters", "vdisks", "default_storage_cluster")
+#: YAML keys that are not server options but access settings (tlogserver.access).
+ACCESS_KEYS = ("tls_clients",)
 LOG_LEVELS = ("debug", "info", "warning", "error")
 #: Options a SIGHUP applies to the running server; the others need a restart.
 RELOADABLE = frozenset({"flush_size", "flush_time", "max_buffered_blocks", "max_buffered_bytes",
                         "handshake_timeout", "drain_timeout", "verbose", "log_level",
-                        "log_format"})
-#: Options whose values are never logged, not even when they change.
+                        "log_format", "access", "old_key_files", "tls_cert", "tls_key"})
+#: Options whose values are never logged, not even when they change (storage addresses may
+#: hold passwords: they are logged without them).
 SECRET = frozenset({"priv_key", "nonce"})
 
 
@@ -48,7 +55,7 @@ class ConfigError(ValueError):
 @dataclass
 class ServerConfig:
     address: str = "0.0.0.0:11211"
-    storage_addresses: list[str] = field(default_factory=list)
+    storage_addresses: list[str] = field(default_factory=list, repr=False)
     memory_storage: bool = False
     config: str | None = None
     k: int = 4
@@ -58,6 +65,7 @@ class ServerConfig:
     block_size: int = 4096
     priv_key: str | None = field(default=None, repr=False)
     key_file: str | None = None
+    old_key_files: list[str] = field(default_factory=list)
     storage_format: str = "v2"
     nonce: str | None = field(default=None, repr=False)
     max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE
@@ -70,7 +78,16 @@ class ServerConfig:
     log_format: str = "text"
     log_file: str | None = None
     metrics_address: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_client_ca: str | None = None
+    plain_address: str | None = None
+    access: str = "plain"
+    min_pieces: int | None = None
 
+    # from the YAML file's structure (from_sources), not options
+    vdisk_access: dict[str, Any] = field(default_factory=dict, init=False, repr=False)
+    tls_clients: dict[str, Any] = field(default_factory=dict, init=False, repr=False)
     # derived by validate()
     host: str = field(default="", init=False, repr=False)
     port: int = field(default=0, init=False, repr=False)
@@ -80,6 +97,10 @@ class ServerConfig:
     legacy_nonce: bytes | None = field(default=None, init=False, repr=False)
     storage: StorageConfig | None = field(default=None, init=False, repr=False)
     ephemeral_key: bool = field(default=False, init=False, repr=False)
+    old_keys: list[bytes] = field(default_factory=list, init=False, repr=False)
+    access_policy: AccessPolicy = field(default_factory=AccessPolicy, init=False, repr=False)
+    plain_host: str | None = field(default=None, init=False, repr=False)
+    plain_port: int = field(default=0, init=False, repr=False)
 
     @classmethod
     def option_names(cls) -> list[str]:
@@ -115,7 +136,54 @@ class ServerConfig:
             raise ConfigError(f"storage-format: must be v2 or legacy, got {self.storage_format!r}")
         self._validate_storage()
         self._validate_keys()
+        self._validate_min_pieces()
+        self._validate_tls()
+        self._validate_access()
         return self
+
+    def _validate_min_pieces(self) -> None:
+        if self.min_pieces is None:
+            # One piece more than a read needs, unless there is no parity to spare.
+            self.min_pieces = min(self.k + 1, self.k + self.m)
+        value = self.min_pieces
+        if (isinstance(value, bool) or not isinstance(value, int)
+                or not self.k <= value <= self.k + self.m):
+            raise ConfigError(f"min-pieces: must be a whole number from k ({self.k}) to k+m "
+                              f"({self.k + self.m}), got {value!r}")
+
+    @property
+    def tls(self) -> bool:
+        """Whether the main listener speaks TLS."""
+        return bool(self.tls_cert)
+
+    def _validate_tls(self) -> None:
+        if not self.tls_cert:
+            for name in ("tls_key", "tls_client_ca", "plain_address"):
+                if getattr(self, name):
+                    raise ConfigError(f"{name.replace('_', '-')}: needs tls-cert (the "
+                                      "listener's certificate)")
+            return
+        server_tls_context(self)  # the files exist, parse, and the key fits the certificate
+        if self.plain_address:
+            self.plain_host, self.plain_port = parse_listen_address(self.plain_address,
+                                                                    "plain-address")
+            if (self.plain_host, self.plain_port) == (self.host, self.port) and self.port:
+                raise ConfigError("plain-address: must differ from address")
+
+    def _validate_access(self) -> None:
+        try:
+            parse_modes(self.access, "access")
+            policy = parse_policy(self.access, self.vdisk_access, self.tls_clients)
+        except AccessConfigError as exc:
+            where = f"config {self.config}: " if self.config else ""
+            raise ConfigError(f"{where}{exc}") from None
+        if not self.tls_client_ca:
+            if "mtls" in policy.modes_used:
+                raise ConfigError("access: mtls needs tls-client-ca (the CA that signs the "
+                                  "client certificates)")
+            if policy.tls_clients:
+                raise ConfigError("tls_clients: needs tls-client-ca")
+        self.access_policy = policy
 
     def _validate_storage(self) -> None:
         given = [s for s in self.storage_addresses if s.strip()]
@@ -147,6 +215,16 @@ class ServerConfig:
                 self.master_key = crypto.parse_key(self.priv_key, "priv-key")
         except crypto.CryptoError as exc:
             raise ConfigError(str(exc)) from None
+        if self.old_key_files and self.storage_format == "legacy":
+            raise ConfigError("old-key-file: only for the v2 storage format (legacy records "
+                              "carry no key id)")
+        old: list[bytes] = []
+        for path in self.old_key_files:
+            try:
+                old.append(crypto.load_key_file(path))
+            except crypto.CryptoError as exc:
+                raise ConfigError(f"old-key-file: {exc}") from None
+        self.old_keys = old
         if self.storage_format == "legacy":
             if not self.nonce:
                 raise ConfigError("nonce: the legacy storage format needs --nonce (24 hex digits)")
@@ -163,12 +241,38 @@ class ServerConfig:
         elif self.nonce:
             raise ConfigError("nonce: only used with --storage-format legacy (v2 draws a fresh "
                               "nonce for every aggregation)")
+        if self.master_key is None and old:
+            raise ConfigError("old-key-file: the current key (key-file) is missing: old keys "
+                              "only read, new aggregations are written with the current one")
         if self.master_key is None:
             if not self.uses_memory_storage:
                 raise ConfigError("no master key: persistent storage needs --key-file, "
                                   "TLOG_PRIV_KEY or --priv-key (32 characters)")
             self.master_key = os.urandom(crypto.KEY_SIZE)
             self.ephemeral_key = True
+
+
+def server_tls_context(cfg: ServerConfig) -> ssl.SSLContext:
+    """The listener's TLS context: its certificate, TLS 1.2 or later, and, with
+    ``tls_client_ca``, client certificates verified when presented (a connection without
+    one is not refused by TLS: the vdisk's access rule decides)."""
+    assert cfg.tls_cert
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(cfg.tls_cert, cfg.tls_key or None)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"tls-cert / tls-key: cannot load {cfg.tls_cert}"
+                          f"{' / ' + cfg.tls_key if cfg.tls_key else ''}: "
+                          f"{getattr(exc, 'strerror', None) or exc}") from None
+    if cfg.tls_client_ca:
+        try:
+            context.load_verify_locations(cafile=cfg.tls_client_ca)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(f"tls-client-ca: cannot load {cfg.tls_client_ca}: "
+                              f"{getattr(exc, 'strerror', None) or exc}") from None
+        context.verify_mode = ssl.CERT_OPTIONAL
+    return context
 
 
 def parse_listen_address(text: str, what: str = "address") -> tuple[str, int]:
@@ -222,19 +326,38 @@ def from_sources(cli_values: Mapping[str, Any], explicit: set[str]) -> ServerCon
     known = set(ServerConfig.option_names()) - {"config"}
     for key, value in file_data.items():
         name = str(key).replace("-", "_")
-        if key in STORAGE_KEYS:
+        if key in STORAGE_KEYS or key in ACCESS_KEYS:
             continue
         if name not in known:
             raise ConfigError(f"config {values['config']}: unknown key {key!r}")
         if name not in explicit:
             values[name] = _coerce(name, value, values["config"])
     cfg = ServerConfig(**{k: v for k, v in values.items() if k in known | {"config"}})
-    if any(key in file_data for key in STORAGE_KEYS):
+    if _has_storage_map(file_data):
         try:
             cfg.storage = parse_storage_config(file_data, cfg.k + cfg.m if _int_ok(cfg) else None)
         except StorageConfigError as exc:
             raise ConfigError(f"config {values['config']}: {exc}") from None
+    vdisks = file_data.get("vdisks")
+    cfg.vdisk_access = dict(vdisks) if isinstance(vdisks, dict) else {}
+    clients = file_data.get("tls_clients")
+    if clients is not None and not isinstance(clients, dict):
+        raise ConfigError(f"config {values['config']}: tls_clients: expected a mapping of "
+                          "certificate name -> vdisk patterns")
+    cfg.tls_clients = dict(clients or {})
     return cfg.validate()
+
+
+def _has_storage_map(file_data: Mapping[str, Any]) -> bool:
+    """Whether the file maps vdisks to storage clusters (its ``vdisks`` entries may hold
+    only access settings, for a server on --storage-addresses)."""
+    if "storage_clusters" in file_data or "default_storage_cluster" in file_data:
+        return True
+    vdisks = file_data.get("vdisks")
+    if not isinstance(vdisks, Mapping):
+        return vdisks is not None
+    return any(not isinstance(entry, Mapping) or "storage_cluster" in entry
+               for entry in vdisks.values() if entry is not None)
 
 
 def _int_ok(cfg: ServerConfig) -> bool:
@@ -245,12 +368,23 @@ def _coerce(name: str, value: Any, path: str) -> Any:
     """Give a YAML value the type of its option, or say which key is wrong."""
     default = {f.name: f for f in dataclasses.fields(ServerConfig)}[name]
     kind = default.type
-    if name == "storage_addresses":
+    if name in ("storage_addresses", "old_key_files"):
         if isinstance(value, str):
             return [value]
         if isinstance(value, list) and all(isinstance(v, str) for v in value):
             return value
-        raise ConfigError(f"config {path}: {name}: expected a list of host:port[@db]")
+        what = "host:port[@db]" if name == "storage_addresses" else "key file paths"
+        raise ConfigError(f"config {path}: {name}: expected a list of {what}")
+    if name == "access":
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return ",".join(value)
+        if not isinstance(value, str):
+            raise ConfigError(f"config {path}: access: expected plain, token, mtls or a list")
+        return value
+    if name == "min_pieces":
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise ConfigError(f"config {path}: {name}: expected a whole number, got {value!r}")
+        return value
     if kind in ("int",) and not (isinstance(value, int) and not isinstance(value, bool)):
         raise ConfigError(f"config {path}: {name}: expected a whole number, got {value!r}")
     if kind == "float":
@@ -276,7 +410,20 @@ def describe_change(name: str, old: ServerConfig, new: ServerConfig) -> str:
     """``flush_size 25 -> 50`` for a log line; secrets only say that they changed."""
     if name in SECRET:
         return f"{name} (changed)"
+    if name == "storage_addresses":
+        return f"{name} {_redacted(old.storage_addresses)} -> {_redacted(new.storage_addresses)}"
     return f"{name} {getattr(old, name)!r} -> {getattr(new, name)!r}"
+
+
+def _redacted(addresses: list[str]) -> str:
+    """Storage addresses as the logs may show them: without passwords."""
+    shown = []
+    for item in addresses:
+        try:
+            shown.append(str(ServerAddress.parse(item)))
+        except StorageConfigError:
+            shown.append("(invalid)")
+    return repr(shown)
 
 
 def storage_description(cfg: ServerConfig) -> str:

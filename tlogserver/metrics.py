@@ -71,10 +71,12 @@ class ServerStats:
     """Every counter of one server, as plain numbers the write path adds to."""
 
     __slots__ = ("connections_accepted", "received_blocks", "received_bytes", "duplicate_blocks",
-                 "recv_failed_hash", "recv_failed_window", "flushed_blocks", "flushed_bytes",
+                 "recv_failed_hash", "recv_failed_window", "recv_failed_pending",
+                 "flushed_blocks", "flushed_bytes",
                  "aggregations_stored", "flush_failed_blocks", "storage_errors",
                  "degraded_pieces", "recv_latency", "flush_round", "flush_latency",
-                 "reloads_ok", "reloads_failed", "last_reload_ok", "last_reload_time")
+                 "reloads_ok", "reloads_failed", "last_reload_ok", "last_reload_time",
+                 "handshakes_refused")
 
     def __init__(self) -> None:
         self.connections_accepted = 0
@@ -83,6 +85,7 @@ class ServerStats:
         self.duplicate_blocks = 0
         self.recv_failed_hash = 0
         self.recv_failed_window = 0
+        self.recv_failed_pending = 0
         self.flushed_blocks = 0
         self.flushed_bytes = 0
         self.aggregations_stored = 0
@@ -97,6 +100,12 @@ class ServerStats:
         self.reloads_failed = 0
         self.last_reload_ok = True
         self.last_reload_time = 0.0
+        #: per HandshakeStatus name (lower case): handshakes answered with that error
+        self.handshakes_refused: dict[str, int] = {}
+
+    def handshake_refused(self, status: str) -> None:
+        """A handshake was answered with the error ``status`` (e.g. "unauthorized")."""
+        self.handshakes_refused[status] = self.handshakes_refused.get(status, 0) + 1
 
     def storage_failed(self, server: str, pieces: int) -> None:
         """One request to ``server`` failed, and with it the ``pieces`` it was to store."""
@@ -136,6 +145,13 @@ class ServerCollector(Collector):
                        s.connections_accepted)
         yield _gauge("tlog_vdisks_open", "Vdisks with an open chain in this server.",
                      len(server.vdisks))
+        refused = CounterMetricFamily("tlog_handshakes_refused", "Handshakes refused, by "
+                                      "status: unauthorized (access rules), invalid_vdisk_id, "
+                                      "invalid_version, internal_server_error.",
+                                      labels=["status"])
+        for status in sorted(s.handshakes_refused):
+            refused.add_metric([status], s.handshakes_refused[status])
+        yield refused
         yield _counter("tlog_received_blocks", "Blocks received, resends included.",
                        s.received_blocks)
         yield _counter("tlog_received_bytes", "Bytes read from client connections "
@@ -143,10 +159,12 @@ class ServerCollector(Collector):
         yield _counter("tlog_duplicate_blocks", "Blocks received again (client resends): "
                        "already stored, pending, or buffered.", s.duplicate_blocks)
         failed = CounterMetricFamily("tlog_recv_failed_blocks", "Blocks answered RecvFailed "
-                                     "and not kept: bad hash, or beyond the out-of-order window.",
+                                     "and not kept: bad hash, beyond the out-of-order window, "
+                                     "or too much not stored yet (storage behind).",
                                      labels=["reason"])
         failed.add_metric(["hash"], s.recv_failed_hash)
         failed.add_metric(["window"], s.recv_failed_window)
+        failed.add_metric(["pending"], s.recv_failed_pending)
         yield failed
         yield _counter("tlog_flushed_blocks", "Blocks stored (answered FlushOK).",
                        s.flushed_blocks)

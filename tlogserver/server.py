@@ -16,6 +16,7 @@ import itertools
 import logging
 import re
 import signal
+import ssl
 import time
 from collections.abc import Callable
 from time import perf_counter
@@ -44,7 +45,14 @@ from tlog.storage import (
 from tlog.version import MIN_SUPPORTED_VERSION, Version
 
 from . import logs
-from .config import RELOADABLE, ServerConfig, changed_options, describe_change
+from .access import certificate_identities
+from .config import (
+    RELOADABLE,
+    ServerConfig,
+    changed_options,
+    describe_change,
+    server_tls_context,
+)
 from .flusher import Flusher
 from .http import OpsServer
 from .logs import ContextLogger
@@ -65,10 +73,13 @@ _ids = itertools.count(1)
 
 
 class TlogConnection(asyncio.BufferedProtocol):
-    """One client connection."""
+    """One client connection (``tls``: accepted by the TLS listener)."""
 
-    def __init__(self, server: TlogServer) -> None:
+    def __init__(self, server: TlogServer, tls: bool = False) -> None:
         self.server = server
+        self.tls = tls
+        #: Names of the client's verified certificate; None on plain TCP, () without one.
+        self.identities: tuple[str, ...] | None = None
         self.stats = server.stats
         self.core = ServerConnection(server.config.max_message_size)
         self.transport: asyncio.Transport | None = None
@@ -87,6 +98,9 @@ class TlogConnection(asyncio.BufferedProtocol):
         if peer:
             self.log.bind(peer=f"{peer[0]}:{peer[1]}")
             self.name = f"{self.name} {peer[0]}:{peer[1]}"
+        if self.tls:
+            # TLS already verified the certificate (if one was sent) against the client CA.
+            self.identities = certificate_identities(transport.get_extra_info("peercert"))
         transport.set_write_buffer_limits(high=WRITE_BUFFER_HIGH)
         self.server.connections.add(self)
         self.stats.connections_accepted += 1
@@ -132,8 +146,15 @@ class TlogConnection(asyncio.BufferedProtocol):
         # it if that lasts.
         self._pause("write")
         self._cancel_timer()
-        self._timer = asyncio.get_running_loop().call_later(
-            STALLED_WRITER_TIMEOUT, self.close, "client stopped reading its responses")
+        self._timer = asyncio.get_running_loop().call_later(STALLED_WRITER_TIMEOUT,
+                                                            self._drop_stalled)
+
+    def _drop_stalled(self) -> None:
+        # close() alone would wait for the unread answers to be written, which never
+        # happens: the connection and its buffers would stay until the client leaves.
+        self.close("client stopped reading its responses")
+        if self.transport is not None:
+            self.transport.abort()
 
     def resume_writing(self) -> None:
         self._cancel_timer()
@@ -198,6 +219,9 @@ class TlogConnection(asyncio.BufferedProtocol):
         status = await self._accept(request)
         self.send(ServerConnection.send_handshake_response(status))
         if status != HandshakeStatus.OK:
+            if self._backlog is not None:
+                self._backlog.clear()  # what it sent after the handshake is never looked at
+            self.stats.handshake_refused(status.name.lower())
             self.close(f"handshake refused: {status.name}")
             return
         self._cancel_timer()
@@ -216,6 +240,13 @@ class TlogConnection(asyncio.BufferedProtocol):
             self.log.warning("invalid vdisk id %r", request.vdisk_id[:80])
             return HandshakeStatus.INVALID_VDISK_ID
         context = {"vdisk": request.vdisk_id}
+        # Before the vdisk is opened: a refused client costs no storage read and leaves
+        # nothing behind (no vdisk, no chain state, no metrics series).
+        decision = self.server.access.check(request.vdisk_id, request.token, self.identities)
+        if not decision.allowed:
+            self.log.warning("handshake refused, unauthorized: %s", decision.reason,
+                             extra=context)
+            return HandshakeStatus.UNAUTHORIZED
         while True:
             try:
                 vdisk = await self.server.vdisk(request.vdisk_id)
@@ -233,9 +264,10 @@ class TlogConnection(asyncio.BufferedProtocol):
         status = vdisk.handshake(self, request.first_sequence, request.reset_first_sequence)
         if status == HandshakeStatus.OK:
             self.vdisk = vdisk
-            self.log.info("handshake: vdisk %s, first sequence %d%s", vdisk.id,
+            self.log.info("handshake: vdisk %s, first sequence %d%s (%s%s)", vdisk.id,
                           request.first_sequence,
-                          " (reset)" if request.reset_first_sequence else "")
+                          " (reset)" if request.reset_first_sequence else "", decision.how,
+                          ", TLS" if self.tls else "")
         return status
 
     def _protocol_error(self, exc: ProtocolError) -> None:
@@ -275,21 +307,26 @@ class TlogServer:
         self._opening: dict[str, asyncio.Future[Vdisk]] = {}
         self.connections: set[TlogConnection] = set()
         self._server: asyncio.base_events.Server | None = None
+        self._plain_server: asyncio.base_events.Server | None = None
         self._stopping = asyncio.Event()
         self.stats = ServerStats()
         self.registry = make_registry(self)
         self._ops: OpsServer | None = None
         self._probe: asyncio.Task[tuple[bool, str]] | None = None
         self._probed: tuple[float, bool, str] | None = None  # (loop time, ready, reason)
-        assert config.master_key is not None
-        legacy = (LegacyCipher(config.master_key, config.legacy_nonce)
-                  if config.legacy_nonce is not None else None)
-        self.opener = RecordOpener(Keyring.of(config.master_key), legacy,
-                                   "legacy" if legacy is not None else "v2")
+        self.access = config.access_policy
+        self.tls: ssl.SSLContext | None = server_tls_context(config) if config.tls else None
+        self.opener = _opener(config)
 
     @property
     def sockets(self) -> list[Any]:
+        """The main listener's sockets (TLS when ``tls_cert`` is set)."""
         return list(self._server.sockets) if self._server else []
+
+    @property
+    def plain_sockets(self) -> list[Any]:
+        """The sockets of the extra plain-TCP listener (``plain_address``), if any."""
+        return list(self._plain_server.sockets) if self._plain_server else []
 
     @property
     def metrics_sockets(self) -> list[Any]:
@@ -308,6 +345,11 @@ class TlogServer:
         if cfg.storage_format == "legacy":
             log.warning("storage format legacy: every aggregation is encrypted with the SAME "
                         "AES-GCM nonce (0-Disk's layout); use it only for compatibility")
+        else:
+            log.info("master key id %s writes; %s", _key_ids(self.opener.keyring.ids[:1]),
+                     f"also reading key ids {_key_ids(self.opener.keyring.ids[1:])}"
+                     if len(self.opener.keyring.ids) > 1 else "no old keys")
+        self._log_access()
         if cfg.metrics_host is not None:
             # First, so that it is up once "listening on" is logged.
             self._ops = OpsServer(cfg.metrics_host, cfg.metrics_port, self.registry,
@@ -317,18 +359,54 @@ class TlogServer:
                 host, port = sock.getsockname()[:2]
                 log.info("metrics on http://%s:%d/metrics (health: /healthz, /readyz)", host,
                          port)
+        loop = asyncio.get_running_loop()
         try:
-            self._server = await asyncio.get_running_loop().create_server(
-                lambda: TlogConnection(self), cfg.host, cfg.port, reuse_address=True,
-                backlog=1024)
+            if self.tls is not None:
+                self._server = await loop.create_server(
+                    lambda: TlogConnection(self, tls=True), cfg.host, cfg.port,
+                    reuse_address=True, backlog=1024, ssl=self.tls,
+                    ssl_handshake_timeout=cfg.handshake_timeout)
+                if cfg.plain_host is not None:
+                    self._plain_server = await loop.create_server(
+                        lambda: TlogConnection(self), cfg.plain_host, cfg.plain_port,
+                        reuse_address=True, backlog=1024)
+            else:
+                self._server = await loop.create_server(
+                    lambda: TlogConnection(self), cfg.host, cfg.port, reuse_address=True,
+                    backlog=1024)
         except BaseException:
+            for listener in (self._server, self._plain_server):
+                if listener is not None:
+                    listener.close()
             if self._ops is not None:
                 await self._ops.close()
             raise
+        if self._plain_server is not None:
+            for sock in self._plain_server.sockets:
+                host, port = sock.getsockname()[:2]
+                log.info("also listening on %s:%d: plain TCP, for clients without TLS", host,
+                         port)
         for sock in self._server.sockets:
             host, port = sock.getsockname()[:2]
-            log.info("listening on %s:%d (flush-size %d, flush-time %gs, k=%d, m=%d, format %s)",
-                     host, port, cfg.flush_size, cfg.flush_time, cfg.k, cfg.m, cfg.storage_format)
+            log.info("listening on %s:%d (%s, flush-size %d, flush-time %gs, k=%d, m=%d, "
+                     "format %s)", host, port,
+                     ("TLS, client certificates checked" if cfg.tls_client_ca else "TLS")
+                     if self.tls is not None else "plain TCP",
+                     cfg.flush_size, cfg.flush_time, cfg.k, cfg.m, cfg.storage_format)
+
+    def _log_access(self) -> None:
+        """Say how vdisks are guarded, and warn about what is open."""
+        policy = self.access
+        cfg = self.config
+        log.info("access: default %s; %d vdisk(s) with their own rule; %d client "
+                 "certificate name(s) mapped", "/".join(sorted(policy.default.modes)),
+                 len(policy.vdisks), len(policy.tls_clients))
+        if "plain" in policy.default.modes:
+            log.warning("access: vdisks without a rule of their own accept any client that "
+                        "reaches the port (access: plain); use token or mtls in production")
+        if "token" in policy.modes_used and (self.tls is None or cfg.plain_host is not None):
+            log.warning("access: tokens are accepted on a plain TCP listener, where anyone "
+                        "on the path can read them; prefer TLS")
 
     async def vdisk(self, vdisk_id: str) -> Vdisk:
         """The vdisk, created on first use with its chain continued from storage."""
@@ -375,7 +453,7 @@ class TlogServer:
         flusher = Flusher(vdisk_id, pool, writer, prev,
                           on_stored=lambda batches: holder[0].on_stored(batches),
                           on_failed=lambda batches, exc: holder[0].on_failed(batches, exc),
-                          stats=self.stats)
+                          stats=self.stats, min_pieces=cfg.min_pieces)
         vdisk = Vdisk(vdisk_id, cfg, flusher, self._retire, self.stats)
         holder.append(vdisk)
         flusher.start()
@@ -396,8 +474,9 @@ class TlogServer:
     async def shutdown(self) -> bool:
         """Stop accepting, flush every vdisk, close connections. True if all was stored."""
         self._stopping.set()  # /readyz says so from now on
-        if self._server is not None:
-            self._server.close()
+        for listener in (self._server, self._plain_server):
+            if listener is not None:
+                listener.close()
         for conn in list(self.connections):
             conn._pause("drain")
         vdisks = list(self.vdisks.values())
@@ -415,8 +494,9 @@ class TlogServer:
             conn.close("server shutting down")
         for vdisk in vdisks:
             await vdisk.flusher.stop()
-        if self._server is not None:
-            await self._server.wait_closed()
+        for listener in (self._server, self._plain_server):
+            if listener is not None:
+                await listener.wait_closed()
         if self._probe is not None:
             self._probe.cancel()
         if self._ops is not None:
@@ -475,9 +555,10 @@ class TlogServer:
         """
         cur = self.config
         changed = changed_options(cur, new)
-        reloadable = [name for name in changed if name in RELOADABLE]
+        live = RELOADABLE if self.tls is not None else RELOADABLE - {"tls_cert", "tls_key"}
+        reloadable = [name for name in changed if name in live]
         restart = [describe_change(name, cur, new) for name in changed
-                   if name not in RELOADABLE and name != "config"]
+                   if name not in live and name != "config"]
         if (new.master_key != cur.master_key and not cur.ephemeral_key
                 and not {"priv_key", "key_file"} & set(changed)):
             restart.append("master key (the key file's content)")
@@ -501,7 +582,7 @@ class TlogServer:
         for vdisk in list(self.vdisks.values()):
             vdisk.apply(cur)
         logs.reconfigure(cur.effective_log_level, cur.log_format)
-        self._reload_access(new)
+        applied.extend(self._reload_access(new))
         self.stats.reloads_ok += 1
         self.stats.last_reload_ok = True
         self.stats.last_reload_time = time.time()
@@ -527,12 +608,45 @@ class TlogServer:
                          "(no client, nothing pending)", before, after, before,
                          extra={"vdisk": vdisk_id})
 
-    def _reload_access(self, new: ServerConfig) -> None:
-        """Hook for per-vdisk access settings, reloaded with the storage map.
+    def _reload_access(self, new: ServerConfig) -> list[str]:
+        """Swap in the access rules, the old keys and the TLS certificate of ``new``.
 
-        There are none yet (the security work adds them): when there are, validate them in
-        `ServerConfig` and swap them in here; connections already accepted keep running.
+        Handshakes from now on are checked against the new rules; connections already
+        accepted keep running (they were allowed when they came). Returns what changed,
+        for the reload's log line. ``new`` was validated: its key and certificate files
+        loaded.
         """
+        changed = []
+        if new.access_policy != self.access:
+            self.access = self.config.access_policy = new.access_policy
+            changed.append(f"access rules ({len(new.access_policy.vdisks)} vdisk rule(s), "
+                           f"default {'/'.join(sorted(new.access_policy.default.modes))})")
+        if new.old_keys != self.config.old_keys:
+            self.config.old_keys = new.old_keys
+            self.opener = _opener(self.config)
+            changed.append(f"read keys {_key_ids(self.opener.keyring.ids)}")
+        if self.tls is not None and new.tls_cert:
+            try:
+                # New connections get the new certificate; open ones keep theirs.
+                self.tls.load_cert_chain(new.tls_cert, new.tls_key or None)
+            except (OSError, ssl.SSLError) as exc:  # changed since it was validated
+                log.error("config reload: TLS certificate not reloaded: %s", exc)
+            else:
+                changed.append("TLS certificate re-read")
+        return changed
+
+
+def _opener(config: ServerConfig) -> RecordOpener:
+    """Opens records under the current key and every old one (key rotation)."""
+    assert config.master_key is not None
+    legacy = (LegacyCipher(config.master_key, config.legacy_nonce)
+              if config.legacy_nonce is not None else None)
+    return RecordOpener(Keyring.of(config.master_key, *config.old_keys), legacy,
+                        "legacy" if legacy is not None else "v2")
+
+
+def _key_ids(ids: list[int]) -> str:
+    return ", ".join(f"{i:08x}" for i in ids) or "none"
 
 
 def _pool_factory(config: ServerConfig) -> StoragePoolFactory:

@@ -1,0 +1,252 @@
+"""`tlog rekey`: re-encrypt a vdisk's log under the current master key, to retire old keys.
+
+After a key rotation tlogserver seals new aggregations with the new key and reads older ones
+with the old keys it is given (each v2 record names its key id). To stop needing an old key,
+every record sealed with it must be sealed again with the new one. A record's hash is its
+storage key and the next record's ``prev``, so re-sealing one record changes every record
+after it: the chain is rewritten from the first record that is not under the new key up to
+the head. Records already under the new key before that point are kept as they are.
+
+The rewrite never changes what the log says: each aggregation keeps its blocks (sequence,
+index, data, timestamps) and its flush timestamp; only the nonce, the key id, the ``prev``
+links and therefore the hashes change. It is done so that a crash at any point leaves a
+readable log:
+
+1. walk and open the whole chain (every record checked, as ``tlog verify`` does; a record
+   whose key was not given stops everything, naming the key id);
+2. seal and store the new records (all k+m pieces; nothing points at them yet);
+3. check that no server's head moved meanwhile (a client wrote to the vdisk: stop), then
+   push the new head onto every server's ``last_hash_<vdisk>`` list;
+4. with ``--delete-old``, delete the replaced records (and keep only the new head in the
+   lists).
+
+The vdisk must not be written during a rekey: no client connected to it through any
+tlogserver (a server releases an idle vdisk by itself; one that still holds it open would
+keep chaining onto the old head). Step 3 catches writes that happen during the run. Running
+it again finishes an interrupted run: a chain already under the new key is only checked, and
+every server's list is made to point at its head.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import click
+
+from .aggregation import Aggregation, Keyring, RecordOpener, V2Writer
+from .decoder import ChainReader, DecodeError
+from .erasure import ErasureCoder
+from .storage import LAST_HASH_KEEP, StorageError, StoragePool, last_hash_key
+
+__all__ = ["RekeyError", "RekeyReport", "rekey_command", "rekey_vdisk"]
+
+#: Bytes of new records sealed before their pieces are written (one MSET per server).
+BATCH_BYTES = 8 * 1024 * 1024
+BATCH_RECORDS = 64
+
+
+class RekeyError(Exception):
+    """The rekey cannot go on; nothing the log needs was changed before this was raised,
+    unless the message says so."""
+
+
+@dataclass
+class RekeyReport:
+    """What a rekey found and did."""
+
+    vdisk: str
+    new_key_id: int
+    aggregations: int = 0
+    #: key id (None: legacy record) -> aggregations sealed with it, before the rekey
+    by_key: dict[int | None, int] = field(default_factory=dict)
+    kept: int = 0  # already under the new key, before the first rewritten one
+    rewritten: int = 0
+    deleted: int = 0  # old records deleted (--delete-old)
+    lists_updated: int = 0  # servers whose last-hash list now starts with the new head
+    head: bytes | None = None  # the head of the chain after the rekey
+    dry_run: bool = False
+    seconds: float = 0.0
+
+    def summary(self) -> str:
+        keys = ", ".join(f"{'legacy' if k is None else f'{k:08x}'}: {n}"
+                         for k, n in sorted(self.by_key.items(), key=lambda kv: str(kv[0])))
+        verb = "would rewrite" if self.dry_run else "rewrote"
+        text = (f"vdisk {self.vdisk}: {self.aggregations} aggregations (by key id: "
+                f"{keys or 'none'}); {verb} {self.rewritten} under key id "
+                f"{self.new_key_id:08x}, kept {self.kept}")
+        if self.deleted:
+            text += f", deleted {self.deleted} old records"
+        if self.lists_updated and not self.dry_run:
+            text += f", head set on {self.lists_updated} servers"
+        return text + f" in {self.seconds:.2f} s"
+
+
+def _needs_rewrite(agg: Aggregation, new_key_id: int) -> bool:
+    return agg.format != "v2" or agg.key_id != new_key_id
+
+
+async def _heads(pool: StoragePool, vdisk_id: str) -> list[bytes | None]:
+    """The first entry of every server's last-hash list; every server must answer."""
+    async def one(index: int) -> bytes | None:
+        entries = await pool.servers[index].list_range(last_hash_key(vdisk_id))
+        return entries[0] if entries else None
+    try:
+        return list(await asyncio.gather(*(one(i) for i in range(len(pool.servers)))))
+    except StorageError as exc:
+        raise RekeyError(f"every storage server must be reachable for a rekey: {exc}") from None
+
+
+async def _store(pool: StoragePool, coder: ErasureCoder,
+                 records: Sequence[tuple[bytes, bytes]]) -> None:
+    """Store the pieces of ``records`` ((hash, record)) on every server, one MSET each."""
+    per_server: list[list[tuple[bytes, bytes]]] = [[] for _ in pool.servers]
+    for key, record in records:
+        for i, piece in enumerate(coder.encode(record)):
+            per_server[i].append((key, piece))
+    try:
+        await asyncio.gather(*(server.set_many(items)
+                               for server, items in zip(pool.servers, per_server, strict=True)))
+    except StorageError as exc:
+        raise RekeyError(f"storing re-encrypted records failed (the log is unchanged; run "
+                         f"again): {exc}") from None
+
+
+async def rekey_vdisk(pool: StoragePool, vdisk_id: str, opener: RecordOpener, new_key: bytes,
+                      *, delete_old: bool = False, dry_run: bool = False) -> RekeyReport:
+    """Re-encrypt ``vdisk_id``'s chain under ``new_key``; see the module's description.
+
+    ``opener`` must hold every key the chain was sealed with (and the legacy key and nonce
+    if it holds 0-Disk records, which become v2 records). Raises `RekeyError` or
+    `tlog.decoder.DecodeError`.
+    """
+    started = time.perf_counter()
+    writer = V2Writer(new_key, vdisk_id)
+    report = RekeyReport(vdisk_id, Keyring.of(new_key).ids[0], dry_run=dry_run)
+    coder = ErasureCoder(pool.k, pool.m)
+    heads_before = await _heads(pool, vdisk_id)
+    reader = ChainReader(pool, vdisk_id, opener, coder=coder)
+    prev = bytes(32)
+    rewriting = False
+    old_keys: list[bytes] = []
+    batch: list[tuple[bytes, bytes]] = []
+    batch_bytes = 0
+    async for item in reader.items():
+        agg = item.aggregation
+        report.aggregations += 1
+        key_id = agg.key_id if agg.format == "v2" else None
+        report.by_key[key_id] = report.by_key.get(key_id, 0) + 1
+        if not rewriting and not _needs_rewrite(agg, report.new_key_id):
+            report.kept += 1
+            prev = agg.hash
+            continue
+        rewriting = True
+        report.rewritten += 1
+        old_keys.append(agg.hash)
+        if dry_run:
+            continue
+        sealed = writer.seal(prev, agg.blocks, timestamp=agg.timestamp)
+        prev = sealed.hash
+        batch.append((sealed.hash, sealed.record))
+        batch_bytes += len(sealed.record)
+        if batch_bytes >= BATCH_BYTES or len(batch) >= BATCH_RECORDS:
+            await _store(pool, coder, batch)
+            batch, batch_bytes = [], 0
+    if batch:
+        await _store(pool, coder, batch)
+    if report.aggregations == 0:
+        raise RekeyError(f"vdisk {vdisk_id}: no aggregations stored")
+    report.head = None if dry_run and rewriting else prev
+    if dry_run:
+        report.seconds = time.perf_counter() - started
+        return report
+    # The switch: only if nobody wrote to the vdisk meanwhile.
+    if await _heads(pool, vdisk_id) != heads_before:
+        raise RekeyError(f"vdisk {vdisk_id} was written to during the rekey: stop its clients "
+                         "and run again (the log is unchanged; the records written so far "
+                         "are unreferenced)")
+    keep = 1 if delete_old else LAST_HASH_KEEP
+    list_key = last_hash_key(vdisk_id)
+    stale = [server for server, head in zip(pool.servers, heads_before, strict=True)
+             if head != prev or (delete_old and rewriting)]
+    try:
+        await asyncio.gather(*(server.store([], list_key, [prev], keep) for server in stale))
+    except StorageError as exc:
+        raise RekeyError(f"setting the new head failed on some servers (both chains are "
+                         f"readable; run again to finish): {exc}") from None
+    report.lists_updated = len(stale)
+    if delete_old and old_keys:
+        try:
+            await asyncio.gather(*(server.delete_many(old_keys) for server in pool.servers))
+        except StorageError as exc:
+            raise RekeyError(f"deleting the old records failed (the new chain is in place): "
+                             f"{exc}") from None
+        report.deleted = len(old_keys)
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+class _ReaderCommand(click.Command):
+    """A command that also takes the readers' storage and key options (`tlog.cli`).
+
+    They are added when the command is first parsed: `tlog.cli` imports this module to
+    register it, so they cannot be imported when this module loads.
+    """
+
+    _shared_added = False
+
+    def get_params(self, ctx: click.Context) -> list[click.Parameter]:
+        if not self._shared_added:
+            from .cli import _read_options
+
+            def holder() -> None:
+                """Only carries the options."""
+
+            decorated: Any = _read_options(holder)
+            # click stores decorator options innermost first; commands list them in order.
+            self.params[:0] = list(reversed(decorated.__click_params__))
+            self._shared_added = True
+        return super().get_params(ctx)
+
+
+@click.command("rekey", cls=_ReaderCommand)
+@click.option("--delete-old", is_flag=True,
+              help="Delete the records that were re-encrypted, and keep only the new head in "
+                   "the last-hash lists (needed to stop depending on the old key's storage "
+                   "copies; makes the old chain unreadable).")
+@click.option("--dry-run", is_flag=True,
+              help="Read and check the chain, count its aggregations per key id, write nothing.")
+@click.pass_context
+def rekey_command(ctx: click.Context, **values: Any) -> None:
+    """Re-encrypt a vdisk's log under the current master key, to retire an old key.
+
+    The first --key-file (or --priv-key) is the current key: records not sealed with it are
+    sealed again with it. Every other key the log was written with must be given too
+    (--old-key-file, or more --key-file). Stop the vdisk's clients first: the vdisk must not
+    be written during the rekey (checked before the switch). Exit status 1 on failure.
+    """
+    from .cli import EXIT_FAILED, _run, _setup
+
+    if values["record_format"] == "legacy":
+        raise click.UsageError("rekey writes v2 records: use --format auto (with --nonce) to "
+                               "convert a legacy log")
+    setup = _setup(ctx, values)
+    keyring = setup.opener.keyring
+    new_key = keyring.keys[keyring.ids[0]]
+
+    async def run() -> RekeyReport:
+        try:
+            return await rekey_vdisk(setup.pool, setup.vdisk, setup.opener, new_key,
+                                     delete_old=values["delete_old"], dry_run=values["dry_run"])
+        finally:
+            await setup.factory.close()
+
+    try:
+        report = _run(run())
+    except (RekeyError, DecodeError) as exc:
+        click.echo(f"error: {exc}", err=True)
+        raise SystemExit(EXIT_FAILED) from None
+    click.echo(report.summary())
