@@ -33,5 +33,9 @@ check: lint test
 bench: install redis
 	$(BIN)/python benchmarks/run_all.py
 
+# Crash consistency: 100,000 random writes and deletes, tlogserver killed -9 12 times.
+soak: install redis
+	$(BIN)/python scripts/soak.py --blocks 100000 --kills 12
+
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

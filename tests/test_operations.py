@@ -173,7 +173,7 @@ def test_metrics_count_blocks_and_the_histograms_move(redis6: list[Any]) -> None
 
 def test_storage_errors_are_counted_per_server(redis6: list[Any]) -> None:
     addresses = [r.address for r in redis6]
-    down = redis6[2]
+    down, down2 = redis6[2], redis6[3]  # two down: fewer than the k+1 pieces a flush needs
 
     async def scenario() -> None:
         async with running_server(addresses, metrics_address="127.0.0.1:0") as server:
@@ -183,6 +183,7 @@ def test_storage_errors_are_counted_per_server(redis6: list[Any]) -> None:
             client.write(ClientConnection.send_force_flush(0))
             await client.wait_flushed([0])
             down.stop()
+            down2.stop()
             for seq in range(1, 26):
                 client.send(seq, block_data(seq))
             await client.wait_for(lambda: bool(client.responses(BlockStatus.FLUSH_FAILED)),
@@ -193,11 +194,12 @@ def test_storage_errors_are_counted_per_server(redis6: list[Any]) -> None:
                          server=down.address) >= 1
             others = {dict(labels)["server"] for name, labels in failing
                       if name == "tlog_storage_errors_total"}
-            assert others == {down.address}
+            assert others == {down.address, down2.address}
             assert value(failing, "tlog_flush_failed_blocks_total") >= 25
             assert value(failing, "tlog_vdisk_storage_failing", vdisk="vd") == 1
             assert value(failing, "tlog_vdisk_pending_blocks", vdisk="vd") == 25
             down.start()
+            down2.start()
             await client.wait_flushed(range(1, 26))
             back = await scrape(mport)
             assert value(back, "tlog_vdisk_storage_failing", vdisk="vd") == 0

@@ -306,7 +306,10 @@ def test_storage_failure_answers_flush_failed_then_recovers(redis6: list[Any]) -
             client.send(0, block_data(0))
             client.write(ClientConnection.send_force_flush(0))
             await client.wait_flushed([0])  # the vdisk is open and its chain known
+            # Two of six down leaves k=4 pieces: fewer than the k+1 a flush needs (one
+            # server down would be a degraded flush, answered FlushOK).
             redis6[2].stop()
+            redis6[3].stop()
             for seq in range(1, 26):
                 client.send(seq, block_data(seq))
             await client.wait_for(lambda: bool(client.responses(BlockStatus.FLUSH_FAILED)),
@@ -314,6 +317,7 @@ def test_storage_failure_answers_flush_failed_then_recovers(redis6: list[Any]) -
             assert client.responses(BlockStatus.FLUSH_FAILED)[0] == tuple(range(1, 26))
             assert not client.closed
             redis6[2].start()
+            redis6[3].start()
             await client.wait_flushed(range(1, 26))  # retried by the server, nothing lost
             await client.close()
 

@@ -22,6 +22,7 @@ import yaml
 
 from . import crypto
 from .aggregation import Keyring, RecordOpener, describe
+from .allocator import tune_allocator
 from .decoder import ChainItem, ChainReader, DecodeError, Limiter, VerifyReport, verify_chain
 from .player import (
     DEFAULT_BLOCK_SIZE,
@@ -32,6 +33,7 @@ from .player import (
     PlayResult,
     RedisBlockStorage,
 )
+from .rekey import rekey_command
 from .send import send_command
 from .storage import (
     ClusterPoolFactory,
@@ -58,6 +60,7 @@ def cli() -> None:
 
 
 cli.add_command(send_command, "send")
+cli.add_command(rekey_command, "rekey")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -69,23 +72,32 @@ def _read_options(func: F) -> F:
     options = [
         click.option("--vdisk", required=True, help="The vdisk whose log to read."),
         click.option("--storage-addresses", envvar="TLOG_STORAGE_ADDRESSES", default="",
-                     help="Comma-separated k+m storage servers host:port[@db], as given to "
-                          "tlogserver; missing ones are filled in with sequential ports."),
+                     help="Comma-separated k+m storage servers host:port[@db] or "
+                          "redis[s]://[user:password@]host:port[/db][?ca=FILE], as given to "
+                          "tlogserver; missing ones are filled in with sequential ports. "
+                          "Passwords: in TLOG_STORAGE_ADDRESSES, the config file or "
+                          "?password_file=FILE, not on the command line."),
         click.option("--config", type=click.Path(dir_okay=False, exists=True),
                      envvar="TLOG_CONFIG",
                      help="tlogserver's YAML config: its storage clusters and vdisk map, and "
-                          "k, m, priv_key, key_file, nonce, storage_format when not given "
-                          "as options."),
+                          "k, m, priv_key, key_file, old_key_files, nonce, storage_format "
+                          "when not given as options."),
         click.option("-k", "--k", type=click.IntRange(1, 254), default=4, show_default=True,
                      envvar="TLOG_K", help="Data pieces per aggregation."),
         click.option("-m", "--m", type=click.IntRange(0, 254), default=2, show_default=True,
                      envvar="TLOG_M", help="Parity pieces per aggregation."),
         click.option("--priv-key", envvar="TLOG_PRIV_KEY", default=None,
                      help="Master key: 32 characters used as key bytes, or 64 hex digits. "
-                          "Visible in ps: prefer --key-file or TLOG_PRIV_KEY."),
-        click.option("--key-file", envvar="TLOG_KEY_FILE", default=None,
+                          "For 0-Disk compatibility only: a command line is readable by "
+                          "every local user (ps). Use --key-file or TLOG_PRIV_KEY."),
+        click.option("--key-file", "key_file", envvar="TLOG_KEY_FILE", multiple=True,
                      type=click.Path(dir_okay=False),
-                     help="File holding the master key."),
+                     help="File holding a master key; repeat it for the keys of a rotation "
+                          "(each record names the id of its key)."),
+        click.option("--old-key-file", "old_key_files", envvar="TLOG_OLD_KEY_FILE",
+                     multiple=True, type=click.Path(dir_okay=False),
+                     help="File holding a previous master key, as given to tlogserver "
+                          "(repeatable; same as another --key-file here)."),
         click.option("--format", "record_format", type=click.Choice(["auto", "v2", "legacy"]),
                      default="auto", show_default=True,
                      help="Record format: v2 (tlog's), legacy (0-Disk's, needs --nonce) or "
@@ -132,7 +144,7 @@ class ReadSetup:
 
 _CONFIG_KEYS: dict[str, type | tuple[type, ...]] = {
     "k": int, "m": int, "priv_key": str, "key_file": str, "nonce": str,
-    "storage_addresses": (str, list), "storage_format": str,
+    "storage_addresses": (str, list), "storage_format": str, "old_key_files": (str, list),
 }
 
 
@@ -174,6 +186,9 @@ def _setup(ctx: click.Context, values: dict[str, Any]) -> ReadSetup:
                 if not isinstance(value, kind) or isinstance(value, bool):
                     raise click.UsageError(f"config {values['config']}: {name}: unexpected "
                                            f"value {value!r}")
+                if name in ("key_file", "old_key_files"):
+                    items = data[name] if isinstance(data[name], list) else [data[name]]
+                    value = [str(v) for v in items]
                 values[option] = value
     k, m = values["k"], values["m"]
     if k + m > 255:
@@ -208,13 +223,14 @@ def _opener(values: dict[str, Any]) -> RecordOpener:
     if values["priv_key"] and values["key_file"]:
         raise click.UsageError("give only one of --priv-key and --key-file")
     try:
-        if values["key_file"]:
-            key = crypto.load_key_file(values["key_file"])
-        elif values["priv_key"]:
-            key = crypto.parse_key(values["priv_key"], "priv-key")
-        else:
+        keys = [crypto.load_key_file(path)
+                for path in [*values["key_file"], *values.get("old_key_files", ())]]
+        if values["priv_key"]:
+            keys.insert(0, crypto.parse_key(values["priv_key"], "priv-key"))
+        if not keys:
             raise click.UsageError("no key: the log is encrypted, pass --key-file, "
                                    "TLOG_PRIV_KEY or --priv-key")
+        key = keys[0]  # the legacy format has no key ids: its key comes first
         legacy = None
         if values["nonce"]:
             if record_format == "v2":
@@ -224,7 +240,7 @@ def _opener(values: dict[str, Any]) -> RecordOpener:
             raise click.UsageError("--format legacy needs --nonce (24 hex digits)")
     except crypto.CryptoError as exc:
         raise click.UsageError(str(exc)) from None
-    return RecordOpener(Keyring.of(key), legacy, record_format)
+    return RecordOpener(Keyring.of(*keys), legacy, record_format)
 
 
 def _limiter(values: dict[str, Any]) -> Limiter:
@@ -342,6 +358,9 @@ def restore_command(ctx: click.Context, **values: Any) -> None:
     """
     if (values["output"] is None) == (values["output_redis"] is None):
         raise click.UsageError("give exactly one of --output and --output-redis")
+    # A restore churns through ~100 KB records and their pieces: keep glibc from handing
+    # that memory back to the kernel and faulting it in again for every record.
+    tune_allocator()
     setup = _setup(ctx, values)
     limiter = _limiter(values)
     storage: BlockStorage
@@ -404,7 +423,7 @@ def _line(info: dict[str, Any]) -> str:
 @_read_options
 @click.option("--json", "as_json", is_flag=True,
               help="One JSON object per line (hash, prev, first_sequence, last_sequence, "
-                   "blocks, timestamps, sizes, format).")
+                   "blocks, timestamps, sizes, format, key_id).")
 @click.pass_context
 def inspect_command(ctx: click.Context, **values: Any) -> None:
     """List a vdisk's aggregations, oldest first, one per line.
@@ -478,6 +497,11 @@ def verify_command(ctx: click.Context, **values: Any) -> None:
     click.echo(f"vdisk {setup.vdisk}: chain sound: {report.aggregations} aggregations, "
                f"{report.blocks} blocks, sequences {report.first_sequence}.."
                f"{report.last_sequence}{warnings}")
+
+
+from .repair_cli import repair_command  # noqa: E402  (it uses the option helpers above)
+
+cli.add_command(repair_command, "repair")
 
 
 def main() -> None:

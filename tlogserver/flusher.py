@@ -3,9 +3,30 @@
 It owns the chain: each aggregation's ``prev`` is the hash of the one before.
 Batches handed over while a storage round is in flight are sealed and stored
 together in the next round (one pipelined request per server), so a busy vdisk
-pays one round trip for many aggregations. A failed round is retried with
-capped backoff, forever, with the same sealed records: nothing handed over is
-dropped, and the vdisk recovers by itself when storage comes back.
+pays one round trip for many aggregations.
+
+A round succeeds when at least ``min_pieces`` servers (k + 1 by default, at most
+k + m) stored their piece of every aggregation and the last-hash update: with
+fewer servers than k + m the vdisk goes on **degraded**, and the pieces that did
+not land are recorded on the servers that did (a marker key per aggregation, see
+`tlog.repair`) for ``tlog repair`` to rebuild. A server still busy with an
+earlier round, or slower than the others by more than `STRAGGLER_WAIT` once
+enough have answered, counts as missing for the round: one hung server neither
+stalls every flush nor piles up requests.
+
+A failed round (too few servers) answers FlushFailed and is retried with capped
+backoff with the same sealed records, so the vdisk recovers by itself when
+storage comes back. Two exceptions stop the retries, because carrying on could
+fork the chain (two servers writing children of the same record) once storage
+returns, while giving up loses nothing acknowledged (no FlushOK was sent for the
+dropped blocks; the client still holds them and resends them wherever it
+reconnects):
+
+- no client is connected to the vdisk any more when a retry is due: the client
+  moved on (possibly to another tlogserver);
+- before a retry, a server's newest last-hash entry turns out to be a record
+  that descends from this flusher's chain but was not written by it: another
+  tlogserver has taken the vdisk over.
 """
 
 from __future__ import annotations
@@ -17,8 +38,10 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
-from tlog.aggregation import SealedRecord
+from tlog.aggregation import RecordError, SealedRecord, is_v2, parse_v2_header
+from tlog.decoder import DecodeError, fetch_record
 from tlog.erasure import ErasureCoder
+from tlog.repair import marker_key, marker_value
 from tlog.storage import StorageError, StoragePool, last_hash_key
 from tlog.wire import BlockFields
 
@@ -31,6 +54,18 @@ log = logging.getLogger(__name__)
 MAX_ROUND = 64
 RETRY_MIN = 0.05
 RETRY_MAX = 5.0
+#: Pieces beyond k a round needs by default (k + 1: an acknowledged record survives the
+#: loss of one more server before it is repaired).
+DEFAULT_EXTRA_PIECES = 1
+#: Once enough servers stored a round, how long the others may still take before their
+#: pieces are recorded as missing.
+STRAGGLER_WAIT = 1.0
+#: Hashes of our own records remembered to tell them from another server's.
+KNOWN_HASHES = 4096
+#: How far back from a foreign head the fork check looks for one of our records.
+FORK_WALK = 64
+#: Bound on the reads of the fork check (it runs only before a retry).
+FORK_CHECK_TIMEOUT = 5.0
 
 
 class RecordWriter(Protocol):
@@ -51,35 +86,77 @@ class Batch:
         self.cut_at = time.monotonic()  # for the cut-to-stored latency
 
 
+class RoundFailed(StorageError):
+    """Fewer than ``min_pieces`` servers stored a round; names the ones that did not."""
+
+
+def _summary(errors: dict[int, str], addresses: Sequence[str]) -> str:
+    return "; ".join(f"{addresses[i]}: {errors[i]}" for i in sorted(errors))
+
+
 class Flusher:
+    """Seals, encodes and stores one vdisk's batches in order; see the module doc."""
+
     def __init__(self, vdisk_id: str, pool: StoragePool, writer: RecordWriter, prev: bytes,
                  on_stored: Callable[[list[Batch]], None],
                  on_failed: Callable[[list[Batch], Exception], None],
-                 stats: ServerStats | None = None) -> None:
+                 stats: ServerStats | None = None, *, min_pieces: int | None = None,
+                 straggler_wait: float | None = None) -> None:
+        n = pool.k + pool.m
+        if min_pieces is None:
+            min_pieces = min(pool.k + DEFAULT_EXTRA_PIECES, n)
+        if not pool.k <= min_pieces <= n:
+            raise ValueError(f"min_pieces must be between k={pool.k} and k+m={n}, "
+                             f"got {min_pieces}")
         self.vdisk_id = vdisk_id
         self.stats = stats if stats is not None else ServerStats()
         self.log = ContextLogger(log, vdisk=vdisk_id)
         self.pool = pool
         self.prev = prev
+        self.min_pieces = min_pieces
+        self.straggler_wait = STRAGGLER_WAIT if straggler_wait is None else straggler_wait
         self._writer = writer
         self._coder = ErasureCoder(pool.k, pool.m)
         self._list_key = last_hash_key(vdisk_id)
         self._on_stored = on_stored
         self._on_failed = on_failed
+        self._keep_retrying: Callable[[], bool] = lambda: True
+        self._on_abandon: Callable[[str, int], None] = lambda reason, dropped: None
         self._queue: deque[Batch] = deque()
         self._wake = asyncio.Event()
+        self._retry = asyncio.Event()  # cuts the backoff before a retry short
         self._idle = asyncio.Event()
         self._idle.set()
         self._task: asyncio.Task[None] | None = None
         self._inflight: list[Batch] = []  # sealed, not yet stored
+        # Per server: a request of an earlier round still running (a straggler).
+        self._outstanding: dict[int, asyncio.Task[None]] = {}
+        #: Servers that missed the last round: their pieces are recorded up front next time.
+        self.missing_servers: frozenset[int] = frozenset()
+        # Our records (and the head we continued from), newest last, for the fork check.
+        self._known: deque[bytes] = deque(maxlen=KNOWN_HASHES)
+        self._known_set: set[bytes] = set()
+        self._remember(prev)
+        self._not_forks: set[bytes] = set()
         self.failing = False
+        self.abandoned = False
         self.stored_rounds = 0
+        self.degraded_rounds = 0
+
+    def bind(self, keep_retrying: Callable[[], bool],
+             on_abandon: Callable[[str, int], None]) -> None:
+        """Hooks of the vdisk: whether a failing round may still be retried (a client is
+        connected), and what to do when the flusher gives up (reason, blocks dropped)."""
+        self._keep_retrying = keep_retrying
+        self._on_abandon = on_abandon
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(),
                                                             name=f"flusher {self.vdisk_id}")
 
     def submit(self, blocks: Sequence[BlockFields], epoch: int) -> None:
+        if self.abandoned:
+            return  # the vdisk is being retired: nothing more is stored by this flusher
         self._queue.append(Batch(blocks, epoch))
         self._idle.clear()
         self._wake.set()
@@ -105,10 +182,24 @@ class Flusher:
             return self._inflight[0].cut_at
         return self._queue[0].cut_at if self._queue else None
 
+    def retry_now(self) -> None:
+        """Retry a failing round at once instead of at the end of its backoff (a client
+        came back: it should learn soon whether storage works again)."""
+        if self.failing:
+            self._retry.set()
+
     async def wait_idle(self) -> None:
         await self._idle.wait()
 
+    async def wait_stopped(self) -> None:
+        """Until the flusher's task has ended (it was stopped, or it gave up)."""
+        if self._task is not None:
+            await asyncio.shield(self._task)
+
     async def stop(self) -> None:
+        for task in self._outstanding.values():
+            task.cancel()
+        self._outstanding.clear()
         if self._task is not None:
             self._task.cancel()
             try:
@@ -137,8 +228,16 @@ class Flusher:
                                      len(sealed), delay, exc)
                     self.stats.flush_failed_blocks += sum(len(b.blocks) for b in sealed)
                     self._on_failed(sealed, exc)
-                    await asyncio.sleep(delay)
+                    self._retry.clear()
+                    try:
+                        await asyncio.wait_for(self._retry.wait(), delay)
+                    except TimeoutError:
+                        pass
                     delay = min(delay * 2, RETRY_MAX)
+                    reason = await self._why_give_up()
+                    if reason is not None:
+                        self._abandon(reason)
+                        return
                     continue
                 if self.failing:
                     self.log.info("storage is back, stored %d pending aggregation(s)",
@@ -152,11 +251,88 @@ class Flusher:
                 self._on_stored(done)
             self._idle.set()
 
+    # -- giving up instead of forking --
+
+    async def _why_give_up(self) -> str | None:
+        """Before a retry: a reason to stop retrying (see the module doc), else None."""
+        if not self._keep_retrying():
+            return "storage failing and no client connected any more"
+        try:
+            async with asyncio.timeout(FORK_CHECK_TIMEOUT):
+                foreign = await self._foreign_head()
+        except TimeoutError:
+            return None
+        if foreign is not None:
+            return (f"another writer stored aggregation {foreign.hex()[:16]} on top of this "
+                    "server's chain")
+        return None
+
+    def _abandon(self, reason: str) -> None:
+        dropped = self.pending_blocks
+        self.abandoned = True
+        self._queue.clear()
+        self._inflight.clear()
+        for task in self._outstanding.values():
+            task.cancel()
+        self._outstanding.clear()
+        self.failing = False
+        self._idle.set()
+        self.log.error("giving up on the vdisk: %s; %d unacknowledged block(s) dropped (no "
+                       "FlushOK was sent for them: clients resend them)", reason, dropped)
+        self._on_abandon(reason, dropped)
+
+    def _remember(self, key: bytes) -> None:
+        if len(self._known) == self._known.maxlen:
+            self._known_set.discard(self._known[0])
+        self._known.append(key)
+        self._known_set.add(key)
+
+    async def _foreign_head(self) -> bytes | None:
+        """A server's newest last-hash entry that descends from one of our records without
+        being ours, None when there is none (or it cannot be read)."""
+        async def heads(index: int) -> bytes | None:
+            try:
+                entries = await self.pool.servers[index].list_range(self._list_key)
+            except StorageError:
+                return None
+            return entries[0] if entries else None
+
+        found = await asyncio.gather(*(heads(i) for i in range(len(self.pool.servers))))
+        for head in dict.fromkeys(h for h in found if h is not None):
+            if head in self._known_set or head in self._not_forks:
+                continue
+            if await self._descends_from_ours(head):
+                return head
+            if len(self._not_forks) > KNOWN_HASHES:
+                self._not_forks.clear()
+            self._not_forks.add(head)
+        return None
+
+    async def _descends_from_ours(self, key: bytes) -> bool:
+        """Whether following ``prev`` from ``key`` reaches one of our records within
+        `FORK_WALK` steps. Only v2 records can be followed without the key; an unreadable
+        record (fewer than k pieces) counts as no descendant: it can never be a head."""
+        for _ in range(FORK_WALK):
+            try:
+                record = (await fetch_record(self.pool, key, self._coder)).record
+                if not is_v2(record):
+                    return False
+                prev = parse_v2_header(record).prev
+            except (DecodeError, RecordError):
+                return False
+            if prev in self._known_set:
+                return True
+            key = prev
+        return False
+
+    # -- sealing and storing --
+
     def _seal(self, batch: Batch) -> None:
         record = self._writer.seal(self.prev, batch.blocks, time.time_ns())
         batch.record = record
         batch.pieces = self._coder.encode(record.record)
         self.prev = record.hash
+        self._remember(record.hash)
 
     def _count_stored(self, done: list[Batch]) -> None:
         stats = self.stats
@@ -169,27 +345,109 @@ class Flusher:
         stats.aggregations_stored += len(done)
 
     async def _store(self, batches: list[Batch]) -> None:
+        """One round: every server its pieces, markers and last-hash update, in one pipeline.
+
+        Returns once ``min_pieces`` servers stored everything and the missing pieces are
+        recorded; raises `RoundFailed` (a StorageError) when too few servers stored it.
+        """
         hashes = [b.record.hash for b in batches if b.record is not None]
-        calls = []
         servers = self.pool.servers
+        addresses = [s.address for s in servers]
+        errors: dict[int, str] = {}
+        for i, task in list(self._outstanding.items()):
+            if task.done():
+                del self._outstanding[i]
+            else:
+                errors[i] = "still busy with an earlier round"
+        # Pieces that will not land on servers known to be down are recorded with the
+        # pieces themselves (same MSET): the usual degraded round costs one round trip.
+        expected = sorted(set(self.missing_servers) | set(errors))
+        markers = ([(marker_key(self.vdisk_id, h), marker_value(expected)) for h in hashes]
+                   if expected else [])
+        loop = asyncio.get_running_loop()
+        tasks: dict[asyncio.Task[None], int] = {}
         for i, server in enumerate(servers):
+            if i in errors:
+                continue
             items = [(h, b.pieces[i]) for h, b in zip(hashes, batches, strict=True)]
-            calls.append(server.store(items, self._list_key, hashes))
+            if i not in expected:  # a server expected to miss the round needs no marker
+                items += markers
+            task = loop.create_task(server.store(items, self._list_key, hashes))
+            tasks[task] = i
         started = time.perf_counter()
-        results = await asyncio.gather(*calls, return_exceptions=True)
+        ok = await self._wait_round(tasks, errors)
         elapsed = time.perf_counter() - started
-        errors = [r for r in results if isinstance(r, BaseException)]
-        for server, result in zip(servers, results, strict=True):
-            if isinstance(result, BaseException):
-                self.stats.storage_failed(server.address, len(batches))
-        if not errors:
-            self.stats.flush_round.observe(elapsed)
+        missing = sorted(errors)
+        self.missing_servers = frozenset(missing)
+        for i in missing:
+            self.stats.storage_failed(addresses[i], len(batches))
+        if len(ok) < self.min_pieces:
+            raise RoundFailed(f"{len(ok)} of {len(servers)} storage servers stored the round, "
+                              f"{self.min_pieces} needed: {_summary(errors, addresses)}")
+        self.stats.flush_round.observe(elapsed)
+        if not missing:
+            if self.degraded_rounds:
+                self.log.info("every storage server stores again")
+                self.degraded_rounds = 0
             return
-        for err in errors:
-            if not isinstance(err, StorageError):
-                raise StorageError(f"unexpected storage failure: {err!r}") from err
-        if len(errors) == 1:
-            raise errors[0]
-        # Name every failed server in the one warning the round gets.
-        raise StorageError(f"{len(errors)} of {len(servers)} storage servers failed: "
-                           + "; ".join(str(e) for e in errors)) from errors[0]
+        if not self.degraded_rounds:
+            self.log.warning("storing degraded on %d of %d servers, the missing pieces are "
+                             "recorded for `tlog repair`: %s", len(ok), len(servers),
+                             _summary(errors, addresses))
+        self.degraded_rounds += 1
+        if set(missing) - set(expected):
+            await self._record_missing(hashes, missing, ok)
+
+    async def _wait_round(self, tasks: dict[asyncio.Task[None], int],
+                          errors: dict[int, str]) -> list[int]:
+        """Wait for the round's requests; the servers that stored it. Failed and straggling
+        servers go into ``errors``; stragglers keep running in `_outstanding`.
+
+        Once the outcome is known (``min_pieces`` stored it, or too many failed for it to
+        succeed), the others get `straggler_wait` more seconds.
+        """
+        loop = asyncio.get_running_loop()
+        ok: list[int] = []
+        pending = set(tasks)
+        deadline: float | None = None
+        while pending:
+            timeout = None if deadline is None else max(0.0, deadline - loop.time())
+            done, pending = await asyncio.wait(pending, timeout=timeout,
+                                               return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                exc = task.exception()
+                if exc is None:
+                    ok.append(tasks[task])
+                elif isinstance(exc, StorageError):
+                    errors[tasks[task]] = str(exc)
+                else:
+                    errors[tasks[task]] = f"unexpected storage failure: {exc!r}"
+            if deadline is None and (len(ok) >= self.min_pieces
+                                     or len(ok) + len(pending) < self.min_pieces):
+                deadline = loop.time() + self.straggler_wait
+            if not done:
+                break  # the stragglers' time is up
+        for task in pending:
+            i = tasks[task]
+            errors[i] = f"no answer within {self.straggler_wait:g} s of the others"
+            task.add_done_callback(_retrieve)
+            self._outstanding[i] = task
+        return sorted(ok)
+
+    async def _record_missing(self, hashes: list[bytes], missing: list[int],
+                              ok: list[int]) -> None:
+        """Record pieces that failed unexpectedly on the servers that stored the round."""
+        markers = [(marker_key(self.vdisk_id, h), marker_value(missing)) for h in hashes]
+        servers = self.pool.servers
+        results = await asyncio.gather(*(servers[i].set_many(markers) for i in ok),
+                                       return_exceptions=True)
+        if all(isinstance(r, BaseException) for r in results):
+            # Stored all the same; `tlog repair` finds the pieces by scanning the chain.
+            self.log.warning("could not record the missing pieces of %d aggregation(s): %s",
+                             len(hashes), results[0])
+
+
+def _retrieve(task: asyncio.Task[None]) -> None:
+    """Mark a straggler's outcome as seen (it was counted as missing already)."""
+    if not task.cancelled():
+        task.exception()

@@ -32,6 +32,12 @@ from .metrics import ServerStats
 
 log = logging.getLogger(__name__)
 
+#: Bytes of in-order blocks a vdisk holds that are not stored yet (pending, or being stored
+#: or retried by the flusher). Beyond it, the next in-order block is answered RecvFailed and
+#: not kept, so a vdisk whose storage fails or lags does not fill the server's memory; the
+#: client resends the block later.
+MAX_PENDING_BYTES = 256 * 1024 * 1024
+
 
 class Peer(Protocol):
     """What a vdisk needs of a connection."""
@@ -67,11 +73,16 @@ class Vdisk:
         self.ready: list[Block] = []
         self.ahead: dict[int, Block] = {}
         self.ahead_bytes = 0
+        #: Data bytes of the blocks received in order and not stored yet.
+        self.pending_bytes = 0
         self._force_at: list[int] = []
         self._timer: asyncio.TimerHandle | None = None
         self._ready_since = 0.0  # time.monotonic() when the timer was armed: oldest ready block
         self._epoch = 0  # bumped by a reset, so stale flush results do not move flushed_next
         self.retired = False
+        #: Why the vdisk was given up (see `abandon`), None while it is in use.
+        self.abandoned: str | None = None
+        flusher.bind(keep_retrying=lambda: bool(self.peers), on_abandon=self.abandon)
         self.apply(config)
 
     def apply(self, config: ServerConfig) -> None:
@@ -96,6 +107,7 @@ class Vdisk:
         elif reset:
             self._reset(peer, first_sequence)
         self.peers.add(peer)
+        self.flusher.retry_now()  # a client is back: try storage again at once if it failed
         return HandshakeStatus.OK
 
     def _reset(self, peer: Peer, first_sequence: int) -> None:
@@ -131,15 +143,24 @@ class Vdisk:
         expected = self.expected
         assert expected is not None
         if seq == expected:
+            if self.pending_bytes >= MAX_PENDING_BYTES:
+                # Storage is behind (or down): not kept, the client resends it later.
+                self.stats.recv_failed_pending += 1
+                out.append(_response(BlockStatus.RECV_FAILED, (seq,)))
+                return
             ready = self.ready
             ready.append(block)
+            added = len(block.data)
             expected += 1
             ahead = self.ahead
             while ahead and expected in ahead:
                 nxt = ahead.pop(expected)
-                self.ahead_bytes -= len(nxt.data)
+                size = len(nxt.data)
+                self.ahead_bytes -= size
+                added += size
                 ready.append(nxt)
                 expected += 1
+            self.pending_bytes += added
             self.expected = expected
             out.append(_response(BlockStatus.RECV_OK, (seq,)))
             if self._force_at and self._force_at[0] < expected:
@@ -206,6 +227,7 @@ class Vdisk:
     def on_stored(self, batches: list[Batch]) -> None:
         for batch in batches:
             seqs = [b.sequence for b in batch.blocks]
+            self.pending_bytes -= sum(len(b.data) for b in batch.blocks)
             if batch.epoch == self._epoch:
                 self.flushed_next = max(self.flushed_next, max(seqs) + 1)
             self._broadcast(_response(BlockStatus.FLUSH_OK, seqs))
@@ -249,6 +271,35 @@ class Vdisk:
                 self._timer.cancel()
                 self._timer = None
             self._on_retire(self)
+
+    def abandon(self, reason: str, dropped: int = 0) -> None:
+        """The flusher gave up (see `tlogserver.flusher`): forget every block not stored,
+        close the vdisk's connections and retire it.
+
+        Nothing acknowledged is lost: only blocks without FlushOK are dropped, which their
+        clients still hold. A client that connects again gets a vdisk opened afresh from
+        what storage holds, and resends from there.
+        """
+        if self.retired:
+            return
+        self.abandoned = reason
+        dropped += len(self.ready) + len(self.ahead)
+        self.log.warning("vdisk closed: %s (%d unacknowledged block(s) dropped in all)",
+                         reason, dropped)
+        self.ready.clear()
+        self.ahead.clear()
+        self.ahead_bytes = 0
+        self.pending_bytes = 0
+        self._force_at.clear()
+        for peer in list(self.peers):
+            peer.close(f"vdisk given up: {reason}")
+        self.peers.clear()
+        self.sender = None
+        self.retired = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._on_retire(self)
 
     async def drain(self) -> None:
         """Flush everything ordered and wait until it is stored."""
