@@ -117,25 +117,34 @@ class _FrameReader:
     straight into `get_buffer()` followed by `buffer_updated(n)`.
     """
 
-    def __init__(self, max_message_size: int, initial_size: int = 256 * 1024) -> None:
+    def __init__(self, max_message_size: int, initial_size: int = 16 * 1024,
+                 read_size: int = 256 * 1024) -> None:
         if max_message_size < 64:
             raise ValueError("max_message_size must be at least 64 bytes")
         self.max_message_size = max_message_size
-        # Starts small; grows (by replacement) to fit the largest frame actually seen.
+        # Starts small, so thousands of idle connections cost little (16 KiB each, not
+        # 256); doubles while reads fill it, up to ``read_size``, and grows beyond that
+        # only to fit the largest frame actually seen. Always grown by replacement.
         self._buf = bytearray(initial_size)
         self._view = memoryview(self._buf)
+        self._read_size = max(read_size, initial_size)
+        self._offered = 0  # size of the last view handed out by get_buffer
         self._start = 0  # first unparsed byte
         self._end = 0  # end of received bytes
 
     def get_buffer(self, sizehint: int = -1) -> memoryview:
         if self._start == self._end:
             self._start = self._end = 0
-        elif len(self._buf) - self._end < 65536:
+        elif len(self._buf) - self._end < len(self._buf) // 4:
             self._compact()
-        return self._view[self._end:]
+        view = self._view[self._end:]
+        self._offered = len(view)
+        return view
 
     def buffer_updated(self, nbytes: int) -> None:
         self._end += nbytes
+        if nbytes == self._offered and len(self._buf) < self._read_size:
+            self._grow(min(2 * len(self._buf), self._read_size))  # the peer sends a lot
 
     def feed(self, data: bytes | bytearray | memoryview) -> None:
         if len(data) > len(self._buf) - self._end:
@@ -339,7 +348,7 @@ class ClientConnection:
     """The client's side of one connection: encodes requests, decodes responses."""
 
     def __init__(self, max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE) -> None:
-        self._reader = _FrameReader(max_message_size, initial_size=64 * 1024)
+        self._reader = _FrameReader(max_message_size)
         self._state = _State.HANDSHAKE
 
     @property
