@@ -446,3 +446,24 @@ def test_sigterm_with_storage_down_exits_1_within_the_drain_timeout(
     assert client.responses(BlockStatus.FLUSH_FAILED) and not client.flushed()
     out = server.output()
     assert "drain timed out after 1s" in out and "drain incomplete" in out
+
+
+def test_repair_logs_in_to_password_protected_storage(redis_factory: RedisFactory) -> None:
+    servers = redis_factory(6, requirepass="s3cret")
+    addresses = [f"redis://:s3cret@{r.address}" for r in servers]
+
+    async def scenario() -> None:
+        async with running_server(addresses) as server:
+            client = await WireClient.connect(port_of(server))
+            servers[3].stop()
+            send(client, range(0, 25))  # degraded: server 3's piece is recorded missing
+            await client.wait_flushed(range(0, 25))
+            servers[3].start()
+            await client.close()
+
+    run(scenario())
+    assert markers(servers[0])
+    proc = tlog("repair", *read_args(addresses), "--no-scan")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "rewrote 1 pieces" in proc.stdout
+    assert not any(markers(r) for r in servers)

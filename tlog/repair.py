@@ -87,8 +87,7 @@ def _marker_hash(vdisk_id: str, name: bytes) -> bytes | None:
 def _client(server: RedisStorageServer, timeout: float = 10.0) -> redis.asyncio.Redis:
     """A plain client for the commands the storage pool has no method for (SCAN, DEL);
     one attempt per command, as the pool's own calls (redis-py would retry with backoff)."""
-    address = server.server_address
-    return redis.asyncio.Redis(host=address.host, port=address.port, db=address.db,
+    return redis.asyncio.Redis(**server.server_address.redis_kwargs(),  # credentials, TLS
                                socket_timeout=timeout, socket_connect_timeout=timeout,
                                retry=Retry(NoBackoff(), 0))
 
