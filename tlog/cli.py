@@ -381,7 +381,7 @@ def restore_command(ctx: click.Context, **values: Any) -> None:
 
     async def run() -> tuple[PlayResult, ChainReader]:
         reader = ChainReader(setup.pool, setup.vdisk, setup.opener, limiter,
-                             on_walk=progress.walked)
+                             on_walk=progress.walked, timeout=values["timeout"])
         started = time.perf_counter()
         try:
             links = await reader.walk()

@@ -148,8 +148,12 @@ class VdiskCipher:
         nonce = os.urandom(NONCE_SIZE)
         return nonce, self._aead.encrypt(nonce, plaintext, aad)
 
-    def open(self, nonce: bytes, ciphertext: bytes, aad: bytes) -> bytes:
-        """Check the tag and decrypt; IntegrityError if anything was altered or the key differs."""
+    def open(self, nonce: bytes, ciphertext: bytes | memoryview,
+             aad: bytes | memoryview) -> bytes:
+        """Check the tag and decrypt; IntegrityError if anything was altered or the key differs.
+
+        ``ciphertext`` and ``aad`` may be views into a record (no copy of it).
+        """
         if len(nonce) != NONCE_SIZE:
             raise CryptoError(f"nonce must be {NONCE_SIZE} bytes, got {len(nonce)}")
         if len(ciphertext) < TAG_SIZE:

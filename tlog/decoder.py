@@ -9,8 +9,10 @@ entered at its head:
    last-hash list that decodes; among servers, the one whose aggregation ends with the
    highest sequence) along ``prev`` to the zero hash, or to the aggregation where a
    limiter says older ones cannot matter. A v2 record's plaintext header holds ``prev``
-   and the sequence range, so for v2 this pass reads piece 0 alone and decrypts nothing;
-   such a header is only believed for the walk: one that leads to no stored record, or
+   and the sequence range, so for v2 this pass reads piece 0's header alone and decrypts
+   nothing; storage server 0 follows the chain itself for up to `MAX_HEADER_RUN` records
+   per round trip (`_WALK_SCRIPT`), the walk asks piece by piece where it cannot. Such a
+   header is only believed for the walk: one that leads to no stored record, or
    that the walk would stop on, is read whole and hash-checked first. A legacy record
    must be fetched whole (hash = key) and decrypted to learn its ``prev``. What was read
    is kept for the second pass within a memory budget; beyond it only the hashes are
@@ -19,8 +21,9 @@ entered at its head:
    one MGET per data server per batch), check that it hashes to its key, open it (AES-GCM
    tag, which covers the v2 header), check that its sealed ``prev`` is the link the walk
    followed, that it belongs to the vdisk and that every block's BLAKE2b matches its
-   data (in worker threads, while the caller applies the previous aggregation); then
-   select the blocks a limiter lets through, skipping sequences already replayed.
+   data (in worker processes, `tlog.bulkread`, or worker threads, while the caller
+   applies the previous aggregation); then select the blocks a limiter lets through,
+   skipping sequences already replayed.
 
 Pieces: the k data pieces are fetched first; the m parity pieces only when a data piece
 is missing or the rebuilt record does not hash to its key. Up to m missing or corrupt
@@ -47,6 +50,8 @@ from __future__ import annotations
 import asyncio
 import bisect
 import concurrent.futures
+import concurrent.futures.process
+import contextlib
 import logging
 import os
 import struct
@@ -54,6 +59,8 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
+
+import redis.asyncio
 
 from .aggregation import (
     NONCE_SIZE,
@@ -67,9 +74,10 @@ from .aggregation import (
     parse_v2_header,
     record_hash,
 )
+from .bulkread import SLOT_BYTES, WorkerPool, client_options, usable_addresses
 from .crypto import TAG_SIZE
 from .erasure import ErasureCoder, ErasureError
-from .storage import StorageError, StoragePool, last_hash_key
+from .storage import ServerAddress, StorageError, StoragePool, last_hash_key
 from .wire import Block
 
 log = logging.getLogger(__name__)
@@ -94,13 +102,29 @@ __all__ = [
 #: Bytes of fetched records or opened aggregations kept between the walk back and the
 #: replay. Beyond it the oldest part of the chain is read a second time instead.
 DEFAULT_CACHE_BYTES = 512 * 1024 * 1024
-#: Records fetched ahead of the one being replayed.
-DEFAULT_PREFETCH = 16
-#: Records fetched together (one MGET per data server).
-BATCH = 8
-#: Threads that check and open records while the event loop fetches and applies (hashing
-#: and AES-GCM release the GIL; parsing does not, so a few are enough).
-DEFAULT_WORKERS = max(1, min(4, (os.cpu_count() or 1) // 2))
+#: Records fetched ahead of the one being replayed (about 13 MB of 25-block records; fewer
+#: when the aggregations are larger, see `BATCH_BYTES`).
+DEFAULT_PREFETCH = 128
+#: Records fetched together (one MGET per data server)...
+BATCH = 32
+#: ...and about as many bytes of plaintext at most (see `_cut_batches`), estimated from the
+#: block counts at `BLOCK_ESTIMATE` bytes per block (4 KiB of data and its framing).
+BATCH_BYTES = 3 * SLOT_BYTES // 4
+BLOCK_ESTIMATE = 4096 + 128
+#: Headers storage server 0 reads in its first walk script (`_WALK_SCRIPT`); each next run
+#: reads twice as many, up to `MAX_HEADER_RUN` (a few milliseconds of the server's time),
+#: so a walk that a start limit stops early reads little more than it needs.
+FIRST_HEADER_RUN = 64
+MAX_HEADER_RUN = 2048
+#: Script runs in a row that find no v2 header before the walk stops asking for them.
+SCRIPT_MISSES = 3
+#: Links a replay needs before worker processes are forked for it (fewer are read quicker
+#: than the processes start).
+MIN_PROCESS_LINKS = 64
+#: Threads that check and open records while the event loop fetches and applies: one per
+#: core, since hashing (most of the work: every record and every block) and decompression
+#: run outside the GIL. AES-GCM and parsing hold it, so more would not help.
+DEFAULT_WORKERS = max(1, min(4, os.cpu_count() or 1))
 
 T = TypeVar("T")
 
@@ -225,6 +249,20 @@ class SequenceSet:
         """The inclusive ranges, ascending."""
         return list(zip(self._starts, self._ends, strict=True))
 
+    def add_new(self, sequences: list[int], low: int) -> None:
+        """Add ``sequences``, all above `max` (``low`` is their minimum): a whole range at
+        once when they are distinct and consecutive, as an aggregation's usually are."""
+        high = max(sequences)
+        if high - low + 1 != len(sequences) or len(set(sequences)) != len(sequences):
+            for seq in sequences:
+                self.add(seq)
+            return
+        if self._ends and self._ends[-1] + 1 == low:
+            self._ends[-1] = high
+        else:
+            self._starts.append(low)
+            self._ends.append(high)
+
     def add(self, seq: int) -> None:
         """Add one sequence, merging it with neighbouring ranges."""
         starts, ends = self._starts, self._ends
@@ -256,6 +294,41 @@ class SequenceSet:
 # Fetching records
 
 
+#: Run by storage server 0 (Redis EVAL): follow ``prev`` from KEYS[1] through at most
+#: ARGV[1] records, returning for each the start of its piece 0 (GETRANGE: the 8-byte length,
+#: then the v2 header up to its vdisk id, then as many bytes as a nonce and a tag, so the
+#: header parser sees a plausible record). Piece 0 holds ``uint64 length || record ...``:
+#: the magic and version at bytes 8-12, ``prev`` at 48-79, the vdisk id's length at 80-81
+#: (Lua counts from 1). Read-only; a wrong type, a missing key, a record that is not v2 or
+#: the zero ``prev`` ends the run. The walk still treats what it returns as piece 0's
+#: header: a hint checked when the record is read whole.
+_WALK_SCRIPT = """
+local key = KEYS[1]
+local out = {}
+local zero = string.rep('\\0', 32)
+for i = 1, tonumber(ARGV[1]) do
+  local piece = redis.pcall('GETRANGE', key, 0, 255)
+  if type(piece) ~= 'string' or #piece < 82
+      or string.sub(piece, 9, 13) ~= 'TLG2\\2' then
+    break
+  end
+  local size = 82 + string.byte(piece, 81) + 256 * string.byte(piece, 82) + 28
+  if size > #piece and #piece == 256 then
+    piece = redis.pcall('GETRANGE', key, 0, size - 1)
+    if type(piece) ~= 'string' then
+      break
+    end
+  end
+  out[#out + 1] = string.sub(piece, 1, size)
+  key = string.sub(piece, 49, 80)
+  if key == zero then
+    break
+  end
+end
+return out
+"""
+
+
 @dataclass
 class Fetched:
     """A record read back and checked against its key."""
@@ -270,10 +343,13 @@ class _PieceReader:
     """Fetches pieces from a pool, remembering servers that failed so they are not asked
     again (a dead server would cost a connection attempt per record)."""
 
-    def __init__(self, pool: StoragePool, coder: ErasureCoder) -> None:
+    def __init__(self, pool: StoragePool, coder: ErasureCoder, timeout: float = 10.0) -> None:
         self.pool = pool
         self.coder = coder
         self.down: set[int] = set()
+        self.timeout = timeout
+        self.scripting = True  # whether to try `header_run`
+        self._script_client: redis.asyncio.Redis | None = None
 
     async def _get(self, index: int, key: bytes) -> bytes | None:
         if index in self.down:
@@ -313,6 +389,44 @@ class _PieceReader:
     async def first_piece(self, key: bytes) -> bytes | None:
         """Piece 0 alone: it starts with the record's header."""
         return await self._get(0, key)
+
+    async def header_run(self, key: bytes, limit: int) -> list[bytes] | None:
+        """The v2 headers of up to ``limit`` records along the chain from ``key`` back, read
+        by storage server 0 itself in one round trip (`_WALK_SCRIPT`): for each record, the
+        start of its piece 0 up to the end of its header. The list stops early at a missing
+        record, one that is not v2, or the first one. None when server 0 cannot run the
+        script (no Redis, scripting disabled, unreachable): the caller walks piece by piece.
+        """
+        if not self.scripting or 0 in self.down:
+            return None
+        server = self.pool.servers[0]
+        address = getattr(server, "server_address", None)
+        if not isinstance(address, ServerAddress):
+            self.scripting = False
+            return None
+        try:
+            if self._script_client is None:
+                self._script_client = redis.asyncio.Redis(
+                    **client_options(address), socket_timeout=self.timeout,
+                    socket_connect_timeout=self.timeout)
+            reply = await self._script_client.execute_command("EVAL", _WALK_SCRIPT, 1, key,
+                                                              limit)
+        except (redis.RedisError, OSError, TimeoutError) as exc:
+            log.info("storage server %s cannot walk the chain itself (%s): reading headers "
+                     "one by one", server.address, exc)
+            self.scripting = False
+            return None
+        if not isinstance(reply, list) or not all(isinstance(x, bytes) for x in reply):
+            self.scripting = False
+            return None
+        return reply
+
+    async def close(self) -> None:
+        """Close the connection `header_run` opened, if any."""
+        client, self._script_client = self._script_client, None
+        if client is not None:
+            with contextlib.suppress(redis.RedisError, OSError):
+                await client.aclose()
 
     async def fetch(self, key: bytes, all_pieces: bool = False,
                     known: dict[int, bytes] | None = None) -> Fetched:
@@ -502,6 +616,9 @@ class ChainItem:
 
 
 _PREFIX = struct.Struct("<Q")
+#: One record of a batch for `ChainReader._open_many`: its link, and the opened aggregation,
+#: the record or the k data pieces, whichever is at hand (all None: fetch it first).
+_Job = tuple[ChainLink, Aggregation | None, bytes | None, list[bytes] | None]
 
 
 def _header_of_piece(piece: bytes | None) -> V2Header | None:
@@ -519,21 +636,45 @@ def _header_of_piece(piece: bytes | None) -> V2Header | None:
     return head if head.size + NONCE_SIZE + TAG_SIZE <= length else None
 
 
+def _cut_batches(links: list[ChainLink], size: int) -> list[list[ChainLink]]:
+    """The links in batches of at most ``size`` records and about `BATCH_BYTES` of
+    plaintext (by their block counts): aggregations of 250 blocks come 6 to a batch, so a
+    batch still fits a worker's shared slot and the read-ahead stays a few batches."""
+    out: list[list[ChainLink]] = []
+    batch: list[ChainLink] = []
+    held = 0
+    for link in links:
+        estimate = max(1, link.count) * BLOCK_ESTIMATE
+        if batch and (len(batch) >= size or held + estimate > BATCH_BYTES):
+            out.append(batch)
+            batch, held = [], 0
+        batch.append(link)
+        held += estimate
+    if batch:
+        out.append(batch)
+    return out
+
+
 class ChainReader:
     """Reads a vdisk's chain: `walk` back from the head, then iterate `items` oldest first.
 
     ``opener`` decides the record format (v2, legacy or auto). ``cache_bytes`` bounds what
     the walk keeps for the replay; ``prefetch`` bounds the records fetched ahead.
     ``workers`` threads check and open records while the caller applies the previous ones
-    (hashing and AES-GCM run outside the GIL); 0 opens them in the event loop's thread.
+    (hashing and decompression run outside the GIL); 0 opens them in the event loop's thread.
     ``all_pieces`` fetches and checks every piece, parity included (slower; for verify).
+    ``processes``: open the records of a long replay in ``workers`` forked processes
+    (`tlog.bulkread`) instead of threads; None (the default) does when there are two
+    workers or more, the storage servers are plain Redis servers and fork is available.
+    ``timeout``: seconds to wait for a storage server in the workers and the walk script.
     """
 
     def __init__(self, pool: StoragePool, vdisk_id: str, opener: RecordOpener,
                  limiter: Limiter | None = None, *, coder: ErasureCoder | None = None,
                  cache_bytes: int = DEFAULT_CACHE_BYTES, prefetch: int = DEFAULT_PREFETCH,
                  workers: int = DEFAULT_WORKERS, all_pieces: bool = False,
-                 on_walk: Callable[[int], None] | None = None) -> None:
+                 on_walk: Callable[[int], None] | None = None,
+                 processes: bool | None = None, timeout: float = 10.0) -> None:
         self.pool = pool
         self.vdisk_id = vdisk_id
         self.opener = opener
@@ -544,7 +685,14 @@ class ChainReader:
         self.all_pieces = all_pieces
         self.on_walk = on_walk
         self.coder = coder or ErasureCoder(pool.k, pool.m)
-        self._reader = _PieceReader(pool, self.coder)
+        self.processes = processes
+        self.timeout = timeout
+        self._reader = _PieceReader(pool, self.coder, timeout)
+        self._procs: WorkerPool | None = None
+        # key -> its v2 header as server 0 read it (`_read_ahead`); None: not a v2 header
+        self._ahead: dict[bytes, V2Header | None] = {}
+        self._run_size = FIRST_HEADER_RUN
+        self._script_misses = 0  # script runs in a row that found no header
         self._cached = 0
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self.links: list[ChainLink] = []  # oldest first, after walk()
@@ -602,10 +750,38 @@ class ChainReader:
         self._check_vdisk(key, agg.vdisk_id)
         return self._link_from_agg(agg, fetched)
 
+    async def _read_ahead(self, key: bytes) -> None:
+        """Have storage server 0 read the headers of the next links from ``key`` back in
+        one round trip (`_PieceReader.header_run`), for `_step` to use."""
+        run = await self._reader.header_run(key, self._run_size)
+        if not run:
+            # This record's piece 0 holds no whole v2 header: a legacy record, a tiny one,
+            # a damaged or missing piece. `_step` reads it otherwise; after a few such
+            # records in a row (a legacy chain goes on with legacy records) the script is
+            # not worth its round trip any more.
+            self._script_misses += 1
+            if self._script_misses >= SCRIPT_MISSES:
+                self._reader.scripting = False
+            return
+        self._script_misses = 0
+        self._run_size = min(self._run_size * 2, MAX_HEADER_RUN)
+        for prefix in run:
+            head = _header_of_piece(prefix)
+            self._ahead[key] = head
+            if head is None:
+                break
+            key = head.prev
+
     async def _step(self, key: bytes) -> ChainLink:
         """The link of ``key``: from piece 0's v2 header when that suffices, else verified."""
         known = None
         if self._headers_suffice and not self.all_pieces:
+            if key not in self._ahead and self._reader.scripting:
+                await self._read_ahead(key)
+            head = self._ahead.pop(key, None)
+            if head is not None and head.vdisk_id == self.vdisk_id:
+                return ChainLink(key, head.prev, head.first_sequence, head.last_sequence,
+                                 head.count, head.timestamp, verified=False)
             piece = await self._reader.first_piece(key)
             head = _header_of_piece(piece)
             if head is not None and head.vdisk_id == self.vdisk_id:
@@ -635,6 +811,13 @@ class ChainReader:
         """
         if self.walked:
             return self.links
+        try:
+            return await self._walk()
+        finally:
+            self._ahead.clear()
+            await self._reader.close()
+
+    async def _walk(self) -> list[ChainLink]:
         head = await _find_head(self.pool, self.vdisk_id, self.opener, self._reader)
         self.head = head
         links: list[ChainLink] = []
@@ -743,12 +926,80 @@ class ChainReader:
         link.missing, link.corrupt = fetched.missing, fetched.corrupt
         return await self._in_worker(self._open_record, link, fetched.record)
 
+    def _open_many(self, jobs: list[_Job]) -> list[Aggregation | DecodeError | None]:
+        """The CPU part of a batch, in one worker call (one hop to the thread and back per
+        batch, not per record): join, hash-check, open and check each record; None where
+        the pieces do not make the record (the caller fetches parity), a DecodeError in its
+        place for a record that fails."""
+        out: list[Aggregation | DecodeError | None] = []
+        for link, agg, record, pieces in jobs:
+            try:
+                if agg is not None:
+                    out.append(self._finish(link, agg))
+                elif record is not None:
+                    out.append(self._open_record(link, record))
+                elif pieces is not None:
+                    out.append(self._join_and_open(link, pieces))
+                else:
+                    out.append(None)
+            except DecodeError as exc:
+                out.append(exc)
+        return out
+
+    def _start_processes(self, links: int) -> None:
+        """Fork the worker processes when they are worth it (see ``processes``)."""
+        wanted = self.processes
+        if wanted is None:
+            wanted = self.workers >= 2 and links >= MIN_PROCESS_LINKS
+        if not wanted or self.all_pieces or self.workers < 1 or not WorkerPool.available():
+            return
+        addresses = usable_addresses(self.pool.servers, self.coder.k)
+        if addresses is None:
+            return
+        size = max(1, min(BATCH, self.prefetch))
+        self._procs = WorkerPool(self.workers, addresses, self.coder.k, self.coder.m,
+                                 self.opener, self.vdisk_id, self.timeout,
+                                 slots=self.prefetch // size + 2)
+
+    def _stop_processes(self) -> None:
+        procs, self._procs = self._procs, None
+        if procs is not None:
+            procs.close()
+
     async def _load_batch(self, batch: list[ChainLink]) -> list[Aggregation | DecodeError]:
-        """Load several links with one MGET per data server; a failure is returned in its
-        place, so the links before it are still replayed."""
+        """Load several links: in the worker processes when there are some, else (and for
+        whatever they hand back unopened) in this process."""
+        procs = self._procs
         need = [link for link in batch if link.agg is None and link.record is None]
+        if procs is None or not need:
+            return await self._load_here(batch)
+        try:
+            opened, error = await procs.open([(link.key, link.prev) for link in need])
+        except (concurrent.futures.process.BrokenProcessPool, RuntimeError, OSError) as exc:
+            log.warning("record worker processes failed (%s): reading in this process", exc)
+            opened, error = [None] * len(need), None
+            self._stop_processes()
+        if error is not None:
+            log.warning("record worker processes cannot read %s: reading in this process",
+                        error)
+            self._stop_processes()
+        done: dict[bytes, Aggregation] = {}
+        for link, result in zip(need, opened, strict=True):
+            if result is not None:
+                link.drop()
+                done[link.key] = result
+        rest = [link for link in batch if link.key not in done]
+        others = iter(await self._load_here(rest) if rest else [])
+        return [done[link.key] if link.key in done else next(others) for link in batch]
+
+    async def _load_here(self, batch: list[ChainLink]) -> list[Aggregation | DecodeError]:
+        """Load several links: one MGET per data server, then one worker call that checks
+        and opens them all; a failure is returned in its place, so the links before it are
+        still replayed. Records whose data pieces are missing or wrong take the slow path
+        (`_load`: parity, every combination of pieces)."""
         data: dict[bytes, list[bytes | None]] = {}
-        if len(need) > 1 and not self.all_pieces:
+        need = [link for link in batch if link.agg is None and link.record is None]
+        if need and not self.all_pieces:
             k = self.coder.k
             for link in need:
                 data[link.key] = [link.piece0] + [None] * (k - 1)
@@ -758,14 +1009,26 @@ class ChainReader:
             for i, (links, values) in enumerate(zip(asked, got, strict=True)):
                 for link, value in zip(links, values, strict=True):
                     data[link.key][i] = value
-
-        async def one(link: ChainLink) -> Aggregation | DecodeError:
-            try:
-                return await self._load(link, data.get(link.key))
-            except DecodeError as exc:
-                return exc
-
-        return list(await asyncio.gather(*(one(link) for link in batch)))
+        jobs: list[_Job] = []
+        for link in batch:
+            agg, record, pieces = link.agg, link.record, None
+            if agg is not None or record is not None:
+                link.drop()
+            elif not self.all_pieces:
+                found = data[link.key]
+                if all(p is not None for p in found):
+                    pieces = [p for p in found if p is not None]
+            jobs.append((link, agg, record, pieces))
+        results = await self._in_worker(self._open_many, jobs)
+        done: list[Aggregation | DecodeError] = []
+        for link, result in zip(batch, results, strict=True):
+            if result is None:
+                try:
+                    result = await self._load(link, data.get(link.key))
+                except DecodeError as exc:
+                    result = exc
+            done.append(result)
+        return done
 
     def _select(self, agg: Aggregation) -> tuple[list[Block], int]:
         """The blocks of ``agg`` to replay, and how many were duplicates."""
@@ -774,10 +1037,12 @@ class ChainReader:
         blocks = agg.blocks
         if not blocks:
             return [], 0
-        if limiter.unbounded and min(b.sequence for b in blocks) > applied.max:
-            for b in blocks:
-                applied.add(b.sequence)
-            return list(blocks), 0
+        if limiter.unbounded:
+            sequences = [b.sequence for b in blocks]
+            low = min(sequences)
+            if low > applied.max:  # the common case: everything is new
+                applied.add_new(sequences, low)
+                return list(blocks), 0
         chosen: list[Block] = []
         dups = 0
         for b in blocks:
@@ -809,27 +1074,31 @@ class ChainReader:
                 link.drop()
                 continue
             todo.append(link)
+        bounded = not limiter.unbounded
         loop = asyncio.get_running_loop()
         size = max(1, min(BATCH, self.prefetch))
-        batches = [todo[i:i + size] for i in range(0, len(todo), size)]
+        batches = _cut_batches(todo, size)
+        ahead = max(1, self.prefetch // size)  # batches in flight besides the awaited one
         pending: deque[asyncio.Task[list[Aggregation | DecodeError]]] = deque()
+        self._start_processes(len(todo))  # before any thread of ours exists (fork)
         if self.workers and len(todo) > 1:
             self._executor = concurrent.futures.ThreadPoolExecutor(
                 self.workers, thread_name_prefix="tlog-decoder")
         started = 0
         try:
             for batch in batches:
-                while started < len(batches) and len(pending) * size <= self.prefetch:
+                while started < len(batches) and len(pending) <= ahead:
                     pending.append(loop.create_task(self._load_batch(batches[started])))
                     started += 1
                 results = await pending.popleft()
                 for link, result in zip(batch, results, strict=True):
                     if isinstance(result, DecodeError):
                         raise result
-                    if result.blocks and limiter.after_end(result.first_sequence):
-                        return
-                    if result.blocks and limiter.before_start(result.last_sequence):
-                        continue
+                    if bounded and result.blocks:
+                        if limiter.after_end(result.first_sequence):
+                            return
+                        if limiter.before_start(result.last_sequence):
+                            continue
                     blocks, dups = self._select(result)
                     yield ChainItem(result, blocks, dups, list(link.missing),
                                     list(link.corrupt))
@@ -840,6 +1109,7 @@ class ChainReader:
                 task.cancel()
             if pending:
                 await asyncio.gather(*pending, return_exceptions=True)
+            self._stop_processes()
             if self._executor is not None:
                 self._executor.shutdown(wait=False, cancel_futures=True)
                 self._executor = None

@@ -10,6 +10,7 @@ not this command.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import sys
@@ -27,6 +28,9 @@ from .client import (
     parse_address,
 )
 from .status import BlockStatus, Operation
+
+#: How far ahead of its schedule a paced sender (--rate) may run before it sleeps.
+_PACE_SLACK = 0.001
 
 #: Distinct random blocks cycled through with --random-data (beyond an aggregation's reach
 #: for compression, and cheap to prepare).
@@ -65,8 +69,15 @@ class _Blocks:
 async def run_send(servers: Sequence[str], vdisk_id: str, blocks: int, block_size: int,
                    first_sequence: int, random_data: bool, reset: bool, timeout: float,
                    connect_timeout: float, max_unflushed: int,
-                   resend_timeout: float) -> dict[str, Any]:
-    """Send the blocks, wait until all are flushed; the figures of the run."""
+                   resend_timeout: float, rate: float = 0.0) -> dict[str, Any]:
+    """Send the blocks, wait until all are flushed; the figures of the run.
+
+    ``rate`` > 0 paces the sender to that many blocks per second (0: as fast as the client
+    and server go), to measure latencies below saturation. Block ``i`` is due at
+    ``i / rate`` seconds after the start; the sender sleeps only when it is at least
+    `_PACE_SLACK` ahead (event-loop timers have millisecond resolution), so blocks leave in
+    small bursts that keep the average exact.
+    """
     n = blocks
     sent_at = [0.0] * n
     recv_at = [0.0] * n
@@ -102,6 +113,10 @@ async def run_send(servers: Sequence[str], vdisk_id: str, blocks: int, block_siz
         for i in range(n):
             seq = first_sequence + i
             data = data_for(i)
+            if rate > 0:
+                ahead = t0 + i / rate - clock()
+                if ahead >= _PACE_SLACK:
+                    await asyncio.sleep(ahead)
             sent_at[i] = clock()
             await send(op, seq, seq, time_ns(), data)
         if n:
@@ -166,12 +181,16 @@ def _check_server(ctx: click.Context, param: click.Parameter,
               help="Bytes of unflushed blocks the client keeps before sending waits.")
 @click.option("--resend-timeout", type=float, default=DEFAULT_RESEND_TIMEOUT,
               show_default=True, help="Seconds without RecvOK before a block is sent again.")
+@click.option("--rate", type=click.FloatRange(min=0), default=0.0,
+              help="Blocks per second to send at (default 0: as fast as possible); for "
+                   "latencies below saturation.")
 def send_command(servers: tuple[str, ...], vdisk: str, blocks: int, block_size: int,
                  first_sequence: int, random_data: bool, reset: bool, timeout: float,
-                 connect_timeout: float, max_unflushed: int, resend_timeout: float) -> None:
+                 connect_timeout: float, max_unflushed: int, resend_timeout: float,
+                 rate: float) -> None:
     """Send N blocks (sequence i at index i) to a tlogserver, wait until all are flushed,
     and print one JSON line: throughput, RecvOK/FlushOK latency percentiles, resends,
-    reconnects and the client's CPU time per block.
+    reconnects and the client's CPU time per block. --rate paces the sending.
     """
     try:
         import uvloop
@@ -183,7 +202,7 @@ def send_command(servers: tuple[str, ...], vdisk: str, blocks: int, block_size: 
     try:
         result = runner(run_send(list(servers), vdisk, blocks, block_size, first_sequence,
                                  random_data, reset, timeout, connect_timeout, max_unflushed,
-                                 resend_timeout))
+                                 resend_timeout, rate))
     except (OSError, TimeoutError, TlogClientError) as exc:
         raise click.ClickException(f"{type(exc).__name__}: {exc}") from None
     sys.stdout.write(json.dumps(result) + "\n")

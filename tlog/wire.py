@@ -398,6 +398,66 @@ def _text(seg: memoryview, seg_words: int, ptr_word: int) -> str | None:
     return bytes(seg[off:off + length - 1]).decode("utf-8", "replace")
 
 
+#: Struct of ``count`` canonical aggregation elements (4 data words, 2 pointers), by count.
+_ELEMS: dict[int, struct.Struct] = {}
+_BYTES_PTR_MASK = 0x7_0000_0003  # pointer kind (2 bits) and list element size (3 bits)
+_BYTES_PTR = 0x2_0000_0001  # a list pointer to bytes
+
+
+def _elements(count: int) -> struct.Struct:
+    found = _ELEMS.get(count)
+    if found is None:
+        found = struct.Struct("<" + "QqQQQQ" * count)
+        if len(_ELEMS) < 4096:
+            _ELEMS[count] = found
+    return found
+
+
+def _canonical_blocks(seg: memoryview, seg_words: int, first: int,
+                      count: int) -> list[Block] | None:
+    """The blocks of a composite list whose elements are TlogBlocks of exactly 4 data words
+    and 2 pointers (every writer's layout), elements starting at word ``first``.
+
+    One unpack reads every element; each pointer is then checked and resolved with a few
+    integer operations (a restore parses every block it replays: this is its hot loop).
+    None when a pointer is not a plain byte list inside the segment (pycapnp decides).
+    """
+    values = _elements(count).unpack_from(seg, first * _WORD)
+    limit = seg_words * _WORD
+    blocks: list[Block] = []
+    append = blocks.append
+    ptr_word = first + _BLOCK_DATA_WORDS  # word of the first element's hash pointer
+    for i in range(0, 6 * count, 6):
+        hp = values[i + 4]
+        dp = values[i + 5]
+        if hp:
+            if hp & _BYTES_PTR_MASK != _BYTES_PTR:
+                return None
+            off = (hp >> 2) & 0x3FFFFFFF
+            start = (ptr_word + 1 + (off - (1 << 30) if off & (1 << 29) else off)) * _WORD
+            stop = start + (hp >> 35)
+            if start < 0 or stop > limit:
+                return None
+            hash_view = seg[start:stop]
+        else:
+            hash_view = seg[0:0]
+        if dp:
+            if dp & _BYTES_PTR_MASK != _BYTES_PTR:
+                return None
+            off = (dp >> 2) & 0x3FFFFFFF
+            start = (ptr_word + 2 + (off - (1 << 30) if off & (1 << 29) else off)) * _WORD
+            stop = start + (dp >> 35)
+            if start < 0 or stop > limit:
+                return None
+            data_view = seg[start:stop]
+        else:
+            data_view = seg[0:0]
+        append(Block(values[i], values[i + 1], values[i + 2], values[i + 3] & 0xFF,
+                     hash_view, data_view))
+        ptr_word += 6
+    return blocks
+
+
 def parse_aggregation(seg: memoryview) -> RawAggregation | None:
     """Parse a single-segment TlogAggregation in place; None means "use pycapnp"."""
     seg_words = len(seg) // _WORD
@@ -433,6 +493,11 @@ def parse_aggregation(seg: memoryview) -> RawAggregation | None:
         elem = dw + pc
         if count * elem > total_words or dw < 1:
             return None
+        if dw == _BLOCK_DATA_WORDS and pc == _BLOCK_PTRS:
+            canonical = _canonical_blocks(seg, seg_words, tag_at + 1, count)
+            if canonical is None:
+                return None
+            return RawAggregation(name or "", size, timestamp, vdisk or "", prev, canonical)
         for i in range(count):
             at = tag_at + 1 + i * elem
             raw = bytes(seg[at * _WORD:(at + dw) * _WORD]).ljust(_BLOCK_DATA.size, b"\0")

@@ -1,0 +1,88 @@
+"""The benchmark scripts run, with tiny sizes, and print the JSON they promise: so that
+`make bench` does not rot between the times someone runs it. Figures are not checked
+(benchmarks measure; tests check behaviour), only that they are there."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from .redis_fixture import redis_server_path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+pytestmark = pytest.mark.skipif(redis_server_path() is None,
+                                reason="redis-server is not on PATH (make redis installs it)")
+
+
+def bench(script: str, *args: str, timeout: float = 120) -> list[dict[str, Any]]:
+    """Run ``benchmarks/<script>``; the JSON objects it printed."""
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args],
+                          capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    objects = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert objects, proc.stdout
+    return objects
+
+
+def summary(objects: list[dict[str, Any]], **match: Any) -> dict[str, Any]:
+    found = [o for o in objects if all(o.get(k) == v for k, v in match.items())]
+    assert len(found) == 1, objects
+    return found[0]
+
+
+def test_micro() -> None:
+    (result,) = bench("micro.py", "--runs", "1", "--scale", "0.02")
+    for key in ("frame_decode_us_per_block", "seal_v2_us_per_25", "erasure_encode_us_per_25",
+                "store_1_agg_redis_us", "store_8_aggs_memory_us", "record_hash_us_per_25",
+                "block_hash_check_us_per_25", "image_apply_us_per_25"):
+        assert result[key] > 0, key
+
+
+def test_ingest_full_and_half_speed() -> None:
+    objects = bench("ingest.py", "--runs", "1", "--blocks", "600", "--flush-sizes", "25",
+                    "--data", "random")
+    full = summary(objects, summary=True, speed="full")
+    half = summary(objects, summary=True, speed="half")
+    assert half["rate"] > 0 and full["rate"] is None
+    for s in (full, half):
+        figures = s["figures"]
+        for key in ("blocks_per_second", "server_cpu_us_per_block", "client_cpu_us_per_block",
+                    "recv_ok_p99_ms", "flush_ok_p99_ms"):
+            assert set(figures[key]) == {"median", "min", "max"}, key
+    runs = [o for o in objects if o.get("speed") and "run" in o]
+    assert len(runs) == 2 and all(r["resends"] == 0 for r in runs)
+
+
+@pytest.mark.parametrize("fill", ["send", "direct"])
+def test_restore(fill: str) -> None:
+    objects = bench("restore.py", "--runs", "1", "--blocks", "300", "--fill", fill,
+                    *(["--scatter"] if fill == "direct" else []))
+    run = objects[0]
+    assert run["image_bytes"] > 0 and run["reported_mb_per_s"] > 0
+    final = objects[-1]
+    assert final["blocks"] == 300 and "command_mb_per_s" in final["summary"]
+
+
+def test_memory() -> None:
+    idle, flood, _ = bench("memory.py", "--vdisks", "5", "--flood-blocks", "300",
+                           "--server-arg=--max-buffered-blocks=100")
+    assert idle["vdisks"] == 5 and idle["rss_connected_mib"] > 0
+    # the window holds 100 blocks: the rest of the flood is refused, and all kept drain
+    assert flood["recv_ok"] == 100 and flood["recv_failed"] == 200
+    assert flood["flush_ok"] == 101 and flood["drain_seconds"] is not None
+
+
+def test_run_all_quick_writes_one_report(tmp_path: Path) -> None:
+    out = tmp_path / "report.json"
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "run_all.py"), "--quick",
+                    "--only", "micro", "--output", str(out)], check=True, capture_output=True,
+                   timeout=120, cwd=ROOT)
+    report = json.loads(out.read_text())
+    assert report["quick"] is True and report["machine"]["cores"] >= 1
+    assert report["benchmarks"]["micro"][0]["benchmark"] == "micro"

@@ -1,0 +1,320 @@
+"""Opening a chain's records in worker processes, so a restore uses every core.
+
+Checking a record costs far more CPU than reading it: BLAKE2b of the whole record (is it the
+one the chain names?), AES-GCM, snappy, then BLAKE2b of every block. Hashing releases the
+GIL, but 4 KiB at a time, so threads spend much of their time handing the GIL around (two
+threads checking records in memory reach 1.2x one thread on a 2-core machine). Worker
+processes have no GIL to share: each fetches the k data pieces of a batch of records
+straight from the storage servers (one MGET per server, plain blocking sockets), joins,
+hash-checks, opens and checks every record exactly as `tlog.decoder.ChainReader` does, and
+hands back only the plaintext aggregation of each record that passed. The parent parses that
+plaintext into blocks (cheap next to the checks) and replays them in chain order.
+
+Only the happy path runs here. A record with a missing or corrupt piece, or one that fails
+any check, comes back as None and the parent reads it again its own way (parity, every
+combination of pieces, the exact error message), so the outcome of a read does not depend
+on where its records were opened. A server the workers cannot reach makes the parent stop
+using them for the rest of the read.
+
+The workers are forked (Linux), so they inherit the opener and its keys instead of having
+them pickled; they touch nothing of the parent's event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import mmap
+import multiprocessing
+import signal
+import socket
+import sys
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from .aggregation import (
+    Aggregation,
+    RecordError,
+    RecordOpener,
+    aggregation_from_plain,
+    check_blocks,
+    record_hash,
+)
+from .erasure import ErasureCoder, ErasureError
+from .storage import ServerAddress
+
+__all__ = ["Opened", "RespConnection", "RespError", "WorkerPool", "client_options",
+           "usable_addresses"]
+
+#: What a worker hands back for one record: where its plaintext aggregation is (an
+#: (offset, length) in the shared buffer, or the bytes themselves when the batch's slot is
+#: full), record size, compressed size, key id and format; None when the parent must read
+#: the record itself.
+Opened = tuple[tuple[int, int] | bytes, int, int, int | None, str] | None
+
+#: Bytes of shared memory per batch in flight: the plaintexts of 32 aggregations of 25
+#: blocks of 4 KiB take 3.4 MB; what does not fit travels through the result pipe instead.
+SLOT_BYTES = 8 * 1024 * 1024
+
+
+class RespError(Exception):
+    """An error reply, or a reply that is not RESP."""
+
+
+def client_options(address: ServerAddress) -> dict[str, Any]:
+    """redis-py connection options for ``address``: its database, credentials and TLS."""
+    options: dict[str, Any] = {"host": address.host, "port": address.port, "db": address.db}
+    username = getattr(address, "username", None)
+    password = getattr(address, "password", None)
+    if password is not None:
+        options["password"] = password
+    if username is not None:
+        options["username"] = username
+    if getattr(address, "tls", False):
+        options.update(ssl=True, ssl_ca_certs=getattr(address, "tls_ca", None),
+                       ssl_certfile=getattr(address, "tls_cert", None),
+                       ssl_keyfile=getattr(address, "tls_key", None))
+    return options
+
+
+def usable_addresses(servers: Sequence[object], k: int) -> list[ServerAddress] | None:
+    """The addresses of the k data servers when workers can reach them with plain sockets
+    (Redis servers, no TLS); None otherwise (in-memory storage, TLS: threads then)."""
+    addresses = []
+    for server in servers[:k]:
+        address = getattr(server, "server_address", None)
+        if not isinstance(address, ServerAddress) or getattr(address, "tls", False):
+            return None
+        addresses.append(address)
+    return addresses
+
+
+def _pack(*args: bytes | str | int) -> bytes:
+    parts = [b"*%d\r\n" % len(args)]
+    for arg in args:
+        data = arg if isinstance(arg, bytes) else str(arg).encode()
+        parts += [b"$%d\r\n" % len(data), data, b"\r\n"]
+    return b"".join(parts)
+
+
+class RespConnection:
+    """A blocking connection to one Redis server, for MGET and little else."""
+
+    def __init__(self, address: ServerAddress, timeout: float) -> None:
+        self.sock = socket.create_connection((address.host, address.port), timeout=timeout)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.reader = self.sock.makefile("rb", buffering=1 << 20)
+        password = getattr(address, "password", None)
+        if password is not None:
+            username = getattr(address, "username", None)
+            self.command("AUTH", *((username,) if username is not None else ()), password)
+        if address.db:
+            self.command("SELECT", address.db)
+
+    def command(self, *args: bytes | str | int) -> Any:
+        """Send one command, return its reply."""
+        self.sock.sendall(_pack(*args))
+        return self._reply()
+
+    def mget(self, keys: Sequence[bytes]) -> list[bytes | None]:
+        """The values of ``keys`` (None for a missing key), in one round trip."""
+        self.sock.sendall(_pack("MGET", *keys))
+        return self.mget_reply(len(keys))
+
+    def mget_reply(self, count: int) -> list[bytes | None]:
+        """Read the reply of an MGET of ``count`` keys sent before."""
+        reply = self._reply()
+        if not isinstance(reply, list) or len(reply) != count:
+            raise RespError("MGET reply of the wrong shape")
+        return reply
+
+    def _reply(self) -> Any:
+        line = self.reader.readline()
+        if not line.endswith(b"\r\n"):
+            raise OSError("connection closed")
+        kind, rest = line[:1], line[1:-2]
+        if kind == b"$":
+            size = int(rest)
+            if size < 0:
+                return None
+            data = self.reader.read(size)
+            if len(data) != size or self.reader.read(2) != b"\r\n":
+                raise OSError("connection closed")
+            return data
+        if kind == b"*":
+            count = int(rest)
+            return None if count < 0 else [self._reply() for _ in range(count)]
+        if kind == b"-":
+            raise RespError(rest.decode(errors="replace"))
+        if kind in (b"+", b":"):
+            return rest
+        raise RespError(f"unexpected reply {line[:40]!r}")
+
+    def close(self) -> None:
+        self.reader.close()
+        self.sock.close()
+
+
+@dataclass
+class _Worker:
+    """What one worker process keeps between batches."""
+
+    addresses: list[ServerAddress]
+    coder: ErasureCoder
+    opener: RecordOpener
+    vdisk_id: str
+    timeout: float
+    shared: mmap.mmap
+    conns: dict[int, RespConnection] = field(default_factory=dict)
+
+    def conn(self, index: int) -> RespConnection:
+        found = self.conns.get(index)
+        if found is None:
+            found = self.conns[index] = RespConnection(self.addresses[index], self.timeout)
+        return found
+
+    def drop(self, index: int) -> None:
+        conn = self.conns.pop(index, None)
+        if conn is not None:
+            try:
+                conn.close()
+            except OSError:
+                pass
+
+
+_worker: _Worker | None = None
+
+
+def _init(addresses: list[ServerAddress], k: int, m: int, opener: RecordOpener,
+          vdisk_id: str, timeout: float, shared: mmap.mmap) -> None:
+    global _worker
+    # Ctrl-C reaches the whole process group: the parent stops the read, workers just end.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # Joining data pieces needs no encoder: skip setting up pyeclib in every worker.
+    _worker = _Worker(addresses, ErasureCoder(k, m, use_pyeclib=False), opener, vdisk_id,
+                      timeout, shared)
+
+
+def _ready() -> bool:
+    return _worker is not None
+
+
+def _open_one(w: _Worker, key: bytes, prev: bytes, data: list[bytes | None],
+              slot: list[int]) -> Opened:
+    """Check and open one record; its plaintext goes to ``slot`` ([next free offset, end])
+    of the shared buffer when it fits."""
+    if any(piece is None for piece in data):
+        return None
+    coder = w.coder
+    try:
+        record = coder.decode([*data, *([None] * coder.m)])
+    except ErasureError:
+        return None
+    if record_hash(record) != key:
+        return None
+    try:
+        agg = w.opener.open(record, key, True)
+    except RecordError:
+        return None
+    if agg.prev != prev or agg.vdisk_id != w.vdisk_id or agg.plain is None or check_blocks(agg):
+        return None
+    plain = agg.plain
+    at, end = slot
+    size = len(plain)
+    where: tuple[int, int] | bytes
+    if at + size <= end:
+        w.shared[at:at + size] = plain
+        where = (at, size)
+        slot[0] = at + size
+    else:
+        where = bytes(plain)
+    return (where, agg.record_size, agg.compressed_size, agg.key_id, agg.format)
+
+
+def open_batch(links: list[tuple[bytes, bytes]],
+               slot: int | None) -> tuple[list[Opened], str | None]:
+    """In a worker: fetch, check and open the records of ``links`` ((key, prev) pairs),
+    writing their plaintexts into shared slot ``slot`` (None: none free, use the pipe).
+
+    Returns one `Opened` per link, and the error of a server that could not be read (then
+    every result is None).
+    """
+    w = _worker
+    if w is None:
+        raise RuntimeError("bulkread worker not initialized")
+    keys = [key for key, _ in links]
+    columns: list[list[bytes | None]] = []
+    index = 0
+    try:
+        # All requests first, then the replies: the servers work at the same time.
+        request = _pack("MGET", *keys)
+        for index in range(w.coder.k):
+            w.conn(index).sock.sendall(request)
+        for index in range(w.coder.k):
+            columns.append(w.conn(index).mget_reply(len(keys)))
+    except (OSError, RespError, ValueError) as exc:
+        for i in range(w.coder.k):
+            w.drop(i)  # a connection may be left with an unread reply
+        return [None] * len(links), f"storage server {w.addresses[index]}: {exc}"
+    space = [slot * SLOT_BYTES, (slot + 1) * SLOT_BYTES] if slot is not None else [0, 0]
+    return [_open_one(w, key, prev, [column[j] for column in columns], space)
+            for j, (key, prev) in enumerate(links)], None
+
+
+class WorkerPool:
+    """Forked worker processes that run `open_batch`, and the shared buffer their
+    plaintexts come back in: one slot per batch in flight, copied out by the parent as
+    soon as the batch is done (the blocks handed to the caller must not change after)."""
+
+    def __init__(self, workers: int, addresses: list[ServerAddress], k: int, m: int,
+                 opener: RecordOpener, vdisk_id: str, timeout: float, slots: int) -> None:
+        self._shared = mmap.mmap(-1, slots * SLOT_BYTES)  # anonymous, shared with forks
+        self._free = list(range(slots))
+        self._executor = concurrent.futures.ProcessPoolExecutor(
+            workers, mp_context=multiprocessing.get_context("fork"), initializer=_init,
+            initargs=(addresses, k, m, opener, vdisk_id, timeout, self._shared))
+        # Fork now (the first call starts every worker), while this process has no thread
+        # of ours that a fork could catch holding a lock. Python 3.12+ warns about forking
+        # a process with threads at all (the event loop's resolver pool may have some); the
+        # workers touch none of the parent's locks: sockets, hashing, AES, snappy only.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            self._executor.submit(_ready)
+
+    @staticmethod
+    def available() -> bool:
+        """Whether worker processes can be forked here (Linux)."""
+        return sys.platform.startswith("linux")
+
+    async def open(self, links: list[tuple[bytes, bytes]],
+                   ) -> tuple[list[Aggregation | None], str | None]:
+        """Have a worker fetch, check and open ``links`` ((key, prev) pairs): the
+        aggregations (None for a record this process must read itself), and the error of a
+        storage server the workers could not read."""
+        slot = self._free.pop() if self._free else None
+        try:
+            opened, error = await asyncio.wrap_future(
+                self._executor.submit(open_batch, links, slot))
+            return [None if o is None else self._rebuild(key, o)
+                    for (key, _), o in zip(links, opened, strict=True)], error
+        finally:
+            if slot is not None:
+                self._free.append(slot)
+
+    def _rebuild(self, key: bytes, opened: tuple[tuple[int, int] | bytes, int, int,
+                                                 int | None, str]) -> Aggregation:
+        """The aggregation of a record a worker opened (parsed here from a copy of its
+        plaintext; the worker checked everything)."""
+        where, record_size, compressed_size, key_id, fmt = opened
+        if isinstance(where, bytes):
+            plain = where
+        else:
+            at, size = where
+            plain = self._shared[at:at + size]  # a copy: the slot is reused
+        return aggregation_from_plain(plain, key, record_size, compressed_size, key_id, fmt)
+
+    def close(self) -> None:
+        """Stop the workers (batches not started are dropped)."""
+        self._executor.shutdown(wait=False, cancel_futures=True)
