@@ -548,3 +548,40 @@ def test_security_options_for_command_line_tools(tmp_path: Path, pki: Pki) -> No
     assert security_options(tls=True)["tls"].verify_mode.name == "CERT_REQUIRED"
     with pytest.raises(ValueError, match="cannot read token file"):
         security_options(token_file=str(tmp_path / "missing"))
+
+
+def test_tlog_send_over_tls_with_a_token_file(redis_factory: RedisFactory, tmp_path: Path,
+                                              pki: Pki) -> None:
+    import subprocess
+    import sys
+
+    stores = redis_factory(3)
+    key_file = tmp_path / "master.key"
+    key_file.write_text(os.urandom(16).hex() + "\n")
+    path = write_yaml(tmp_path / "tlog.yaml", {
+        "storage_addresses": [s.address for s in stores], "k": 2, "m": 1,
+        "key_file": str(key_file), "tls_cert": str(pki.server.cert),
+        "tls_key": str(pki.server.key), "access": "token",
+        "vdisks": {"vd": {"access": "token", "token_hash": hash_token(TOKEN)}},
+    })
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN + "\n")
+    server = start_server("--config", path)
+    try:
+        def send(*extra: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run(
+                [sys.executable, "-c", "from tlog.cli import main; main()", "send",
+                 "--server", server.address, "--vdisk", "vd", "--blocks", "200",
+                 "--connect-timeout", "2", *extra],
+                capture_output=True, text=True, timeout=60)
+
+        ok = send("--tls-ca", str(pki.ca), "--token-file", str(token_file))
+        assert ok.returncode == 0, ok.stderr
+        assert json.loads(ok.stdout)["blocks"] == 200
+        no_token = send("--tls-ca", str(pki.ca))
+        assert no_token.returncode != 0 and "Unauthorized" in no_token.stderr
+        no_tls = send("--token-file", str(token_file))
+        assert no_tls.returncode != 0
+        assert TOKEN not in ok.stdout + ok.stderr + no_token.stderr + server.output()
+    finally:
+        server.kill()

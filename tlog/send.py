@@ -26,6 +26,7 @@ from .client import (
     TlogClient,
     TlogClientError,
     parse_address,
+    security_options,
 )
 from .status import BlockStatus, Operation
 
@@ -69,7 +70,8 @@ class _Blocks:
 async def run_send(servers: Sequence[str], vdisk_id: str, blocks: int, block_size: int,
                    first_sequence: int, random_data: bool, reset: bool, timeout: float,
                    connect_timeout: float, max_unflushed: int,
-                   resend_timeout: float, rate: float = 0.0) -> dict[str, Any]:
+                   resend_timeout: float, rate: float = 0.0,
+                   security: dict[str, Any] | None = None) -> dict[str, Any]:
     """Send the blocks, wait until all are flushed; the figures of the run.
 
     ``rate`` > 0 paces the sender to that many blocks per second (0: as fast as the client
@@ -103,7 +105,7 @@ async def run_send(servers: Sequence[str], vdisk_id: str, blocks: int, block_siz
     client = await TlogClient.open(servers, vdisk_id, first_sequence, timeout=connect_timeout,
                                    reset_first_sequence=reset, on_response=on_response,
                                    max_unflushed_bytes=max_unflushed,
-                                   resend_timeout=resend_timeout)
+                                   resend_timeout=resend_timeout, **(security or {}))
     try:
         send = client.send
         op = Operation.SET
@@ -184,10 +186,21 @@ def _check_server(ctx: click.Context, param: click.Parameter,
 @click.option("--rate", type=click.FloatRange(min=0), default=0.0,
               help="Blocks per second to send at (default 0: as fast as possible); for "
                    "latencies below saturation.")
+@click.option("--tls", is_flag=True,
+              help="Connect with TLS, trusting the system's CAs (or --tls-ca).")
+@click.option("--tls-ca", type=click.Path(dir_okay=False, exists=True),
+              help="CA file to trust for the server's certificate (implies --tls).")
+@click.option("--tls-cert", type=click.Path(dir_okay=False, exists=True),
+              help="Client certificate, for servers that map certificates to vdisks.")
+@click.option("--tls-key", type=click.Path(dir_okay=False, exists=True),
+              help="Key of --tls-cert.")
+@click.option("--token-file", type=click.Path(dir_okay=False, exists=True),
+              help="File holding the vdisk's access token (never given on the command line).")
 def send_command(servers: tuple[str, ...], vdisk: str, blocks: int, block_size: int,
                  first_sequence: int, random_data: bool, reset: bool, timeout: float,
                  connect_timeout: float, max_unflushed: int, resend_timeout: float,
-                 rate: float) -> None:
+                 rate: float, tls: bool, tls_ca: str | None, tls_cert: str | None,
+                 tls_key: str | None, token_file: str | None) -> None:
     """Send N blocks (sequence i at index i) to a tlogserver, wait until all are flushed,
     and print one JSON line: throughput, RecvOK/FlushOK latency percentiles, resends,
     reconnects and the client's CPU time per block. --rate paces the sending.
@@ -200,10 +213,12 @@ def send_command(servers: tuple[str, ...], vdisk: str, blocks: int, block_size: 
     else:
         runner = uvloop.run
     try:
+        security = security_options(tls=tls, ca_file=tls_ca, cert_file=tls_cert,
+                                    key_file=tls_key, token_file=token_file)
         result = runner(run_send(list(servers), vdisk, blocks, block_size, first_sequence,
                                  random_data, reset, timeout, connect_timeout, max_unflushed,
-                                 resend_timeout, rate))
-    except (OSError, TimeoutError, TlogClientError) as exc:
+                                 resend_timeout, rate, security))
+    except (OSError, TimeoutError, TlogClientError, ValueError) as exc:
         raise click.ClickException(f"{type(exc).__name__}: {exc}") from None
     sys.stdout.write(json.dumps(result) + "\n")
     sys.stdout.flush()
