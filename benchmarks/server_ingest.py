@@ -15,58 +15,25 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import signal
 import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.common import (  # noqa: E402
+    KEY,
+    RedisPool,
+    cpu_seconds,
+    free_port,
+    wait_listening,
+)
 from tlog.protocol import ClientConnection  # noqa: E402
 from tlog.status import BlockStatus  # noqa: E402
-
-KEY = "12345678901234567890123456789012"
-TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICKS
-
-
-def wait_listening(port: int, deadline: float) -> None:
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            time.sleep(0.02)
-    raise RuntimeError(f"nothing listens on {port}")
-
-
-def start_redis(n: int, workdir: str) -> list[tuple[subprocess.Popen[bytes], int]]:
-    procs = []
-    for i in range(n):
-        port = free_port()
-        proc = subprocess.Popen(
-            ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", workdir, "--dbfilename", f"d{i}.rdb"],
-            stdout=subprocess.DEVNULL)
-        procs.append((proc, port))
-    for _, port in procs:
-        wait_listening(port, time.monotonic() + 10)
-    return procs
 
 
 def make_blocks(n: int, random_data: bool) -> list[bytes]:
@@ -147,19 +114,12 @@ def main() -> None:
                              "(--server-arg=--metrics-address=127.0.0.1:0)")
     args = parser.parse_args()
     frames = make_blocks(args.blocks, args.random_data)
-    workdir = tempfile.mkdtemp(prefix="tlogbench")
-    redis = [] if args.memory_storage else start_redis(6, workdir)
     results = []
-    try:
+    with RedisPool(0 if args.memory_storage else 6) as redis:
         for _ in range(args.runs):
-            result = one_run(args, frames, [f"127.0.0.1:{p}" for _, p in redis])
+            result = one_run(args, frames, redis.addresses)
             print(json.dumps(result), flush=True)
             results.append(result)
-    finally:
-        for proc, _ in redis:
-            proc.kill()
-            proc.wait()
-        shutil.rmtree(workdir, ignore_errors=True)
     summary = {key: {"median": statistics.median(r[key] for r in results),
                      "min": min(r[key] for r in results), "max": max(r[key] for r in results)}
                for key in ("blocks_per_second", "server_cpu_us_per_block")}
