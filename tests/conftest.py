@@ -7,14 +7,8 @@ from pathlib import Path
 
 import pytest
 
-try:
-    from .redis_fixture import RedisFactory, RedisProcess, redis_server_path
-except ImportError:  # tests/ run as plain directory (no __init__.py)
-    from redis_fixture import (  # type: ignore[no-redef]
-        RedisFactory,
-        RedisProcess,
-        redis_server_path,
-    )
+from .redis_fixture import RedisFactory, RedisProcess, redis_server_path
+from .serverproc import ServerProcess
 
 __all__ = ["RedisProcess"]
 
@@ -38,3 +32,13 @@ def redis_factory(tmp_path: Path) -> Iterator[RedisFactory]:
 def redis6(redis_factory: RedisFactory) -> list[RedisProcess]:
     """Six fresh servers: a k=4, m=2 storage pool."""
     return redis_factory(6)
+
+
+@pytest.fixture
+def mem_server() -> Iterator[ServerProcess]:
+    """A tlogserver subprocess on the embedded in-memory storage."""
+    server = ServerProcess("--memory-storage").start()
+    try:
+        yield server
+    finally:
+        server.kill()

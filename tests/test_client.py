@@ -78,15 +78,6 @@ class FlushedPast:
             self.event.set()
 
 
-@pytest.fixture
-def mem_server() -> Iterator[ServerProcess]:
-    server = ServerProcess("--memory-storage").start()
-    try:
-        yield server
-    finally:
-        server.kill()
-
-
 # -- encoding and recorded bytes ---------------------------------------------------------
 
 

@@ -7,7 +7,6 @@ import json
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -31,15 +30,6 @@ def result_of(proc: subprocess.CompletedProcess[str]) -> dict[str, Any]:
     result: dict[str, Any] = json.loads(lines[0])
     assert set(result) == KEYS
     return result
-
-
-@pytest.fixture
-def mem_server() -> Iterator[ServerProcess]:
-    server = ServerProcess("--memory-storage").start()
-    try:
-        yield server
-    finally:
-        server.kill()
 
 
 def test_send_reports_throughput_and_latencies(mem_server: ServerProcess) -> None:

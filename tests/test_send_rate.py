@@ -2,23 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
-import pytest
-
 from tlog.send import _PACE_SLACK
 
 from .serverproc import ServerProcess
 from .test_send import result_of, tlog_send
-
-
-@pytest.fixture
-def mem_server() -> Iterator[ServerProcess]:
-    server = ServerProcess("--memory-storage").start()
-    try:
-        yield server
-    finally:
-        server.kill()
 
 
 def test_paced_send_keeps_its_schedule_and_delivers_everything(
