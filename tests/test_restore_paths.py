@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import redis
 
-from tlog import schema, wire
+from tlog import wire
 from tlog.aggregation import LegacyWriter
 from tlog.decoder import FIRST_HEADER_RUN, ChainReader, DecodeError, Limiter, SequenceSet
 from tlog.player import _MAX_IOV, FileBlockStorage
@@ -23,6 +23,7 @@ from tlog.wire import Block
 
 from .redis_fixture import RedisFactory, RedisProcess
 from .test_decoder import ChainWriter, applied, make_blocks, pool_of, run, v2_opener
+from .wireclient import capnp_aggregation
 
 
 def commands(server: RedisProcess) -> dict[str, int]:
@@ -124,21 +125,6 @@ def test_walk_without_scripting_on_the_server(redis_factory: RedisFactory) -> No
 # ---------------------------------------------------------------------------------------------
 # Parsing
 
-
-def capnp_aggregation(blocks: list[Block], prev: bytes) -> bytes:
-    """A framed aggregation laid out by pycapnp, in one segment."""
-    words = sum(len(b.data) + 120 for b in blocks) // 8 + 64
-    msg = schema.TlogAggregation.new_message(num_first_segment_words=words)
-    msg.name, msg.size, msg.timestamp, msg.prev, msg.vdiskID = "tlog", len(blocks), 5, prev, "v"
-    lst = msg.init("blocks", len(blocks))
-    for i, b in enumerate(blocks):
-        lst[i].sequence, lst[i].index = b.sequence, b.index
-        lst[i].timestamp, lst[i].operation = b.timestamp, b.operation
-        if len(b.hash):
-            lst[i].hash = bytes(b.hash)
-        if len(b.data):
-            lst[i].data = bytes(b.data)
-    return bytes(msg.to_bytes())
 
 
 @pytest.mark.parametrize("seed", range(4))

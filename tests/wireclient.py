@@ -11,10 +11,12 @@ from typing import Any
 
 import redis
 
+from tlog import schema
 from tlog.aggregation import Aggregation, Keyring, open_v2
 from tlog.erasure import ErasureCoder
 from tlog.protocol import BlockResponse, ClientConnection, HandshakeResponse
 from tlog.status import BlockStatus
+from tlog.wire import Block
 from tlogserver.config import ServerConfig
 from tlogserver.server import TlogServer
 
@@ -160,3 +162,22 @@ def read_chain(addresses: Sequence[str], vdisk: str, key: str = KEY, k: int = 4,
 
 def chain_blocks(chain: Sequence[Aggregation]) -> list[tuple[int, int, bytes]]:
     return [(b.sequence, b.index, bytes(b.data)) for agg in chain for b in agg.blocks]
+
+
+def capnp_aggregation(blocks: Sequence[Block], prev: bytes, name: str = "tlog",
+                      timestamp: int = 5, vdisk: str = "v") -> bytes:
+    """A framed aggregation laid out by pycapnp in one segment: the reference layout that
+    tlog.wire's hand-laid encoder and parser are checked against."""
+    words = sum(len(b.data) + 120 for b in blocks) // 8 + 64
+    msg = schema.TlogAggregation.new_message(num_first_segment_words=words)
+    msg.name, msg.size, msg.timestamp, msg.prev, msg.vdiskID = (
+        name, len(blocks), timestamp, prev, vdisk)
+    lst = msg.init("blocks", len(blocks))
+    for i, b in enumerate(blocks):
+        lst[i].sequence, lst[i].index = b.sequence, b.index
+        lst[i].timestamp, lst[i].operation = b.timestamp, b.operation
+        if len(b.hash):
+            lst[i].hash = bytes(b.hash)
+        if len(b.data):
+            lst[i].data = bytes(b.data)
+    return bytes(msg.to_bytes())
