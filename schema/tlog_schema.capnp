@@ -14,12 +14,22 @@ struct HandshakeRequest {
   # Ours (the reference has no such field, and ignores it): the vdisk's access token,
   # for vdisks configured with "token" access. Old clients do not send it (reads empty).
   token              @4 :Data;
+  # Ours: start after the vdisk's last sequence, which the response reports
+  # (firstSequence is then ignored). Old clients do not send it (reads false).
+  continueSequence   @5 :Bool;
 }
 
 # The server's answer to a HandshakeRequest.
 struct HandshakeResponse {
   version @0 :UInt32;
   status  @1 :Int8;   # HandshakeStatus: negative is an error (-6 Unauthorized is ours)
+  # Ours (old clients ignore them): where the vdisk's log stood when the client
+  # connected, in its current epoch (docs/durability.md). lastSequence is the
+  # highest sequence stored or received in order; hasLog is false for a vdisk
+  # that has nothing yet (lastSequence then reads 0).
+  lastSequence @2 :UInt64;
+  hasLog       @3 :Bool;
+  epoch        @4 :UInt64;
 }
 
 # Every later server-to-client message.
@@ -46,6 +56,9 @@ struct TlogAggregation {
   vdiskID   @3 :Text;
   blocks    @4 :List(TlogBlock);
   prev      @5 :Data;              # hash of the previous aggregation, 32 zero bytes first
+  # Ours: the vdisk's epoch (a reset of its sequence numbering starts the next one;
+  # docs/durability.md). 0, the reference's only epoch, is not written.
+  epoch     @6 :UInt64;
 }
 
 # ForceFlushAtSeq (type byte 2) and WaitNbdSlaveSync (type byte 3).

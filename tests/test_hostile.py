@@ -25,7 +25,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import tlogserver.server as server_mod
-import tlogserver.vdisk as vdisk_mod
 from tlog.client import TlogClient
 from tlog.protocol import Block, ClientConnection, ProtocolError, ServerConnection
 from tlog.status import BlockStatus, HandshakeStatus, Operation
@@ -288,7 +287,6 @@ def test_truncated_frames_and_unfinished_handshakes_are_dropped(
 def test_a_client_that_never_reads_is_disconnected(redis6: list[RedisProcess],
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(server_mod, "WRITE_BUFFER_HIGH", 64 * 1024)
-    monkeypatch.setattr(server_mod, "STALLED_WRITER_TIMEOUT", 0.5)
     closed: dict[str, str] = {}
     gone = asyncio.Event()
     original = server_mod.TlogConnection.close
@@ -303,7 +301,8 @@ def test_a_client_that_never_reads_is_disconnected(redis6: list[RedisProcess],
     async def scenario() -> None:
         nonlocal gone
         gone = asyncio.Event()
-        async with running_server([r.address for r in redis6], flush_size=10) as server:
+        async with running_server([r.address for r in redis6], flush_size=10,
+                                  stalled_writer_timeout=0.5) as server:
             port = port_of(server)
             good = await WireClient.connect(port, vdisk="good")
             sock = socket.socket()
@@ -399,11 +398,11 @@ def test_out_of_order_window_in_bytes_refuses_then_takes_the_resend(
 
 def test_storage_falling_behind_bounds_what_a_vdisk_holds(
         redis6: list[RedisProcess], monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(vdisk_mod, "MAX_PENDING_BYTES", 100 * 4096)
     addresses = [r.address for r in redis6]
 
     async def scenario() -> None:
-        async with running_server(addresses, flush_size=25) as server:
+        async with running_server(addresses, flush_size=25,
+                                  max_pending_bytes=100 * 4096) as server:
             client = await WireClient.connect(port_of(server))
             for r in redis6[:3]:
                 r.stop()  # nothing can be stored

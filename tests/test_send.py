@@ -15,7 +15,8 @@ from .serverproc import ServerProcess, pick_port, storage_args, stored_blocks
 
 KEYS = {"blocks", "block_size", "random_data", "seconds", "blocks_per_second", "mb_per_second",
         "recv_ok_p50_ms", "recv_ok_p99_ms", "flush_ok_p50_ms", "flush_ok_p99_ms", "resends",
-        "resent_on_reconnect", "reconnects", "cpu_seconds", "cpu_us_per_block", "server"}
+        "resent_on_reconnect", "reconnects", "cpu_seconds", "cpu_us_per_block", "server",
+        "first_sequence", "epoch"}
 
 
 def tlog_send(*args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:

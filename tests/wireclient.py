@@ -7,8 +7,10 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
+from pathlib import Path
 from typing import Any
 
+import capnp
 import redis
 
 from tlog import schema
@@ -164,12 +166,25 @@ def chain_blocks(chain: Sequence[Aggregation]) -> list[tuple[int, int, bytes]]:
     return [(b.sequence, b.index, bytes(b.data)) for agg in chain for b in agg.blocks]
 
 
+_REFERENCE_LAYOUT: Any = None
+
+
 def capnp_aggregation(blocks: Sequence[Block], prev: bytes, name: str = "tlog",
-                      timestamp: int = 5, vdisk: str = "v") -> bytes:
+                      timestamp: int = 5, vdisk: str = "v", epoch: int = 0) -> bytes:
     """A framed aggregation laid out by pycapnp in one segment: the reference layout that
-    tlog.wire's hand-laid encoder and parser are checked against."""
+    tlog.wire's hand-laid encoder and parser are checked against. Epoch 0 is built with the
+    reference's schema (tests/reference_layout.capnp: no epoch field, as the Go server
+    writes), any other epoch with ours."""
+    global _REFERENCE_LAYOUT
     words = sum(len(b.data) + 120 for b in blocks) // 8 + 64
-    msg = schema.TlogAggregation.new_message(num_first_segment_words=words)
+    if epoch:
+        msg = schema.TlogAggregation.new_message(num_first_segment_words=words)
+        msg.epoch = epoch
+    else:
+        if _REFERENCE_LAYOUT is None:
+            _REFERENCE_LAYOUT = capnp.load(str(Path(__file__).with_name(
+                "reference_layout.capnp")))
+        msg = _REFERENCE_LAYOUT.TlogAggregation.new_message(num_first_segment_words=words)
     msg.name, msg.size, msg.timestamp, msg.prev, msg.vdiskID = (
         name, len(blocks), timestamp, prev, vdisk)
     lst = msg.init("blocks", len(blocks))

@@ -36,8 +36,13 @@ V2_NAME = "tlog"
 V2_MAGIC = b"TLG2"
 V2_VERSION = 2
 COMPRESSION_SNAPPY = 1
-# magic, version, compression, reserved, key id, first seq, last seq, count, timestamp, prev
+# magic, version, compression, flags, key id, first seq, last seq, count, timestamp, prev,
+# length of the vdisk id (which follows, then the extensions the flags announce)
 _V2_HEAD = struct.Struct("<4sBBHIQQIQ32sH")
+#: Flag: a uint64 epoch follows the vdisk id (records of epoch 0 do without).
+FLAG_EPOCH = 1
+_KNOWN_FLAGS = FLAG_EPOCH
+_U64 = struct.Struct("<Q")
 NONCE_SIZE = 12
 
 
@@ -90,6 +95,9 @@ class Aggregation:
     compressed_size: int = 0
     key_id: int | None = None
     format: str = "v2"
+    #: The vdisk's epoch this aggregation belongs to (docs/durability.md); 0 in the
+    #: reference's storage, which has no epochs.
+    epoch: int = 0
     #: The decompressed, framed aggregation the blocks are views into (None when built
     #: another way); a reader in another process sends this instead of the blocks.
     plain: bytes | memoryview | None = field(default=None, repr=False, compare=False)
@@ -108,8 +116,8 @@ class Aggregation:
 
 
 def _plain_aggregation(name: str, timestamp: int, vdisk_id: str, prev: bytes,
-                       blocks: Sequence[BlockFields]) -> bytes:
-    return wire.encode_aggregation(name, timestamp, vdisk_id, prev, blocks)
+                       blocks: Sequence[BlockFields], epoch: int = 0) -> bytes:
+    return wire.encode_aggregation(name, timestamp, vdisk_id, prev, blocks, epoch)
 
 
 def _parse_plain(plain: bytes | memoryview) -> wire.RawAggregation:
@@ -131,7 +139,7 @@ def _parse_plain(plain: bytes | memoryview) -> wire.RawAggregation:
         blocks = [Block(b.sequence, b.index, b.timestamp, b.operation,
                            memoryview(b.hash), memoryview(b.data)) for b in msg.blocks]
         return wire.RawAggregation(msg.name, msg.size, msg.timestamp, msg.vdiskID,
-                                   bytes(msg.prev), blocks)
+                                   bytes(msg.prev), blocks, msg.epoch)
     except Exception as exc:
         raise RecordError(f"malformed aggregation: {exc}") from None
 
@@ -152,7 +160,7 @@ def aggregation_from_plain(plain: bytes | memoryview, digest: bytes, record_size
     raw = _parse_plain(plain)
     return Aggregation(digest, raw.prev, raw.vdisk_id, raw.timestamp, raw.name, raw.blocks,
                        record_size=record_size, compressed_size=compressed_size,
-                       key_id=key_id, format=fmt, plain=plain)
+                       key_id=key_id, format=fmt, epoch=raw.epoch, plain=plain)
 
 
 # -- v2 ------------------------------------------------------------------------
@@ -169,14 +177,17 @@ class V2Writer:
         self._cipher = crypto.VdiskCipher(master_key, vdisk_id)
 
     def seal(self, prev: bytes, blocks: Sequence[BlockFields],
-             timestamp: int | None = None) -> SealedRecord:
+             timestamp: int | None = None, epoch: int = 0) -> SealedRecord:
         ts = time.time_ns() if timestamp is None else timestamp
         sequences = tuple(b.sequence for b in blocks)
-        plain = _plain_aggregation(V2_NAME, ts, self.vdisk_id, prev, blocks)
+        plain = _plain_aggregation(V2_NAME, ts, self.vdisk_id, prev, blocks, epoch)
         compressed = cramjam.snappy.compress_raw(plain)
-        head = _V2_HEAD.pack(V2_MAGIC, V2_VERSION, COMPRESSION_SNAPPY, 0, self._cipher.key_id,
+        head = _V2_HEAD.pack(V2_MAGIC, V2_VERSION, COMPRESSION_SNAPPY,
+                             FLAG_EPOCH if epoch else 0, self._cipher.key_id,
                              min(sequences), max(sequences), len(blocks), ts, prev,
                              len(self._vdisk)) + self._vdisk
+        if epoch:
+            head += _U64.pack(epoch)
         nonce, sealed = self._cipher.seal(bytes(compressed), head)
         record = b"".join((head, nonce, sealed))
         return SealedRecord(record_hash(record), record, min(sequences), max(sequences),
@@ -196,6 +207,7 @@ class V2Header:
     vdisk_id: str
     compression: int
     size: int  # bytes of header, associated data
+    epoch: int = 0
 
 
 def is_v2(record: bytes | memoryview) -> bool:
@@ -206,13 +218,24 @@ def parse_v2_header(record: bytes | memoryview) -> V2Header:
     """Read a v2 header without decrypting (it is authenticated once the record is opened)."""
     if len(record) < _V2_HEAD.size + NONCE_SIZE + 16 or not is_v2(record):
         raise RecordError("not a v2 tlog record")
-    (_, _, compression, _, key_id, first, last, count, ts, prev,
+    (_, _, compression, flags, key_id, first, last, count, ts, prev,
      vlen) = _V2_HEAD.unpack_from(record, 0)
+    if flags & ~_KNOWN_FLAGS:
+        raise RecordError(f"v2 record with unknown header flags {flags:#x} (written by a "
+                          "newer tlog?)")
     end = _V2_HEAD.size + vlen
+    epoch = 0
+    if flags & FLAG_EPOCH:
+        if len(record) < end + 8:
+            raise RecordError("v2 record is truncated")
+        (epoch,) = _U64.unpack_from(record, end)
+        vdisk_end, end = end, end + 8
+    else:
+        vdisk_end = end
     if len(record) < end + NONCE_SIZE + 16:
         raise RecordError("v2 record is truncated")
-    vdisk = bytes(record[_V2_HEAD.size:end]).decode("utf-8", "replace")
-    return V2Header(key_id, first, last, count, ts, prev, vdisk, compression, end)
+    vdisk = bytes(record[_V2_HEAD.size:vdisk_end]).decode("utf-8", "replace")
+    return V2Header(key_id, first, last, count, ts, prev, vdisk, compression, end, epoch)
 
 
 @dataclass
@@ -271,7 +294,7 @@ def open_v2(record: bytes, keyring: Keyring, expected_hash: bytes | None = None,
         raise RecordError(f"unknown compression {head.compression}")
     plain = _decompress(compressed)
     agg = aggregation_from_plain(plain, digest, len(record), len(compressed), head.key_id, "v2")
-    if agg.prev != head.prev or agg.vdisk_id != head.vdisk_id:
+    if agg.prev != head.prev or agg.vdisk_id != head.vdisk_id or agg.epoch != head.epoch:
         raise RecordError("record header does not match its sealed content")
     return agg
 
@@ -289,10 +312,10 @@ class LegacyWriter:
         self._cipher = crypto.LegacyCipher(priv_key, nonce)
 
     def seal(self, prev: bytes, blocks: Sequence[BlockFields],
-             timestamp: int | None = None) -> SealedRecord:
+             timestamp: int | None = None, epoch: int = 0) -> SealedRecord:
         ts = time.time_ns() if timestamp is None else timestamp
         sequences = tuple(b.sequence for b in blocks)
-        plain = _plain_aggregation(LEGACY_NAME, ts, self.vdisk_id, prev, blocks)
+        plain = _plain_aggregation(LEGACY_NAME, ts, self.vdisk_id, prev, blocks, epoch)
         record = self._cipher.seal(bytes(cramjam.snappy.compress_raw(plain)))
         return SealedRecord(record_hash(record), record, min(sequences), max(sequences),
                             sequences)
@@ -364,6 +387,7 @@ def describe(agg: Aggregation) -> Mapping[str, object]:
         "record_bytes": agg.record_size,
         "compressed_bytes": agg.compressed_size,
         "format": agg.format,
+        "epoch": agg.epoch,
         # which master key sealed it (v2), to plan a key's retirement; None for legacy
         "key_id": f"{agg.key_id:08x}" if agg.key_id is not None else None,
     }

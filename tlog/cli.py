@@ -126,6 +126,10 @@ def _limit_options(func: F) -> F:
                           "wrote: nanoseconds since the epoch for 0-Disk's NBD server)."),
         click.option("--end-timestamp", type=click.IntRange(min=0), default=0,
                      help="Replay blocks with a timestamp <= this (roll back to a time)."),
+        click.option("--epoch", type=click.IntRange(min=0), default=None,
+                     help="The epoch the sequence bounds are of (default: the last; "
+                          "tlog verify lists them): with --end-sequence the earlier epochs "
+                          "are replayed whole, with --start-sequence the later ones."),
     ]
     for option in reversed(options):
         func = option(func)
@@ -245,8 +249,12 @@ def _opener(values: dict[str, Any]) -> RecordOpener:
 
 def _limiter(values: dict[str, Any]) -> Limiter:
     try:
+        if values.get("epoch") is not None and not (values["start_sequence"]
+                                                    or values["end_sequence"]):
+            raise click.UsageError("--epoch: qualifies --start-sequence / --end-sequence, "
+                                   "give one of them")
         return Limiter(values["start_sequence"], values["end_sequence"],
-                       values["start_timestamp"], values["end_timestamp"])
+                       values["start_timestamp"], values["end_timestamp"], values.get("epoch"))
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
 
@@ -314,7 +322,10 @@ def _summary(vdisk: str, result: PlayResult, target: str, reader: ChainReader) -
     parts = [f"restored vdisk {vdisk} into {target}: {result.blocks} blocks "
              f"({result.sets} set, {result.deletes} deleted) from {result.aggregations} "
              "aggregations"]
-    if result.last_sequence is not None:
+    if result.epochs > 1:
+        parts.append(f"{result.epochs} epochs, the last ({result.epoch}) with sequences "
+                     f"{result.first_sequence}..{result.last_sequence}")
+    elif result.last_sequence is not None:
         parts.append(f"sequences {result.first_sequence}..{result.last_sequence}")
     parts.append(f"{_mb(result.data_bytes)} in {result.seconds:.2f} s "
                  f"({result.mb_per_s:.1f} MB/s)")
@@ -494,9 +505,16 @@ def verify_command(ctx: click.Context, **values: Any) -> None:
         click.echo(f"vdisk {setup.vdisk}: no aggregations stored")
         sys.exit(EXIT_FAILED)
     warnings = f", {len(report.warnings)} warnings" if report.warnings else ""
+    epochs = ""
+    if len(report.epochs) > 1 or (report.epochs and report.epochs[0][0]):
+        epochs = f" (of epoch {report.epochs[-1][0]}; {len(report.epochs)} epochs)"
+        for number, key, start in report.epochs:
+            click.echo(f"epoch {number}: from aggregation {key.hex()} (sequence {start})",
+                       err=True)
+    copies = f", {report.copies} re-flushed copies" if report.copies else ""
     click.echo(f"vdisk {setup.vdisk}: chain sound: {report.aggregations} aggregations, "
-               f"{report.blocks} blocks, sequences {report.first_sequence}.."
-               f"{report.last_sequence}{warnings}")
+               f"{report.blocks} blocks{copies}, sequences {report.first_sequence}.."
+               f"{report.last_sequence}{epochs}{warnings}")
 
 
 from .repair_cli import repair_command  # noqa: E402  (it uses the option helpers above)

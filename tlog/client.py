@@ -352,9 +352,15 @@ class TlogClient:
     TLS, checked against ``server_hostname`` (default: each address's host).
     ``token`` is the vdisk's access token, sent in every handshake, for servers that
     require one; a server that refuses it answers Unauthorized (`UnauthorizedError`).
+
+    ``first_sequence=None`` continues the vdisk's log: the first handshake asks the server
+    where it ends, and `first_sequence` / `next_sequence` say where this client starts
+    (0 on a vdisk without a log). A client that starts again at a sequence the log already
+    holds, without ``reset_first_sequence``, gets a new epoch from our server as soon as
+    one of its writes differs (docs/durability.md).
     """
 
-    def __init__(self, servers: Sequence[str], vdisk_id: str, first_sequence: int = 0, *,
+    def __init__(self, servers: Sequence[str], vdisk_id: str, first_sequence: int | None = 0, *,
                  reset_first_sequence: bool = False,
                  resend_timeout: float = DEFAULT_RESEND_TIMEOUT,
                  max_unflushed_bytes: int = DEFAULT_MAX_UNFLUSHED_BYTES,
@@ -373,9 +379,20 @@ class TlogClient:
             raise ValueError("timeouts and max_unflushed_bytes must be > 0")
         if not 0 < reconnect_delay <= reconnect_max_delay:
             raise ValueError("need 0 < reconnect_delay <= reconnect_max_delay")
+        if first_sequence is None and reset_first_sequence:
+            raise ValueError("reset_first_sequence needs a first_sequence (None continues "
+                             "the log instead)")
         self._servers = _check_servers(servers)
         self.vdisk_id = vdisk_id
+        #: None until the first handshake when the client continues the vdisk's log
+        #: (``first_sequence=None``); then the sequence it continues at.
         self.first_sequence = first_sequence
+        self._continue = first_sequence is None
+        if first_sequence is None:
+            first_sequence = 0
+        #: The first server's answer to the handshake: where the vdisk's log stood
+        #: (`HandshakeResponse.last_sequence`, ``has_log``, ``epoch``); None before.
+        self.log_position: HandshakeResponse | None = None
         self.reset_first_sequence = reset_first_sequence
         self.resend_timeout = resend_timeout
         self.max_unflushed_bytes = max_unflushed_bytes
@@ -435,6 +452,11 @@ class TlogClient:
 
     # -- facts --
     @property
+    def next_sequence(self) -> int:
+        """The sequence after the highest one sent (where a continuing client starts)."""
+        return self._next
+
+    @property
     def servers(self) -> list[str]:
         return list(self._servers)
 
@@ -480,7 +502,7 @@ class TlogClient:
 
     # -- connecting --
     @classmethod
-    async def open(cls, servers: Sequence[str], vdisk_id: str, first_sequence: int = 0,
+    async def open(cls, servers: Sequence[str], vdisk_id: str, first_sequence: int | None = 0,
                    timeout: float | None = 30.0, **options: Any) -> TlogClient:
         """Create a client and `connect` it."""
         client = cls(servers, vdisk_id, first_sequence, **options)
@@ -566,8 +588,9 @@ class TlogClient:
                     await self._loop.create_connection(lambda: link, host, port)
                 first = self._handshake_sequence()
                 reset = self.reset_first_sequence and not self._handshaken_once
+                cont = self._continue and not self._handshaken_once
                 link.write(ClientConnection.send_handshake(self.vdisk_id, first, reset,
-                                                           self.version, self._token))
+                                                           self.version, self._token, cont))
                 response = await asyncio.shield(link.handshake)
         except BaseException:
             link.abort()
@@ -580,6 +603,13 @@ class TlogClient:
         if self._closed:
             link.abort()
             raise ClientClosedError("client closed")
+        if not self._handshaken_once:
+            self.log_position = response
+            if self._continue and not self._unflushed:
+                # Continue after what the vdisk holds (0 for a vdisk with nothing yet).
+                self.first_sequence = self._low = self._next = response.next_sequence
+                log.info("vdisk %s: continuing the log at sequence %d (epoch %d)",
+                         self.vdisk_id, self._next, response.epoch)
         return link
 
     def _handshake_sequence(self) -> int:
@@ -988,7 +1018,7 @@ class ThreadedClient:
     Callbacks (``on_response``) run in the background thread.
     """
 
-    def __init__(self, servers: Sequence[str], vdisk_id: str, first_sequence: int = 0, *,
+    def __init__(self, servers: Sequence[str], vdisk_id: str, first_sequence: int | None = 0, *,
                  connect_timeout: float | None = 30.0, **options: Any) -> None:
         self._loop = _new_loop()
         self._thread = threading.Thread(target=self._run_loop, daemon=True,
@@ -998,7 +1028,7 @@ class ThreadedClient:
         self._inbox_bytes = 0
         self._wake_pending = False
         self._waiting = 0
-        self._next_sequence = first_sequence
+        self._next_sequence = first_sequence or 0
         self._closed = False
         self._thread.start()
 
@@ -1017,6 +1047,7 @@ class ThreadedClient:
         except BaseException:
             self._stop_loop()
             raise
+        self._next_sequence = self._client.next_sequence  # known now when continuing
 
     # -- plumbing --
     def _run_loop(self) -> None:
@@ -1148,6 +1179,16 @@ class ThreadedClient:
     def next_sequence(self) -> int:
         """The sequence `send_next` will use next."""
         return self._next_sequence
+
+    @property
+    def first_sequence(self) -> int | None:
+        """See `TlogClient.first_sequence` (known after the connect)."""
+        return self._client.first_sequence
+
+    @property
+    def log_position(self) -> HandshakeResponse | None:
+        """See `TlogClient.log_position`."""
+        return self._client.log_position
 
     def close(self) -> None:
         """Close the client and stop its thread. Unflushed blocks are dropped."""

@@ -52,12 +52,13 @@ import bisect
 import concurrent.futures
 import concurrent.futures.process
 import contextlib
+import hashlib
 import logging
 import os
 import struct
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
 import redis.asyncio
@@ -96,7 +97,9 @@ __all__ = [
     "fetch_record",
     "find_last",
     "read_aggregation",
+    "stored_writes",
     "verify_chain",
+    "write_identity",
 ]
 
 #: Bytes of fetched records or opened aggregations kept between the walk back and the
@@ -125,6 +128,9 @@ MIN_PROCESS_LINKS = 64
 #: core, since hashing (most of the work: every record and every block) and decompression
 #: run outside the GIL. AES-GCM and parsing hold it, so more would not help.
 DEFAULT_WORKERS = max(1, min(4, os.cpu_count() or 1))
+#: Sequences whose writes verify remembers per epoch (8 bytes each), to tell re-flushed
+#: copies from reused sequences.
+VERIFY_IDENTITIES = 16_000_000
 
 T = TypeVar("T")
 
@@ -152,18 +158,29 @@ class Limiter:
 
     Bounds are inclusive: a block is replayed when ``start <= value <= end`` for every bound
     given. The sequence and timestamp bounds combine (all must hold).
+
+    Sequence bounds name a sequence of one ``epoch`` (None: the epoch of the chain's head,
+    the vdisk's current numbering; `ChainReader` fills it in). A block's position is
+    (its aggregation's epoch, its sequence), compared in that order: with an end bound the
+    earlier epochs are replayed whole and the later ones not at all, with a start bound
+    the other way round. A log of one epoch (every log the reference writes) reads as
+    plain sequence bounds.
     """
 
     start_seq: int = 0
     end_seq: int = 0
     start_ts: int = 0
     end_ts: int = 0
+    epoch: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("start_seq", "end_seq", "start_ts", "end_ts"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name} must be a whole number >= 0, got {value!r}")
+        if self.epoch is not None and (isinstance(self.epoch, bool)
+                                       or not isinstance(self.epoch, int) or self.epoch < 0):
+            raise ValueError(f"epoch must be a whole number >= 0, got {self.epoch!r}")
         if self.end_seq and self.start_seq > self.end_seq:
             raise ValueError(f"start sequence {self.start_seq} is after end sequence "
                              f"{self.end_seq}")
@@ -181,38 +198,52 @@ class Limiter:
         """True when the walk back must see block timestamps (decrypt as it goes)."""
         return self.start_ts > 0
 
-    def accepts(self, block: Block) -> bool:
-        """Whether ``block`` is inside every bound."""
+    def _at_or_after_start(self, epoch: int, seq: int) -> bool:
+        target = epoch if self.epoch is None else self.epoch
+        return epoch > target or (epoch == target and seq >= self.start_seq)
+
+    def _at_or_before_end(self, epoch: int, seq: int) -> bool:
+        target = epoch if self.epoch is None else self.epoch
+        return epoch < target or (epoch == target and seq <= self.end_seq)
+
+    def accepts(self, block: Block, epoch: int = 0) -> bool:
+        """Whether ``block`` (of an aggregation of ``epoch``) is inside every bound."""
         seq, ts = block.sequence, block.timestamp
-        return ((not self.start_seq or seq >= self.start_seq)
-                and (not self.end_seq or seq <= self.end_seq)
+        return ((not self.start_seq or self._at_or_after_start(epoch, seq))
+                and (not self.end_seq or self._at_or_before_end(epoch, seq))
                 and (not self.start_ts or ts >= self.start_ts)
                 and (not self.end_ts or ts <= self.end_ts))
 
-    def walk_stops_at(self, first_sequence: int, oldest_block_ts: int | None) -> bool:
+    def walk_stops_at(self, first_sequence: int, oldest_block_ts: int | None,
+                      epoch: int = 0) -> bool:
         """Whether aggregations older than this one can hold no block to replay.
 
         ``oldest_block_ts`` is None when the aggregation was not decrypted (v2 header only);
         the walk only asks with it when ``needs_block_times``.
         """
-        if self.start_seq and first_sequence <= self.start_seq:
+        if self.start_seq and not self._after_start(epoch, first_sequence):
             return True
         return bool(self.start_ts and oldest_block_ts is not None
                     and oldest_block_ts <= self.start_ts)
 
+    def _after_start(self, epoch: int, seq: int) -> bool:
+        target = epoch if self.epoch is None else self.epoch
+        return epoch > target or (epoch == target and seq > self.start_seq)
+
     def passes_end(self, agg: Aggregation) -> bool:
         """Whether ``agg`` holds a block past an end bound (the replay stops after it)."""
-        if self.end_seq and any(b.sequence > self.end_seq for b in agg.blocks):
+        if self.end_seq and any(not self._at_or_before_end(agg.epoch, b.sequence)
+                                for b in agg.blocks):
             return True
         return bool(self.end_ts and any(b.timestamp > self.end_ts for b in agg.blocks))
 
-    def after_end(self, first_sequence: int) -> bool:
+    def after_end(self, first_sequence: int, epoch: int = 0) -> bool:
         """Whether an aggregation starting at ``first_sequence`` is wholly past the end."""
-        return bool(self.end_seq and first_sequence > self.end_seq)
+        return bool(self.end_seq and not self._at_or_before_end(epoch, first_sequence))
 
-    def before_start(self, last_sequence: int) -> bool:
+    def before_start(self, last_sequence: int, epoch: int = 0) -> bool:
         """Whether an aggregation ending at ``last_sequence`` is wholly before the start."""
-        return bool(self.start_seq and last_sequence < self.start_seq)
+        return bool(self.start_seq and not self._at_or_after_start(epoch, last_sequence))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -296,10 +327,11 @@ class SequenceSet:
 
 #: Run by storage server 0 (Redis EVAL): follow ``prev`` from KEYS[1] through at most
 #: ARGV[1] records, returning for each the start of its piece 0 (GETRANGE: the 8-byte length,
-#: then the v2 header up to its vdisk id, then as many bytes as a nonce and a tag, so the
-#: header parser sees a plausible record). Piece 0 holds ``uint64 length || record ...``:
-#: the magic and version at bytes 8-12, ``prev`` at 48-79, the vdisk id's length at 80-81
-#: (Lua counts from 1). Read-only; a wrong type, a missing key, a record that is not v2 or
+#: then the v2 header up to its vdisk id and epoch, then as many bytes as a nonce and a tag,
+#: so the header parser sees a plausible record). Piece 0 holds ``uint64 length || record
+#: ...``: the magic and version at bytes 8-12, the flags at 14-15 (bit 0: an 8-byte epoch
+#: follows the vdisk id), ``prev`` at 48-79, the vdisk id's length at 80-81 (Lua counts
+#: from 1). Read-only; a wrong type, a missing key, a record that is not v2 or
 #: the zero ``prev`` ends the run. The walk still treats what it returns as piece 0's
 #: header: a hint checked when the record is read whole.
 _WALK_SCRIPT = """
@@ -313,6 +345,9 @@ for i = 1, tonumber(ARGV[1]) do
     break
   end
   local size = 82 + string.byte(piece, 81) + 256 * string.byte(piece, 82) + 28
+  if string.byte(piece, 15) % 2 == 1 then
+    size = size + 8
+  end
   if size > #piece and #piece == 256 then
     piece = redis.pcall('GETRANGE', key, 0, size - 1)
     if type(piece) ~= 'string' then
@@ -493,6 +528,38 @@ async def read_aggregation(pool: StoragePool, key: bytes, opener: RecordOpener,
     return _open(opener, fetched.record, key)
 
 
+def write_identity(index: int, operation: int, timestamp: int,
+                   digest: bytes | bytearray | memoryview) -> bytes:
+    """What makes two blocks of one sequence the same write: a resend carries the very
+    block the client first sent (its timestamp included); a new write under a reused
+    sequence differs at least by its timestamp."""
+    return struct.pack("<qBQ", index, operation & 0xFF, timestamp) + bytes(digest)
+
+
+async def stored_writes(pool: StoragePool, key: bytes, opener: RecordOpener, *,
+                        from_sequence: int, epoch: int, limit: int,
+                        coder: ErasureCoder | None = None) -> dict[int, bytes]:
+    """`write_identity` of each block of ``epoch`` with a sequence >= ``from_sequence``,
+    walking back from the aggregation ``key``; at most about ``limit`` blocks (the newest).
+
+    For tlogserver, to tell a client's resend of stored blocks from new writes under the
+    same sequences. Raises DecodeError when an aggregation cannot be read.
+    """
+    found: dict[int, bytes] = {}
+    while key != ZERO_HASH and len(found) < limit:
+        agg = await read_aggregation(pool, key, opener, coder)
+        if agg.epoch != epoch:
+            break
+        for b in agg.blocks:
+            if b.sequence >= from_sequence:
+                # Overwritten while walking back: the oldest copy, the one a restore keeps.
+                found[b.sequence] = write_identity(b.index, b.operation, b.timestamp, b.hash)
+        if not agg.blocks or agg.first_sequence <= from_sequence:
+            break
+        key = agg.prev
+    return found
+
+
 # ---------------------------------------------------------------------------------------------
 # The head of the chain
 
@@ -545,7 +612,10 @@ async def _find_head(pool: StoragePool, vdisk_id: str, opener: RecordOpener,
                     tried[key] = None
             found = tried[key]
             if found is not None:
-                if best is None or found.last_sequence > best.last_sequence:
+                # The newest: the latest epoch, then the highest sequence (a server whose
+                # list missed updates names an older aggregation).
+                if best is None or ((found.epoch, found.last_sequence)
+                                    > (best.epoch, best.last_sequence)):
                     best = found
                 break
     if best is None and any(lists):
@@ -590,6 +660,7 @@ class ChainLink:
     verified: bool = True  # whether the fields above come from a hash-checked record
     missing: list[int] = field(default_factory=list)
     corrupt: list[int] = field(default_factory=list)
+    epoch: int = 0
 
     @property
     def cached_bytes(self) -> int:
@@ -613,6 +684,10 @@ class ChainItem:
     duplicates: int  # blocks skipped because their sequence was replayed before
     missing: list[int]  # servers whose piece was missing (rebuilt from parity)
     corrupt: list[int]  # servers whose piece was corrupt (rebuilt from parity)
+    #: The skipped blocks themselves (their sequence came earlier in the same epoch).
+    repeats: list[Block] = field(default_factory=list)
+    #: Whether this aggregation starts a new epoch (the first one of a chain does not).
+    new_epoch: bool = False
 
 
 _PREFIX = struct.Struct("<Q")
@@ -698,7 +773,9 @@ class ChainReader:
         self.links: list[ChainLink] = []  # oldest first, after walk()
         self.head: _Head | None = None
         self.walked = False
-        self.applied = SequenceSet()
+        self.applied = SequenceSet()  # sequences replayed in the current epoch
+        self._epoch = 0
+        self._epoch_seen = False
 
     @property
     def down_servers(self) -> list[int]:
@@ -722,7 +799,7 @@ class ChainReader:
         return ChainLink(agg.hash, agg.prev, agg.first_sequence, agg.last_sequence,
                          len(agg.blocks), agg.timestamp, agg=agg,
                          missing=fetched.missing if fetched else [],
-                         corrupt=fetched.corrupt if fetched else [])
+                         corrupt=fetched.corrupt if fetched else [], epoch=agg.epoch)
 
     def _check_vdisk(self, key: bytes, vdisk_id: str) -> None:
         if vdisk_id != self.vdisk_id:
@@ -745,7 +822,8 @@ class ChainReader:
             self._check_vdisk(key, head.vdisk_id)
             return ChainLink(key, head.prev, head.first_sequence, head.last_sequence,
                              head.count, head.timestamp, record=record,
-                             missing=fetched.missing, corrupt=fetched.corrupt)
+                             missing=fetched.missing, corrupt=fetched.corrupt,
+                             epoch=head.epoch)
         agg = _open(self.opener, record, key)
         self._check_vdisk(key, agg.vdisk_id)
         return self._link_from_agg(agg, fetched)
@@ -781,12 +859,14 @@ class ChainReader:
             head = self._ahead.pop(key, None)
             if head is not None and head.vdisk_id == self.vdisk_id:
                 return ChainLink(key, head.prev, head.first_sequence, head.last_sequence,
-                                 head.count, head.timestamp, verified=False)
+                                 head.count, head.timestamp, verified=False,
+                                 epoch=head.epoch)
             piece = await self._reader.first_piece(key)
             head = _header_of_piece(piece)
             if head is not None and head.vdisk_id == self.vdisk_id:
                 return ChainLink(key, head.prev, head.first_sequence, head.last_sequence,
-                                 head.count, head.timestamp, piece0=piece, verified=False)
+                                 head.count, head.timestamp, piece0=piece, verified=False,
+                                 epoch=head.epoch)
             if piece is not None:
                 known = {0: piece}  # a legacy record (auto), a tiny one, or a bad piece
         return self._make_link(key, await self._reader.fetch(key, self.all_pieces, known))
@@ -801,7 +881,7 @@ class ChainReader:
         oldest_ts: int | None = None
         if link.agg is not None:
             oldest_ts = min((b.timestamp for b in link.agg.blocks), default=0)
-        return self.limiter.walk_stops_at(link.first_sequence, oldest_ts)
+        return self.limiter.walk_stops_at(link.first_sequence, oldest_ts, link.epoch)
 
     async def walk(self) -> list[ChainLink]:
         """Find the head and follow ``prev`` back; returns the links, oldest first.
@@ -821,6 +901,10 @@ class ChainReader:
         head = await _find_head(self.pool, self.vdisk_id, self.opener, self._reader)
         self.head = head
         links: list[ChainLink] = []
+        if self.limiter.epoch is None:
+            # Sequence bounds name the vdisk's current numbering: the head's epoch.
+            self.limiter = replace(self.limiter,
+                                   epoch=head.agg.epoch if head.agg is not None else 0)
         if head.agg is not None:
             link = self._link_from_agg(head.agg, head.fetched.get(head.agg.hash))
             if self.all_pieces:
@@ -1030,30 +1114,43 @@ class ChainReader:
             done.append(result)
         return done
 
-    def _select(self, agg: Aggregation) -> tuple[list[Block], int]:
-        """The blocks of ``agg`` to replay, and how many were duplicates."""
+    def _select(self, agg: Aggregation) -> tuple[list[Block], list[Block], bool]:
+        """The blocks of ``agg`` to replay, those skipped as repeats, and whether ``agg``
+        starts a new epoch.
+
+        Within an epoch a sequence is replayed once, at its first occurrence: a later
+        copy is a re-flush of the same write (see the module doc). A later epoch is a new
+        numbering whose blocks are all replayed, over whatever came before.
+        """
+        new_epoch = False
+        if agg.epoch > self._epoch:
+            new_epoch = self._epoch_seen
+            self._epoch = agg.epoch
+            self.applied = SequenceSet()
+        self._epoch_seen = True
         applied = self.applied
         limiter = self.limiter
         blocks = agg.blocks
         if not blocks:
-            return [], 0
+            return [], [], new_epoch
         if limiter.unbounded:
             sequences = [b.sequence for b in blocks]
             low = min(sequences)
             if low > applied.max:  # the common case: everything is new
                 applied.add_new(sequences, low)
-                return list(blocks), 0
+                return list(blocks), [], new_epoch
         chosen: list[Block] = []
-        dups = 0
+        repeats: list[Block] = []
+        epoch = agg.epoch
         for b in blocks:
-            if not limiter.accepts(b):
+            if not limiter.accepts(b, epoch):
                 continue
             if b.sequence in applied:
-                dups += 1
+                repeats.append(b)
                 continue
             applied.add(b.sequence)
             chosen.append(b)
-        return chosen, dups
+        return chosen, repeats, new_epoch
 
     async def items(self) -> AsyncIterator[ChainItem]:
         """Replay: every aggregation of the walk, oldest first, checked and opened.
@@ -1068,9 +1165,9 @@ class ChainReader:
         # the opened aggregations.
         todo: list[ChainLink] = []
         for link in links:
-            if link.verified and limiter.after_end(link.first_sequence):
+            if link.verified and limiter.after_end(link.first_sequence, link.epoch):
                 break
-            if link.verified and limiter.before_start(link.last_sequence):
+            if link.verified and limiter.before_start(link.last_sequence, link.epoch):
                 link.drop()
                 continue
             todo.append(link)
@@ -1095,13 +1192,13 @@ class ChainReader:
                     if isinstance(result, DecodeError):
                         raise result
                     if bounded and result.blocks:
-                        if limiter.after_end(result.first_sequence):
+                        if limiter.after_end(result.first_sequence, result.epoch):
                             return
-                        if limiter.before_start(result.last_sequence):
+                        if limiter.before_start(result.last_sequence, result.epoch):
                             continue
-                    blocks, dups = self._select(result)
-                    yield ChainItem(result, blocks, dups, list(link.missing),
-                                    list(link.corrupt))
+                    blocks, repeats, new_epoch = self._select(result)
+                    yield ChainItem(result, blocks, len(repeats), list(link.missing),
+                                    list(link.corrupt), repeats, new_epoch)
                     if limiter.passes_end(result):
                         return
         finally:
@@ -1117,14 +1214,15 @@ class ChainReader:
 
 async def aggregations(pool: StoragePool, vdisk_id: str, opener: RecordOpener, *,
                        start_seq: int = 0, end_seq: int = 0, start_ts: int = 0,
-                       end_ts: int = 0) -> AsyncIterator[Aggregation]:
+                       end_ts: int = 0, epoch: int | None = None
+                       ) -> AsyncIterator[Aggregation]:
     """A vdisk's aggregations, oldest first, each checked (see the module doc).
 
     The bounds are the limiter's (0 = unbounded, inclusive): they choose which aggregations
     are read; the aggregations are yielded whole, duplicates included.
     """
     reader = ChainReader(pool, vdisk_id, opener,
-                         Limiter(start_seq, end_seq, start_ts, end_ts))
+                         Limiter(start_seq, end_seq, start_ts, end_ts, epoch))
     async for item in reader.items():
         yield item.aggregation
 
@@ -1151,9 +1249,16 @@ class VerifyReport:
 
     aggregations: int = 0
     blocks: int = 0
-    duplicates: int = 0
-    first_sequence: int | None = None
-    last_sequence: int | None = None
+    duplicates: int = 0  # blocks whose sequence came before in the same epoch
+    #: ...of which re-flushed copies (the same write stored again: harmless)...
+    copies: int = 0
+    #: ...and reused sequences: a different write under a sequence already stored in the
+    #: epoch. The restore keeps the first; the later write is lost (errors below).
+    reused: int = 0
+    #: (epoch, key of its first aggregation, its first sequence), in chain order
+    epochs: list[tuple[int, bytes, int]] = field(default_factory=list)
+    first_sequence: int | None = None  # of the last epoch
+    last_sequence: int | None = None  # of the last epoch
     head: bytes | None = None
     problems: list[Problem] = field(default_factory=list)
 
@@ -1183,6 +1288,48 @@ def _pieces_problem(key: bytes, missing: Sequence[int], corrupt: Sequence[int],
                         "(readable from parity)", "warning")
 
 
+class _Identities:
+    """What each sequence of an epoch wrote (index, operation, timestamp, hash), for verify
+    to tell a re-flushed copy from a reused sequence: an 8-byte digest per sequence, in one
+    array by offset from the epoch's first sequence (sequences are nearly contiguous), for
+    up to `VERIFY_IDENTITIES` sequences; the others are not compared."""
+
+    _ZERO = bytes(8)
+
+    def __init__(self) -> None:
+        self._base: int | None = None
+        self._buf = bytearray()
+
+    @staticmethod
+    def _digest(b: Block) -> bytes:
+        digest = hashlib.blake2b(struct.pack("<qBQ", b.index, b.operation & 0xFF, b.timestamp)
+                                 + bytes(b.hash), digest_size=8).digest()
+        return digest if digest != _Identities._ZERO else b"\x01" + digest[1:]
+
+    def _offset(self, seq: int) -> int | None:
+        if self._base is None:
+            self._base = seq
+        off = seq - self._base
+        return off if 0 <= off < VERIFY_IDENTITIES else None
+
+    def add(self, b: Block) -> None:
+        off = self._offset(b.sequence)
+        if off is None:
+            return
+        end = 8 * off + 8
+        if len(self._buf) < end:
+            self._buf.extend(bytes(max(end - len(self._buf), len(self._buf))))
+        self._buf[end - 8:end] = self._digest(b)
+
+    def compare(self, b: Block) -> bool | None:
+        """True: the same write as the first of its sequence; False: another; None: unknown."""
+        off = self._offset(b.sequence)
+        if off is None or 8 * off + 8 > len(self._buf):
+            return None
+        known = bytes(self._buf[8 * off:8 * off + 8])
+        return None if known == self._ZERO else known == self._digest(b)
+
+
 async def verify_chain(pool: StoragePool, vdisk_id: str, opener: RecordOpener, *,
                        allow_gaps: bool = False,
                        coder: ErasureCoder | None = None) -> VerifyReport:
@@ -1192,7 +1339,8 @@ async def verify_chain(pool: StoragePool, vdisk_id: str, opener: RecordOpener, *
     ``prev`` that is not stored, a block whose hash is wrong, a gap in the sequences (unless
     ``allow_gaps``), a last-hash entry that is not on the chain. Warnings: pieces missing or
     corrupt but rebuilt from parity, entries of last-hash lists that do not decode,
-    sequences stored twice.
+    re-flushed copies. Sequences reused for different data within one epoch are errors:
+    the restore keeps the first write of each (docs/durability.md).
     """
     report = VerifyReport()
     addresses = [s.address for s in pool.servers]
@@ -1230,8 +1378,9 @@ async def verify_chain(pool: StoragePool, vdisk_id: str, opener: RecordOpener, *
                 key, f"aggregation {_short(key)} is in the last-hash list of server {index} "
                      f"({addresses[index]}) but not on the chain from the head "
                      f"{_short(report.head or b'')}: a prev link is broken or the chain forked"))
-    high: int | None = None  # highest sequence so far
+    high: int | None = None  # highest sequence so far, in the current epoch
     high_key: bytes | None = None
+    seen = _Identities()  # what each sequence of the current epoch wrote
     try:
         async for item in reader.items():
             agg = item.aggregation
@@ -1241,11 +1390,46 @@ async def verify_chain(pool: StoragePool, vdisk_id: str, opener: RecordOpener, *
             problem = _pieces_problem(agg.hash, item.missing, item.corrupt, addresses)
             if problem is not None:
                 report.problems.append(problem)
-            if item.duplicates:
+            if not report.epochs or item.new_epoch:
+                if report.epochs and agg.epoch <= report.epochs[-1][0]:
+                    report.problems.append(Problem(agg.hash, f"aggregation {_short(agg.hash)}: "
+                                                   f"epoch {agg.epoch} after epoch "
+                                                   f"{report.epochs[-1][0]}"))
+                report.epochs.append((agg.epoch, agg.hash, agg.first_sequence))
+                high = high_key = report.first_sequence = None
+                seen = _Identities()
+            elif agg.epoch < report.epochs[-1][0]:
+                report.problems.append(Problem(agg.hash, f"aggregation {_short(agg.hash)}: "
+                                               f"epoch {agg.epoch} after epoch "
+                                               f"{report.epochs[-1][0]}"))
+            repeats = {id(b) for b in item.repeats}
+            copies = reused = 0
+            reused_seqs: list[int] = []
+            for b in agg.blocks:
+                if id(b) in repeats:
+                    verdict = seen.compare(b)
+                    if verdict is False:
+                        reused += 1
+                        reused_seqs.append(b.sequence)
+                    else:
+                        copies += 1
+                else:
+                    seen.add(b)
+            report.copies += copies
+            report.reused += reused
+            if copies:
                 report.problems.append(Problem(
-                    agg.hash, f"aggregation {_short(agg.hash)}: {item.duplicates} sequence(s) "
-                              "stored before (a re-flush after a crash; replayed once)",
-                    "warning"))
+                    agg.hash, f"aggregation {_short(agg.hash)}: {copies} block(s) stored "
+                              f"before in epoch {agg.epoch} with the same content (a "
+                              "re-flush after a crash; replayed once)", "warning"))
+            if reused:
+                shown = ", ".join(str(q) for q in reused_seqs[:8])
+                report.problems.append(Problem(
+                    agg.hash, f"aggregation {_short(agg.hash)}: {reused} sequence(s) of epoch "
+                              f"{agg.epoch} reused for different data ({shown}"
+                              f"{', ...' if reused > 8 else ''}): a restore keeps the first "
+                              "write of each and drops these (a client restarted its "
+                              "numbering on a server without epochs)"))
             if not agg.blocks:
                 continue
             first, last = agg.first_sequence, agg.last_sequence

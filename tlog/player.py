@@ -341,9 +341,13 @@ class PlayResult:
     blocks: int = 0  # applied
     sets: int = 0
     deletes: int = 0
-    duplicates: int = 0  # skipped: sequence replayed before
+    duplicates: int = 0  # skipped: sequence replayed before, in the same epoch
     outside: int = 0  # skipped: outside the limits
     data_bytes: int = 0  # bytes of block data applied
+    #: Epochs the replay went through (a reset of the sequence numbering starts one), and
+    #: the last one's number; the sequences below are those of the last epoch.
+    epochs: int = 0
+    epoch: int = 0
     first_sequence: int | None = None
     last_sequence: int | None = None  # highest sequence applied
     last_timestamp: int | None = None  # timestamp of the block with the highest sequence
@@ -380,6 +384,10 @@ class Player:
         async for item in reader.items():
             blocks = item.blocks
             await apply(blocks)
+            if item.new_epoch or not result.epochs:
+                result.epochs += 1
+                result.first_sequence = result.last_sequence = result.last_timestamp = None
+            result.epoch = item.aggregation.epoch
             result.aggregations += 1
             result.duplicates += item.duplicates
             result.outside += len(item.aggregation.blocks) - len(blocks) - item.duplicates
@@ -412,10 +420,11 @@ class Player:
 
 async def restore(pool: StoragePool, vdisk_id: str, opener: RecordOpener,
                   storage: BlockStorage, *, start_seq: int = 0, end_seq: int = 0,
-                  start_ts: int = 0, end_ts: int = 0,
+                  start_ts: int = 0, end_ts: int = 0, epoch: int | None = None,
                   on_sequence: Callable[[int], None] | None = None) -> PlayResult:
     """Replay a vdisk's log into ``storage``: to the last sequence by default, up to
-    ``end_seq`` or ``end_ts`` (inclusive) to roll back. 0 means unbounded. The storage is
-    not closed."""
-    reader = ChainReader(pool, vdisk_id, opener, Limiter(start_seq, end_seq, start_ts, end_ts))
+    ``end_seq`` or ``end_ts`` (inclusive) to roll back. 0 means unbounded; sequence bounds
+    are of ``epoch`` (None: the current one, see `Limiter`). The storage is not closed."""
+    reader = ChainReader(pool, vdisk_id, opener,
+                         Limiter(start_seq, end_seq, start_ts, end_ts, epoch))
     return await Player(storage, on_sequence=on_sequence).play(reader)

@@ -54,6 +54,7 @@ class Handshake:
 
     ``token`` is our addition (field @4): the vdisk's access token, empty when the client
     sent none (every 0-Disk client). Kept out of ``repr`` so that it never reaches a log.
+    ``continue_sequence`` (ours, @5): the client starts after the vdisk's last sequence.
     """
 
     version: int
@@ -61,6 +62,7 @@ class Handshake:
     first_sequence: int
     reset_first_sequence: bool
     token: bytes = field(default=b"", repr=False)
+    continue_sequence: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,10 +81,23 @@ class WaitNbdSlaveSync:
 
 @dataclass(frozen=True, slots=True)
 class HandshakeResponse:
-    """The server's answer to the handshake."""
+    """The server's answer to the handshake.
+
+    Ours (fields @2-@4; a reference server leaves them unset): where the vdisk's log stood
+    when the client connected, in its current ``epoch``. ``last_sequence`` is the highest
+    sequence stored or received in order; ``has_log`` is False for a vdisk with nothing.
+    """
 
     version: int
     status: HandshakeStatus | int
+    last_sequence: int = 0
+    has_log: bool = False
+    epoch: int = 0
+
+    @property
+    def next_sequence(self) -> int:
+        """The sequence a client that continues the log sends next."""
+        return self.last_sequence + 1 if self.has_log else 0
 
 
 class BlockResponse(NamedTuple):
@@ -294,7 +309,8 @@ class ServerConnection:
             req = _read_struct(schema.HandshakeRequest, *got, "HandshakeRequest")
             try:
                 handshake = Handshake(req.version, req.vdiskID, req.firstSequence,
-                                      req.resetFirstSequence, bytes(req.token))
+                                      req.resetFirstSequence, bytes(req.token),
+                                      req.continueSequence)
             except Exception as exc:  # pycapnp reads lazily: bad pointers surface here
                 raise ProtocolError(f"malformed HandshakeRequest: {exc}") from None
             self._state = _State.MESSAGES
@@ -319,9 +335,12 @@ class ServerConnection:
 
     # -- bytes to send --
     @staticmethod
-    def send_handshake_response(status: HandshakeStatus, version: int | None = None) -> bytes:
+    def send_handshake_response(status: HandshakeStatus, version: int | None = None, *,
+                                last_sequence: int = 0, has_log: bool = False,
+                                epoch: int = 0) -> bytes:
         return wire.encode_handshake_response(
-            CURRENT_VERSION.to_uint32() if version is None else version, int(status))
+            CURRENT_VERSION.to_uint32() if version is None else version, int(status),
+            last_sequence, has_log, epoch)
 
     @staticmethod
     def send_response(status: BlockStatus, sequences: Sequence[int] = ()) -> bytes:
@@ -373,9 +392,14 @@ class ClientConnection:
                     return events
                 if self._state is _State.HANDSHAKE:
                     resp = _read_struct(schema.HandshakeResponse, *got, "HandshakeResponse")
+                    try:
+                        event = HandshakeResponse(
+                            resp.version, _status(HandshakeStatus, resp.status),
+                            resp.lastSequence, resp.hasLog, resp.epoch)
+                    except Exception as exc:
+                        raise ProtocolError(f"malformed HandshakeResponse: {exc}") from None
                     self._state = _State.MESSAGES
-                    events.append(HandshakeResponse(
-                        resp.version, _status(HandshakeStatus, resp.status)))
+                    events.append(event)
                     continue
                 body, sizes = got
                 parsed = wire.parse_response(body) if len(sizes) == 1 else None
@@ -389,16 +413,19 @@ class ClientConnection:
 
     @staticmethod
     def send_handshake(vdisk_id: str, first_sequence: int, reset_first_sequence: bool = False,
-                       version: int | None = None, token: bytes | None = None) -> bytes:
+                       version: int | None = None, token: bytes | None = None,
+                       continue_sequence: bool = False) -> bytes:
         """A HandshakeRequest frame; ``token`` (our field @4) only when given.
 
         Laid out by hand: without a token the bytes are exactly the Go client's (a struct
         with one pointer, as the reference schema has), so a server that predates the
         token field cannot tell us apart; with one, the struct has a second pointer, which
-        such a server ignores.
+        such a server ignores. ``continue_sequence`` (@5) is one more bit of the data
+        section, which such a server does not read either.
         """
         return encode_handshake(CURRENT_VERSION.to_uint32() if version is None else version,
-                                vdisk_id, first_sequence, reset_first_sequence, token)
+                                vdisk_id, first_sequence, reset_first_sequence, token,
+                                continue_sequence)
 
     @staticmethod
     def send_block(sequence: int, index: int, timestamp: int, data: bytes | memoryview,
@@ -453,7 +480,8 @@ def _take_responses(buf: bytearray, at: int, end: int, events: list[ClientEvent]
     return at
 
 
-_HANDSHAKE_DATA_WORDS = 2  # version u32 + resetFirstSequence (bit 32), firstSequence u64
+#: version u32, resetFirstSequence (bit 32), continueSequence (bit 33); firstSequence u64
+_HANDSHAKE_DATA_WORDS = 2
 
 
 def _byte_list_ptr(ptr_word: int, target_word: int, count: int) -> int:
@@ -462,7 +490,8 @@ def _byte_list_ptr(ptr_word: int, target_word: int, count: int) -> int:
 
 
 def encode_handshake(version: int, vdisk_id: str, first_sequence: int,
-                     reset_first_sequence: bool = False, token: bytes | None = None) -> bytes:
+                     reset_first_sequence: bool = False, token: bytes | None = None,
+                     continue_sequence: bool = False) -> bytes:
     """A framed HandshakeRequest: the vdisk id as NUL-terminated text, then the token."""
     text = vdisk_id.encode("utf-8") + b"\0"
     ptrs = 2 if token else 1
@@ -470,7 +499,8 @@ def encode_handshake(version: int, vdisk_id: str, first_sequence: int,
     text_words = (len(text) + 7) // 8
     words = [
         (_HANDSHAKE_DATA_WORDS << 32) | (ptrs << 48),  # root: struct right after it
-        (version & 0xFFFFFFFF) | ((1 << 32) if reset_first_sequence else 0),
+        (version & 0xFFFFFFFF) | ((1 << 32) if reset_first_sequence else 0)
+        | ((1 << 33) if continue_sequence else 0),
         first_sequence,
         _byte_list_ptr(3, text_at, len(text)),
     ]

@@ -148,7 +148,7 @@ async def rekey_vdisk(pool: StoragePool, vdisk_id: str, opener: RecordOpener, ne
         old_keys.append(agg.hash)
         if dry_run:
             continue
-        sealed = writer.seal(prev, agg.blocks, timestamp=agg.timestamp)
+        sealed = writer.seal(prev, agg.blocks, timestamp=agg.timestamp, epoch=agg.epoch)
         prev = sealed.hash
         batch.append((sealed.hash, sealed.record))
         batch_bytes += len(sealed.record)

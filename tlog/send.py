@@ -68,7 +68,7 @@ class _Blocks:
 
 
 async def run_send(servers: Sequence[str], vdisk_id: str, blocks: int, block_size: int,
-                   first_sequence: int, random_data: bool, reset: bool, timeout: float,
+                   first_sequence: int | None, random_data: bool, reset: bool, timeout: float,
                    connect_timeout: float, max_unflushed: int,
                    resend_timeout: float, rate: float = 0.0,
                    security: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -78,9 +78,11 @@ async def run_send(servers: Sequence[str], vdisk_id: str, blocks: int, block_siz
     and server go), to measure latencies below saturation. Block ``i`` is due at
     ``i / rate`` seconds after the start; the sender sleeps only when it is at least
     `_PACE_SLACK` ahead (event-loop timers have millisecond resolution), so blocks leave in
-    small bursts that keep the average exact.
+    small bursts that keep the average exact. ``first_sequence`` None continues the vdisk's
+    log where it ends.
     """
     n = blocks
+    first = first_sequence or 0  # known once connected when continuing
     sent_at = [0.0] * n
     recv_at = [0.0] * n
     flush_at = [0.0] * n
@@ -97,7 +99,7 @@ async def run_send(servers: Sequence[str], vdisk_id: str, blocks: int, block_siz
             return
         now = clock()
         for seq in sequences:
-            i = seq - first_sequence
+            i = seq - first
             if 0 <= i < n and not table[i]:
                 table[i] = now
 
@@ -106,6 +108,8 @@ async def run_send(servers: Sequence[str], vdisk_id: str, blocks: int, block_siz
                                    reset_first_sequence=reset, on_response=on_response,
                                    max_unflushed_bytes=max_unflushed,
                                    resend_timeout=resend_timeout, **(security or {}))
+    first = client.next_sequence
+    position = client.log_position
     try:
         send = client.send
         op = Operation.SET
@@ -113,7 +117,7 @@ async def run_send(servers: Sequence[str], vdisk_id: str, blocks: int, block_siz
         cpu0 = time.process_time()
         t0 = clock()
         for i in range(n):
-            seq = first_sequence + i
+            seq = first + i
             data = data_for(i)
             if rate > 0:
                 ahead = t0 + i / rate - clock()
@@ -122,7 +126,7 @@ async def run_send(servers: Sequence[str], vdisk_id: str, blocks: int, block_siz
             sent_at[i] = clock()
             await send(op, seq, seq, time_ns(), data)
         if n:
-            await client.wait_flushed(first_sequence + n - 1, timeout=timeout)
+            await client.wait_flushed(first + n - 1, timeout=timeout)
         seconds = clock() - t0
         cpu = time.process_time() - cpu0
         stats = client.stats()
@@ -132,6 +136,8 @@ async def run_send(servers: Sequence[str], vdisk_id: str, blocks: int, block_siz
     flush = [flush_at[i] - sent_at[i] for i in range(n) if flush_at[i]]
     return {
         "blocks": n,
+        "first_sequence": first,
+        "epoch": position.epoch if position is not None else 0,
         "block_size": block_size,
         "random_data": random_data,
         "seconds": round(seconds, 4),
@@ -168,8 +174,10 @@ def _check_server(ctx: click.Context, param: click.Parameter,
               help="How many blocks to send.")
 @click.option("--block-size", type=click.IntRange(min=1), default=4096, show_default=True,
               help="Bytes per block.")
-@click.option("--first-sequence", type=click.IntRange(min=0), default=0, show_default=True,
-              help="Sequence (and index) of the first block.")
+@click.option("--first-sequence", type=click.IntRange(min=0), default=None,
+              help="Sequence (and index) of the first block [default: 0].")
+@click.option("--continue", "continue_log", is_flag=True,
+              help="Start after the vdisk's last sequence, which the server reports.")
 @click.option("--random-data", is_flag=True,
               help="Incompressible blocks (default: compressible ones).")
 @click.option("--reset", is_flag=True,
@@ -197,7 +205,8 @@ def _check_server(ctx: click.Context, param: click.Parameter,
 @click.option("--token-file", type=click.Path(dir_okay=False, exists=True),
               help="File holding the vdisk's access token (never given on the command line).")
 def send_command(servers: tuple[str, ...], vdisk: str, blocks: int, block_size: int,
-                 first_sequence: int, random_data: bool, reset: bool, timeout: float,
+                 first_sequence: int | None, continue_log: bool, random_data: bool,
+                 reset: bool, timeout: float,
                  connect_timeout: float, max_unflushed: int, resend_timeout: float,
                  rate: float, tls: bool, tls_ca: str | None, tls_cert: str | None,
                  tls_key: str | None, token_file: str | None) -> None:
@@ -205,6 +214,11 @@ def send_command(servers: tuple[str, ...], vdisk: str, blocks: int, block_size: 
     and print one JSON line: throughput, RecvOK/FlushOK latency percentiles, resends,
     reconnects and the client's CPU time per block. --rate paces the sending.
     """
+    if continue_log and (first_sequence is not None or reset):
+        raise click.UsageError("--continue: cannot be combined with --first-sequence or "
+                               "--reset")
+    if not continue_log and first_sequence is None:
+        first_sequence = 0
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency

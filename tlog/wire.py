@@ -12,9 +12,11 @@ the structs of ``schema/tlog_schema.capnp``:
 - TlogBlock: data section of 4 words (sequence u64, index i64, timestamp u64,
   operation u8 at byte 24), 2 pointers (hash, data).
 - TlogResponse: data section of 1 word (status i8), 1 pointer (sequences).
-- HandshakeResponse: data section of 1 word (version u32, status i8 at byte 4).
+- HandshakeResponse: data section of 1 word (version u32, status i8 at byte 4), as the
+  reference sends it; 3 words when our fields are set (lastSequence u64 in word 1,
+  hasLog at bit 40, epoch u64 in word 2).
 - TlogAggregation: data section of 2 words (size, timestamp), 4 pointers
-  (name, vdiskID, blocks, prev).
+  (name, vdiskID, blocks, prev); 3 data words when our epoch (word 2) is set.
 """
 
 from __future__ import annotations
@@ -280,9 +282,13 @@ def encode_response(status: int, sequences: Sequence[int]) -> bytes:
     )
 
 
-def encode_handshake_response(version: int, status: int) -> bytes:
-    """A framed HandshakeResponse."""
-    return struct.pack("<IIQIbxxx", 0, 2, 1 << 32, version, status)
+def encode_handshake_response(version: int, status: int, last_sequence: int = 0,
+                              has_log: bool = False, epoch: int = 0) -> bytes:
+    """A framed HandshakeResponse: the reference's bytes when our fields are all unset."""
+    if not (last_sequence or has_log or epoch):
+        return struct.pack("<IIQIbxxx", 0, 2, 1 << 32, version, status)
+    return struct.pack("<IIQIbBxxQQ", 0, 4, 3 << 32, version, status, 1 if has_log else 0,
+                       last_sequence, epoch)
 
 
 def parse_response(seg: memoryview) -> tuple[int, list[int]] | None:
@@ -319,31 +325,35 @@ def _text_words(text: bytes) -> int:
 
 
 def encode_aggregation(name: str, timestamp: int, vdisk_id: str, prev: bytes,
-                       blocks: Sequence[BlockFields] | Iterable[BlockFields]) -> bytes:
+                       blocks: Sequence[BlockFields] | Iterable[BlockFields],
+                       epoch: int = 0) -> bytes:
     """A framed single-segment TlogAggregation.
 
     The layout is the one pycapnp and the Go server produce when the fields are
     set in the order name, size, timestamp, prev, vdiskID, blocks (each block's
     hash before its data): so the legacy writer is byte-identical to the Go one.
+    A non-zero ``epoch`` (our field @6) adds a third data word.
     """
     blocks = list(blocks)
     name_b = name.encode()
     vdisk_b = vdisk_id.encode()
     n = len(blocks)
+    data_words = _AGG_DATA_WORDS + (1 if epoch else 0)
     # Word positions inside the segment.
     agg_start = 1
-    name_at = agg_start + _AGG_DATA_WORDS + _AGG_PTRS
+    name_at = agg_start + data_words + _AGG_PTRS
     prev_at = name_at + _text_words(name_b)
     vdisk_at = prev_at + (len(prev) + 7) // 8
     tag_at = vdisk_at + _text_words(vdisk_b)
     elems_at = tag_at + 1
     elem_words = _BLOCK_DATA_WORDS + _BLOCK_PTRS
     tail_at = elems_at + n * elem_words
-    ptr0 = agg_start + _AGG_DATA_WORDS  # word of the name pointer
+    ptr0 = agg_start + data_words  # word of the name pointer
     head = struct.pack(
-        "<QQQQQQQ",
-        (_AGG_DATA_WORDS << 32) | (_AGG_PTRS << 48),
+        "<QQQ" + "Q" * (data_words - _AGG_DATA_WORDS) + "QQQQ",
+        (data_words << 32) | (_AGG_PTRS << 48),
         n, timestamp,
+        *((epoch,) if epoch else ()),
         _list_ptr(ptr0, name_at, 2, len(name_b) + 1),
         _list_ptr(ptr0 + 1, vdisk_at, 2, len(vdisk_b) + 1),
         _list_ptr(ptr0 + 2, tag_at, 7, n * elem_words),
@@ -386,6 +396,7 @@ class RawAggregation(NamedTuple):
     vdisk_id: str
     prev: bytes
     blocks: list[Block]
+    epoch: int = 0
 
 
 def _text(seg: memoryview, seg_words: int, ptr_word: int) -> str | None:
@@ -468,6 +479,7 @@ def parse_aggregation(seg: memoryview) -> RawAggregation | None:
     if data_words < _AGG_DATA_WORDS or ptrs < _AGG_PTRS:
         return None
     size, timestamp = struct.unpack_from("<QQ", seg, start * _WORD)
+    epoch = _U64.unpack_from(seg, (start + 2) * _WORD)[0] if data_words > 2 else 0
     p0 = start + data_words
     name = _text(seg, seg_words, p0)
     vdisk = _text(seg, seg_words, p0 + 1)
@@ -497,7 +509,8 @@ def parse_aggregation(seg: memoryview) -> RawAggregation | None:
             canonical = _canonical_blocks(seg, seg_words, tag_at + 1, count)
             if canonical is None:
                 return None
-            return RawAggregation(name or "", size, timestamp, vdisk or "", prev, canonical)
+            return RawAggregation(name or "", size, timestamp, vdisk or "", prev, canonical,
+                                  epoch)
         for i in range(count):
             at = tag_at + 1 + i * elem
             raw = bytes(seg[at * _WORD:(at + dw) * _WORD]).ljust(_BLOCK_DATA.size, b"\0")
@@ -512,4 +525,4 @@ def parse_aggregation(seg: memoryview) -> RawAggregation | None:
                     return None
                 views.append(seg[loc[0]:loc[0] + loc[1]])
             blocks.append(Block(sequence, index, ts, op, views[0], views[1]))
-    return RawAggregation(name or "", size, timestamp, vdisk or "", prev, blocks)
+    return RawAggregation(name or "", size, timestamp, vdisk or "", prev, blocks, epoch)

@@ -68,6 +68,20 @@ _D = ServerConfig()
               help="Out-of-order window per vdisk: blocks further ahead get RecvFailed.")
 @click.option("--max-buffered-bytes", type=int, default=_D.max_buffered_bytes,
               show_default=True, help="Bytes of out-of-order blocks kept per vdisk.")
+@click.option("--max-pending-bytes", type=int, default=_D.max_pending_bytes,
+              show_default=True,
+              help="Bytes per vdisk received in order and not stored yet (storage behind or "
+                   "down): beyond them, blocks get RecvFailed and are resent later.")
+@click.option("--max-server-buffered-bytes", type=int, default=_D.max_server_buffered_bytes,
+              show_default=True,
+              help="Bytes of blocks all vdisks together hold (out of order or not stored "
+                   "yet); beyond them, blocks get RecvFailed.")
+@click.option("--max-connections", type=int, default=_D.max_connections, show_default=True,
+              help="Client connections open at once; more are closed at accept (0: no "
+                   "limit).")
+@click.option("--stalled-writer-timeout", type=float, default=_D.stalled_writer_timeout,
+              show_default=True,
+              help="Seconds a client may leave its answers unread before it is cut off.")
 @click.option("--handshake-timeout", type=float, default=_D.handshake_timeout,
               show_default=True, help="Seconds a new connection has to send its handshake.")
 @click.option("--drain-timeout", type=float, default=_D.drain_timeout, show_default=True,

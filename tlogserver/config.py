@@ -41,6 +41,8 @@ ACCESS_KEYS = ("tls_clients",)
 LOG_LEVELS = ("debug", "info", "warning", "error")
 #: Options a SIGHUP applies to the running server; the others need a restart.
 RELOADABLE = frozenset({"flush_size", "flush_time", "max_buffered_blocks", "max_buffered_bytes",
+                        "max_pending_bytes", "max_server_buffered_bytes", "max_connections",
+                        "stalled_writer_timeout",
                         "handshake_timeout", "drain_timeout", "verbose", "log_level",
                         "log_format", "access", "old_key_files", "tls_cert", "tls_key"})
 #: Options whose values are never logged, not even when they change (storage addresses may
@@ -71,6 +73,14 @@ class ServerConfig:
     max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE
     max_buffered_blocks: int = 16384
     max_buffered_bytes: int = 128 * 1024 * 1024
+    #: per vdisk: bytes received in order and not stored yet (storage behind or down)
+    max_pending_bytes: int = 256 * 1024 * 1024
+    #: every vdisk together: out-of-order and not-yet-stored bytes
+    max_server_buffered_bytes: int = 1024 * 1024 * 1024
+    #: client connections open at once; 0 = no limit
+    max_connections: int = 4096
+    #: seconds a client may leave its answers unread (our send buffer full) before it is cut
+    stalled_writer_timeout: float = 30.0
     handshake_timeout: float = 10.0
     drain_timeout: float = 30.0
     verbose: bool = False
@@ -118,13 +128,18 @@ class ServerConfig:
         if self.log_format not in ("text", "json"):
             raise ConfigError(f"log-format: must be text or json, got {self.log_format!r}")
         for name in ("k", "flush_size", "block_size", "max_message_size", "max_buffered_blocks",
-                     "max_buffered_bytes"):
+                     "max_buffered_bytes", "max_pending_bytes", "max_server_buffered_bytes"):
             _positive_int(name, getattr(self, name))
+        if (isinstance(self.max_connections, bool) or not isinstance(self.max_connections, int)
+                or self.max_connections < 0):
+            raise ConfigError(f"max-connections: must be a whole number >= 0 (0: no limit), "
+                              f"got {self.max_connections!r}")
         if not isinstance(self.m, int) or isinstance(self.m, bool) or self.m < 0:
             raise ConfigError(f"m: must be a whole number >= 0, got {self.m!r}")
         if self.k + self.m > 255:
             raise ConfigError(f"k + m: at most 255 storage servers, got {self.k + self.m}")
-        for name in ("flush_time", "handshake_timeout", "drain_timeout"):
+        for name in ("flush_time", "handshake_timeout", "drain_timeout",
+                     "stalled_writer_timeout"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
                 raise ConfigError(f"{name.replace('_', '-')}: must be a number of seconds > 0, "

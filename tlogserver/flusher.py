@@ -32,6 +32,7 @@ reconnects):
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
 from collections import deque
@@ -70,11 +71,11 @@ FORK_CHECK_TIMEOUT = 5.0
 
 class RecordWriter(Protocol):
     def seal(self, prev: bytes, blocks: Sequence[BlockFields],
-             timestamp: int | None = None) -> SealedRecord: ...
+             timestamp: int | None = None, epoch: int = 0) -> SealedRecord: ...
 
 
 class Batch:
-    """Blocks handed to the flusher together: one aggregation."""
+    """Blocks handed to the flusher together: one aggregation of the vdisk's ``epoch``."""
 
     __slots__ = ("blocks", "epoch", "record", "pieces", "cut_at")
 
@@ -113,6 +114,8 @@ class Flusher:
         self.log = ContextLogger(log, vdisk=vdisk_id)
         self.pool = pool
         self.prev = prev
+        #: The hash of the newest aggregation stored (``prev`` is the newest sealed one).
+        self.stored_head = prev
         self.min_pieces = min_pieces
         self.straggler_wait = STRAGGLER_WAIT if straggler_wait is None else straggler_wait
         self._writer = writer
@@ -174,6 +177,17 @@ class Flusher:
     def pending_blocks(self) -> int:
         """Blocks handed over and not stored yet (queued or in the current round)."""
         return self.queued_blocks + sum(len(b.blocks) for b in self._inflight)
+
+    def pending_block(self, sequence: int) -> BlockFields | None:
+        """The block of ``sequence`` handed over and not stored yet, if there is one."""
+        for batch in itertools.chain(self._inflight, self._queue):
+            blocks = batch.blocks
+            if blocks and blocks[0].sequence <= sequence <= blocks[-1].sequence:
+                found = blocks[sequence - blocks[0].sequence]  # a batch is consecutive
+                if found.sequence == sequence:
+                    return found
+                return next((b for b in blocks if b.sequence == sequence), None)
+        return None
 
     @property
     def oldest_cut(self) -> float | None:
@@ -247,6 +261,9 @@ class Flusher:
                 done = sealed[:]
                 sealed.clear()
                 self.stored_rounds += 1
+                last = done[-1].record
+                if last is not None:
+                    self.stored_head = last.hash
                 self._count_stored(done)
                 self._on_stored(done)
             self._idle.set()
@@ -328,7 +345,7 @@ class Flusher:
     # -- sealing and storing --
 
     def _seal(self, batch: Batch) -> None:
-        record = self._writer.seal(self.prev, batch.blocks, time.time_ns())
+        record = self._writer.seal(self.prev, batch.blocks, time.time_ns(), batch.epoch)
         batch.record = record
         batch.pieces = self._coder.encode(record.record)
         self.prev = record.hash

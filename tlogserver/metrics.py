@@ -70,8 +70,10 @@ class Histogram:
 class ServerStats:
     """Every counter of one server, as plain numbers the write path adds to."""
 
-    __slots__ = ("connections_accepted", "received_blocks", "received_bytes", "duplicate_blocks",
+    __slots__ = ("connections_accepted", "connections_refused", "received_blocks",
+                 "received_bytes", "duplicate_blocks",
                  "recv_failed_hash", "recv_failed_window", "recv_failed_pending",
+                 "recv_failed_server", "epochs_started",
                  "flushed_blocks", "flushed_bytes",
                  "aggregations_stored", "flush_failed_blocks", "storage_errors",
                  "degraded_pieces", "recv_latency", "flush_round", "flush_latency",
@@ -80,12 +82,19 @@ class ServerStats:
 
     def __init__(self) -> None:
         self.connections_accepted = 0
+        #: connections closed at accept: over --max-connections
+        self.connections_refused = 0
         self.received_blocks = 0
         self.received_bytes = 0
         self.duplicate_blocks = 0
         self.recv_failed_hash = 0
         self.recv_failed_window = 0
         self.recv_failed_pending = 0
+        #: refused because the whole server holds --max-server-buffered-bytes
+        self.recv_failed_server = 0
+        #: per reason ("reset": resetFirstSequence; "reused_sequence": a client started its
+        #: numbering again without it; "far_resend"): new epochs begun
+        self.epochs_started: dict[str, int] = {}
         self.flushed_blocks = 0
         self.flushed_bytes = 0
         self.aggregations_stored = 0
@@ -102,6 +111,9 @@ class ServerStats:
         self.last_reload_time = 0.0
         #: per HandshakeStatus name (lower case): handshakes answered with that error
         self.handshakes_refused: dict[str, int] = {}
+
+    def epoch_started(self, reason: str) -> None:
+        self.epochs_started[reason] = self.epochs_started.get(reason, 0) + 1
 
     def handshake_refused(self, status: str) -> None:
         """A handshake was answered with the error ``status`` (e.g. "unauthorized")."""
@@ -143,6 +155,18 @@ class ServerCollector(Collector):
         yield _gauge("tlog_connections", "Client connections open now.", len(server.connections))
         yield _counter("tlog_connections_accepted", "Client connections accepted.",
                        s.connections_accepted)
+        yield _counter("tlog_connections_refused", "Client connections closed at accept: "
+                       "--max-connections were open.", s.connections_refused)
+        yield _gauge("tlog_buffered_bytes", "Bytes of blocks all vdisks hold together (out of "
+                     "order, or not stored yet); --max-server-buffered-bytes bounds it.",
+                     server.budget.used)
+        epochs = CounterMetricFamily("tlog_epochs_started", "New epochs of a vdisk's sequence "
+                                     "numbering, by reason: reset (resetFirstSequence), "
+                                     "reused_sequence (a client started again below the "
+                                     "stored log), far_resend.", labels=["reason"])
+        for reason in sorted(s.epochs_started):
+            epochs.add_metric([reason], s.epochs_started[reason])
+        yield epochs
         yield _gauge("tlog_vdisks_open", "Vdisks with an open chain in this server.",
                      len(server.vdisks))
         refused = CounterMetricFamily("tlog_handshakes_refused", "Handshakes refused, by "
@@ -160,11 +184,12 @@ class ServerCollector(Collector):
                        "already stored, pending, or buffered.", s.duplicate_blocks)
         failed = CounterMetricFamily("tlog_recv_failed_blocks", "Blocks answered RecvFailed "
                                      "and not kept: bad hash, beyond the out-of-order window, "
-                                     "or too much not stored yet (storage behind).",
-                                     labels=["reason"])
+                                     "too much not stored yet (storage behind), or the "
+                                     "server's buffers full.", labels=["reason"])
         failed.add_metric(["hash"], s.recv_failed_hash)
         failed.add_metric(["window"], s.recv_failed_window)
         failed.add_metric(["pending"], s.recv_failed_pending)
+        failed.add_metric(["server_buffer"], s.recv_failed_server)
         yield failed
         yield _counter("tlog_flushed_blocks", "Blocks stored (answered FlushOK).",
                        s.flushed_blocks)
@@ -201,7 +226,8 @@ class ServerCollector(Collector):
 
     def _vdisks(self) -> Iterator[Metric]:
         names = ("pending_blocks", "out_of_order_blocks", "out_of_order_bytes",
-                 "flush_lag_sequences", "oldest_pending_seconds", "clients", "storage_failing")
+                 "flush_lag_sequences", "oldest_pending_seconds", "clients", "storage_failing",
+                 "epoch")
         docs = {
             "pending_blocks": "Blocks received in order and not stored yet.",
             "out_of_order_blocks": "Blocks received ahead of a missing one, buffered.",
@@ -211,6 +237,8 @@ class ServerCollector(Collector):
             "oldest_pending_seconds": "Age of the oldest block not stored yet (0 when none).",
             "clients": "Connections writing to the vdisk.",
             "storage_failing": "1 while the vdisk's last storage round failed (retrying).",
+            "epoch": "The vdisk's current epoch (a reset of its sequence numbering starts the "
+                     "next).",
         }
         families = {n: GaugeMetricFamily(f"tlog_vdisk_{n}", docs[n], labels=["vdisk"])
                     for n in names}

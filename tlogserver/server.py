@@ -18,13 +18,13 @@ import re
 import signal
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from time import perf_counter
 from typing import Any
 
 from tlog.aggregation import Keyring, LegacyWriter, RecordOpener, V2Writer
 from tlog.crypto import LegacyCipher
-from tlog.decoder import DecodeError, find_last
+from tlog.decoder import DecodeError, find_last, stored_writes
 from tlog.protocol import (
     Block,
     ForceFlush,
@@ -57,15 +57,14 @@ from .flusher import Flusher
 from .http import OpsServer
 from .logs import ContextLogger
 from .metrics import ServerStats, make_registry
-from .vdisk import Vdisk
+from .vdisk import BufferBudget, HandshakeResult, Vdisk
 
 log = logging.getLogger("tlogserver")
 
 _VDISK_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:@-]{0,254}$")
-#: Answers a client has not read yet, per connection, before we stop reading from it.
+#: Answers a client has not read yet, per connection, before we stop reading from it (how
+#: long it may leave them unread: --stalled-writer-timeout).
 WRITE_BUFFER_HIGH = 4 * 1024 * 1024
-#: How long a client may leave that buffer full before it is disconnected.
-STALLED_WRITER_TIMEOUT = 30.0
 #: /readyz pings every storage server at most this often, each with this timeout.
 READY_CACHE_SECONDS = 1.0
 PING_TIMEOUT = 2.0
@@ -86,6 +85,7 @@ class TlogConnection(asyncio.BufferedProtocol):
         self.vdisk: Vdisk | None = None
         self.name = f"conn#{next(_ids)}"
         self.log = ContextLogger(log, conn=self.name)
+        self.session_start = 0  # first sequence of the handshake (see vdisk.Peer)
         self._backlog: list[ServerEvent] | None = None  # events waiting for the handshake
         self._paused: set[str] = set()
         self._timer: asyncio.TimerHandle | None = None
@@ -101,6 +101,15 @@ class TlogConnection(asyncio.BufferedProtocol):
         if self.tls:
             # TLS already verified the certificate (if one was sent) against the client CA.
             self.identities = certificate_identities(transport.get_extra_info("peercert"))
+        limit = self.server.config.max_connections
+        if limit and len(self.server.connections) >= limit:
+            # Refused before any byte is read: a flood of connections costs a socket each
+            # for an instant, not a buffer and a handshake timer.
+            self.stats.connections_refused += 1
+            self.server.note_refused(self.name)
+            self._closing = True
+            transport.abort()
+            return
         transport.set_write_buffer_limits(high=WRITE_BUFFER_HIGH)
         self.server.connections.add(self)
         self.stats.connections_accepted += 1
@@ -146,8 +155,8 @@ class TlogConnection(asyncio.BufferedProtocol):
         # it if that lasts.
         self._pause("write")
         self._cancel_timer()
-        self._timer = asyncio.get_running_loop().call_later(STALLED_WRITER_TIMEOUT,
-                                                            self._drop_stalled)
+        self._timer = asyncio.get_running_loop().call_later(
+            self.server.config.stalled_writer_timeout, self._drop_stalled)
 
     def _drop_stalled(self) -> None:
         # close() alone would wait for the unread answers to be written, which never
@@ -216,8 +225,11 @@ class TlogConnection(asyncio.BufferedProtocol):
                 self.stats.recv_latency.observe(perf_counter() - started)
 
     async def _handshake(self, request: Handshake) -> None:
-        status = await self._accept(request)
-        self.send(ServerConnection.send_handshake_response(status))
+        result = await self._accept(request)
+        status = result.status
+        self.send(ServerConnection.send_handshake_response(
+            status, last_sequence=result.last_sequence, has_log=result.has_log,
+            epoch=result.epoch))
         if status != HandshakeStatus.OK:
             if self._backlog is not None:
                 self._backlog.clear()  # what it sent after the handshake is never looked at
@@ -230,15 +242,15 @@ class TlogConnection(asyncio.BufferedProtocol):
         if backlog and not self._closing:
             self._handle(backlog)
 
-    async def _accept(self, request: Handshake) -> HandshakeStatus:
+    async def _accept(self, request: Handshake) -> HandshakeResult:
         version = Version.from_uint32(request.version)
         if version < MIN_SUPPORTED_VERSION:
             self.log.warning("client version %s is older than %s", version,
                              MIN_SUPPORTED_VERSION)
-            return HandshakeStatus.INVALID_VERSION
+            return HandshakeResult(HandshakeStatus.INVALID_VERSION)
         if not _VDISK_ID.match(request.vdisk_id):
             self.log.warning("invalid vdisk id %r", request.vdisk_id[:80])
-            return HandshakeStatus.INVALID_VDISK_ID
+            return HandshakeResult(HandshakeStatus.INVALID_VDISK_ID)
         context = {"vdisk": request.vdisk_id}
         # Before the vdisk is opened: a refused client costs no storage read and leaves
         # nothing behind (no vdisk, no chain state, no metrics series).
@@ -246,29 +258,44 @@ class TlogConnection(asyncio.BufferedProtocol):
         if not decision.allowed:
             self.log.warning("handshake refused, unauthorized: %s", decision.reason,
                              extra=context)
-            return HandshakeStatus.UNAUTHORIZED
+            return HandshakeResult(HandshakeStatus.UNAUTHORIZED)
         while True:
             try:
                 vdisk = await self.server.vdisk(request.vdisk_id)
             except StorageConfigError as exc:
                 self.log.warning("vdisk refused: %s", exc, extra=context)
-                return HandshakeStatus.INVALID_VDISK_ID
+                return HandshakeResult(HandshakeStatus.INVALID_VDISK_ID)
             except Exception as exc:  # storage down, unreadable chain: the client retries
                 self.log.error("cannot open the vdisk: %s", exc, extra=context)
-                return HandshakeStatus.INTERNAL_SERVER_ERROR
+                return HandshakeResult(HandshakeStatus.INTERNAL_SERVER_ERROR)
             if self._closing:
-                return HandshakeStatus.INTERNAL_SERVER_ERROR
+                return HandshakeResult(HandshakeStatus.INTERNAL_SERVER_ERROR)
             if not vdisk.retired:  # else it went idle while we waited: open it again
                 break
         self.log.bind(vdisk=vdisk.id)
-        status = vdisk.handshake(self, request.first_sequence, request.reset_first_sequence)
-        if status == HandshakeStatus.OK:
-            self.vdisk = vdisk
-            self.log.info("handshake: vdisk %s, first sequence %d%s (%s%s)", vdisk.id,
-                          request.first_sequence,
-                          " (reset)" if request.reset_first_sequence else "", decision.how,
-                          ", TLS" if self.tls else "")
-        return status
+        result = vdisk.handshake(self, request.first_sequence, request.reset_first_sequence,
+                                 request.continue_sequence)
+        if result.status != HandshakeStatus.OK:
+            return result
+        self.vdisk = vdisk
+        self.log.info("handshake: vdisk %s, first sequence %s%s, epoch %d (%s%s)", vdisk.id,
+                      "continued at " + str(vdisk.expected) if request.continue_sequence
+                      else request.first_sequence,
+                      " (reset)" if request.reset_first_sequence else "", vdisk.epoch,
+                      decision.how, ", TLS" if self.tls else "")
+        if result.check_from is not None:
+            # The client resends sequences stored already: learn what they wrote first, so
+            # that a new write under a reused sequence is not mistaken for a resend.
+            try:
+                await vdisk.load_writes(result.check_from, self.server.stored_writes_reader(
+                    vdisk.id))
+            except Exception as exc:
+                self.log.error("cannot read back the stored blocks from sequence %d: %s",
+                               result.check_from, exc)
+                vdisk.disconnect(self)
+                self.vdisk = None
+                return HandshakeResult(HandshakeStatus.INTERNAL_SERVER_ERROR)
+        return result
 
     def _protocol_error(self, exc: ProtocolError) -> None:
         self.log.warning("protocol error, closing: %s", exc)
@@ -317,6 +344,10 @@ class TlogServer:
         self.access = config.access_policy
         self.tls: ssl.SSLContext | None = server_tls_context(config) if config.tls else None
         self.opener = _opener(config)
+        #: What all vdisks hold together (--max-server-buffered-bytes).
+        self.budget = BufferBudget(config.max_server_buffered_bytes)
+        self._refused_logged = 0.0  # loop time of the last "connection refused" log line
+        self._refused_quiet = 0  # refusals since then, not logged one by one
 
     @property
     def sockets(self) -> list[Any]:
@@ -408,6 +439,31 @@ class TlogServer:
             log.warning("access: tokens are accepted on a plain TCP listener, where anyone "
                         "on the path can read them; prefer TLS")
 
+    def note_refused(self, name: str) -> None:
+        """Log a connection refused at accept (over --max-connections): at most once a
+        second, with the count of those not logged."""
+        now = time.monotonic()
+        if now - self._refused_logged < 1.0:
+            self._refused_quiet += 1
+            return
+        quiet = self._refused_quiet
+        extra = f" ({quiet} more since the last report)" if quiet else ""
+        log.warning("connection %s refused: %d connections open (max-connections)%s", name,
+                    len(self.connections), extra)
+        self._refused_logged = now
+        self._refused_quiet = 0
+
+    def stored_writes_reader(self, vdisk_id: str
+                             ) -> Callable[[bytes, int, int, int], Awaitable[dict[int, bytes]]]:
+        """What `Vdisk.load_writes` reads stored blocks with, for ``vdisk_id``."""
+        pool = self.factory.pool_for(vdisk_id)
+
+        def read(head: bytes, from_sequence: int, epoch: int,
+                 limit: int) -> Awaitable[dict[int, bytes]]:
+            return stored_writes(pool, head, self.opener, from_sequence=from_sequence,
+                                 epoch=epoch, limit=limit)
+        return read
+
     async def vdisk(self, vdisk_id: str) -> Vdisk:
         """The vdisk, created on first use with its chain continued from storage."""
         found = self.vdisks.get(vdisk_id)
@@ -440,8 +496,9 @@ class TlogServer:
             raise RuntimeError(f"cannot continue the chain: {exc}") from None
         prev = last.hash if last is not None else bytes(32)
         if last is not None:
-            log.info("continuing the chain after %s (last sequence %d)", last.hash.hex()[:16],
-                     last.last_sequence, extra={"vdisk": vdisk_id})
+            log.info("continuing the chain after %s (epoch %d, last sequence %d)",
+                     last.hash.hex()[:16], last.epoch, last.last_sequence,
+                     extra={"vdisk": vdisk_id})
         assert cfg.master_key is not None
         writer: V2Writer | LegacyWriter
         if cfg.storage_format == "legacy":
@@ -454,7 +511,10 @@ class TlogServer:
                           on_stored=lambda batches: holder[0].on_stored(batches),
                           on_failed=lambda batches, exc: holder[0].on_failed(batches, exc),
                           stats=self.stats, min_pieces=cfg.min_pieces)
-        vdisk = Vdisk(vdisk_id, cfg, flusher, self._retire, self.stats)
+        vdisk = Vdisk(vdisk_id, cfg, flusher, self._retire, self.stats,
+                      epoch=last.epoch if last is not None else 0,
+                      last_sequence=last.last_sequence if last is not None else None,
+                      has_chain=last is not None, budget=self.budget)
         holder.append(vdisk)
         flusher.start()
         return vdisk
@@ -579,6 +639,7 @@ class TlogServer:
                                "in-memory storage)")
         for name in reloadable:
             setattr(cur, name, getattr(new, name))
+        self.budget.limit = cur.max_server_buffered_bytes
         for vdisk in list(self.vdisks.values()):
             vdisk.apply(cur)
         logs.reconfigure(cur.effective_log_level, cur.log_format)

@@ -9,7 +9,18 @@ connection of the vdisk.
 Sequences, for a vdisk whose next expected sequence is ``expected``:
 ``[flushed_next, expected)`` have been received in order and are stored or on
 their way; ``ahead`` holds later ones that arrived early, within a bounded
-window; anything below ``flushed_next`` is a resend of a stored block.
+window; anything below ``flushed_next`` is stored.
+
+A block below ``expected`` is either a resend of the very write received
+before (same index, operation, timestamp and hash), answered without being
+stored again, or a new write under a sequence already used: a client that
+started its numbering again (an NBD server restarting at 0) without
+``resetFirstSequence``. Such a block begins a new **epoch** of the vdisk, as
+a reset does: the blocks of a later epoch win over everything before them on
+restore (docs/durability.md). So every FlushOK names a write a restore
+replays. Telling the two apart needs what a stored sequence wrote: a
+handshake whose first sequence is below ``flushed_next`` has those writes
+read back from storage first (`tlog.decoder.stored_writes`).
 """
 
 from __future__ import annotations
@@ -18,10 +29,12 @@ import asyncio
 import heapq
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Protocol
 
 from tlog import wire
+from tlog.decoder import write_identity
 from tlog.protocol import Block
 from tlog.status import BlockStatus, HandshakeStatus
 
@@ -32,11 +45,21 @@ from .metrics import ServerStats
 
 log = logging.getLogger(__name__)
 
-#: Bytes of in-order blocks a vdisk holds that are not stored yet (pending, or being stored
-#: or retried by the flusher). Beyond it, the next in-order block is answered RecvFailed and
-#: not kept, so a vdisk whose storage fails or lags does not fill the server's memory; the
-#: client resends the block later.
-MAX_PENDING_BYTES = 256 * 1024 * 1024
+#: Stored sequences a handshake may claim to resend, whose writes are read back to check
+#: them. A client whose first sequence lies further back is not resending (no client holds
+#: that many stored blocks without their FlushOK): it numbers anew, and gets a new epoch.
+RESEND_CHECK_BLOCKS = 65536
+
+
+class BufferBudget:
+    """Bytes every vdisk of a server holds together (out of order, or not stored yet), and
+    the bound on them (``--max-server-buffered-bytes``)."""
+
+    __slots__ = ("used", "limit")
+
+    def __init__(self, limit: int) -> None:
+        self.used = 0
+        self.limit = limit
 
 
 class Peer(Protocol):
@@ -44,6 +67,9 @@ class Peer(Protocol):
 
     name: str
     log: ContextLogger  # carries the connection's context (conn, peer, vdisk)
+    #: The first sequence of the peer's handshake (moved by a new epoch it starts): a
+    #: resend at or above it, stored after the handshake, is the peer's own write.
+    session_start: int
 
     def send(self, data: bytes) -> None: ...
 
@@ -54,11 +80,30 @@ def _response(status: BlockStatus, sequences: list[int] | tuple[int, ...]) -> by
     return wire.encode_response(int(status), sequences)
 
 
+def _identity(b: Block) -> bytes:
+    return write_identity(b.index, b.operation, b.timestamp, b.hash)
+
+
+@dataclass(frozen=True)
+class HandshakeResult:
+    """A vdisk's answer to a handshake: the status, where its log stood before the
+    handshake (for the response's fields), and the stored sequences whose writes must be
+    read back before the client's blocks are looked at (``check_from`` None: none)."""
+
+    status: HandshakeStatus
+    has_log: bool = False
+    last_sequence: int = 0
+    epoch: int = 0
+    check_from: int | None = None
+
+
 class Vdisk:
     """The ordering window, flush triggers and FlushOK fan-out of one vdisk."""
 
     def __init__(self, vdisk_id: str, config: ServerConfig, flusher: Flusher,
-                 on_retire: Callable[[Vdisk], None], stats: ServerStats | None = None) -> None:
+                 on_retire: Callable[[Vdisk], None], stats: ServerStats | None = None, *,
+                 epoch: int = 0, last_sequence: int | None = None, has_chain: bool = False,
+                 budget: BufferBudget | None = None) -> None:
         self.id = vdisk_id
         self.stats = stats if stats is not None else ServerStats()
         self.log = ContextLogger(log, vdisk=vdisk_id)
@@ -68,8 +113,20 @@ class Vdisk:
         #: The connection whose read is being handled (set once per read): its log context
         #: goes on what receive() logs.
         self.sender: Peer | None = None
+        self.budget = budget if budget is not None else BufferBudget(1 << 62)
+        #: Set by the first handshake (until then nothing is received).
         self.expected: int | None = None
-        self.flushed_next = 0
+        #: The vdisk's epoch, from the chain's head; each reset starts the next (the
+        #: flusher seals it into every aggregation, and its results for older epochs do not
+        #: move ``flushed_next``).
+        self.epoch = epoch
+        #: The highest sequence stored or received in order in the epoch, None when the
+        #: epoch has none (what the handshake response reports).
+        self.last_in_order = last_sequence
+        self.flushed_next = 0 if last_sequence is None else last_sequence + 1
+        #: Whether the vdisk has a chain or blocks at all (a reset of a vdisk without any
+        #: starts no new epoch).
+        self._has_chain = has_chain or last_sequence is not None
         self.ready: list[Block] = []
         self.ahead: dict[int, Block] = {}
         self.ahead_bytes = 0
@@ -78,7 +135,10 @@ class Vdisk:
         self._force_at: list[int] = []
         self._timer: asyncio.TimerHandle | None = None
         self._ready_since = 0.0  # time.monotonic() when the timer was armed: oldest ready block
-        self._epoch = 0  # bumped by a reset, so stale flush results do not move flushed_next
+        #: What stored sequences wrote (`write_identity`), read back for a handshake that
+        #: resends them; None when no resend is being checked.
+        self._writes: dict[int, bytes] | None = None
+        self._loading = 0  # reads of ``_writes`` in progress (stored rounds are added to it)
         self.retired = False
         #: Why the vdisk was given up (see `abandon`), None while it is in use.
         self.abandoned: str | None = None
@@ -95,34 +155,106 @@ class Vdisk:
         self._flush_time = config.flush_time
         self._window = config.max_buffered_blocks
         self._window_bytes = config.max_buffered_bytes
+        self._max_pending = config.max_pending_bytes
         while len(self.ready) >= self._flush_size:
             self._cut(self._flush_size)
 
     # -- connections --
-    def handshake(self, peer: Peer, first_sequence: int, reset: bool) -> HandshakeStatus:
+    def handshake(self, peer: Peer, first_sequence: int, reset: bool,
+                  continue_sequence: bool = False) -> HandshakeResult:
+        """Admit ``peer``. ``continue_sequence``: it starts after the last sequence, whatever
+        ``first_sequence`` says; ``reset``: it starts a new epoch at ``first_sequence``."""
         if self.retired:
-            return HandshakeStatus.INTERNAL_SERVER_ERROR
-        if self.expected is None:
-            self.expected = self.flushed_next = first_sequence
-        elif reset:
-            self._reset(peer, first_sequence)
+            return HandshakeResult(HandshakeStatus.INTERNAL_SERVER_ERROR)
+        before = HandshakeResult(HandshakeStatus.OK, self.last_in_order is not None,
+                                 self.last_in_order or 0, self.epoch)
+        check_from: int | None = None
+        if reset:
+            if self.expected is None and not self._has_chain:
+                self.expected = self.flushed_next = first_sequence
+                self._set_epoch_start(first_sequence)
+            else:
+                self._reset(peer, first_sequence, "reset")
+            peer.session_start = first_sequence
+        elif continue_sequence:
+            if self.expected is None:
+                self.expected = self.flushed_next
+            peer.session_start = self.expected
+        else:
+            peer.session_start = first_sequence
+            if self.expected is None:
+                if first_sequence >= self.flushed_next:
+                    self.expected = self.flushed_next = first_sequence
+                else:
+                    self.expected = self.flushed_next
+            if first_sequence < self.flushed_next:
+                if self.flushed_next - first_sequence > RESEND_CHECK_BLOCKS:
+                    peer.log.warning(
+                        "first sequence %d is %d below the stored log of epoch %d: not a "
+                        "resend, a new numbering", first_sequence,
+                        self.flushed_next - first_sequence, self.epoch)
+                    self._reset(peer, first_sequence, "far_resend")
+                else:
+                    check_from = first_sequence
         self.peers.add(peer)
         self.flusher.retry_now()  # a client is back: try storage again at once if it failed
-        return HandshakeStatus.OK
+        return HandshakeResult(before.status, before.has_log, before.last_sequence,
+                               before.epoch, check_from)
 
-    def _reset(self, peer: Peer, first_sequence: int) -> None:
-        peer.log.info("reset the vdisk to first sequence %d (%d buffered out-of-order "
-                      "block(s) dropped)", first_sequence, len(self.ahead))
+    async def load_writes(self, first_sequence: int,
+                          read: Callable[[bytes, int, int, int], Awaitable[dict[int, bytes]]]
+                          ) -> None:
+        """Learn what the stored sequences from ``first_sequence`` on wrote, so that the
+        resends among a client's blocks can be told from new writes.
+
+        ``read(head, from_sequence, epoch, limit)`` reads them back from the chain (see
+        `tlog.decoder.stored_writes`); rounds stored meanwhile are added as they complete.
+        """
+        epoch = self.epoch
+        if self._writes is None:
+            self._writes = {}
+        self._loading += 1
+        try:
+            found = await read(self.flusher.stored_head, first_sequence, epoch,
+                               RESEND_CHECK_BLOCKS)
+        finally:
+            self._loading -= 1
+        if self.epoch == epoch and self._writes is not None:
+            for seq, identity in found.items():
+                self._writes.setdefault(seq, identity)
+
+    def _reset(self, peer: Peer, first_sequence: int, reason: str) -> None:
+        """Start a new epoch at ``first_sequence``: the other clients are closed, buffered
+        out-of-order blocks dropped and the ordered ones flushed in the old epoch."""
+        peer.log.info("vdisk %s: epoch %d starts at sequence %d (%s; %d buffered "
+                      "out-of-order block(s) dropped)", self.id, self.epoch + 1, first_sequence,
+                      {"reset": "resetFirstSequence",
+                       "reused_sequence": "a sequence reused for a different write",
+                       "far_resend": "first sequence far below the stored log"}[reason],
+                      len(self.ahead))
         for other in list(self.peers):
             if other is not peer:
-                other.close("another client reset the vdisk's first sequence")
+                other.close("another client started a new epoch of the vdisk")
                 self.peers.discard(other)
-        self.ahead.clear()
-        self.ahead_bytes = 0
+        self._drop_ahead()
         self._force_at.clear()
         self._cut(len(self.ready))
-        self._epoch += 1
+        self.epoch += 1
+        self.stats.epoch_started(reason)
+        self._writes = None
         self.expected = self.flushed_next = first_sequence
+        self._set_epoch_start(first_sequence)
+        peer.session_start = first_sequence
+
+    def _set_epoch_start(self, first_sequence: int) -> None:
+        # Nothing received in the epoch yet: a client that continues starts at first_sequence.
+        self.last_in_order = first_sequence - 1 if first_sequence else None
+        self._has_chain = True
+
+    def _drop_ahead(self) -> None:
+        self.budget.used -= self.ahead_bytes
+        self.ahead.clear()
+        self.ahead_bytes = 0
 
     def disconnect(self, peer: Peer) -> None:
         self.peers.discard(peer)
@@ -143,9 +275,15 @@ class Vdisk:
         expected = self.expected
         assert expected is not None
         if seq == expected:
-            if self.pending_bytes >= MAX_PENDING_BYTES:
-                # Storage is behind (or down): not kept, the client resends it later.
-                self.stats.recv_failed_pending += 1
+            budget = self.budget
+            if self.pending_bytes >= self._max_pending or (
+                    budget.used >= budget.limit and not self.ahead):
+                # Storage is behind (or down), or the server's buffers are full (and this
+                # block unblocks nothing buffered here): not kept, the client resends it.
+                if self.pending_bytes >= self._max_pending:
+                    self.stats.recv_failed_pending += 1
+                else:
+                    self.stats.recv_failed_server += 1
                 out.append(_response(BlockStatus.RECV_FAILED, (seq,)))
                 return
             ready = self.ready
@@ -157,11 +295,15 @@ class Vdisk:
                 nxt = ahead.pop(expected)
                 size = len(nxt.data)
                 self.ahead_bytes -= size
+                budget.used -= size
                 added += size
                 ready.append(nxt)
                 expected += 1
             self.pending_bytes += added
+            budget.used += added
             self.expected = expected
+            self.last_in_order = expected - 1
+            self._writes = None  # the resends are over: this is a new write
             out.append(_response(BlockStatus.RECV_OK, (seq,)))
             if self._force_at and self._force_at[0] < expected:
                 while self._force_at and self._force_at[0] < expected:
@@ -173,24 +315,72 @@ class Vdisk:
             if ready and self._timer is None:
                 self._arm_timer()
         elif seq > expected:
-            if seq in self.ahead:
-                self.stats.duplicate_blocks += 1
+            held = self.ahead.get(seq)
+            if held is not None:
+                if _identity(held) != _identity(block):
+                    # Another write for a sequence not received in order yet: nothing
+                    # was promised for the first (no FlushOK), the newest is kept.
+                    self.ahead[seq] = block
+                    delta = len(block.data) - len(held.data)
+                    self.ahead_bytes += delta
+                    self.budget.used += delta
+                else:
+                    self.stats.duplicate_blocks += 1
                 out.append(_response(BlockStatus.RECV_OK, (seq,)))
             elif (seq - expected > self._window
                   or self.ahead_bytes + len(block.data) > self._window_bytes):
                 # Beyond the window: not kept; the client resends it once it got closer.
                 self.stats.recv_failed_window += 1
                 out.append(_response(BlockStatus.RECV_FAILED, (seq,)))
+            elif self.budget.used + len(block.data) > self.budget.limit:
+                self.stats.recv_failed_server += 1
+                out.append(_response(BlockStatus.RECV_FAILED, (seq,)))
             else:
                 self.ahead[seq] = block
                 self.ahead_bytes += len(block.data)
+                self.budget.used += len(block.data)
                 out.append(_response(BlockStatus.RECV_OK, (seq,)))
-        else:
+        elif self._same_write(block):
             self.stats.duplicate_blocks += 1
             out.append(_response(BlockStatus.RECV_OK, (seq,)))
             if seq < self.flushed_next:
                 out.append(_response(BlockStatus.FLUSH_OK, (seq,)))
             # otherwise it is pending or being stored: its FlushOK will come
+        else:
+            self._new_write(block, out)
+
+    def _same_write(self, block: Block) -> bool:
+        """Whether ``block``, below ``expected``, is the write received before under its
+        sequence (a resend), rather than a new write reusing the sequence."""
+        seq = block.sequence
+        if seq >= self.flushed_next:  # pending, or being stored: compare with it
+            ready = self.ready
+            if ready and ready[0].sequence <= seq:
+                held: Block | None = ready[seq - ready[0].sequence]
+            else:
+                held = self.flusher.pending_block(seq)
+            return held is None or _identity(held) == _identity(block)
+        writes = self._writes
+        known = writes.get(seq) if writes is not None else None
+        if known is not None:
+            return known == _identity(block)
+        sender = self.sender
+        # Stored after the sender's handshake, at or above its first sequence: its own
+        # earlier block, whose answer it has not seen yet.
+        return sender is None or seq >= sender.session_start
+
+    def _new_write(self, block: Block, out: list[bytes]) -> None:
+        """A different write under a sequence the epoch already holds: the client numbers
+        anew. Start a new epoch at its sequence, then take it in order."""
+        peer = self.sender
+        if peer is None:  # not from a connection (tests): nothing to attribute it to
+            out.append(_response(BlockStatus.RECV_FAILED, (block.sequence,)))
+            return
+        peer.log.warning("sequence %d of vdisk %s was used before for a different write: "
+                         "the client numbers anew without resetFirstSequence", block.sequence,
+                         self.id)
+        self._reset(peer, block.sequence, "reused_sequence")
+        self.receive(block, out)
 
     def force_flush(self, sequence: int) -> None:
         """ForceFlushAtSeq: flush all pending once ``sequence`` has been received in order."""
@@ -208,7 +398,7 @@ class Vdisk:
         if n <= 0:
             return
         blocks, self.ready[:n] = self.ready[:n], []
-        self.flusher.submit(blocks, self._epoch)
+        self.flusher.submit(blocks, self.epoch)
         if not self.ready and self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -227,15 +417,25 @@ class Vdisk:
     def on_stored(self, batches: list[Batch]) -> None:
         for batch in batches:
             seqs = [b.sequence for b in batch.blocks]
-            self.pending_bytes -= sum(len(b.data) for b in batch.blocks)
-            if batch.epoch == self._epoch:
-                self.flushed_next = max(self.flushed_next, max(seqs) + 1)
+            size = sum(len(b.data) for b in batch.blocks)
+            self.pending_bytes -= size
+            self.budget.used -= size
+            if batch.epoch != self.epoch:
+                # Stored in an epoch that has ended: its clients are gone, and the sequences
+                # now name other writes; telling the new clients would be a lie.
+                continue
+            self.flushed_next = max(self.flushed_next, max(seqs) + 1)
+            if self._loading and self._writes is not None:
+                for b in batch.blocks:
+                    self._writes.setdefault(b.sequence, _identity(b))
             self._broadcast(_response(BlockStatus.FLUSH_OK, seqs))
         self._maybe_retire()
 
     def on_failed(self, batches: list[Batch], exc: Exception) -> None:
         for batch in batches:
-            self._broadcast(_response(BlockStatus.FLUSH_FAILED, [b.sequence for b in batch.blocks]))
+            if batch.epoch == self.epoch:
+                self._broadcast(_response(BlockStatus.FLUSH_FAILED,
+                                          [b.sequence for b in batch.blocks]))
 
     def _broadcast(self, data: bytes) -> None:
         for peer in list(self.peers):
@@ -257,6 +457,7 @@ class Vdisk:
             "oldest_pending_seconds": 0.0 if oldest is None else max(0.0, now - oldest),
             "clients": len(self.peers),
             "storage_failing": int(flusher.failing),
+            "epoch": self.epoch,
         }
 
     # -- lifecycle --
@@ -287,9 +488,10 @@ class Vdisk:
         self.log.warning("vdisk closed: %s (%d unacknowledged block(s) dropped in all)",
                          reason, dropped)
         self.ready.clear()
-        self.ahead.clear()
-        self.ahead_bytes = 0
+        self._drop_ahead()
+        self.budget.used -= self.pending_bytes
         self.pending_bytes = 0
+        self._writes = None
         self._force_at.clear()
         for peer in list(self.peers):
             peer.close(f"vdisk given up: {reason}")
