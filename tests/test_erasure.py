@@ -7,13 +7,13 @@ import itertools
 import json
 import random
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 
 from tlog.erasure import ErasureCoder, ErasureError, gf_inv, gf_mul
 
-VECTORS = Path(__file__).resolve().parents[2] / "shared" / "vectors" / "0disk-alpha7"
+from .vectors import VECTORS
+
 STORAGE = VECTORS / "storage"
 CAPTURES = ("n2", "ff30", "rand50")
 K, M = 4, 2
@@ -34,14 +34,12 @@ class StoredAggregation:
 
 
 def _load_aggregations() -> list[StoredAggregation]:
-    """Read every aggregation key from serverN.json of each capture (empty if absent)."""
+    """Read every aggregation key from serverN.json of each capture."""
     found: list[StoredAggregation] = []
     for capture in CAPTURES:
         servers = []
         for i in range(K + M):
             path = STORAGE / capture / f"server{i}.json"
-            if not path.is_file():
-                return []
             entries = json.loads(path.read_text())["entries"]
             servers.append({e["key_hex"]: e for e in entries if e["type"] == "string"})
         for key_hex in sorted(servers[0]):
@@ -51,12 +49,7 @@ def _load_aggregations() -> list[StoredAggregation]:
 
 
 AGGREGATIONS = _load_aggregations()
-needs_vectors = pytest.mark.skipif(
-    not AGGREGATIONS, reason=f"0-Disk storage vectors not found under {STORAGE}"
-)
-agg_params = pytest.mark.parametrize(
-    "agg", AGGREGATIONS or [None], ids=[a.name for a in AGGREGATIONS] or ["absent"]
-)
+agg_params = pytest.mark.parametrize("agg", AGGREGATIONS, ids=[a.name for a in AGGREGATIONS])
 
 
 def _blake(data: bytes) -> bytes:
@@ -86,15 +79,12 @@ def numpy_coder() -> ErasureCoder:
 # ------------------------------------------------------------------ Go vectors
 
 
-def test_vectors_present_or_skipped() -> None:
-    """The vector set, when present, holds the six aggregations of the three captures."""
-    if not AGGREGATIONS:
-        pytest.skip(f"0-Disk storage vectors not found under {STORAGE}")
+def test_vectors_hold_the_six_aggregations() -> None:
+    """The vector set holds the six aggregations of the three captures."""
     assert len(AGGREGATIONS) == 6
     assert {a.capture for a in AGGREGATIONS} == set(CAPTURES)
 
 
-@needs_vectors
 @agg_params
 def test_vector_join_data_pieces(coder: ErasureCoder, agg: StoredAggregation) -> None:
     """Joining the data pieces gives len || ciphertext || padding, and decode returns it."""
@@ -107,7 +97,6 @@ def test_vector_join_data_pieces(coder: ErasureCoder, agg: StoredAggregation) ->
     assert coder.decode(list(agg.pieces[:K]) + [None] * M) == record
 
 
-@needs_vectors
 @agg_params
 def test_vector_encode_reproduces_pieces(
     coder: ErasureCoder, numpy_coder: ErasureCoder, agg: StoredAggregation
@@ -120,7 +109,6 @@ def test_vector_encode_reproduces_pieces(
     assert numpy_coder.encode(record) == list(agg.pieces)
 
 
-@needs_vectors
 @agg_params
 def test_vector_any_two_missing(coder: ErasureCoder, agg: StoredAggregation) -> None:
     """With every pair of pieces missing, decode and reconstruct still work exactly."""
@@ -131,7 +119,6 @@ def test_vector_any_two_missing(coder: ErasureCoder, agg: StoredAggregation) -> 
         assert coder.reconstruct(pieces) == list(agg.pieces), gone
 
 
-@needs_vectors
 @agg_params
 def test_vector_one_corrupt_piece(coder: ErasureCoder, agg: StoredAggregation) -> None:
     """One flipped byte in any piece: plain decode may lie, decode_verified finds the record."""
@@ -151,7 +138,6 @@ def test_vector_one_corrupt_piece(coder: ErasureCoder, agg: StoredAggregation) -
             assert coder.decode_verified(pieces, check) == record, (bad, pos)
 
 
-@needs_vectors
 def test_vector_two_corrupt_pieces_fail(coder: ErasureCoder) -> None:
     """Corrupting more pieces than the code can route around is reported clearly."""
     agg = AGGREGATIONS[0]

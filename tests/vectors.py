@@ -1,4 +1,5 @@
-"""Where the 0-Disk captures live, and small readers for them."""
+"""The 0-Disk v1.1.0-alpha-7 captures (tests/vectors/0disk-alpha7: data recorded from the Go
+server and client), and small readers for them."""
 
 from __future__ import annotations
 
@@ -6,17 +7,15 @@ import json
 from pathlib import Path
 from typing import Any
 
-import pytest
-
-VECTORS = Path(__file__).resolve().parents[2] / "shared" / "vectors" / "0disk-alpha7"
+VECTORS = Path(__file__).resolve().parent / "vectors" / "0disk-alpha7"
 WIRE_CAPTURES = ("n2", "ff30", "rand50")
 PRIV_KEY = b"12345678901234567890123456789012"
 NONCE_HEX = "37b8e8a308c354048d245f6d"
 
 
 def need_vectors() -> Path:
-    if not VECTORS.is_dir():
-        pytest.skip(f"0-Disk vectors not found at {VECTORS} (shared/ must sit beside the repo)")
+    """The vectors' folder; they ship with the repository, so their absence is a failure."""
+    assert VECTORS.is_dir(), f"0-Disk vectors missing from {VECTORS}"
     return VECTORS
 
 
