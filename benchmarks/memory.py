@@ -40,7 +40,7 @@ from benchmarks.common import (  # noqa: E402
     table,
 )
 from tlog.protocol import BlockResponse, ClientConnection, HandshakeResponse  # noqa: E402
-from tlog.status import BlockStatus  # noqa: E402
+from tlog.protocol.status import BlockStatus  # noqa: E402
 
 MIB = 1024 * 1024
 

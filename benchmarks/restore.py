@@ -65,8 +65,8 @@ async def _fill_direct(addresses: list[str], blocks: int, random_data: bool, flu
                        scatter: bool) -> None:
     from tlog.aggregation import ZERO_HASH, V2Writer
     from tlog.erasure import ErasureCoder
+    from tlog.protocol.wire import Block
     from tlog.storage import any_pool_factory, last_hash_key
-    from tlog.wire import Block
 
     factory = any_pool_factory(k=4, m=2, addresses=addresses, allow_memory=False)
     pool = factory.pool_for(VDISK)

@@ -33,7 +33,7 @@ from benchmarks.common import (  # noqa: E402
     wait_listening,
 )
 from tlog.protocol import ClientConnection  # noqa: E402
-from tlog.status import BlockStatus  # noqa: E402
+from tlog.protocol.status import BlockStatus  # noqa: E402
 
 
 def make_blocks(n: int, random_data: bool) -> list[bytes]:

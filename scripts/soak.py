@@ -37,7 +37,7 @@ if str(ROOT) not in sys.path:
 from tests.redis_fixture import RedisFactory  # noqa: E402
 from tests.serverproc import ServerProcess, storage_args  # noqa: E402
 from tlog.client import TlogClient  # noqa: E402
-from tlog.status import BlockStatus, Operation  # noqa: E402
+from tlog.protocol.status import BlockStatus, Operation  # noqa: E402
 
 KEY = "12345678901234567890123456789012"
 BLOCK_SIZE = 4096

@@ -32,7 +32,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from types import TracebackType
 
-from tlog.wire import Block
+from tlog.protocol.wire import Block
 
 START_TIMEOUT = 20.0
 STOP_TIMEOUT = 30.0

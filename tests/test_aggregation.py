@@ -9,7 +9,6 @@ from typing import Any
 
 import pytest
 
-from tlog import wire
 from tlog.aggregation import (
     Keyring,
     MissingKeyError,
@@ -22,9 +21,9 @@ from tlog.aggregation import (
 )
 from tlog.decoder import fetch_record
 from tlog.erasure import ErasureCoder
-from tlog.protocol import block_hash
+from tlog.protocol import block_hash, wire
+from tlog.protocol.wire import Block
 from tlog.storage import RedisStorageServer, ServerAddress, StoragePool
-from tlog.wire import Block
 
 from .wireclient import capnp_aggregation
 

@@ -21,8 +21,8 @@ import pytest
 import yaml
 
 from tlog.protocol import BlockResponse, ClientConnection, HandshakeResponse, block_hash
-from tlog.status import BlockStatus, HandshakeStatus
-from tlog.wire import Block
+from tlog.protocol.status import BlockStatus, HandshakeStatus
+from tlog.protocol.wire import Block
 
 from .redis_fixture import RedisFactory, RedisProcess
 from .serverproc import ServerProcess, start_server, storage_args

@@ -18,7 +18,6 @@ from typing import Any, TypeVar
 
 import pytest
 
-from tlog import wire
 from tlog.client import (
     ClientClosedError,
     InvalidRequestError,
@@ -37,8 +36,9 @@ from tlog.protocol import (
     HandshakeResponse,
     ServerConnection,
     WaitNbdSlaveSync,
+    wire,
 )
-from tlog.status import BlockStatus, HandshakeStatus, Operation
+from tlog.protocol.status import BlockStatus, HandshakeStatus, Operation
 
 from .serverproc import ServerProcess, pick_port, storage_args, stored_blocks, stored_sequences
 from .vectors import VECTORS

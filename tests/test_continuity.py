@@ -20,8 +20,8 @@ import pytest
 
 from tlog.client import ThreadedClient, TlogClient
 from tlog.protocol import ClientConnection, block_hash
-from tlog.status import BlockStatus, Operation
-from tlog.wire import Block
+from tlog.protocol.status import BlockStatus, Operation
+from tlog.protocol.wire import Block
 
 from .redis_fixture import RedisProcess
 from .serverproc import pick_port, start_server

@@ -37,8 +37,8 @@ from tlog.decoder import (
 )
 from tlog.erasure import ErasureCoder
 from tlog.protocol import block_hash
+from tlog.protocol.wire import Block
 from tlog.storage import RedisStorageServer, ServerAddress, StoragePool, last_hash_key
-from tlog.wire import Block
 
 from .redis_fixture import RedisProcess
 

@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 
 from tlog.client import TlogClient
-from tlog.status import BlockStatus, Operation
+from tlog.protocol.status import BlockStatus, Operation
 
 from .redis_fixture import RedisFactory
 from .serverproc import ServerProcess, storage_args

@@ -27,7 +27,7 @@ from hypothesis import strategies as st
 import tlogserver.server as server_mod
 from tlog.client import TlogClient
 from tlog.protocol import Block, ClientConnection, ProtocolError, ServerConnection
-from tlog.status import BlockStatus, HandshakeStatus, Operation
+from tlog.protocol.status import BlockStatus, HandshakeStatus, Operation
 
 from .redis_fixture import RedisProcess
 from .serverproc import ServerProcess, storage_args, stored_sequences

@@ -27,7 +27,7 @@ from tlog.crypto import LegacyCipher
 from tlog.erasure import ErasureCoder
 from tlog.player import FileBlockStorage, restore
 from tlog.protocol import ServerConnection
-from tlog.wire import Block
+from tlog.protocol.wire import Block
 
 from .redis_fixture import RedisProcess
 from .test_decoder import pool_of

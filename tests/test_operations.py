@@ -26,7 +26,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from tlog.protocol import ClientConnection
-from tlog.status import BlockStatus, HandshakeStatus
+from tlog.protocol.status import BlockStatus, HandshakeStatus
 from tlogserver.config import ConfigError, ServerConfig, from_sources
 from tlogserver.logs import ContextLogger, JsonFormatter, TextFormatter
 from tlogserver.server import TlogServer

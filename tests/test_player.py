@@ -20,8 +20,8 @@ from tlog.player import (
     restore,
 )
 from tlog.protocol import block_hash
+from tlog.protocol.wire import Block
 from tlog.storage import ServerAddress
-from tlog.wire import Block
 
 from .redis_fixture import RedisFactory, RedisProcess
 from .test_decoder import VDISK, ChainWriter, image_of, make_blocks, pool_of, run, v2_opener

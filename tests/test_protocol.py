@@ -8,7 +8,6 @@ import struct
 
 import pytest
 
-from tlog import schema, wire
 from tlog.protocol import (
     Block,
     BlockResponse,
@@ -20,9 +19,11 @@ from tlog.protocol import (
     ServerConnection,
     WaitNbdSlaveSync,
     block_hash,
+    schema,
+    wire,
 )
-from tlog.status import BlockStatus, HandshakeStatus, MessageType
-from tlog.version import CURRENT_VERSION, MIN_SUPPORTED_VERSION, Stage, Version
+from tlog.protocol.status import BlockStatus, HandshakeStatus, MessageType
+from tlog.protocol.version import CURRENT_VERSION, MIN_SUPPORTED_VERSION, Stage, Version
 
 from .vectors import WIRE_CAPTURES
 from .vectors import wire as capture

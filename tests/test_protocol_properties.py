@@ -7,7 +7,6 @@ import struct
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tlog import wire
 from tlog.protocol import (
     Block,
     ClientConnection,
@@ -15,6 +14,7 @@ from tlog.protocol import (
     ProtocolError,
     ServerConnection,
     WaitNbdSlaveSync,
+    wire,
 )
 
 LIMIT = 70_000

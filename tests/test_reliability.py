@@ -29,8 +29,8 @@ from tlog.aggregation import Keyring, RecordOpener
 from tlog.client import TlogClient
 from tlog.decoder import VerifyReport, verify_chain
 from tlog.protocol import ClientConnection
+from tlog.protocol.status import BlockStatus, Operation
 from tlog.repair import MARKER_PREFIX, parse_marker_value
-from tlog.status import BlockStatus, Operation
 from tlog.storage import any_pool_factory
 
 from .redis_fixture import RedisFactory, RedisProcess

@@ -13,13 +13,12 @@ from typing import Any
 import pytest
 import redis
 
-from tlog import wire
 from tlog.aggregation import LegacyWriter
 from tlog.decoder import FIRST_HEADER_RUN, ChainReader, DecodeError, Limiter, SequenceSet
 from tlog.player import _MAX_IOV, FileBlockStorage
-from tlog.protocol import block_hash
+from tlog.protocol import block_hash, wire
+from tlog.protocol.wire import Block
 from tlog.storage import RedisStorageServer, ServerAddress, StoragePool
-from tlog.wire import Block
 
 from .redis_fixture import RedisFactory, RedisProcess
 from .test_decoder import ChainWriter, applied, make_blocks, pool_of, run, v2_opener

@@ -31,7 +31,7 @@ from tlog.client import (
     load_token,
 )
 from tlog.protocol import ClientConnection, Handshake, ServerConnection
-from tlog.status import BlockStatus, HandshakeStatus, Operation
+from tlog.protocol.status import BlockStatus, HandshakeStatus, Operation
 from tlog.storage import ServerAddress, StorageConfigError
 from tlogserver.access import (
     AccessPolicy,

@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 
 from tlog.protocol import ClientConnection, ServerConnection
-from tlog.status import BlockStatus, HandshakeStatus
-from tlog.version import Stage, Version
+from tlog.protocol.status import BlockStatus, HandshakeStatus
+from tlog.protocol.version import Stage, Version
 
 from .vectors import WIRE_CAPTURES, wire
 from .wireclient import WireClient, chain_blocks, port_of, read_chain, running_server

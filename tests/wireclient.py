@@ -13,12 +13,11 @@ from typing import Any
 import capnp
 import redis
 
-from tlog import schema
 from tlog.aggregation import Aggregation, Keyring, open_v2
 from tlog.erasure import ErasureCoder
-from tlog.protocol import BlockResponse, ClientConnection, HandshakeResponse
-from tlog.status import BlockStatus
-from tlog.wire import Block
+from tlog.protocol import BlockResponse, ClientConnection, HandshakeResponse, schema
+from tlog.protocol.status import BlockStatus
+from tlog.protocol.wire import Block
 from tlogserver.config import ServerConfig
 from tlogserver.server import TlogServer
 

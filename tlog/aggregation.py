@@ -23,8 +23,9 @@ from dataclasses import dataclass, field
 
 import cramjam
 
-from . import crypto, schema, wire
-from .wire import Block, BlockFields
+from . import crypto
+from .protocol import schema, wire
+from .protocol.wire import Block, BlockFields
 
 log = logging.getLogger(__name__)
 

@@ -38,14 +38,8 @@ from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
-from . import wire
-from .protocol import (
-    BlockResponse,
-    ClientConnection,
-    HandshakeResponse,
-    ProtocolError,
-)
-from .status import BlockStatus, HandshakeStatus, Operation
+from .protocol import BlockResponse, ClientConnection, HandshakeResponse, ProtocolError, wire
+from .protocol.status import BlockStatus, HandshakeStatus, Operation
 
 log = logging.getLogger("tlog.client")
 

@@ -78,8 +78,8 @@ from .aggregation import (
 from .bulkread import SLOT_BYTES, WorkerPool, client_options, usable_addresses
 from .crypto import TAG_SIZE
 from .erasure import ErasureCoder, ErasureError
+from .protocol.wire import Block
 from .storage import ServerAddress, StorageError, StoragePool, last_hash_key
-from .wire import Block
 
 log = logging.getLogger(__name__)
 

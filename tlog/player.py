@@ -28,9 +28,9 @@ from redis.backoff import ConstantBackoff
 
 from .aggregation import RecordOpener
 from .decoder import ChainItem, ChainReader, Limiter
-from .status import Operation
+from .protocol.status import Operation
+from .protocol.wire import Block, Buffer
 from .storage import ServerAddress, StoragePool
-from .wire import Block, Buffer
 
 __all__ = [
     "DEFAULT_BLOCK_SIZE",

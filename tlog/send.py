@@ -28,7 +28,7 @@ from .client import (
     parse_address,
     security_options,
 )
-from .status import BlockStatus, Operation
+from .protocol.status import BlockStatus, Operation
 
 #: How far ahead of its schedule a paced sender (--rate) may run before it sleeps.
 _PACE_SLACK = 0.001

@@ -42,9 +42,9 @@ from typing import Protocol
 from tlog.aggregation import RecordError, SealedRecord, is_v2, parse_v2_header
 from tlog.decoder import DecodeError, fetch_record
 from tlog.erasure import ErasureCoder
+from tlog.protocol.wire import BlockFields
 from tlog.repair import marker_key, marker_value
 from tlog.storage import StorageError, StoragePool, last_hash_key
-from tlog.wire import BlockFields
 
 from .logs import ContextLogger
 from .metrics import ServerStats

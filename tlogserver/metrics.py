@@ -26,7 +26,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
-from tlog.version import CURRENT_VERSION
+from tlog.protocol.version import CURRENT_VERSION
 
 if TYPE_CHECKING:
     from .server import TlogServer

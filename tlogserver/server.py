@@ -25,7 +25,7 @@ from typing import Any
 from tlog.aggregation import Keyring, LegacyWriter, RecordOpener, V2Writer
 from tlog.crypto import LegacyCipher
 from tlog.decoder import DecodeError, find_last, stored_writes
-from tlog.protocol import (
+from tlog.protocol.connection import (
     Block,
     ForceFlush,
     Handshake,
@@ -34,7 +34,8 @@ from tlog.protocol import (
     ServerEvent,
     WaitNbdSlaveSync,
 )
-from tlog.status import BlockStatus, HandshakeStatus
+from tlog.protocol.status import BlockStatus, HandshakeStatus
+from tlog.protocol.version import MIN_SUPPORTED_VERSION, Version
 from tlog.storage import (
     ClusterPoolFactory,
     StorageConfigError,
@@ -42,7 +43,6 @@ from tlog.storage import (
     StorageServer,
     any_pool_factory,
 )
-from tlog.version import MIN_SUPPORTED_VERSION, Version
 
 from . import logs
 from .access import certificate_identities

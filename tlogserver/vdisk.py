@@ -33,10 +33,9 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from tlog import wire
 from tlog.decoder import write_identity
-from tlog.protocol import Block
-from tlog.status import BlockStatus, HandshakeStatus
+from tlog.protocol import Block, wire
+from tlog.protocol.status import BlockStatus, HandshakeStatus
 
 from .config import ServerConfig
 from .flusher import Batch, Flusher

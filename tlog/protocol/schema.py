@@ -11,10 +11,11 @@ capnp.remove_import_hook()
 
 
 def _schema_path() -> Path:
-    # Installed: shipped inside the package. Source checkout: tlog/tlog_schema.capnp is a
-    # symlink to schema/tlog_schema.capnp, the one file we edit.
+    # Installed: shipped inside the package. Source checkout: tlog/protocol/tlog_schema.capnp
+    # is a symlink to schema/tlog_schema.capnp, the one file we edit.
     here = Path(__file__).resolve().parent
-    for candidate in (here / "tlog_schema.capnp", here.parent / "schema" / "tlog_schema.capnp"):
+    for candidate in (here / "tlog_schema.capnp",
+                      here.parents[1] / "schema" / "tlog_schema.capnp"):
         if candidate.exists():
             return candidate
     raise FileNotFoundError("tlog_schema.capnp not found next to the tlog package")

@@ -1,0 +1,1 @@
+../../schema/tlog_schema.capnp

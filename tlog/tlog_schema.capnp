@@ -1,1 +1,0 @@
-../schema/tlog_schema.capnp
