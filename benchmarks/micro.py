@@ -26,15 +26,11 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import RedisPool, machine, scratch_dir  # noqa: E402
-from tlog.aggregation import Keyring, V2Writer, check_blocks, open_v2, record_hash
 from tlog.allocator import tune_allocator  # noqa: E402
-from tlog.erasure import ErasureCoder  # noqa: E402
-from tlog.player import FileBlockStorage  # noqa: E402
-from tlog.protocol import (  # noqa: E402
-    ClientConnection,
-    ServerConnection,
-    wire,  # noqa: E402
-)
+from tlog.protocol import ClientConnection, ServerConnection, wire
+from tlog.read.player import FileBlockStorage  # noqa: E402
+from tlog.record.aggregation import Keyring, V2Writer, check_blocks, open_v2, record_hash
+from tlog.record.erasure import ErasureCoder  # noqa: E402
 from tlog.storage import MemoryStorageServer, StorageServer, any_pool_factory  # noqa: E402
 
 KEY = b"k" * 32

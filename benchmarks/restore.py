@@ -63,9 +63,9 @@ def fill_send(redis: RedisPool, blocks: int, random_data: bool, flush_size: int)
 
 async def _fill_direct(addresses: list[str], blocks: int, random_data: bool, flush_size: int,
                        scatter: bool) -> None:
-    from tlog.aggregation import ZERO_HASH, V2Writer
-    from tlog.erasure import ErasureCoder
     from tlog.protocol.wire import Block
+    from tlog.record.aggregation import ZERO_HASH, V2Writer
+    from tlog.record.erasure import ErasureCoder
     from tlog.storage import any_pool_factory, last_hash_key
 
     factory = any_pool_factory(k=4, m=2, addresses=addresses, allow_memory=False)

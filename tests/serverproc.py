@@ -281,12 +281,13 @@ async def stored_blocks(addresses: Sequence[str], vdisk_id: str,
                         k: int = 4, m: int = 2) -> list[Block]:
     """Every block in a vdisk's stored chain, oldest aggregation first.
 
-    Walks ``prev`` back from the newest aggregation (`tlog.decoder.find_last`) to
+    Walks ``prev`` back from the newest aggregation (`tlog.read.head.find_last`) to
     the zero hash; duplicates (an aggregation stored again after a crash) are kept.
     """
-    from tlog.aggregation import Keyring, RecordOpener
-    from tlog.crypto import parse_key
-    from tlog.decoder import find_last, read_aggregation
+    from tlog.read.fetch import read_aggregation
+    from tlog.read.head import find_last
+    from tlog.record.aggregation import Keyring, RecordOpener
+    from tlog.record.crypto import parse_key
     from tlog.storage import any_pool_factory
 
     factory = any_pool_factory(k=k, m=m, addresses=",".join(addresses), allow_memory=False)

@@ -9,7 +9,10 @@ from typing import Any
 
 import pytest
 
-from tlog.aggregation import (
+from tlog.protocol import block_hash, wire
+from tlog.protocol.wire import Block
+from tlog.read.fetch import fetch_record
+from tlog.record.aggregation import (
     Keyring,
     MissingKeyError,
     RecordError,
@@ -19,10 +22,7 @@ from tlog.aggregation import (
     parse_v2_header,
     record_hash,
 )
-from tlog.decoder import fetch_record
-from tlog.erasure import ErasureCoder
-from tlog.protocol import block_hash, wire
-from tlog.protocol.wire import Block
+from tlog.record.erasure import ErasureCoder
 from tlog.storage import RedisStorageServer, ServerAddress, StoragePool
 
 from .wireclient import capnp_aggregation

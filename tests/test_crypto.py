@@ -1,4 +1,4 @@
-"""Tests for tlog.crypto: per-vdisk AEAD, key handling and the 0-Disk legacy cipher."""
+"""Tests for tlog.record.crypto: per-vdisk AEAD, key handling and the 0-Disk legacy cipher."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 import cramjam
 import pytest
 
-from tlog.crypto import (
+from tlog.record.crypto import (
     KEY_SIZE,
     NONCE_SIZE,
     TAG_SIZE,
@@ -23,7 +23,7 @@ from tlog.crypto import (
     load_key_file,
     parse_key,
 )
-from tlog.erasure import ErasureCoder
+from tlog.record.erasure import ErasureCoder
 
 from .vectors import VECTORS
 

@@ -1,4 +1,4 @@
-"""tlog.decoder against real redis-server processes: the walk back, checks, limiters,
+"""tlog.read (the chain reader) against real redis-server processes: the walk back, checks, limiters,
 duplicates, parity rebuilds, and verify_chain.
 
 The helpers at the top write chains straight into the servers the way tlogserver's flusher
@@ -16,7 +16,14 @@ from typing import Any, TypeVar
 
 import pytest
 
-from tlog.aggregation import (
+from tlog.protocol import block_hash
+from tlog.protocol.wire import Block
+from tlog.read.chain import ChainReader, aggregations
+from tlog.read.fetch import DecodeError, fetch_record
+from tlog.read.head import find_last
+from tlog.read.limiter import Limiter, SequenceSet
+from tlog.read.verify import verify_chain
+from tlog.record.aggregation import (
     ZERO_HASH,
     Keyring,
     LegacyWriter,
@@ -24,20 +31,8 @@ from tlog.aggregation import (
     SealedRecord,
     V2Writer,
 )
-from tlog.crypto import LegacyCipher
-from tlog.decoder import (
-    ChainReader,
-    DecodeError,
-    Limiter,
-    SequenceSet,
-    aggregations,
-    fetch_record,
-    find_last,
-    verify_chain,
-)
-from tlog.erasure import ErasureCoder
-from tlog.protocol import block_hash
-from tlog.protocol.wire import Block
+from tlog.record.crypto import LegacyCipher
+from tlog.record.erasure import ErasureCoder
 from tlog.storage import RedisStorageServer, ServerAddress, StoragePool, last_hash_key
 
 from .redis_fixture import RedisProcess

@@ -1,4 +1,4 @@
-"""Tests for tlog.erasure against the Go reference's stored pieces and random records."""
+"""Tests for tlog.record.erasure against the Go reference's stored pieces and random records."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from tlog.erasure import ErasureCoder, ErasureError, gf_inv, gf_mul
+from tlog.record.erasure import ErasureCoder, ErasureError, gf_inv, gf_mul
 
 from .vectors import VECTORS
 

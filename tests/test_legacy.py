@@ -22,12 +22,12 @@ from typing import Any
 
 import pytest
 
-from tlog.aggregation import Keyring, LegacyWriter, RecordOpener, record_hash
-from tlog.crypto import LegacyCipher
-from tlog.erasure import ErasureCoder
-from tlog.player import FileBlockStorage, restore
 from tlog.protocol import ServerConnection
 from tlog.protocol.wire import Block
+from tlog.read.player import FileBlockStorage, restore
+from tlog.record.aggregation import Keyring, LegacyWriter, RecordOpener, record_hash
+from tlog.record.crypto import LegacyCipher
+from tlog.record.erasure import ErasureCoder
 
 from .redis_fixture import RedisProcess
 from .test_decoder import pool_of

@@ -1,4 +1,4 @@
-"""tlog.player: the disk-image and Redis block storages, and replays of real chains."""
+"""tlog.read.player: the disk-image and Redis block storages, and replays of real chains."""
 
 from __future__ import annotations
 
@@ -10,8 +10,12 @@ from typing import Any
 
 import pytest
 
-from tlog.decoder import ChainReader, DecodeError, Limiter
-from tlog.player import (
+from tlog.protocol import block_hash
+from tlog.protocol.wire import Block
+from tlog.read.chain import ChainReader
+from tlog.read.fetch import DecodeError
+from tlog.read.limiter import Limiter
+from tlog.read.player import (
     BlockStorage,
     FileBlockStorage,
     Player,
@@ -19,8 +23,6 @@ from tlog.player import (
     RedisBlockStorage,
     restore,
 )
-from tlog.protocol import block_hash
-from tlog.protocol.wire import Block
 from tlog.storage import ServerAddress
 
 from .redis_fixture import RedisFactory, RedisProcess

@@ -25,12 +25,12 @@ from typing import Any, TypeVar
 import pytest
 
 import tlogserver.flusher as flusher_mod
-from tlog.aggregation import Keyring, RecordOpener
 from tlog.client import TlogClient
-from tlog.decoder import VerifyReport, verify_chain
 from tlog.protocol import ClientConnection
 from tlog.protocol.status import BlockStatus, Operation
-from tlog.repair import MARKER_PREFIX, parse_marker_value
+from tlog.read.repair import MARKER_PREFIX, parse_marker_value
+from tlog.read.verify import VerifyReport, verify_chain
+from tlog.record.aggregation import Keyring, RecordOpener
 from tlog.storage import any_pool_factory
 
 from .redis_fixture import RedisFactory, RedisProcess

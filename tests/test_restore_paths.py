@@ -13,11 +13,13 @@ from typing import Any
 import pytest
 import redis
 
-from tlog.aggregation import LegacyWriter
-from tlog.decoder import FIRST_HEADER_RUN, ChainReader, DecodeError, Limiter, SequenceSet
-from tlog.player import _MAX_IOV, FileBlockStorage
 from tlog.protocol import block_hash, wire
 from tlog.protocol.wire import Block
+from tlog.read.chain import ChainReader
+from tlog.read.fetch import FIRST_HEADER_RUN, DecodeError
+from tlog.read.limiter import Limiter, SequenceSet
+from tlog.read.player import _MAX_IOV, FileBlockStorage
+from tlog.record.aggregation import LegacyWriter
 from tlog.storage import RedisStorageServer, ServerAddress, StoragePool
 
 from .redis_fixture import RedisFactory, RedisProcess
@@ -305,23 +307,23 @@ def test_worker_processes_open_legacy_records(redis6: list[RedisProcess]) -> Non
 
 
 def test_batches_are_cut_by_count_and_by_size() -> None:
-    from tlog.decoder import BATCH, BATCH_BYTES, BLOCK_ESTIMATE, ChainLink, _cut_batches
+    from tlog.read.links import BATCH, BATCH_BYTES, BLOCK_ESTIMATE, ChainLink, cut_batches
 
     def links(count: int, blocks: int) -> list[ChainLink]:
         return [ChainLink(bytes([i % 256]) * 32, bytes(32), 0, 0, blocks, 0)
                 for i in range(count)]
 
-    small = _cut_batches(links(100, 25), BATCH)
+    small = cut_batches(links(100, 25), BATCH)
     assert [len(b) for b in small] == [32, 32, 32, 4]
-    big = _cut_batches(links(20, 250), BATCH)
+    big = cut_batches(links(20, 250), BATCH)
     per_batch = BATCH_BYTES // (250 * BLOCK_ESTIMATE)
     assert all(len(b) <= per_batch for b in big) and sum(len(b) for b in big) == 20
-    assert [len(b) for b in _cut_batches(links(3, 100_000), BATCH)] == [1, 1, 1]
+    assert [len(b) for b in cut_batches(links(3, 100_000), BATCH)] == [1, 1, 1]
 
 
 def test_plaintexts_too_big_for_the_shared_slot_come_through_the_pipe(
         redis6: list[RedisProcess], monkeypatch: pytest.MonkeyPatch) -> None:
-    from tlog import bulkread
+    from tlog.read import bulkread
 
     monkeypatch.setattr(bulkread, "SLOT_BYTES", 40_000)  # a few records per slot
     w = ChainWriter(redis6)

@@ -22,7 +22,6 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from tlog import crypto
 from tlog.cli import cli as tlog_cli
 from tlog.client import (
     TlogClient,
@@ -32,6 +31,7 @@ from tlog.client import (
 )
 from tlog.protocol import ClientConnection, Handshake, ServerConnection
 from tlog.protocol.status import BlockStatus, HandshakeStatus, Operation
+from tlog.record import crypto
 from tlog.storage import ServerAddress, StorageConfigError
 from tlogserver.access import (
     AccessPolicy,

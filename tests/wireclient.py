@@ -1,5 +1,5 @@
 """Test helpers: a raw protocol client over real sockets, a server in this process, and a
-decoder of the stored chain written independently of tlog.decoder."""
+decoder of the stored chain written independently of tlog.read."""
 
 from __future__ import annotations
 
@@ -13,11 +13,11 @@ from typing import Any
 import capnp
 import redis
 
-from tlog.aggregation import Aggregation, Keyring, open_v2
-from tlog.erasure import ErasureCoder
 from tlog.protocol import BlockResponse, ClientConnection, HandshakeResponse, schema
 from tlog.protocol.status import BlockStatus
 from tlog.protocol.wire import Block
+from tlog.record.aggregation import Aggregation, Keyring, open_v2
+from tlog.record.erasure import ErasureCoder
 from tlogserver.config import ServerConfig
 from tlogserver.server import TlogServer
 
@@ -171,7 +171,7 @@ _REFERENCE_LAYOUT: Any = None
 def capnp_aggregation(blocks: Sequence[Block], prev: bytes, name: str = "tlog",
                       timestamp: int = 5, vdisk: str = "v", epoch: int = 0) -> bytes:
     """A framed aggregation laid out by pycapnp in one segment: the reference layout that
-    tlog.wire's hand-laid encoder and parser are checked against. Epoch 0 is built with the
+    tlog.protocol.wire's hand-laid encoder and parser are checked against. Epoch 0 is built with the
     reference's schema (tests/reference_layout.capnp: no epoch field, as the Go server
     writes), any other epoch with ours."""
     global _REFERENCE_LAYOUT

@@ -20,11 +20,12 @@ from typing import Any, TypeVar
 import click
 import yaml
 
-from . import crypto
-from .aggregation import Keyring, RecordOpener, describe
 from .allocator import tune_allocator
-from .decoder import ChainItem, ChainReader, DecodeError, Limiter, VerifyReport, verify_chain
-from .player import (
+from .read.chain import ChainReader
+from .read.fetch import DecodeError
+from .read.limiter import Limiter
+from .read.links import ChainItem
+from .read.player import (
     DEFAULT_BLOCK_SIZE,
     BlockStorage,
     FileBlockStorage,
@@ -33,7 +34,10 @@ from .player import (
     PlayResult,
     RedisBlockStorage,
 )
-from .rekey import rekey_command
+from .read.rekey import rekey_command
+from .read.verify import VerifyReport, verify_chain
+from .record import crypto
+from .record.aggregation import Keyring, RecordOpener, describe
 from .send import send_command
 from .storage import (
     ClusterPoolFactory,

@@ -11,7 +11,7 @@ from typing import Any
 import click
 
 from . import cli as tlog_cli
-from .repair import RepairReport, repair_vdisk
+from .read.repair import RepairReport, repair_vdisk
 
 
 def _summary(vdisk: str, report: RepairReport, addresses: list[str]) -> str:

@@ -19,8 +19,8 @@ from typing import Any
 
 import yaml
 
-from tlog import crypto
 from tlog.protocol import DEFAULT_MAX_MESSAGE_SIZE
+from tlog.record import crypto
 from tlog.storage import (
     ServerAddress,
     StorageConfig,

@@ -39,11 +39,11 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
-from tlog.aggregation import RecordError, SealedRecord, is_v2, parse_v2_header
-from tlog.decoder import DecodeError, fetch_record
-from tlog.erasure import ErasureCoder
 from tlog.protocol.wire import BlockFields
-from tlog.repair import marker_key, marker_value
+from tlog.read.fetch import DecodeError, fetch_record
+from tlog.read.repair import marker_key, marker_value
+from tlog.record.aggregation import RecordError, SealedRecord, is_v2, parse_v2_header
+from tlog.record.erasure import ErasureCoder
 from tlog.storage import StorageError, StoragePool, last_hash_key
 
 from .logs import ContextLogger

@@ -22,9 +22,6 @@ from collections.abc import Awaitable, Callable
 from time import perf_counter
 from typing import Any
 
-from tlog.aggregation import Keyring, LegacyWriter, RecordOpener, V2Writer
-from tlog.crypto import LegacyCipher
-from tlog.decoder import DecodeError, find_last, stored_writes
 from tlog.protocol.connection import (
     Block,
     ForceFlush,
@@ -36,6 +33,10 @@ from tlog.protocol.connection import (
 )
 from tlog.protocol.status import BlockStatus, HandshakeStatus
 from tlog.protocol.version import MIN_SUPPORTED_VERSION, Version
+from tlog.read.fetch import DecodeError, stored_writes
+from tlog.read.head import find_last
+from tlog.record.aggregation import Keyring, LegacyWriter, RecordOpener, V2Writer
+from tlog.record.crypto import LegacyCipher
 from tlog.storage import (
     ClusterPoolFactory,
     StorageConfigError,

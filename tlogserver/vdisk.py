@@ -20,7 +20,7 @@ a reset does: the blocks of a later epoch win over everything before them on
 restore (docs/durability.md). So every FlushOK names a write a restore
 replays. Telling the two apart needs what a stored sequence wrote: a
 handshake whose first sequence is below ``flushed_next`` has those writes
-read back from storage first (`tlog.decoder.stored_writes`).
+read back from storage first (`tlog.read.fetch.stored_writes`).
 """
 
 from __future__ import annotations
@@ -33,9 +33,9 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from tlog.decoder import write_identity
 from tlog.protocol import Block, wire
 from tlog.protocol.status import BlockStatus, HandshakeStatus
+from tlog.read.fetch import write_identity
 
 from .config import ServerConfig
 from .flusher import Batch, Flusher
@@ -207,7 +207,7 @@ class Vdisk:
         resends among a client's blocks can be told from new writes.
 
         ``read(head, from_sequence, epoch, limit)`` reads them back from the chain (see
-        `tlog.decoder.stored_writes`); rounds stored meanwhile are added as they complete.
+        `tlog.read.fetch.stored_writes`); rounds stored meanwhile are added as they complete.
         """
         epoch = self.epoch
         if self._writes is None:

@@ -4,7 +4,7 @@ The blocks and responses of the tlog protocol are built and parsed here word
 by word instead of through pycapnp: decoding a block with pycapnp costs more
 than the whole per-block budget of the server. Only single-segment messages
 with near pointers take this path; the callers fall back to pycapnp (see
-``tlog.schema``) for anything else, so every valid encoding is still accepted.
+``tlog.protocol.schema``) for anything else, so every valid encoding is still accepted.
 
 Layouts (word = 8 bytes, offsets in words), as a Cap'n Proto compiler lays out
 the structs of ``schema/tlog_schema.capnp``:

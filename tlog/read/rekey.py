@@ -37,10 +37,12 @@ from typing import Any
 
 import click
 
-from .aggregation import Aggregation, Keyring, RecordOpener, V2Writer
-from .decoder import ChainReader, DecodeError
-from .erasure import ErasureCoder
-from .storage import LAST_HASH_KEEP, StorageError, StoragePool, last_hash_key
+from tlog.record.aggregation import Aggregation, Keyring, RecordOpener, V2Writer
+from tlog.record.erasure import ErasureCoder
+from tlog.storage import LAST_HASH_KEEP, StorageError, StoragePool, last_hash_key
+
+from .chain import ChainReader
+from .fetch import DecodeError
 
 __all__ = ["RekeyError", "RekeyReport", "rekey_command", "rekey_vdisk"]
 
@@ -121,7 +123,7 @@ async def rekey_vdisk(pool: StoragePool, vdisk_id: str, opener: RecordOpener, ne
 
     ``opener`` must hold every key the chain was sealed with (and the legacy key and nonce
     if it holds 0-Disk records, which become v2 records). Raises `RekeyError` or
-    `tlog.decoder.DecodeError`.
+    `tlog.read.fetch.DecodeError`.
     """
     started = time.perf_counter()
     writer = V2Writer(new_key, vdisk_id)
@@ -200,7 +202,7 @@ class _ReaderCommand(click.Command):
 
     def get_params(self, ctx: click.Context) -> list[click.Parameter]:
         if not self._shared_added:
-            from .cli import _read_options
+            from tlog.cli import _read_options
 
             def holder() -> None:
                 """Only carries the options."""
@@ -228,7 +230,7 @@ def rekey_command(ctx: click.Context, **values: Any) -> None:
     (--old-key-file, or more --key-file). Stop the vdisk's clients first: the vdisk must not
     be written during the rekey (checked before the switch). Exit status 1 on failure.
     """
-    from .cli import EXIT_FAILED, _run, _setup
+    from tlog.cli import EXIT_FAILED, _run, _setup
 
     if values["record_format"] == "legacy":
         raise click.UsageError("rekey writes v2 records: use --format auto (with --nonce) to "

@@ -6,7 +6,7 @@ GIL, but 4 KiB at a time, so threads spend much of their time handing the GIL ar
 threads checking records in memory reach 1.2x one thread on a 2-core machine). Worker
 processes have no GIL to share: each fetches the k data pieces of a batch of records
 straight from the storage servers (one MGET per server, plain blocking sockets), joins,
-hash-checks, opens and checks every record exactly as `tlog.decoder.ChainReader` does, and
+hash-checks, opens and checks every record exactly as `tlog.read.chain.ChainReader` does, and
 hands back only the plaintext aggregation of each record that passed. The parent parses that
 plaintext into blocks (cheap next to the checks) and replays them in chain order.
 
@@ -27,14 +27,13 @@ import concurrent.futures
 import mmap
 import multiprocessing
 import signal
-import socket
 import sys
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .aggregation import (
+from tlog.record.aggregation import (
     Aggregation,
     RecordError,
     RecordOpener,
@@ -42,11 +41,11 @@ from .aggregation import (
     check_blocks,
     record_hash,
 )
-from .erasure import ErasureCoder, ErasureError
-from .storage import ServerAddress
+from tlog.record.erasure import ErasureCoder, ErasureError
+from tlog.storage import ServerAddress
+from tlog.storage.resp import RespConnection, RespError, pack_command
 
-__all__ = ["Opened", "RespConnection", "RespError", "WorkerPool", "client_options",
-           "usable_addresses"]
+__all__ = ["Opened", "WorkerPool", "client_options", "usable_addresses"]
 
 #: What a worker hands back for one record: where its plaintext aggregation is (an
 #: (offset, length) in the shared buffer, or the bytes themselves when the batch's slot is
@@ -57,10 +56,6 @@ Opened = tuple[tuple[int, int] | bytes, int, int, int | None, str] | None
 #: Bytes of shared memory per batch in flight: the plaintexts of 32 aggregations of 25
 #: blocks of 4 KiB take 3.4 MB; what does not fit travels through the result pipe instead.
 SLOT_BYTES = 8 * 1024 * 1024
-
-
-class RespError(Exception):
-    """An error reply, or a reply that is not RESP."""
 
 
 def client_options(address: ServerAddress) -> dict[str, Any]:
@@ -89,72 +84,6 @@ def usable_addresses(servers: Sequence[object], k: int) -> list[ServerAddress] |
             return None
         addresses.append(address)
     return addresses
-
-
-def _pack(*args: bytes | str | int) -> bytes:
-    parts = [b"*%d\r\n" % len(args)]
-    for arg in args:
-        data = arg if isinstance(arg, bytes) else str(arg).encode()
-        parts += [b"$%d\r\n" % len(data), data, b"\r\n"]
-    return b"".join(parts)
-
-
-class RespConnection:
-    """A blocking connection to one Redis server, for MGET and little else."""
-
-    def __init__(self, address: ServerAddress, timeout: float) -> None:
-        self.sock = socket.create_connection((address.host, address.port), timeout=timeout)
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.reader = self.sock.makefile("rb", buffering=1 << 20)
-        password = getattr(address, "password", None)
-        if password is not None:
-            username = getattr(address, "username", None)
-            self.command("AUTH", *((username,) if username is not None else ()), password)
-        if address.db:
-            self.command("SELECT", address.db)
-
-    def command(self, *args: bytes | str | int) -> Any:
-        """Send one command, return its reply."""
-        self.sock.sendall(_pack(*args))
-        return self._reply()
-
-    def mget(self, keys: Sequence[bytes]) -> list[bytes | None]:
-        """The values of ``keys`` (None for a missing key), in one round trip."""
-        self.sock.sendall(_pack("MGET", *keys))
-        return self.mget_reply(len(keys))
-
-    def mget_reply(self, count: int) -> list[bytes | None]:
-        """Read the reply of an MGET of ``count`` keys sent before."""
-        reply = self._reply()
-        if not isinstance(reply, list) or len(reply) != count:
-            raise RespError("MGET reply of the wrong shape")
-        return reply
-
-    def _reply(self) -> Any:
-        line = self.reader.readline()
-        if not line.endswith(b"\r\n"):
-            raise OSError("connection closed")
-        kind, rest = line[:1], line[1:-2]
-        if kind == b"$":
-            size = int(rest)
-            if size < 0:
-                return None
-            data = self.reader.read(size)
-            if len(data) != size or self.reader.read(2) != b"\r\n":
-                raise OSError("connection closed")
-            return data
-        if kind == b"*":
-            count = int(rest)
-            return None if count < 0 else [self._reply() for _ in range(count)]
-        if kind == b"-":
-            raise RespError(rest.decode(errors="replace"))
-        if kind in (b"+", b":"):
-            return rest
-        raise RespError(f"unexpected reply {line[:40]!r}")
-
-    def close(self) -> None:
-        self.reader.close()
-        self.sock.close()
 
 
 @dataclass
@@ -249,7 +178,7 @@ def open_batch(links: list[tuple[bytes, bytes]],
     index = 0
     try:
         # All requests first, then the replies: the servers work at the same time.
-        request = _pack("MGET", *keys)
+        request = pack_command("MGET", *keys)
         for index in range(w.coder.k):
             w.conn(index).sock.sendall(request)
         for index in range(w.coder.k):

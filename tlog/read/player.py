@@ -1,6 +1,6 @@
 """Replaying a vdisk's log into block storage: restore, roll back to a sequence or a time.
 
-The player takes the blocks the decoder selects (`tlog.decoder.ChainReader`: checked,
+The player takes the blocks the decoder selects (`tlog.read.chain.ChainReader`: checked,
 oldest first, each sequence once) and applies them to a `BlockStorage`: a ``set`` writes
 the block's data at ``index x block_size``, a ``delete`` makes the block read as zeroes.
 A callback hears of every applied sequence, so a caller can record how far it got.
@@ -26,11 +26,14 @@ import redis.asyncio
 from redis.asyncio.retry import Retry
 from redis.backoff import ConstantBackoff
 
-from .aggregation import RecordOpener
-from .decoder import ChainItem, ChainReader, Limiter
-from .protocol.status import Operation
-from .protocol.wire import Block, Buffer
-from .storage import ServerAddress, StoragePool
+from tlog.protocol.status import Operation
+from tlog.protocol.wire import Block, Buffer
+from tlog.record.aggregation import RecordOpener
+from tlog.storage import ServerAddress, StoragePool
+
+from .chain import ChainReader
+from .limiter import Limiter
+from .links import ChainItem
 
 __all__ = [
     "DEFAULT_BLOCK_SIZE",

@@ -1,6 +1,6 @@
 """Aggregations: the blocks of one flush, as a sealed record in the storage pool.
 
-Two record formats, both erasure-coded the same way afterwards (`tlog.erasure`)
+Two record formats, both erasure-coded the same way afterwards (`tlog.record.erasure`)
 and stored under ``hash = BLAKE2b-256(record)``:
 
 - **v2** (ours, the default; docs/storage-format.md): a plaintext header that
@@ -23,9 +23,10 @@ from dataclasses import dataclass, field
 
 import cramjam
 
+from tlog.protocol import schema, wire
+from tlog.protocol.wire import Block, BlockFields
+
 from . import crypto
-from .protocol import schema, wire
-from .protocol.wire import Block, BlockFields
 
 log = logging.getLogger(__name__)
 

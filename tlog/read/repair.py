@@ -29,16 +29,18 @@ import redis.asyncio
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from .aggregation import RecordOpener, record_hash
-from .decoder import ChainReader, DecodeError
-from .erasure import ErasureCoder, ErasureError
-from .storage import (
+from tlog.record.aggregation import RecordOpener, record_hash
+from tlog.record.erasure import ErasureCoder, ErasureError
+from tlog.storage import (
     LAST_HASH_KEEP,
     RedisStorageServer,
     StorageError,
     StoragePool,
     last_hash_key,
 )
+
+from .chain import ChainReader
+from .fetch import DecodeError
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,284 @@
+"""Fetching one record from the storage pool: its pieces, rebuilt from parity when some
+are missing or corrupt, checked against its hash, and opened."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+import redis.asyncio
+
+from tlog.record.aggregation import (
+    ZERO_HASH,
+    Aggregation,
+    RecordError,
+    RecordOpener,
+    record_hash,
+)
+from tlog.record.erasure import ErasureCoder, ErasureError
+from tlog.storage import ServerAddress, StorageError, StoragePool
+
+from .bulkread import client_options
+
+log = logging.getLogger(__name__)
+#: Headers storage server 0 reads in its first walk script (`_WALK_SCRIPT`); each next run
+#: reads twice as many, up to `MAX_HEADER_RUN` (a few milliseconds of the server's time),
+#: so a walk that a start limit stops early reads little more than it needs.
+FIRST_HEADER_RUN = 64
+MAX_HEADER_RUN = 2048
+#: Script runs in a row that find no v2 header before the walk stops asking for them.
+SCRIPT_MISSES = 3
+
+T = TypeVar("T")
+
+
+class DecodeError(Exception):
+    """An aggregation that cannot be read back (too few pieces, corrupt, wrong key, broken
+    chain); the message names the aggregation."""
+
+    def __init__(self, message: str, key: bytes | None = None) -> None:
+        super().__init__(message)
+        self.key = key
+
+
+
+
+
+#: Run by storage server 0 (Redis EVAL): follow ``prev`` from KEYS[1] through at most
+#: ARGV[1] records, returning for each the start of its piece 0 (GETRANGE: the 8-byte length,
+#: then the v2 header up to its vdisk id and epoch, then as many bytes as a nonce and a tag,
+#: so the header parser sees a plausible record). Piece 0 holds ``uint64 length || record
+#: ...``: the magic and version at bytes 8-12, the flags at 14-15 (bit 0: an 8-byte epoch
+#: follows the vdisk id), ``prev`` at 48-79, the vdisk id's length at 80-81 (Lua counts
+#: from 1). Read-only; a wrong type, a missing key, a record that is not v2 or
+#: the zero ``prev`` ends the run. The walk still treats what it returns as piece 0's
+#: header: a hint checked when the record is read whole.
+_WALK_SCRIPT = """
+local key = KEYS[1]
+local out = {}
+local zero = string.rep('\\0', 32)
+for i = 1, tonumber(ARGV[1]) do
+  local piece = redis.pcall('GETRANGE', key, 0, 255)
+  if type(piece) ~= 'string' or #piece < 82
+      or string.sub(piece, 9, 13) ~= 'TLG2\\2' then
+    break
+  end
+  local size = 82 + string.byte(piece, 81) + 256 * string.byte(piece, 82) + 28
+  if string.byte(piece, 15) % 2 == 1 then
+    size = size + 8
+  end
+  if size > #piece and #piece == 256 then
+    piece = redis.pcall('GETRANGE', key, 0, size - 1)
+    if type(piece) ~= 'string' then
+      break
+    end
+  end
+  out[#out + 1] = string.sub(piece, 1, size)
+  key = string.sub(piece, 49, 80)
+  if key == zero then
+    break
+  end
+end
+return out
+"""
+
+
+@dataclass
+class Fetched:
+    """A record read back and checked against its key."""
+
+    record: bytes
+    missing: list[int]  # servers that had no piece or were unreachable
+    corrupt: list[int] = field(default_factory=list)  # servers whose piece was wrong
+    parity_read: bool = False  # whether parity pieces had to be fetched
+
+
+class PieceReader:
+    """Fetches pieces from a pool, remembering servers that failed so they are not asked
+    again (a dead server would cost a connection attempt per record)."""
+
+    def __init__(self, pool: StoragePool, coder: ErasureCoder, timeout: float = 10.0) -> None:
+        self.pool = pool
+        self.coder = coder
+        self.down: set[int] = set()
+        self.timeout = timeout
+        self.scripting = True  # whether to try `header_run`
+        self._script_client: redis.asyncio.Redis | None = None
+
+    async def _get(self, index: int, key: bytes) -> bytes | None:
+        if index in self.down:
+            return None
+        try:
+            return await self.pool.servers[index].get(key)
+        except StorageError as exc:
+            log.warning("storage server %s unavailable, reading without it: %s",
+                        self.pool.servers[index].address, exc)
+            self.down.add(index)
+            return None
+
+    async def pieces(self, key: bytes, indexes: Sequence[int],
+                     known: dict[int, bytes] | None = None) -> list[bytes | None]:
+        """Pieces ``indexes`` of the record under ``key``, fetched concurrently except the
+        ``known`` ones; None for a missing piece or an unreachable server."""
+        if not known:
+            return list(await asyncio.gather(*(self._get(i, key) for i in indexes)))
+        wanted = [i for i in indexes if i not in known]
+        got = dict(zip(wanted, await asyncio.gather(*(self._get(i, key) for i in wanted)),
+                       strict=True))
+        return [known[i] if i in known else got[i] for i in indexes]
+
+    async def many(self, index: int, keys: Sequence[bytes]) -> list[bytes | None]:
+        """Piece ``index`` of several records in one request (all None if it fails)."""
+        if not keys:
+            return []
+        if index not in self.down:
+            try:
+                return await self.pool.servers[index].get_many(keys)
+            except StorageError as exc:
+                log.warning("storage server %s unavailable, reading without it: %s",
+                            self.pool.servers[index].address, exc)
+                self.down.add(index)
+        return [None] * len(keys)
+
+    async def first_piece(self, key: bytes) -> bytes | None:
+        """Piece 0 alone: it starts with the record's header."""
+        return await self._get(0, key)
+
+    async def header_run(self, key: bytes, limit: int) -> list[bytes] | None:
+        """The v2 headers of up to ``limit`` records along the chain from ``key`` back, read
+        by storage server 0 itself in one round trip (`_WALK_SCRIPT`): for each record, the
+        start of its piece 0 up to the end of its header. The list stops early at a missing
+        record, one that is not v2, or the first one. None when server 0 cannot run the
+        script (no Redis, scripting disabled, unreachable): the caller walks piece by piece.
+        """
+        if not self.scripting or 0 in self.down:
+            return None
+        server = self.pool.servers[0]
+        address = getattr(server, "server_address", None)
+        if not isinstance(address, ServerAddress):
+            self.scripting = False
+            return None
+        try:
+            if self._script_client is None:
+                self._script_client = redis.asyncio.Redis(
+                    **client_options(address), socket_timeout=self.timeout,
+                    socket_connect_timeout=self.timeout)
+            reply = await self._script_client.execute_command("EVAL", _WALK_SCRIPT, 1, key,
+                                                              limit)
+        except (redis.RedisError, OSError, TimeoutError) as exc:
+            log.info("storage server %s cannot walk the chain itself (%s): reading headers "
+                     "one by one", server.address, exc)
+            self.scripting = False
+            return None
+        if not isinstance(reply, list) or not all(isinstance(x, bytes) for x in reply):
+            self.scripting = False
+            return None
+        return reply
+
+    async def close(self) -> None:
+        """Close the connection `header_run` opened, if any."""
+        client, self._script_client = self._script_client, None
+        if client is not None:
+            with contextlib.suppress(redis.RedisError, OSError):
+                await client.aclose()
+
+    async def fetch(self, key: bytes, all_pieces: bool = False,
+                    known: dict[int, bytes] | None = None) -> Fetched:
+        """The record under ``key``, rebuilt from parity when needed, hash-checked.
+
+        The k data pieces are fetched first (except the ``known`` ones), the parity pieces
+        only when a data piece is missing or the record does not hash to ``key``. With
+        ``all_pieces`` every piece is fetched and compared with the pieces re-encoded from
+        the record, so damaged parity is noticed too (for ``verify``).
+        """
+        coder = self.coder
+        k, n = coder.k, coder.n
+
+        def matches(record: bytes) -> bool:
+            return record_hash(record) == key
+
+        if not all_pieces:
+            data = await self.pieces(key, range(k), known)
+            if all(p is not None for p in data):
+                try:
+                    record = coder.decode(data + [None] * coder.m)
+                except ErasureError:
+                    record = None
+                if record is not None and matches(record):
+                    return Fetched(record, [])
+            pieces = data + await self.pieces(key, range(k, n))
+        else:
+            pieces = await self.pieces(key, range(n), known)
+        missing = [i for i, p in enumerate(pieces) if p is None]
+        if len(missing) == n:
+            if self.down:
+                raise DecodeError(f"aggregation {key.hex()}: no piece of it could be read "
+                                  f"(servers down: {sorted(self.down)})", key)
+            raise DecodeError(f"aggregation {key.hex()} is not stored on any server", key)
+        try:
+            record = coder.decode_verified(pieces, matches)
+        except ErasureError as exc:
+            raise DecodeError(f"aggregation {key.hex()}: cannot rebuild a record that hashes "
+                              f"to its key: {exc} (missing pieces: {missing})", key) from None
+        # Name the damaged pieces: the ones that differ from a fresh encoding of the record.
+        expected = coder.encode(record)
+        corrupt = [i for i, p in enumerate(pieces) if p is not None and p != expected[i]]
+        return Fetched(record, missing, corrupt, parity_read=True)
+
+
+async def fetch_record(pool: StoragePool, key: bytes, coder: ErasureCoder | None = None) -> Fetched:
+    """The record stored under ``key``, checked against its hash (up to m pieces rebuilt)."""
+    reader = PieceReader(pool, coder or ErasureCoder(pool.k, pool.m))
+    return await reader.fetch(key)
+
+
+def open_checked(opener: RecordOpener, record: bytes, key: bytes) -> Aggregation:
+    """Open a record that `PieceReader.fetch` already checked against its key."""
+    try:
+        return opener.open(record, key, hash_checked=True)
+    except RecordError as exc:
+        raise DecodeError(f"aggregation {key.hex()}: {exc}", key) from None
+
+
+async def read_aggregation(pool: StoragePool, key: bytes, opener: RecordOpener,
+                           coder: ErasureCoder | None = None) -> Aggregation:
+    """Fetch, check and open one aggregation."""
+    fetched = await fetch_record(pool, key, coder)
+    return open_checked(opener, fetched.record, key)
+
+
+def write_identity(index: int, operation: int, timestamp: int,
+                   digest: bytes | bytearray | memoryview) -> bytes:
+    """What makes two blocks of one sequence the same write: a resend carries the very
+    block the client first sent (its timestamp included); a new write under a reused
+    sequence differs at least by its timestamp."""
+    return struct.pack("<qBQ", index, operation & 0xFF, timestamp) + bytes(digest)
+
+
+async def stored_writes(pool: StoragePool, key: bytes, opener: RecordOpener, *,
+                        from_sequence: int, epoch: int, limit: int,
+                        coder: ErasureCoder | None = None) -> dict[int, bytes]:
+    """`write_identity` of each block of ``epoch`` with a sequence >= ``from_sequence``,
+    walking back from the aggregation ``key``; at most about ``limit`` blocks (the newest).
+
+    For tlogserver, to tell a client's resend of stored blocks from new writes under the
+    same sequences. Raises DecodeError when an aggregation cannot be read.
+    """
+    found: dict[int, bytes] = {}
+    while key != ZERO_HASH and len(found) < limit:
+        agg = await read_aggregation(pool, key, opener, coder)
+        if agg.epoch != epoch:
+            break
+        for b in agg.blocks:
+            if b.sequence >= from_sequence:
+                # Overwritten while walking back: the oldest copy, the one a restore keeps.
+                found[b.sequence] = write_identity(b.index, b.operation, b.timestamp, b.hash)
+        if not agg.blocks or agg.first_sequence <= from_sequence:
+            break
+        key = agg.prev
+    return found

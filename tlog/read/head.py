@@ -1,0 +1,95 @@
+"""The head of a vdisk's chain: the newest aggregation the storage servers'
+``last_hash_<vdisk>`` lists name."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from typing import TypeVar
+
+from tlog.record.aggregation import (
+    Aggregation,
+    RecordOpener,
+)
+from tlog.record.erasure import ErasureCoder
+from tlog.storage import StorageError, StoragePool, last_hash_key
+
+from .fetch import DecodeError, Fetched, PieceReader, open_checked
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+
+
+async def _last_hashes(pool: StoragePool, vdisk_id: str) -> list[list[bytes]]:
+    async def one(index: int) -> list[bytes] | None:
+        try:
+            return await pool.servers[index].list_range(last_hash_key(vdisk_id))
+        except StorageError as exc:
+            log.warning("last-hash list of %s unavailable on %s: %s", vdisk_id,
+                        pool.servers[index].address, exc)
+            return None
+    lists = await asyncio.gather(*(one(i) for i in range(len(pool.servers))))
+    down = sum(1 for entries in lists if entries is None)
+    if down > pool.m:
+        # With more than m servers silent, "no list" may just mean "not reachable".
+        raise DecodeError(f"vdisk {vdisk_id}: {down} of {len(pool.servers)} storage servers "
+                          f"unreachable, cannot tell where the chain ends")
+    return [entries or [] for entries in lists]
+
+
+@dataclass
+class Head:
+    agg: Aggregation | None
+    lists: list[list[bytes]]
+    tried: dict[bytes, Aggregation | None]
+    errors: dict[bytes, str]
+    fetched: dict[bytes, Fetched]
+
+
+async def find_head(pool: StoragePool, vdisk_id: str, opener: RecordOpener,
+                     reader: PieceReader) -> Head:
+    lists = await _last_hashes(pool, vdisk_id)
+    best: Aggregation | None = None
+    tried: dict[bytes, Aggregation | None] = {}
+    errors: dict[bytes, str] = {}
+    fetched: dict[bytes, Fetched] = {}
+    for entries in lists:
+        for key in entries:
+            if key not in tried:
+                try:
+                    fetched[key] = await reader.fetch(key)
+                    agg = open_checked(opener, fetched[key].record, key)
+                    if agg.vdisk_id != vdisk_id:
+                        raise DecodeError(f"aggregation {key.hex()} belongs to vdisk "
+                                          f"{agg.vdisk_id!r}, not {vdisk_id!r}", key)
+                    tried[key] = agg
+                except DecodeError as exc:
+                    errors[key] = str(exc)
+                    tried[key] = None
+            found = tried[key]
+            if found is not None:
+                # The newest: the latest epoch, then the highest sequence (a server whose
+                # list missed updates names an older aggregation).
+                if best is None or ((found.epoch, found.last_sequence)
+                                    > (best.epoch, best.last_sequence)):
+                    best = found
+                break
+    if best is None and any(lists):
+        raise DecodeError(f"vdisk {vdisk_id}: no last hash decodes: "
+                          f"{'; '.join(list(errors.values())[:3])}")
+    return Head(best, lists, tried, errors, fetched)
+
+
+async def find_last(pool: StoragePool, vdisk_id: str, opener: RecordOpener,
+                    coder: ErasureCoder | None = None) -> Aggregation | None:
+    """The newest aggregation of a vdisk, or None when it has none.
+
+    Raises DecodeError when last-hash lists exist but none of their entries can
+    be read: continuing a chain we cannot see would fork it.
+    """
+    reader = PieceReader(pool, coder or ErasureCoder(pool.k, pool.m))
+    return (await find_head(pool, vdisk_id, opener, reader)).agg

@@ -1,0 +1,30 @@
+"""How an aggregation is stored: the record formats and what they are made of.
+
+- `tlog.record.aggregation`: sealing and opening records, v2 (ours: an authenticated
+  plaintext header, per-vdisk keys, random nonces) and legacy (0-Disk's layout).
+- `tlog.record.crypto`: keys, key ids, AES-GCM for both formats.
+- `tlog.record.erasure`: Reed-Solomon k+m pieces, byte-compatible with 0-Disk's.
+"""
+
+from .aggregation import (
+    ZERO_HASH,
+    Aggregation,
+    Keyring,
+    LegacyWriter,
+    MissingKeyError,
+    RecordError,
+    RecordOpener,
+    SealedRecord,
+    V2Header,
+    V2Writer,
+    describe,
+    record_hash,
+)
+from .crypto import CryptoError, IntegrityError, load_key_file, parse_key
+from .erasure import ErasureCoder, ErasureError
+
+__all__ = [
+    "ZERO_HASH", "Aggregation", "CryptoError", "ErasureCoder", "ErasureError", "IntegrityError",
+    "Keyring", "LegacyWriter", "MissingKeyError", "RecordError", "RecordOpener", "SealedRecord",
+    "V2Header", "V2Writer", "describe", "load_key_file", "parse_key", "record_hash",
+]

@@ -1,0 +1,35 @@
+"""The storage pool: the k data + m parity Redis-protocol servers that hold a vdisk's log.
+
+- `tlog.storage.address`: server addresses, URLs, credentials and TLS settings.
+- `tlog.storage.resp`: RESP packing and the blocking connection of bulk reads.
+- `tlog.storage.server`: one storage server, Redis (pipelined) or in memory.
+- `tlog.storage.pool`: a vdisk's pool of servers, and the factories that pick it.
+- `tlog.storage.storagemap`: the YAML map of vdisks to storage clusters.
+"""
+
+from .address import ServerAddress, StorageConfigError, parse_addresses
+from .pool import (
+    ClusterPoolFactory,
+    MemoryPoolFactory,
+    StaticPoolFactory,
+    StoragePool,
+    StoragePoolFactory,
+    any_pool_factory,
+)
+from .server import (
+    LAST_HASH_KEEP,
+    MemoryStorageServer,
+    RedisStorageServer,
+    StorageError,
+    StorageServer,
+    last_hash_key,
+)
+from .storagemap import VDISK_ACCESS_KEYS, StorageConfig, load_storage_config, parse_storage_config
+
+__all__ = [
+    "LAST_HASH_KEEP", "VDISK_ACCESS_KEYS", "ClusterPoolFactory", "MemoryPoolFactory",
+    "MemoryStorageServer", "RedisStorageServer", "ServerAddress", "StaticPoolFactory",
+    "StorageConfig", "StorageConfigError", "StorageError", "StoragePool", "StoragePoolFactory",
+    "StorageServer", "any_pool_factory", "last_hash_key", "load_storage_config",
+    "parse_addresses", "parse_storage_config",
+]

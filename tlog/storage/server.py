@@ -1,0 +1,399 @@
+"""One storage server: the commands tlog needs (store pieces and push the last hash, read
+pieces, run the walk script), over a pipelined Redis connection or in memory.
+
+Piece ``i`` of an aggregation is stored on server ``i`` under the aggregation's 32-byte
+hash, and every server keeps the list ``last_hash_<vdiskID>`` of the newest hashes (LPUSH,
+trimmed to `LAST_HASH_KEEP`), so a reader finds the head of the chain on any server that
+survived."""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import math
+from collections import deque
+from collections.abc import Sequence
+from typing import Any
+
+import redis.asyncio
+from redis.exceptions import RedisError, ResponseError
+
+from .address import ServerAddress
+from .resp import pack_commands
+
+#: How many hashes each server keeps in ``last_hash_<vdiskID>`` (the reference trims to 0..5).
+LAST_HASH_KEEP = 6
+
+
+class StorageError(Exception):
+    """A storage server could not be reached or refused a command; names the server."""
+
+
+def last_hash_key(vdisk_id: str) -> bytes:
+    """The key of the list of a vdisk's newest aggregation hashes (one per server)."""
+    return b"last_hash_" + vdisk_id.encode()
+
+
+
+
+class StorageServer(abc.ABC):
+    """One Redis-protocol server of a pool (or the in-memory equivalent)."""
+
+    address: str
+
+    @abc.abstractmethod
+    async def store(
+        self,
+        items: Sequence[tuple[bytes, bytes]],
+        list_key: bytes,
+        push: Sequence[bytes],
+        keep: int = LAST_HASH_KEEP,
+    ) -> None:
+        """SET every (key, value), LPUSH ``push`` in order onto ``list_key``, trim to ``keep``.
+
+        ``push[-1]`` ends at the head of the list. One round trip; the commands run in order
+        even when some fail (not a transaction); any failure raises :class:`StorageError`.
+        """
+
+    @abc.abstractmethod
+    async def get(self, key: bytes) -> bytes | None:
+        """The value under ``key``, None when missing."""
+
+    @abc.abstractmethod
+    async def get_many(self, keys: Sequence[bytes]) -> list[bytes | None]:
+        """The values under ``keys`` (MGET), None for the missing ones."""
+
+    @abc.abstractmethod
+    async def list_range(self, list_key: bytes) -> list[bytes]:
+        """The whole list under ``list_key``, head first (empty when missing)."""
+
+    @abc.abstractmethod
+    async def set_many(self, items: Sequence[tuple[bytes, bytes]]) -> None:
+        """SET every (key, value): for repair tools that rewrite lost pieces."""
+
+    async def delete_many(self, keys: Sequence[bytes]) -> None:
+        """DEL every key: for `tlog rekey`, which removes records it re-encrypted.
+
+        Not abstract, so that servers written for tests need not have it.
+        """
+        raise StorageError(f"storage server {self.address}: cannot delete keys")
+
+    @abc.abstractmethod
+    async def ping(self) -> None:
+        """Raise :class:`StorageError` unless the server answers."""
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Release the connection; idempotent."""
+
+
+def _check_keep(keep: int) -> None:
+    if keep < 1:
+        raise ValueError(f"keep must be at least 1, not {keep}")
+
+
+def _store_commands(
+    items: Sequence[tuple[bytes, bytes]], list_key: bytes, push: Sequence[bytes], keep: int
+) -> list[tuple[Any, ...]]:
+    """The commands of one :meth:`StorageServer.store`; one LPUSH with all values is the same
+    as one LPUSH per value in order."""
+    commands: list[tuple[Any, ...]] = []
+    if len(items) == 1:
+        key, value = items[0]
+        commands.append((b"SET", key, value))
+    elif items:
+        commands.append(_mset(items))
+    if push:
+        commands.append((b"LPUSH", list_key, *push))
+        commands.append((b"LTRIM", list_key, 0, keep - 1))
+    return commands
+
+
+def _mset(items: Sequence[tuple[bytes, bytes]]) -> tuple[Any, ...]:
+    args: list[Any] = [b"MSET"]
+    for key, value in items:
+        args.append(key)
+        args.append(value)
+    return tuple(args)
+
+
+class _Request:
+    """One batch of commands in flight on a link, and where its replies go."""
+
+    __slots__ = ("count", "replies", "future")
+
+    def __init__(self, count: int, future: asyncio.Future[list[Any]]) -> None:
+        self.count = count
+        self.replies: list[Any] = []
+        self.future = future
+
+
+class _Link:
+    """One live connection: requests in flight in send order, and the task reading replies."""
+
+    __slots__ = ("conn", "pending", "reader", "reason")
+
+    def __init__(self, conn: redis.asyncio.Connection) -> None:
+        self.conn = conn
+        self.pending: deque[_Request] = deque()
+        self.reader: asyncio.Task[None] | None = None
+        self.reason: str | None = None
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, asyncio.CancelledError):
+        return "cancelled"
+    text = str(exc)
+    if isinstance(exc, TimeoutError) and not text:
+        return "timed out"
+    return text or type(exc).__name__
+
+
+class RedisStorageServer(StorageServer):
+    """A Redis/ARDB server reached through one pipelined connection (redis-py, hiredis).
+
+    Every call is written on the same connection under a lock, in call order, and the
+    replies are read by one reader task in that same order. So calls issued in order execute
+    in order (a flush's SET lands before the next flush's LPUSH), many calls can be in flight
+    at once (no round trip per call when many vdisks flush together), and a caller that is
+    cancelled or times out never leaves unread replies behind for the next one.
+
+    The connection is opened lazily and again after a failure: a call fails with
+    :class:`StorageError` while the server is down and works again once it is back.
+    """
+
+    def __init__(self, address: ServerAddress, *, socket_timeout: float = 10.0) -> None:
+        self.server_address = address
+        self.address = str(address)
+        self._timeout = socket_timeout
+        self._lock = asyncio.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._link: _Link | None = None
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return f"RedisStorageServer({self.address!r})"
+
+    def _error(self, detail: str) -> StorageError:
+        return StorageError(f"storage server {self.address}: {detail}")
+
+    async def _connect(self) -> _Link:
+        conn = self.server_address.connection(
+            socket_connect_timeout=self._timeout,
+            # Reads are unbounded on purpose: the reader task idles in a read to notice a
+            # closed connection at once; callers bound the wait for their own replies.
+            socket_timeout=None,
+        )
+        try:
+            async with asyncio.timeout(self._timeout):
+                await conn.connect()  # also the TLS handshake, AUTH and SELECT
+        except (RedisError, OSError, TimeoutError) as exc:
+            await conn.disconnect(nowait=True)
+            raise self._error(f"cannot connect: {_reason(exc)}") from exc
+        except BaseException:
+            await conn.disconnect(nowait=True)
+            raise
+        link = _Link(conn)
+        link.reader = asyncio.create_task(self._read_loop(link), name=f"redis {self.address}")
+        self._link = link
+        return link
+
+    async def _read_loop(self, link: _Link) -> None:
+        """Hand every reply to the oldest request in flight until the connection ends."""
+        conn = link.conn
+        pending = link.pending
+        reason = "connection closed"
+        try:
+            while True:
+                try:
+                    reply = await conn.read_response(timeout=math.inf, disconnect_on_error=False)
+                except ResponseError as exc:
+                    reply = exc
+                if not pending:
+                    raise RedisError("reply without a request")
+                request = pending[0]
+                request.replies.append(reply)
+                if len(request.replies) == request.count:
+                    pending.popleft()
+                    if not request.future.done():
+                        request.future.set_result(request.replies)
+        except asyncio.CancelledError:
+            reason = link.reason or reason
+            raise
+        except Exception as exc:
+            reason = f"connection lost: {_reason(exc)}"
+        finally:
+            self._drop(link, reason)
+            await conn.disconnect(nowait=True)
+
+    def _drop(self, link: _Link, reason: str) -> None:
+        """Forget a broken link and fail everything still waiting on it."""
+        if link.reason is None:
+            link.reason = reason
+        if self._link is link:
+            self._link = None
+        while link.pending:
+            future = link.pending.popleft().future
+            if not future.done():
+                future.set_exception(self._error(link.reason))
+        if link.reader is not None and link.reader is not asyncio.current_task():
+            link.reader.cancel()
+
+    async def _execute(self, commands: Sequence[tuple[Any, ...]]) -> list[Any]:
+        """Send ``commands`` in one write and return their replies; errors -> StorageError.
+
+        One timeout bounds the whole call (waiting for the lock, connecting, sending,
+        waiting for the replies): a server that stops answering costs at most that long.
+        """
+        if self._closed:
+            raise self._error("closed")
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop:
+            # First use, or used again from a new event loop (tests): the old link, if any,
+            # belongs to a loop that is gone.
+            self._loop, self._lock, self._link = loop, asyncio.Lock(), None
+        data = pack_commands(commands)
+        future: asyncio.Future[list[Any]] = loop.create_future()
+        link: _Link | None = None
+        try:
+            async with asyncio.timeout(self._timeout):
+                async with self._lock:
+                    link = self._link or await self._connect()
+                    link.pending.append(_Request(len(commands), future))
+                    try:
+                        await link.conn.send_packed_command(data, check_health=False)
+                    except BaseException as exc:
+                        self._drop(link, f"send failed: {_reason(exc)}")
+                        if future.done() and not future.cancelled():
+                            future.exception()  # retrieved: we raise our own error
+                        if isinstance(exc, RedisError | OSError):
+                            raise self._error(f"send failed: {_reason(exc)}") from exc
+                        raise
+                replies = await future
+        except TimeoutError:
+            detail = f"no reply within {self._timeout:g} s"
+            if link is not None:
+                self._drop(link, detail)
+            raise self._error(detail) from None
+        for reply in replies:
+            if isinstance(reply, ResponseError):
+                raise self._error(f"command failed: {reply}")
+        return replies
+
+    async def store(
+        self,
+        items: Sequence[tuple[bytes, bytes]],
+        list_key: bytes,
+        push: Sequence[bytes],
+        keep: int = LAST_HASH_KEEP,
+    ) -> None:
+        _check_keep(keep)
+        commands = _store_commands(items, list_key, push, keep)
+        if commands:
+            await self._execute(commands)
+
+    async def get(self, key: bytes) -> bytes | None:
+        reply: bytes | None = (await self._execute([(b"GET", key)]))[0]
+        return reply
+
+    async def get_many(self, keys: Sequence[bytes]) -> list[bytes | None]:
+        if not keys:
+            return []
+        reply: list[bytes | None] = (await self._execute([(b"MGET", *keys)]))[0]
+        return reply
+
+    async def list_range(self, list_key: bytes) -> list[bytes]:
+        reply: list[bytes] = (await self._execute([(b"LRANGE", list_key, 0, -1)]))[0]
+        return reply
+
+    async def set_many(self, items: Sequence[tuple[bytes, bytes]]) -> None:
+        if items:
+            await self._execute([_mset(items)])
+
+    async def delete_many(self, keys: Sequence[bytes]) -> None:
+        if keys:
+            await self._execute([(b"DEL", *keys)])
+
+    async def ping(self) -> None:
+        await self._execute([(b"PING",)])
+
+    async def close(self) -> None:
+        self._closed = True
+        link, self._link = self._link, None
+        if link is None or link.reader is None:
+            return
+        link.reason = link.reason or "closed"
+        if self._loop is asyncio.get_running_loop():
+            link.reader.cancel()
+            try:
+                await link.reader
+            except asyncio.CancelledError:
+                pass
+
+
+class MemoryStorageServer(StorageServer):
+    """A storage server inside this process: the embedded default storage.
+
+    Same semantics as Redis for the commands used here, including WRONGTYPE errors when a
+    key holds a value of the other kind. Lost when the process exits.
+    """
+
+    def __init__(self, address: str = "memory") -> None:
+        self.address = address
+        self._data: dict[bytes, bytes | list[bytes]] = {}
+
+    def __repr__(self) -> str:
+        return f"MemoryStorageServer({self.address!r})"
+
+    def _wrongtype(self, key: bytes) -> StorageError:
+        return StorageError(
+            f"storage server {self.address}: command failed: WRONGTYPE key {key!r} holds "
+            "a value of the wrong kind"
+        )
+
+    async def store(
+        self,
+        items: Sequence[tuple[bytes, bytes]],
+        list_key: bytes,
+        push: Sequence[bytes],
+        keep: int = LAST_HASH_KEEP,
+    ) -> None:
+        _check_keep(keep)
+        for key, value in items:
+            self._data[bytes(key)] = bytes(value)
+        if push:
+            current = self._data.setdefault(bytes(list_key), [])
+            if not isinstance(current, list):
+                raise self._wrongtype(list_key)
+            current[:0] = [bytes(value) for value in reversed(push)]
+            del current[keep:]
+
+    async def get(self, key: bytes) -> bytes | None:
+        value = self._data.get(key)
+        if isinstance(value, list):
+            raise self._wrongtype(key)
+        return value
+
+    async def get_many(self, keys: Sequence[bytes]) -> list[bytes | None]:
+        values = [self._data.get(key) for key in keys]
+        return [value if isinstance(value, bytes) else None for value in values]
+
+    async def list_range(self, list_key: bytes) -> list[bytes]:
+        value = self._data.get(list_key, [])
+        if not isinstance(value, list):
+            raise self._wrongtype(list_key)
+        return list(value)
+
+    async def set_many(self, items: Sequence[tuple[bytes, bytes]]) -> None:
+        for key, value in items:
+            self._data[bytes(key)] = bytes(value)
+
+    async def delete_many(self, keys: Sequence[bytes]) -> None:
+        for key in keys:
+            self._data.pop(bytes(key), None)
+
+    async def ping(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
