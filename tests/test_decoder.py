@@ -1,5 +1,5 @@
-"""tlog.read (the chain reader) against real redis-server processes: the walk back, checks, limiters,
-duplicates, parity rebuilds, and verify_chain.
+"""The chain reader (tlog.read) against real redis-server processes: the walk back, checks,
+limiters, duplicates, parity rebuilds, and verify_chain.
 
 The helpers at the top write chains straight into the servers the way tlogserver's flusher
 does (piece i on server i under the record hash, LPUSH + LTRIM of the last-hash list); the

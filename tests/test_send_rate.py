@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tlog.send import _PACE_SLACK
+from tlog.cli.send import PACE_SLACK
 
 from .serverproc import ServerProcess
 from .test_send import result_of, tlog_send
@@ -16,7 +16,7 @@ def test_paced_send_keeps_its_schedule_and_delivers_everything(
     assert result["blocks"] == blocks and result["resends"] == 0
     # Block i leaves no earlier than i / rate after the start (minus the slack the sender
     # may run ahead): a lower bound the pacing guarantees, however fast the machine.
-    assert result["seconds"] >= (blocks - 1) / rate - _PACE_SLACK
+    assert result["seconds"] >= (blocks - 1) / rate - PACE_SLACK
 
 
 def test_rate_must_not_be_negative(mem_server: ServerProcess) -> None:

@@ -1,4 +1,4 @@
-"""`tlog rekey`: re-encrypt a vdisk's log under the current master key, to retire old keys.
+"""Re-encrypting a vdisk's log under the current master key, to retire old keys (`tlog rekey`).
 
 After a key rotation tlogserver seals new aggregations with the new key and reads older ones
 with the old keys it is given (each v2 record names its key id). To stop needing an old key,
@@ -33,18 +33,14 @@ import asyncio
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
-
-import click
 
 from tlog.record.aggregation import Aggregation, Keyring, RecordOpener, V2Writer
 from tlog.record.erasure import ErasureCoder
 from tlog.storage import LAST_HASH_KEEP, StorageError, StoragePool, last_hash_key
 
 from .chain import ChainReader
-from .fetch import DecodeError
 
-__all__ = ["RekeyError", "RekeyReport", "rekey_command", "rekey_vdisk"]
+__all__ = ["RekeyError", "RekeyReport", "rekey_vdisk"]
 
 #: Bytes of new records sealed before their pieces are written (one MSET per server).
 BATCH_BYTES = 8 * 1024 * 1024
@@ -189,66 +185,3 @@ async def rekey_vdisk(pool: StoragePool, vdisk_id: str, opener: RecordOpener, ne
         report.deleted = len(old_keys)
     report.seconds = time.perf_counter() - started
     return report
-
-
-class _ReaderCommand(click.Command):
-    """A command that also takes the readers' storage and key options (`tlog.cli`).
-
-    They are added when the command is first parsed: `tlog.cli` imports this module to
-    register it, so they cannot be imported when this module loads.
-    """
-
-    _shared_added = False
-
-    def get_params(self, ctx: click.Context) -> list[click.Parameter]:
-        if not self._shared_added:
-            from tlog.cli import _read_options
-
-            def holder() -> None:
-                """Only carries the options."""
-
-            decorated: Any = _read_options(holder)
-            # click stores decorator options innermost first; commands list them in order.
-            self.params[:0] = list(reversed(decorated.__click_params__))
-            self._shared_added = True
-        return super().get_params(ctx)
-
-
-@click.command("rekey", cls=_ReaderCommand)
-@click.option("--delete-old", is_flag=True,
-              help="Delete the records that were re-encrypted, and keep only the new head in "
-                   "the last-hash lists (needed to stop depending on the old key's storage "
-                   "copies; makes the old chain unreadable).")
-@click.option("--dry-run", is_flag=True,
-              help="Read and check the chain, count its aggregations per key id, write nothing.")
-@click.pass_context
-def rekey_command(ctx: click.Context, **values: Any) -> None:
-    """Re-encrypt a vdisk's log under the current master key, to retire an old key.
-
-    The first --key-file (or --priv-key) is the current key: records not sealed with it are
-    sealed again with it. Every other key the log was written with must be given too
-    (--old-key-file, or more --key-file). Stop the vdisk's clients first: the vdisk must not
-    be written during the rekey (checked before the switch). Exit status 1 on failure.
-    """
-    from tlog.cli import EXIT_FAILED, _run, _setup
-
-    if values["record_format"] == "legacy":
-        raise click.UsageError("rekey writes v2 records: use --format auto (with --nonce) to "
-                               "convert a legacy log")
-    setup = _setup(ctx, values)
-    keyring = setup.opener.keyring
-    new_key = keyring.keys[keyring.ids[0]]
-
-    async def run() -> RekeyReport:
-        try:
-            return await rekey_vdisk(setup.pool, setup.vdisk, setup.opener, new_key,
-                                     delete_old=values["delete_old"], dry_run=values["dry_run"])
-        finally:
-            await setup.factory.close()
-
-    try:
-        report = _run(run())
-    except (RekeyError, DecodeError) as exc:
-        click.echo(f"error: {exc}", err=True)
-        raise SystemExit(EXIT_FAILED) from None
-    click.echo(report.summary())

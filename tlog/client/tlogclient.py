@@ -1,4 +1,5 @@
-"""The tlog client: log a vdisk's writes to a tlogserver, never losing one.
+"""`TlogClient`, the asyncio tlog client: log a vdisk's writes to a tlogserver, never losing
+one.
 
 `TlogClient` is the asyncio client an NBD server puts in front of every write;
 `ThreadedClient` runs one in a background thread for synchronous callers.
@@ -26,20 +27,21 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import concurrent.futures
-import hashlib
 import heapq
 import itertools
 import logging
 import ssl
-import threading
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
-from dataclasses import dataclass
-from typing import Any, TypeVar, cast
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
-from .protocol import BlockResponse, ClientConnection, HandshakeResponse, ProtocolError, wire
-from .protocol.status import BlockStatus, HandshakeStatus, Operation
+from tlog.protocol import BlockResponse, ClientConnection, HandshakeResponse, wire
+from tlog.protocol.status import HandshakeStatus, Operation
+
+from .errors import ClientClosedError, HandshakeError, handshake_error
+from .link import ServerLink, dial
+from .settings import check_servers, parse_address
+from .stats import ClientStats, ResponseCallback, ResponseStream
 
 log = logging.getLogger("tlog.client")
 
@@ -60,76 +62,8 @@ DEFAULT_MAX_RESPONSE_SIZE = 16 * 1024 * 1024
 #: Bytes queued by `send` before they are written and the loop gets a turn.
 WRITE_BATCH = 256 * 1024
 
-_HASH_SIZE = 32
-_BLOCK_MESSAGE_OVERHEAD = wire.BLOCK_MESSAGE_OVERHEAD
-
-
-# -- errors ----------------------------------------------------------------------------
-
-
-class TlogClientError(Exception):
-    """Base of the client's errors."""
-
-
-class ClientClosedError(TlogClientError):
-    """The client was closed; nothing more can be sent or awaited."""
-
-
-class HandshakeError(TlogClientError):
-    """The server refused the handshake with a negative (or unknown) status."""
-
-    #: Whether retrying with the same request cannot help.
-    permanent = False
-
-    def __init__(self, status: int, address: str = "") -> None:
-        self.status = status
-        self.address = address
-        name = status.name if isinstance(status, HandshakeStatus) else str(status)
-        where = f" by {address}" if address else ""
-        super().__init__(f"handshake refused{where}: {name}")
-
-
-class InvalidRequestError(HandshakeError):
-    """HandshakeStatus InvalidRequest: the server could not decode the handshake."""
-
-    permanent = True
-
-
-class InvalidVersionError(HandshakeError):
-    """HandshakeStatus InvalidVersion: the server does not support our protocol version."""
-
-    permanent = True
-
-
-class InvalidVdiskIDError(HandshakeError):
-    """HandshakeStatus InvalidVdiskID: the server does not accept this vdisk id."""
-
-    permanent = True
-
-
-class InternalServerError(HandshakeError):
-    """HandshakeStatus InternalServerError: transient (e.g. storage down); retried."""
-
-
-class UnauthorizedError(HandshakeError):
-    """HandshakeStatus Unauthorized (ours, -6): no or a wrong token, or a client certificate
-    not allowed for this vdisk. Not retried: the same credentials would be refused again."""
-
-    permanent = True
-
-
-_HANDSHAKE_ERRORS: dict[int, type[HandshakeError]] = {
-    HandshakeStatus.UNAUTHORIZED: UnauthorizedError,
-    HandshakeStatus.INVALID_REQUEST: InvalidRequestError,
-    HandshakeStatus.INVALID_VERSION: InvalidVersionError,
-    HandshakeStatus.INVALID_VDISK_ID: InvalidVdiskIDError,
-    HandshakeStatus.INTERNAL_SERVER_ERROR: InternalServerError,
-}
-
-
-def handshake_error(status: int, address: str = "") -> HandshakeError:
-    """The typed exception for a handshake status other than OK."""
-    return _HANDSHAKE_ERRORS.get(int(status), HandshakeError)(status, address)
+HASH_SIZE = 32
+BLOCK_MESSAGE_OVERHEAD = wire.BLOCK_MESSAGE_OVERHEAD
 
 
 # -- encoding --------------------------------------------------------------------------
@@ -138,199 +72,6 @@ def encode_block(sequence: int, index: int, timestamp: int, data: bytes | memory
                  operation: int = Operation.SET, hash: bytes | None = None) -> bytes:
     """The bytes of one TlogBlock message (the protocol core's encoder)."""
     return ClientConnection.send_block(sequence, index, timestamp, data, operation, hash)
-
-
-# -- security --------------------------------------------------------------------------
-
-
-def client_tls_context(ca_file: str | None = None, cert_file: str | None = None,
-                       key_file: str | None = None) -> ssl.SSLContext:
-    """A TLS context to reach a tlogserver: verifies its certificate and host name.
-
-    ``ca_file`` holds the CA certificates to trust (PEM); without it, the system's trust
-    store is used. ``cert_file`` (with ``key_file``, unless the key is in the same file)
-    is this client's certificate, for servers that map client certificates to vdisks
-    (mutual TLS). TLS 1.2 is the oldest version accepted.
-    """
-    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=ca_file)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    if cert_file:
-        context.load_cert_chain(cert_file, key_file)
-    elif key_file:
-        raise ValueError("a client key needs its certificate (cert_file)")
-    return context
-
-
-def load_token(path: str) -> bytes:
-    """Read an access token from a file (surrounding whitespace, e.g. a newline, dropped).
-
-    Tokens are secrets: pass them in a file or the environment, never as a command-line
-    argument, which every local user can read in ``ps``.
-    """
-    try:
-        with open(path, "rb") as fh:
-            data = fh.read(4097)
-    except OSError as exc:
-        raise ValueError(f"cannot read token file {path}: {exc.strerror or exc}") from None
-    token = data.strip()
-    if not token or len(data) > 4096:
-        raise ValueError(f"token file {path}: expected one token of 1 to 4096 bytes")
-    return token
-
-
-def security_options(*, tls: bool = False, ca_file: str | None = None,
-                     cert_file: str | None = None, key_file: str | None = None,
-                     token_file: str | None = None) -> dict[str, Any]:
-    """`TlogClient` keyword arguments from command-line style settings (for tools such as
-    ``tlog send``): TLS when ``tls`` or any certificate file is given (system trust without
-    ``ca_file``), and the token read from ``token_file``."""
-    options: dict[str, Any] = {}
-    if tls or ca_file or cert_file or key_file:
-        options["tls"] = client_tls_context(ca_file, cert_file, key_file)
-    if token_file:
-        options["token"] = load_token(token_file)
-    return options
-
-
-# -- addresses -------------------------------------------------------------------------
-
-
-def parse_address(text: str) -> tuple[str, int]:
-    """``host:port`` (IPv6 in brackets) to ``(host, port)``."""
-    host, sep, port = text.strip().rpartition(":")
-    if not sep or not port.isdigit() or not host or not 0 < int(port) < 65536:
-        raise ValueError(f"not a host:port address: {text!r}")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    return host, int(port)
-
-
-def _check_servers(servers: Iterable[str]) -> list[str]:
-    found = [s.strip() for s in servers]
-    if not found:
-        raise ValueError("at least one tlogserver address is needed")
-    for address in found:
-        parse_address(address)
-    return found
-
-
-# -- the connection --------------------------------------------------------------------
-
-
-class _Link(asyncio.Protocol):
-    """One TCP connection to a tlogserver; hands what it reads to the client."""
-
-    def __init__(self, client: TlogClient, address: str) -> None:
-        self.client = client
-        self.address = address
-        self.loop = client._loop
-        self.transport: asyncio.Transport | None = None
-        self.core = ClientConnection(client.max_response_size)
-        self.handshake: asyncio.Future[HandshakeResponse] = self.loop.create_future()
-        self.lost = False
-        self.last_rx = self.loop.time()
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]  # uvloop's is no subclass
-        sock = transport.get_extra_info("socket")
-        try:
-            if sock is not None and sock.getsockname() == sock.getpeername():
-                # Connecting to a port nobody listens on may hand us that port as our
-                # own source port: TCP then connects the socket to itself.
-                self._fail_handshake(ConnectionRefusedError(f"{self.address}: self-connection"))
-                self.abort()
-        except OSError:
-            pass
-
-    def data_received(self, data: bytes) -> None:
-        self.last_rx = self.loop.time()
-        try:
-            responses = self.core.receive_data(data)
-        except ProtocolError as exc:
-            log.warning("%s: protocol error: %s", self.address, exc)
-            self._fail_handshake(exc)
-            self.client._lose(self, f"protocol error: {exc}")
-            return
-        if responses and isinstance(responses[0], HandshakeResponse):
-            if not self.handshake.done():
-                self.handshake.set_result(responses[0])
-            del responses[0]
-        if responses:
-            # only a connection's first event is a HandshakeResponse, removed above
-            self.client._on_responses(self, cast(list[BlockResponse], responses))
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.lost = True
-        self._fail_handshake(ConnectionError(
-            f"{self.address}: connection closed during the handshake"
-            + (f": {exc}" if exc else "")))
-        self.client._lose(self, f"connection lost: {exc}" if exc else "connection closed")
-
-    def _fail_handshake(self, exc: BaseException) -> None:
-        if not self.handshake.done():
-            self.handshake.set_exception(exc)
-            self.handshake.exception()  # mark retrieved: nobody may be waiting any more
-
-    def write(self, data: bytes) -> None:
-        if self.transport is not None and not self.lost:
-            self.transport.write(data)
-
-    def writelines(self, frames: list[bytes]) -> None:
-        if self.transport is not None and not self.lost:
-            self.transport.writelines(frames)
-
-    def abort(self) -> None:
-        if self.transport is not None:
-            self.transport.abort()
-
-
-# -- the asyncio client ----------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ClientStats:
-    """Counters of one client, as of the moment they were read."""
-
-    sent_blocks: int  # blocks handed to send()
-    flushed_blocks: int  # blocks whose FlushOK arrived
-    unflushed_blocks: int
-    unflushed_bytes: int
-    resends: int  # blocks sent again after the resend timeout or a RecvFailed
-    reconnect_resends: int  # blocks sent again after a reconnect
-    reconnects: int  # successful reconnections (the first connect not counted)
-    last_flushed: int | None  # highest sequence with FlushOK
-    server: str | None  # the server connected to, None while reconnecting
-
-
-
-ResponseCallback = Callable[[BlockStatus | int, Sequence[int]], None]
-
-
-class ResponseStream:
-    """The server's block responses, as an async iterator (`TlogClient.responses`).
-
-    Subscribed from creation on; it ends when the client closes or `close` is
-    called. It is unbounded: a subscriber must keep reading.
-    """
-
-    def __init__(self, client: TlogClient) -> None:
-        self._client = client
-        self._queue: asyncio.Queue[BlockResponse | None] = asyncio.Queue()
-        client._subscribers.append(self._queue)
-
-    def __aiter__(self) -> ResponseStream:
-        return self
-
-    async def __anext__(self) -> BlockResponse:
-        item = await self._queue.get()
-        if item is None:
-            self.close()
-            raise StopAsyncIteration
-        return item
-
-    def close(self) -> None:
-        if self._queue in self._client._subscribers:
-            self._client._subscribers.remove(self._queue)
 
 
 class TlogClient:
@@ -376,7 +117,7 @@ class TlogClient:
         if first_sequence is None and reset_first_sequence:
             raise ValueError("reset_first_sequence needs a first_sequence (None continues "
                              "the log instead)")
-        self._servers = _check_servers(servers)
+        self._servers = check_servers(servers)
         self.vdisk_id = vdisk_id
         #: None until the first handshake when the client continues the vdisk's log
         #: (``first_sequence=None``); then the sequence it continues at.
@@ -420,7 +161,7 @@ class TlogClient:
         self._out: list[bytes] = []
         self._out_bytes = 0
         self._out_scheduled = False
-        self._link: _Link | None = None
+        self._link: ServerLink | None = None
         self._server_index = 0
         self._handshaken_once = False
         self._reconnect_task: asyncio.Task[None] | None = None
@@ -522,56 +263,24 @@ class TlogClient:
         if self._tick_handle is None:
             self._tick_handle = self._loop.call_later(self._tick_interval, self._tick)
 
-    async def _dial(self, start: int, deadline: float | None) -> _Link:
+    async def _dial(self, start: int, deadline: float | None) -> ServerLink:
         """Cycle through the servers from ``start`` with capped backoff between rounds."""
-        delay = self.reconnect_delay
-        last: BaseException | None = None
-        quiet = False
-        while True:
-            servers = list(self._servers)
-            permanent: list[HandshakeError] = []
-            for i in range(len(servers)):
-                if self._closed:
-                    raise ClientClosedError("client closed")
-                index = (start + i) % len(servers)
-                address = servers[index]
-                timeout = self.connect_timeout
-                if deadline is not None:
-                    timeout = min(timeout, max(0.001, deadline - self._loop.time()))
-                try:
-                    link = await self._connect_once(address, timeout)
-                except HandshakeError as exc:
-                    last = exc
-                    if exc.permanent:
-                        permanent.append(exc)
-                    log.log(logging.DEBUG if quiet else logging.WARNING, "%s", exc)
-                    continue
-                except (OSError, TimeoutError, ProtocolError) as exc:
-                    if not (isinstance(exc, TimeoutError) and last is not None):
-                        last = exc  # a timeout (often the deadline's) says less than the rest
-                    log.log(logging.DEBUG if quiet else logging.WARNING,
-                            "cannot connect to tlogserver %s: %s", address, exc or type(exc))
-                    continue
-                self._server_index = index
-                return link
-            quiet = True
-            if len(permanent) == len(servers):
-                raise permanent[0]
-            now = self._loop.time()
-            if deadline is not None and now >= deadline:
-                raise ConnectionError(f"no tlogserver of {servers} accepted vdisk "
-                                      f"{self.vdisk_id}: {last}") from last
-            pause = delay if deadline is None else min(delay, deadline - now)
-            delay = min(delay * 2, self.reconnect_max_delay)
-            self._kick.clear()
-            try:
-                await asyncio.wait_for(self._kick.wait(), pause)
-            except TimeoutError:
-                pass
+        index, link = await dial(
+            lambda: self._servers, start, deadline, self._connect_once,
+            connect_timeout=self.connect_timeout, delay=self.reconnect_delay,
+            max_delay=self.reconnect_max_delay, kick=self._kick,
+            check_closed=self._check_open, what=f"vdisk {self.vdisk_id}")
+        self._server_index = index
+        return link
 
-    async def _connect_once(self, address: str, timeout: float) -> _Link:
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ClientClosedError("client closed")
+
+    async def _connect_once(self, address: str, timeout: float) -> ServerLink:
         host, port = parse_address(address)
-        link = _Link(self, address)
+        link = ServerLink(self._loop, address, self.max_response_size, self._on_responses,
+                          self._lose)
         try:
             async with asyncio.timeout(timeout):
                 if self.tls is not None:
@@ -610,7 +319,7 @@ class TlogClient:
         low = self.lowest_unflushed()
         return self._next if low is None else low
 
-    def _activate(self, link: _Link, resend: bool = False) -> None:
+    def _activate(self, link: ServerLink, resend: bool = False) -> None:
         """Make ``link`` current; write every unflushed block, then pending commands."""
         self._link = link
         self._handshaken_once = True
@@ -640,7 +349,7 @@ class TlogClient:
         log.info("vdisk %s: connected to %s (%d unflushed block(s) sent)", self.vdisk_id,
                  link.address, len(u))
 
-    def _lose(self, link: _Link, reason: str, flush_failed: bool = False) -> None:
+    def _lose(self, link: ServerLink, reason: str, flush_failed: bool = False) -> None:
         """Drop ``link``; when it is the current one, start reconnecting."""
         if link is self._link:
             self._link = None
@@ -811,7 +520,7 @@ class TlogClient:
     def change_servers(self, servers: Sequence[str]) -> None:
         """Use another server list; leaves the current server if it is not in it."""
         self._check_usable()
-        self._servers = _check_servers(servers)
+        self._servers = check_servers(servers)
         link = self._link
         if link is not None:
             if link.address in self._servers:
@@ -825,7 +534,7 @@ class TlogClient:
 
     def responses(self) -> ResponseStream:
         """An async iterator over every response from now on (see `ResponseStream`)."""
-        return ResponseStream(self)
+        return ResponseStream(self._subscribers)
 
     async def close(self) -> None:
         """Stop: pending writes go out, the connection closes, waiters get ClientClosedError.
@@ -896,7 +605,7 @@ class TlogClient:
             hook()
 
     # -- what the server says --
-    def _on_responses(self, link: _Link, responses: list[BlockResponse]) -> None:
+    def _on_responses(self, link: ServerLink, responses: list[BlockResponse]) -> None:
         aw = self._awaiting
         u = self._unflushed
         freed = 0
@@ -986,216 +695,3 @@ class TlogClient:
             log.info("vdisk %s: resending %d block(s) without RecvOK after %g s (from %d)",
                      self.vdisk_id, count, self.resend_timeout, expired[0])
             self._write_out()
-
-
-# -- the threaded facade ---------------------------------------------------------------
-
-
-def _new_loop() -> asyncio.AbstractEventLoop:
-    try:
-        import uvloop
-    except ImportError:  # pragma: no cover - uvloop is a dependency
-        return asyncio.new_event_loop()
-    return uvloop.new_event_loop()
-
-
-class ThreadedClient:
-    """`TlogClient` for synchronous callers: the same operations, safe from any thread.
-
-    The asyncio client runs in a background thread with its own event loop.
-    `send` hashes and encodes in the calling thread (BLAKE2b releases the GIL,
-    so several writers hash in parallel) and hands the frame over without a
-    round trip; it blocks only while the unflushed buffer is full. Blocks are
-    handed to the server in the order the `send` calls took the lock, so one
-    thread's blocks stay in its order; `send_next` also allocates the sequence
-    under that lock, so several threads get strictly increasing sequences.
-    Callbacks (``on_response``) run in the background thread.
-    """
-
-    def __init__(self, servers: Sequence[str], vdisk_id: str, first_sequence: int | None = 0, *,
-                 connect_timeout: float | None = 30.0, **options: Any) -> None:
-        self._loop = _new_loop()
-        self._thread = threading.Thread(target=self._run_loop, daemon=True,
-                                        name=f"tlog client {vdisk_id}")
-        self._cond = threading.Condition()
-        self._inbox: list[tuple[int, bytes]] = []
-        self._inbox_bytes = 0
-        self._wake_pending = False
-        self._waiting = 0
-        self._next_sequence = first_sequence or 0
-        self._closed = False
-        self._thread.start()
-
-        async def make() -> TlogClient:
-            client = TlogClient(servers, vdisk_id, first_sequence, **options)
-            client._release_hooks.append(self._on_release)
-            try:
-                await client.connect(connect_timeout)
-            except BaseException:
-                await client.close()
-                raise
-            return client
-
-        try:
-            self._client = self._call(make(), None)
-        except BaseException:
-            self._stop_loop()
-            raise
-        self._next_sequence = self._client.next_sequence  # known now when continuing
-
-    # -- plumbing --
-    def _run_loop(self) -> None:
-        asyncio.set_event_loop(self._loop)
-        try:
-            self._loop.run_forever()
-        finally:
-            self._loop.close()
-
-    def _stop_loop(self) -> None:
-        if self._loop.is_running():
-            self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(timeout=10)
-
-    def _call(self, coro: Coroutine[Any, Any, T], timeout: float | None) -> T:
-        if threading.current_thread() is self._thread:
-            coro.close()
-            raise RuntimeError("ThreadedClient methods cannot be called from its own loop "
-                               "thread (e.g. from on_response)")
-        future = asyncio.run_coroutine_threadsafe(coro, self._loop)
-        try:
-            return future.result(timeout)
-        except concurrent.futures.TimeoutError:
-            future.cancel()
-            raise TimeoutError(f"no answer from the client loop within {timeout} s") from None
-
-    def _on_release(self) -> None:
-        # loop thread: buffer room came back, or the client failed
-        with self._cond:
-            if self._waiting:
-                self._cond.notify_all()
-
-    def _drain(self) -> None:
-        """Loop thread: move the inbox into the client, in order, and write."""
-        with self._cond:
-            items, self._inbox = self._inbox, []
-            self._inbox_bytes = 0
-            self._wake_pending = False
-            client = self._client
-            if client._error is None:
-                put = client._put
-                for sequence, frame in items:
-                    put(sequence, frame)
-        client._write_out()
-
-    def _enqueue(self, frame_for: Callable[[], tuple[int, bytes]], size: int,
-                 timeout: float | None) -> int:
-        deadline = None if timeout is None else time.monotonic() + timeout
-        client = self._client
-        with self._cond:
-            while True:
-                if client._error is not None:
-                    raise client._reraise()
-                used = client._unflushed_bytes + self._inbox_bytes
-                if used == 0 or used + size <= client.max_unflushed_bytes:
-                    break
-                left = None if deadline is None else deadline - time.monotonic()
-                if left is not None and left <= 0:
-                    raise TimeoutError(f"unflushed buffer still full after {timeout} s")
-                self._waiting += 1
-                try:
-                    self._cond.wait(left)
-                finally:
-                    self._waiting -= 1
-            sequence, frame = frame_for()
-            self._inbox.append((sequence, frame))
-            self._inbox_bytes += len(frame)
-            if sequence >= self._next_sequence:
-                self._next_sequence = sequence + 1
-            if not self._wake_pending:
-                self._wake_pending = True
-                self._loop.call_soon_threadsafe(self._drain)
-        return sequence
-
-    def _in_loop(self, fn: Callable[[], Awaitable[T]], timeout: float | None) -> T:
-        async def run() -> T:
-            self._drain()
-            return await fn()
-        return self._call(run(), timeout)
-
-    # -- the operations --
-    def send(self, operation: int, sequence: int, index: int, timestamp: int | None,
-             data: bytes | memoryview, timeout: float | None = None) -> None:
-        """Log one block; blocks only while the unflushed buffer is full (then up to ``timeout``).
-        """
-        ts = time.time_ns() if timestamp is None else timestamp
-        frame = encode_block(sequence, index, ts, data, operation)
-        self._enqueue(lambda: (sequence, frame), len(frame), timeout)
-
-    def send_next(self, operation: int, index: int, timestamp: int | None,
-                  data: bytes | memoryview, timeout: float | None = None) -> int:
-        """Log one block under the next sequence, allocated atomically; returns the sequence."""
-        ts = time.time_ns() if timestamp is None else timestamp
-        digest = hashlib.blake2b(data, digest_size=_HASH_SIZE).digest()
-        size = _BLOCK_MESSAGE_OVERHEAD + len(data) + (-len(data) & 7)
-
-        def frame_for() -> tuple[int, bytes]:
-            sequence = self._next_sequence
-            return sequence, encode_block(sequence, index, ts, data, operation, digest)
-        return self._enqueue(frame_for, size, timeout)
-
-    def force_flush_at(self, sequence: int) -> None:
-        """See `TlogClient.force_flush_at`."""
-        async def run() -> None:
-            self._client.force_flush_at(sequence)
-        self._in_loop(run, None)
-
-    def wait_flushed(self, sequence: int | None = None, timeout: float | None = None,
-                     force: bool = True) -> None:
-        """See `TlogClient.wait_flushed`; blocks the calling thread."""
-        self._in_loop(lambda: self._client.wait_flushed(sequence, timeout, force),
-                      None if timeout is None else timeout + 10)
-
-    def wait_nbd_slave_sync(self, timeout: float | None = None) -> None:
-        """See `TlogClient.wait_nbd_slave_sync`."""
-        self._in_loop(lambda: self._client.wait_nbd_slave_sync(timeout),
-                      None if timeout is None else timeout + 10)
-
-    def change_servers(self, servers: Sequence[str]) -> None:
-        """See `TlogClient.change_servers`."""
-        async def run() -> None:
-            self._client.change_servers(servers)
-        self._in_loop(run, None)
-
-    def stats(self) -> ClientStats:
-        return self._client.stats()
-
-    @property
-    def next_sequence(self) -> int:
-        """The sequence `send_next` will use next."""
-        return self._next_sequence
-
-    @property
-    def first_sequence(self) -> int | None:
-        """See `TlogClient.first_sequence` (known after the connect)."""
-        return self._client.first_sequence
-
-    @property
-    def log_position(self) -> HandshakeResponse | None:
-        """See `TlogClient.log_position`."""
-        return self._client.log_position
-
-    def close(self) -> None:
-        """Close the client and stop its thread. Unflushed blocks are dropped."""
-        if self._closed:
-            return
-        self._closed = True
-        try:
-            self._in_loop(self._client.close, 30)
-        finally:
-            self._stop_loop()
-
-    def __enter__(self) -> ThreadedClient:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()

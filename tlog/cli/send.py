@@ -20,7 +20,7 @@ from typing import Any
 
 import click
 
-from .client import (
+from tlog.client import (
     DEFAULT_MAX_UNFLUSHED_BYTES,
     DEFAULT_RESEND_TIMEOUT,
     TlogClient,
@@ -28,10 +28,10 @@ from .client import (
     parse_address,
     security_options,
 )
-from .protocol.status import BlockStatus, Operation
+from tlog.protocol.status import BlockStatus, Operation
 
 #: How far ahead of its schedule a paced sender (--rate) may run before it sleeps.
-_PACE_SLACK = 0.001
+PACE_SLACK = 0.001
 
 #: Distinct random blocks cycled through with --random-data (beyond an aggregation's reach
 #: for compression, and cheap to prepare).
@@ -77,7 +77,7 @@ async def run_send(servers: Sequence[str], vdisk_id: str, blocks: int, block_siz
     ``rate`` > 0 paces the sender to that many blocks per second (0: as fast as the client
     and server go), to measure latencies below saturation. Block ``i`` is due at
     ``i / rate`` seconds after the start; the sender sleeps only when it is at least
-    `_PACE_SLACK` ahead (event-loop timers have millisecond resolution), so blocks leave in
+    `PACE_SLACK` ahead (event-loop timers have millisecond resolution), so blocks leave in
     small bursts that keep the average exact. ``first_sequence`` None continues the vdisk's
     log where it ends.
     """
@@ -121,7 +121,7 @@ async def run_send(servers: Sequence[str], vdisk_id: str, blocks: int, block_siz
             data = data_for(i)
             if rate > 0:
                 ahead = t0 + i / rate - clock()
-                if ahead >= _PACE_SLACK:
+                if ahead >= PACE_SLACK:
                     await asyncio.sleep(ahead)
             sent_at[i] = clock()
             await send(op, seq, seq, time_ns(), data)
@@ -166,7 +166,7 @@ def _check_server(ctx: click.Context, param: click.Parameter,
     return value
 
 
-@click.command()
+@click.command("send")
 @click.option("--server", "servers", multiple=True, required=True, callback=_check_server,
               help="tlogserver HOST:PORT; repeat for failover, in order.")
 @click.option("--vdisk", default="tlog-send", show_default=True, help="Vdisk id.")

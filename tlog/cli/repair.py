@@ -1,7 +1,7 @@
 """`tlog repair`: rebuild the pieces a vdisk's aggregations are missing.
 
-Takes the storage and key options of ``tlog restore`` (the helpers of `tlog.cli`), and
-reports in one line what it rewrote; see `tlog.repair` for what it looks at.
+Takes the storage and key options of ``tlog restore`` (`tlog.cli.options`), and reports in
+one line what it rewrote; see `tlog.read.repair` for what it looks at.
 """
 
 from __future__ import annotations
@@ -10,8 +10,9 @@ from typing import Any
 
 import click
 
-from . import cli as tlog_cli
-from .read.repair import RepairReport, repair_vdisk
+from tlog.read.repair import RepairReport, repair_vdisk
+
+from .options import fail_with, read_options, read_setup, run_async
 
 
 def _summary(vdisk: str, report: RepairReport, addresses: list[str]) -> str:
@@ -35,7 +36,7 @@ def _summary(vdisk: str, report: RepairReport, addresses: list[str]) -> str:
 
 
 @click.command("repair")
-@tlog_cli._read_options
+@read_options
 @click.option("--scan/--no-scan", default=True, show_default=True,
               help="Also walk the whole chain and check every piece of every aggregation "
                    "(finds pieces lost without a record, e.g. a server restarted empty); "
@@ -51,7 +52,7 @@ def repair_command(ctx: click.Context, **values: Any) -> None:
     writes the vdisk, and again at any time. Exit status 0 when every piece is in place,
     1 when some could not be rewritten (a server still down, or fewer than k pieces left).
     """
-    setup = tlog_cli._setup(ctx, values)
+    setup = read_setup(ctx, values)
     addresses = [s.address for s in setup.pool.servers]
 
     async def run() -> RepairReport:
@@ -61,10 +62,10 @@ def repair_command(ctx: click.Context, **values: Any) -> None:
         finally:
             await setup.factory.close()
 
-    report = tlog_cli._run(run())
+    report = run_async(run())
     for problem in report.problems:
         click.echo(f"error: {problem}", err=True)
     click.echo(_summary(setup.vdisk, report, addresses))
     if not report.complete:
-        tlog_cli._fail("some pieces could not be repaired"
+        fail_with("some pieces could not be repaired"
                        + (" (servers unreachable)" if report.unreachable else ""))

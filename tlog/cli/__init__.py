@@ -1,0 +1,38 @@
+"""`tlog` command line: restore, inspect, verify, repair and rekey a vdisk's log; send blocks
+to a server.
+
+`restore`, `inspect`, `verify`, `repair` and `rekey` read the storage the way tlogserver
+writes it, so they take the server's storage and key options (``--storage-addresses`` or
+``--config``, ``-k``, ``-m``, ``--priv-key`` or ``--key-file``, ``--nonce``), also from the
+same ``TLOG_*`` environment variables and from the same YAML config file
+(`tlog.cli.options`). One module per command.
+"""
+
+from __future__ import annotations
+
+import click
+
+from .inspect import inspect_command
+from .rekey import rekey_command
+from .repair import repair_command
+from .restore import restore_command
+from .send import send_command
+from .verify import verify_command
+
+__all__ = ["cli", "main"]
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"],
+                               "auto_envvar_prefix": "TLOG"})
+def cli() -> None:
+    """Tools for tlog: read back, check and replay a vdisk's transaction log."""
+
+
+for _command in (restore_command, inspect_command, verify_command, repair_command,
+                 rekey_command, send_command):
+    cli.add_command(_command)
+
+
+def main() -> None:
+    """The ``tlog`` entry point."""
+    cli(prog_name="tlog")

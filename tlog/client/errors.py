@@ -1,0 +1,80 @@
+"""What a client raises: a closed client, and one exception per refused handshake."""
+
+from __future__ import annotations
+
+import logging
+from typing import TypeVar
+
+from tlog.protocol.status import HandshakeStatus
+
+log = logging.getLogger("tlog.client")
+
+T = TypeVar("T")
+
+
+# -- errors ----------------------------------------------------------------------------
+
+
+class TlogClientError(Exception):
+    """Base of the client's errors."""
+
+
+class ClientClosedError(TlogClientError):
+    """The client was closed; nothing more can be sent or awaited."""
+
+
+class HandshakeError(TlogClientError):
+    """The server refused the handshake with a negative (or unknown) status."""
+
+    #: Whether retrying with the same request cannot help.
+    permanent = False
+
+    def __init__(self, status: int, address: str = "") -> None:
+        self.status = status
+        self.address = address
+        name = status.name if isinstance(status, HandshakeStatus) else str(status)
+        where = f" by {address}" if address else ""
+        super().__init__(f"handshake refused{where}: {name}")
+
+
+class InvalidRequestError(HandshakeError):
+    """HandshakeStatus InvalidRequest: the server could not decode the handshake."""
+
+    permanent = True
+
+
+class InvalidVersionError(HandshakeError):
+    """HandshakeStatus InvalidVersion: the server does not support our protocol version."""
+
+    permanent = True
+
+
+class InvalidVdiskIDError(HandshakeError):
+    """HandshakeStatus InvalidVdiskID: the server does not accept this vdisk id."""
+
+    permanent = True
+
+
+class InternalServerError(HandshakeError):
+    """HandshakeStatus InternalServerError: transient (e.g. storage down); retried."""
+
+
+class UnauthorizedError(HandshakeError):
+    """HandshakeStatus Unauthorized (ours, -6): no or a wrong token, or a client certificate
+    not allowed for this vdisk. Not retried: the same credentials would be refused again."""
+
+    permanent = True
+
+
+_HANDSHAKE_ERRORS: dict[int, type[HandshakeError]] = {
+    HandshakeStatus.UNAUTHORIZED: UnauthorizedError,
+    HandshakeStatus.INVALID_REQUEST: InvalidRequestError,
+    HandshakeStatus.INVALID_VERSION: InvalidVersionError,
+    HandshakeStatus.INVALID_VDISK_ID: InvalidVdiskIDError,
+    HandshakeStatus.INTERNAL_SERVER_ERROR: InternalServerError,
+}
+
+
+def handshake_error(status: int, address: str = "") -> HandshakeError:
+    """The typed exception for a handshake status other than OK."""
+    return _HANDSHAKE_ERRORS.get(int(status), HandshakeError)(status, address)

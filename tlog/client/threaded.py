@@ -1,0 +1,235 @@
+"""`ThreadedClient`: a `TlogClient` run in a background thread, for synchronous callers
+such as an NBD server's worker threads."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import hashlib
+import logging
+import threading
+import time
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from typing import Any, TypeVar
+
+from tlog.protocol import HandshakeResponse
+
+from .stats import ClientStats
+from .tlogclient import BLOCK_MESSAGE_OVERHEAD, HASH_SIZE, TlogClient, encode_block
+
+log = logging.getLogger("tlog.client")
+
+T = TypeVar("T")
+
+
+# -- the threaded facade ---------------------------------------------------------------
+
+
+def _new_loop() -> asyncio.AbstractEventLoop:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
+
+
+class ThreadedClient:
+    """`TlogClient` for synchronous callers: the same operations, safe from any thread.
+
+    The asyncio client runs in a background thread with its own event loop.
+    `send` hashes and encodes in the calling thread (BLAKE2b releases the GIL,
+    so several writers hash in parallel) and hands the frame over without a
+    round trip; it blocks only while the unflushed buffer is full. Blocks are
+    handed to the server in the order the `send` calls took the lock, so one
+    thread's blocks stay in its order; `send_next` also allocates the sequence
+    under that lock, so several threads get strictly increasing sequences.
+    Callbacks (``on_response``) run in the background thread.
+    """
+
+    def __init__(self, servers: Sequence[str], vdisk_id: str, first_sequence: int | None = 0, *,
+                 connect_timeout: float | None = 30.0, **options: Any) -> None:
+        self._loop = _new_loop()
+        self._thread = threading.Thread(target=self._run_loop, daemon=True,
+                                        name=f"tlog client {vdisk_id}")
+        self._cond = threading.Condition()
+        self._inbox: list[tuple[int, bytes]] = []
+        self._inbox_bytes = 0
+        self._wake_pending = False
+        self._waiting = 0
+        self._next_sequence = first_sequence or 0
+        self._closed = False
+        self._thread.start()
+
+        async def make() -> TlogClient:
+            client = TlogClient(servers, vdisk_id, first_sequence, **options)
+            client._release_hooks.append(self._on_release)
+            try:
+                await client.connect(connect_timeout)
+            except BaseException:
+                await client.close()
+                raise
+            return client
+
+        try:
+            self._client = self._call(make(), None)
+        except BaseException:
+            self._stop_loop()
+            raise
+        self._next_sequence = self._client.next_sequence  # known now when continuing
+
+    # -- plumbing --
+    def _run_loop(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        try:
+            self._loop.run_forever()
+        finally:
+            self._loop.close()
+
+    def _stop_loop(self) -> None:
+        if self._loop.is_running():
+            self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=10)
+
+    def _call(self, coro: Coroutine[Any, Any, T], timeout: float | None) -> T:
+        if threading.current_thread() is self._thread:
+            coro.close()
+            raise RuntimeError("ThreadedClient methods cannot be called from its own loop "
+                               "thread (e.g. from on_response)")
+        future = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        try:
+            return future.result(timeout)
+        except concurrent.futures.TimeoutError:
+            future.cancel()
+            raise TimeoutError(f"no answer from the client loop within {timeout} s") from None
+
+    def _on_release(self) -> None:
+        # loop thread: buffer room came back, or the client failed
+        with self._cond:
+            if self._waiting:
+                self._cond.notify_all()
+
+    def _drain(self) -> None:
+        """Loop thread: move the inbox into the client, in order, and write."""
+        with self._cond:
+            items, self._inbox = self._inbox, []
+            self._inbox_bytes = 0
+            self._wake_pending = False
+            client = self._client
+            if client._error is None:
+                put = client._put
+                for sequence, frame in items:
+                    put(sequence, frame)
+        client._write_out()
+
+    def _enqueue(self, frame_for: Callable[[], tuple[int, bytes]], size: int,
+                 timeout: float | None) -> int:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        client = self._client
+        with self._cond:
+            while True:
+                if client._error is not None:
+                    raise client._reraise()
+                used = client._unflushed_bytes + self._inbox_bytes
+                if used == 0 or used + size <= client.max_unflushed_bytes:
+                    break
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    raise TimeoutError(f"unflushed buffer still full after {timeout} s")
+                self._waiting += 1
+                try:
+                    self._cond.wait(left)
+                finally:
+                    self._waiting -= 1
+            sequence, frame = frame_for()
+            self._inbox.append((sequence, frame))
+            self._inbox_bytes += len(frame)
+            if sequence >= self._next_sequence:
+                self._next_sequence = sequence + 1
+            if not self._wake_pending:
+                self._wake_pending = True
+                self._loop.call_soon_threadsafe(self._drain)
+        return sequence
+
+    def _in_loop(self, fn: Callable[[], Awaitable[T]], timeout: float | None) -> T:
+        async def run() -> T:
+            self._drain()
+            return await fn()
+        return self._call(run(), timeout)
+
+    # -- the operations --
+    def send(self, operation: int, sequence: int, index: int, timestamp: int | None,
+             data: bytes | memoryview, timeout: float | None = None) -> None:
+        """Log one block; blocks only while the unflushed buffer is full (then up to ``timeout``).
+        """
+        ts = time.time_ns() if timestamp is None else timestamp
+        frame = encode_block(sequence, index, ts, data, operation)
+        self._enqueue(lambda: (sequence, frame), len(frame), timeout)
+
+    def send_next(self, operation: int, index: int, timestamp: int | None,
+                  data: bytes | memoryview, timeout: float | None = None) -> int:
+        """Log one block under the next sequence, allocated atomically; returns the sequence."""
+        ts = time.time_ns() if timestamp is None else timestamp
+        digest = hashlib.blake2b(data, digest_size=HASH_SIZE).digest()
+        size = BLOCK_MESSAGE_OVERHEAD + len(data) + (-len(data) & 7)
+
+        def frame_for() -> tuple[int, bytes]:
+            sequence = self._next_sequence
+            return sequence, encode_block(sequence, index, ts, data, operation, digest)
+        return self._enqueue(frame_for, size, timeout)
+
+    def force_flush_at(self, sequence: int) -> None:
+        """See `TlogClient.force_flush_at`."""
+        async def run() -> None:
+            self._client.force_flush_at(sequence)
+        self._in_loop(run, None)
+
+    def wait_flushed(self, sequence: int | None = None, timeout: float | None = None,
+                     force: bool = True) -> None:
+        """See `TlogClient.wait_flushed`; blocks the calling thread."""
+        self._in_loop(lambda: self._client.wait_flushed(sequence, timeout, force),
+                      None if timeout is None else timeout + 10)
+
+    def wait_nbd_slave_sync(self, timeout: float | None = None) -> None:
+        """See `TlogClient.wait_nbd_slave_sync`."""
+        self._in_loop(lambda: self._client.wait_nbd_slave_sync(timeout),
+                      None if timeout is None else timeout + 10)
+
+    def change_servers(self, servers: Sequence[str]) -> None:
+        """See `TlogClient.change_servers`."""
+        async def run() -> None:
+            self._client.change_servers(servers)
+        self._in_loop(run, None)
+
+    def stats(self) -> ClientStats:
+        return self._client.stats()
+
+    @property
+    def next_sequence(self) -> int:
+        """The sequence `send_next` will use next."""
+        return self._next_sequence
+
+    @property
+    def first_sequence(self) -> int | None:
+        """See `TlogClient.first_sequence` (known after the connect)."""
+        return self._client.first_sequence
+
+    @property
+    def log_position(self) -> HandshakeResponse | None:
+        """See `TlogClient.log_position`."""
+        return self._client.log_position
+
+    def close(self) -> None:
+        """Close the client and stop its thread. Unflushed blocks are dropped."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._in_loop(self._client.close, 30)
+        finally:
+            self._stop_loop()
+
+    def __enter__(self) -> ThreadedClient:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
