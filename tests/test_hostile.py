@@ -24,7 +24,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import tlogserver.server as server_mod
+import tlogserver.connection as connection_mod
 from tlog.client import TlogClient
 from tlog.protocol import Block, ClientConnection, ProtocolError, ServerConnection
 from tlog.protocol.status import BlockStatus, HandshakeStatus, Operation
@@ -286,17 +286,17 @@ def test_truncated_frames_and_unfinished_handshakes_are_dropped(
 
 def test_a_client_that_never_reads_is_disconnected(redis6: list[RedisProcess],
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(server_mod, "WRITE_BUFFER_HIGH", 64 * 1024)
+    monkeypatch.setattr(connection_mod, "WRITE_BUFFER_HIGH", 64 * 1024)
     closed: dict[str, str] = {}
     gone = asyncio.Event()
-    original = server_mod.TlogConnection.close
+    original = connection_mod.TlogConnection.close
 
-    def close(self: server_mod.TlogConnection, reason: str) -> None:
+    def close(self: connection_mod.TlogConnection, reason: str) -> None:
         closed[self.name] = reason
         gone.set()
         original(self, reason)
 
-    monkeypatch.setattr(server_mod.TlogConnection, "close", close)
+    monkeypatch.setattr(connection_mod.TlogConnection, "close", close)
 
     async def scenario() -> None:
         nonlocal gone

@@ -47,7 +47,7 @@ from tlog.record.erasure import ErasureCoder
 from tlog.storage import StorageError, StoragePool, last_hash_key
 
 from .logs import ContextLogger
-from .metrics import ServerStats
+from .stats import ServerStats
 
 log = logging.getLogger(__name__)
 

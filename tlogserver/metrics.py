@@ -1,7 +1,7 @@
 """Prometheus metrics, kept as plain integers on the hot path and exported at scrape time.
 
 The write path never calls into prometheus-client: connections, vdisks and
-flushers add to the plain attributes of one `ServerStats` per server (once per
+flushers add to the plain attributes of one `tlogserver.stats.ServerStats` per server (once per
 read or per storage round, never per block beyond an increment), and a custom
 collector turns those and the live state of the vdisks into metric families
 when ``/metrics`` is scraped. Each server has its own `CollectorRegistry`, so
@@ -11,10 +11,9 @@ several servers in one process (tests) do not share numbers.
 from __future__ import annotations
 
 import time
-from bisect import bisect_left
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping
 from importlib import metadata
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from prometheus_client import CollectorRegistry, ProcessCollector
 from prometheus_client.core import (
@@ -24,106 +23,16 @@ from prometheus_client.core import (
     Metric,
 )
 from prometheus_client.registry import Collector
-from prometheus_client.utils import floatToGoString
 
 from tlog.protocol.version import CURRENT_VERSION
 
-if TYPE_CHECKING:
-    from .server import TlogServer
-
-#: RecvOK is answered within the read that carried the block: tens of microseconds.
-RECV_BUCKETS = (0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005,
-                0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
-#: One pipelined storage round, or an aggregation's wait from cut to stored.
-FLUSH_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
-                 5.0, 10.0, 30.0, 60.0)
+from .stats import Histogram, ServerStats
 
 
-class Histogram:
-    """Bucket counts without locks or per-observation objects; exported by the collector."""
+class VdiskGauges(Protocol):
+    """What the collector reads of an open vdisk."""
 
-    __slots__ = ("bounds", "counts", "sum")
-
-    def __init__(self, bounds: Sequence[float]) -> None:
-        self.bounds = tuple(bounds)
-        self.counts = [0] * (len(self.bounds) + 1)  # the last one is +Inf
-        self.sum = 0.0
-
-    def observe(self, value: float) -> None:
-        self.counts[bisect_left(self.bounds, value)] += 1
-        self.sum += value
-
-    @property
-    def count(self) -> int:
-        return sum(self.counts)
-
-    def buckets(self) -> list[tuple[str, float]]:
-        """Cumulative ``(le, count)`` pairs as the exposition format wants them."""
-        out = []
-        total = 0
-        for bound, n in zip((*self.bounds, float("inf")), self.counts, strict=True):
-            total += n
-            out.append((floatToGoString(bound), float(total)))
-        return out
-
-
-class ServerStats:
-    """Every counter of one server, as plain numbers the write path adds to."""
-
-    __slots__ = ("connections_accepted", "connections_refused", "received_blocks",
-                 "received_bytes", "duplicate_blocks",
-                 "recv_failed_hash", "recv_failed_window", "recv_failed_pending",
-                 "recv_failed_server", "epochs_started",
-                 "flushed_blocks", "flushed_bytes",
-                 "aggregations_stored", "flush_failed_blocks", "storage_errors",
-                 "degraded_pieces", "recv_latency", "flush_round", "flush_latency",
-                 "reloads_ok", "reloads_failed", "last_reload_ok", "last_reload_time",
-                 "handshakes_refused")
-
-    def __init__(self) -> None:
-        self.connections_accepted = 0
-        #: connections closed at accept: over --max-connections
-        self.connections_refused = 0
-        self.received_blocks = 0
-        self.received_bytes = 0
-        self.duplicate_blocks = 0
-        self.recv_failed_hash = 0
-        self.recv_failed_window = 0
-        self.recv_failed_pending = 0
-        #: refused because the whole server holds --max-server-buffered-bytes
-        self.recv_failed_server = 0
-        #: per reason ("reset": resetFirstSequence; "reused_sequence": a client started its
-        #: numbering again without it; "far_resend"): new epochs begun
-        self.epochs_started: dict[str, int] = {}
-        self.flushed_blocks = 0
-        self.flushed_bytes = 0
-        self.aggregations_stored = 0
-        self.flush_failed_blocks = 0
-        #: per storage server address: failed requests, and pieces those requests held
-        self.storage_errors: dict[str, int] = {}
-        self.degraded_pieces: dict[str, int] = {}
-        self.recv_latency = Histogram(RECV_BUCKETS)
-        self.flush_round = Histogram(FLUSH_BUCKETS)
-        self.flush_latency = Histogram(FLUSH_BUCKETS)
-        self.reloads_ok = 0
-        self.reloads_failed = 0
-        self.last_reload_ok = True
-        self.last_reload_time = 0.0
-        #: per HandshakeStatus name (lower case): handshakes answered with that error
-        self.handshakes_refused: dict[str, int] = {}
-
-    def epoch_started(self, reason: str) -> None:
-        self.epochs_started[reason] = self.epochs_started.get(reason, 0) + 1
-
-    def handshake_refused(self, status: str) -> None:
-        """A handshake was answered with the error ``status`` (e.g. "unauthorized")."""
-        self.handshakes_refused[status] = self.handshakes_refused.get(status, 0) + 1
-
-    def storage_failed(self, server: str, pieces: int) -> None:
-        """One request to ``server`` failed, and with it the ``pieces`` it was to store."""
-        self.storage_errors[server] = self.storage_errors.get(server, 0) + 1
-        self.degraded_pieces[server] = self.degraded_pieces.get(server, 0) + pieces
-
+    def gauges(self, now: float) -> Mapping[str, float]: ...
 
 def _counter(name: str, doc: str, value: float) -> CounterMetricFamily:
     return CounterMetricFamily(name, doc, value=value)
@@ -140,26 +49,31 @@ def _histogram(name: str, doc: str, hist: Histogram) -> HistogramMetricFamily:
 
 
 class ServerCollector(Collector):
-    """Reads a `TlogServer`'s stats and live vdisks when scraped (on the event loop)."""
+    """Reads a server's counters and live state when scraped (on the event loop): it is
+    given what it reads, so that it needs nothing of the server itself."""
 
-    def __init__(self, server: TlogServer) -> None:
-        self.server = server
+    def __init__(self, stats: ServerStats, connections: Callable[[], int],
+                 buffered_bytes: Callable[[], int],
+                 vdisks: Callable[[], Mapping[str, VdiskGauges]]) -> None:
+        self.stats = stats
+        self.connections = connections
+        self.buffered_bytes = buffered_bytes
+        self.vdisks = vdisks
 
     def collect(self) -> Iterator[Metric]:
-        server = self.server
-        s = server.stats
+        s = self.stats
         info = GaugeMetricFamily("tlog_build_info", "Package and protocol version of this "
                                  "tlogserver.", labels=["version", "protocol"])
         info.add_metric([_package_version(), str(CURRENT_VERSION)], 1)
         yield info
-        yield _gauge("tlog_connections", "Client connections open now.", len(server.connections))
+        yield _gauge("tlog_connections", "Client connections open now.", self.connections())
         yield _counter("tlog_connections_accepted", "Client connections accepted.",
                        s.connections_accepted)
         yield _counter("tlog_connections_refused", "Client connections closed at accept: "
                        "--max-connections were open.", s.connections_refused)
         yield _gauge("tlog_buffered_bytes", "Bytes of blocks all vdisks hold together (out of "
                      "order, or not stored yet); --max-server-buffered-bytes bounds it.",
-                     server.budget.used)
+                     self.buffered_bytes())
         epochs = CounterMetricFamily("tlog_epochs_started", "New epochs of a vdisk's sequence "
                                      "numbering, by reason: reset (resetFirstSequence), "
                                      "reused_sequence (a client started again below the "
@@ -168,7 +82,7 @@ class ServerCollector(Collector):
             epochs.add_metric([reason], s.epochs_started[reason])
         yield epochs
         yield _gauge("tlog_vdisks_open", "Vdisks with an open chain in this server.",
-                     len(server.vdisks))
+                     len(self.vdisks()))
         refused = CounterMetricFamily("tlog_handshakes_refused", "Handshakes refused, by "
                                       "status: unauthorized (access rules), invalid_vdisk_id, "
                                       "invalid_version, internal_server_error.",
@@ -243,7 +157,7 @@ class ServerCollector(Collector):
         families = {n: GaugeMetricFamily(f"tlog_vdisk_{n}", docs[n], labels=["vdisk"])
                     for n in names}
         now = time.monotonic()
-        for vdisk_id, vdisk in sorted(self.server.vdisks.items()):
+        for vdisk_id, vdisk in sorted(self.vdisks().items()):
             values = vdisk.gauges(now)
             for name in names:
                 families[name].add_metric([vdisk_id], values[name])
@@ -257,9 +171,9 @@ def _package_version() -> str:
         return "unknown"
 
 
-def make_registry(server: TlogServer) -> CollectorRegistry:
+def make_registry(collector: ServerCollector) -> CollectorRegistry:
     """A registry with the server's collector and the process' CPU, memory and descriptors."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(ServerCollector(server))
+    registry.register(collector)
     ProcessCollector(registry=registry)
     return registry

@@ -40,7 +40,7 @@ from tlog.read.fetch import write_identity
 from .config import ServerConfig
 from .flusher import Batch, Flusher
 from .logs import ContextLogger
-from .metrics import ServerStats
+from .stats import ServerStats
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,152 @@
+"""The package layout keeps its promises: no import circles, no module reaching into another's
+underscore names, the library never importing the daemon, and modules of a readable size.
+
+Imports are read from the source (every ``import`` and ``from`` statement, those inside
+functions and ``if TYPE_CHECKING:`` blocks included), so a circle hidden behind a late
+import counts too.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("tlog", "tlogserver")
+#: Lines a module may have; above it, it should be split by concern...
+MAX_LINES = 650
+#: ...unless it is one concern, said here, within a looser bound.
+ONE_CONCERN = {
+    "tlog.client.tlogclient": "TlogClient alone: one state machine (the unflushed buffer, "
+                              "resends, reconnects, waiters) on the hot path of every write",
+}
+ONE_CONCERN_MAX_LINES = 750
+
+
+def _modules() -> dict[str, Path]:
+    found = {}
+    for package in PACKAGES:
+        for path in sorted((ROOT / package).rglob("*.py")):
+            parts = list(path.relative_to(ROOT).with_suffix("").parts)
+            if parts[-1] == "__init__":
+                parts.pop()
+            found[".".join(parts)] = path
+    return found
+
+
+MODULES = _modules()
+
+
+def _resolve(module: str, path: Path, node: ast.ImportFrom) -> str:
+    if not node.level:
+        return node.module or ""
+    base = module.split(".")
+    if path.name != "__init__.py":
+        base.pop()  # a module's package
+    base = base[:len(base) - (node.level - 1)]
+    return ".".join(base + ([node.module] if node.module else []))
+
+
+def _imports(module: str) -> list[tuple[str, list[str]]]:
+    """(imported module, names) for every import statement of ``module``."""
+    path = MODULES[module]
+    out: list[tuple[str, list[str]]] = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            out.extend((alias.name, []) for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            target = _resolve(module, path, node)
+            names = [alias.name for alias in node.names]
+            # "from package import module" imports the module
+            subs = [n for n in names if f"{target}.{n}" in MODULES]
+            out.extend((f"{target}.{n}", []) for n in subs)
+            out.append((target, [n for n in names if n not in subs]))
+    return [(t, names) for t, names in out if t.split(".")[0] in PACKAGES]
+
+
+def _graph() -> dict[str, set[str]]:
+    graph: dict[str, set[str]] = {m: set() for m in MODULES}
+    for module in MODULES:
+        for target, _names in _imports(module):
+            # importing a.b.c runs a and a.b first; only an edge to the deepest known module
+            # matters for circles between modules
+            while target and target not in MODULES:
+                target = target.rpartition(".")[0]
+            if target and target != module:
+                graph[module].add(target)
+    return graph
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components with more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(graph[v]):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def _is_package(module: str) -> bool:
+    return MODULES[module].name == "__init__.py"
+
+
+def test_no_import_circles() -> None:
+    graph = _graph()
+    # A package's __init__ re-exporting its modules is not a circle with them: drop the
+    # edges from a module up to the package that contains it.
+    for module, targets in graph.items():
+        graph[module] = {t for t in targets
+                         if not (_is_package(t) and module.startswith(t + "."))}
+    assert _cycles(graph) == []
+
+
+def test_no_module_imports_another_modules_private_names() -> None:
+    offenders = [f"{module} imports {name} from {target}"
+                 for module in MODULES for target, names in _imports(module)
+                 for name in names if name.startswith("_") and target != module]
+    assert offenders == []
+
+
+def test_the_library_never_imports_the_daemon() -> None:
+    offenders = [f"{module} imports {target}" for module in MODULES if module.startswith("tlog.")
+                 or module == "tlog" for target, _ in _imports(module)
+                 if target.split(".")[0] == "tlogserver"]
+    assert offenders == []
+
+
+def test_modules_stay_readable_in_size() -> None:
+    sizes = {m: len(p.read_text().splitlines()) for m, p in MODULES.items()}
+    limits = {m: ONE_CONCERN_MAX_LINES if m in ONE_CONCERN else MAX_LINES for m in MODULES}
+    assert {m: n for m, n in sizes.items() if n > limits[m]} == {}
+
+
+def test_the_checker_sees_circles() -> None:
+    """The circle finder itself: a graph with a loop is reported, one without is not."""
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert _cycles({"a": {"b"}, "b": set()}) == []
