@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 ADDRESS ?= 127.0.0.1:11211
 
-.PHONY: install redis run test lint typecheck check bench soak clean
+.PHONY: install redis nbd run test lint typecheck check bench soak clean
 
 $(BIN)/tlogserver: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -18,14 +18,18 @@ install: $(BIN)/tlogserver
 redis:
 	@command -v redis-server >/dev/null 2>&1 || ./scripts/install_redis.sh
 
+# nbdkit, its Python plugin, nbdcopy and qemu-io for `tlog nbd` and its tests.
+nbd:
+	@./scripts/install_nbd.sh
+
 run: install
 	$(BIN)/tlogserver --address $(ADDRESS) --memory-storage
 
-test: install redis
+test: install redis nbd
 	$(BIN)/pytest -q
 
 lint: install
-	$(BIN)/ruff check tlog tlogserver tests benchmarks
+	$(BIN)/ruff check tlog tlogserver tests benchmarks scripts
 	$(BIN)/mypy tlog tlogserver
 
 check: lint test

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -86,3 +87,11 @@ def test_run_all_quick_writes_one_report(tmp_path: Path) -> None:
     report = json.loads(out.read_text())
     assert report["quick"] is True and report["machine"]["cores"] >= 1
     assert report["benchmarks"]["micro"][0]["benchmark"] == "micro"
+
+
+@pytest.mark.skipif(not all(shutil.which(t) for t in ("nbdkit", "nbdcopy")),
+                    reason="nbdkit or nbdcopy missing (make nbd installs them)")
+def test_nbd() -> None:
+    objects = bench("nbd.py", "--runs", "1", "--mib", "4")
+    figures = summary(objects, runs=1)["summary"]
+    assert set(figures) == {"tlog_nbd_mb_per_s", "nbdkit_file_mb_per_s"}

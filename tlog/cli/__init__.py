@@ -1,5 +1,5 @@
 """`tlog` command line: restore, inspect, verify, repair and rekey a vdisk's log; send blocks
-to a server.
+to a server; serve a vdisk over NBD.
 
 `restore`, `inspect`, `verify`, `repair` and `rekey` read the storage the way tlogserver
 writes it, so they take the server's storage and key options (``--storage-addresses`` or
@@ -13,6 +13,7 @@ from __future__ import annotations
 import click
 
 from .inspect import inspect_command
+from .nbd import nbd_command
 from .rekey import rekey_command
 from .repair import repair_command
 from .restore import restore_command
@@ -29,7 +30,7 @@ def cli() -> None:
 
 
 for _command in (restore_command, inspect_command, verify_command, repair_command,
-                 rekey_command, send_command):
+                 rekey_command, send_command, nbd_command):
     cli.add_command(_command)
 
 

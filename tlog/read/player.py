@@ -127,8 +127,18 @@ def _is_plain_file(path: str) -> bool:
         return stat.S_ISREG(os.lstat(path).st_mode)
     except OSError:
         return False
+
+
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
+
+
+def punch_hole(fd: int, offset: int, length: int) -> bool:
+    """Deallocate ``length`` bytes at ``offset`` of a regular file, keeping its size: they
+    read as zeroes. False where the file system (or libc) cannot; nothing changed then."""
+    if _FALLOCATE is None:
+        return False
+    return _FALLOCATE(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length) == 0
 
 
 class FileBlockStorage(BlockStorage):
@@ -176,10 +186,8 @@ class FileBlockStorage(BlockStorage):
     def _zero_block(self, offset: int) -> None:
         if offset >= self._size:
             return  # beyond the end of the file: already reads as zeroes
-        if self._punch and _FALLOCATE is not None:
-            length = min(self.block_size, self._size - offset)
-            if _FALLOCATE(self._fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset,
-                          length) == 0:
+        if self._punch:
+            if punch_hole(self._fd, offset, min(self.block_size, self._size - offset)):
                 return
             # Not on this file system (EOPNOTSUPP and friends): write zeroes from now on.
             self._punch = False

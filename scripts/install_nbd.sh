@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Installs nbdkit with its Python plugin and the NBD clients the tests use (nbdcopy from
+# libnbd-bin, qemu-io from qemu-utils) from Debian's packages when missing (idempotent).
+set -euo pipefail
+missing=()
+command -v nbdkit >/dev/null 2>&1 || missing+=(nbdkit)
+if ! nbdkit python --version >/dev/null 2>&1; then missing+=(nbdkit-plugin-python); fi
+command -v nbdcopy >/dev/null 2>&1 || missing+=(libnbd-bin)
+command -v qemu-io >/dev/null 2>&1 || missing+=(qemu-utils)
+if [ ${#missing[@]} -eq 0 ]; then
+  exit 0
+fi
+SUDO=""
+if [ "$(id -u)" != "0" ]; then SUDO="sudo"; fi
+export DEBIAN_FRONTEND=noninteractive
+$SUDO apt-get update -qq
+$SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
+nbdkit python --version

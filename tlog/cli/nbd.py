@@ -1,0 +1,141 @@
+"""`tlog nbd`: serve a vdisk over NBD with nbdkit, every write logged to tlog servers.
+
+The settings are checked here first (`tlog.nbd.settings`), then this process becomes
+nbdkit (exec, in the foreground), running the plugin `tlog.nbd.plugin` with the same
+settings; SIGTERM or SIGINT then stop nbdkit, which flushes the log before it exits.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from tlog.client import parse_address
+from tlog.nbd.settings import NbdSettings, SettingsError, parse_size
+
+PLUGIN = Path(__file__).resolve().parents[1] / "nbd" / "plugin.py"
+
+
+def nbdkit_argv(settings: NbdSettings, *, socket: str | None, listen: str | None,
+                verbose: bool = False, nbdkit: str = "nbdkit") -> list[str]:
+    """The nbdkit command line that serves ``settings``."""
+    argv = [nbdkit, "--foreground"]
+    if verbose:
+        argv.append("--verbose")
+    if socket:
+        argv += ["--unix", socket]
+    else:
+        assert listen is not None
+        host, port = parse_address(listen)
+        argv += ["--ipaddr", host, "--port", str(port)]
+    if settings.readonly:
+        argv.append("--readonly")
+    return [*argv, "python", str(PLUGIN), *settings.arguments()]
+
+
+def plugin_path() -> list[str]:
+    """This environment's package directories for the plugin to import tlog from: nbdkit
+    embeds the system Python, whose own standard library must stay its own (an extension
+    module of another build of Python does not load), so only site directories and entries
+    outside this interpreter's installation are passed."""
+    own = tuple(os.path.realpath(p) + os.sep for p in {sys.prefix, sys.base_prefix})
+    out = []
+    for entry in sys.path:
+        if not entry or not os.path.isdir(entry):
+            continue
+        real = os.path.realpath(entry)
+        if "site-packages" in real or not (real + os.sep).startswith(own):
+            out.append(entry)
+    return out
+
+
+def plugin_environment() -> dict[str, str]:
+    """This process' environment, with `plugin_path` in ``TLOG_NBD_PATH``."""
+    env = dict(os.environ)
+    env["TLOG_NBD_PATH"] = os.pathsep.join(plugin_path())
+    return env
+
+
+def _check_nbdkit() -> str:
+    nbdkit = shutil.which("nbdkit")
+    if nbdkit is None:
+        raise click.ClickException("nbdkit is not installed (Debian: apt-get install nbdkit "
+                                   "nbdkit-plugin-python)")
+    probe = subprocess.run([nbdkit, "python", "--version"], capture_output=True, text=True,
+                           check=False, timeout=30)
+    if probe.returncode != 0:
+        raise click.ClickException("nbdkit's Python plugin is not installed (Debian: apt-get "
+                                   "install nbdkit-plugin-python)")
+    return nbdkit
+
+
+@click.command("nbd")
+@click.option("--vdisk", required=True, help="The vdisk to serve.")
+@click.option("--server", "servers", multiple=True, metavar="HOST:PORT",
+              help="tlogserver to log the writes to (repeat for failover, in order).")
+@click.option("--image", default="", metavar="FILE",
+              help="The image file holding the blocks (file backend); created if missing.")
+@click.option("--size", default="0", metavar="BYTES",
+              help="The vdisk's size (64M, 10G, ...): a new or shorter image is extended to "
+                   "it. Default: the image's size.")
+@click.option("--block-size", type=int, default=4096, show_default=True,
+              help="The vdisk's block size: the unit of the log.")
+@click.option("--socket", "socket_path", default=None, metavar="PATH",
+              help="Serve on this unix socket.")
+@click.option("--listen", default=None, metavar="HOST:PORT", help="Serve on this TCP address.")
+@click.option("--backend", type=click.Choice(["file", "redis"]), default="file",
+              show_default=True, help="Where the blocks live: the image file, or the Redis "
+                                      "block store `tlog restore --output-redis` writes.")
+@click.option("--redis", default="", metavar="HOST:PORT[@DB]",
+              help="The block store (redis backend).")
+@click.option("--redis-key-prefix", default="", metavar="PREFIX",
+              help="Key prefix of the block store [default: VDISK:].")
+@click.option("--readonly", is_flag=True,
+              help="Serve read-only, logging nothing (e.g. an image made by tlog restore).")
+@click.option("--write-timeout", type=float, default=30.0, show_default=True,
+              help="Seconds a write may wait for the tlog client's buffer before it fails "
+                   "with EIO.")
+@click.option("--flush-timeout", type=float, default=30.0, show_default=True,
+              help="Seconds a FLUSH (or FUA write) may wait for FlushOK before it fails "
+                   "with EIO.")
+@click.option("--connect-timeout", type=float, default=30.0, show_default=True,
+              help="Seconds to reach a tlogserver at start.")
+@click.option("--tls", is_flag=True, help="Connect to the tlogservers over TLS.")
+@click.option("--tls-ca", default="", metavar="FILE", help="CA certificates to trust.")
+@click.option("--tls-cert", default="", metavar="FILE", help="Client certificate (mTLS).")
+@click.option("--tls-key", default="", metavar="FILE", help="Its key.")
+@click.option("--token-file", default="", metavar="FILE", help="The vdisk's access token.")
+@click.option("--verbose", is_flag=True,
+              help="Print the nbdkit command, and nbdkit's debug output.")
+def nbd_command(socket_path: str | None, listen: str | None, verbose: bool,
+                servers: tuple[str, ...], size: str, **values: Any) -> None:
+    """Serve a vdisk over NBD (nbdkit in the foreground), logging every write.
+
+    Writes are logged before they reach the image; FLUSH and FUA wait until the tlog
+    servers have stored them. Starting again continues the vdisk's log. Stop it with
+    SIGTERM or Ctrl-C: the last writes are flushed first.
+    """
+    if (socket_path is None) == (listen is None):
+        raise click.UsageError("give exactly one of --socket PATH and --listen HOST:PORT")
+    settings = NbdSettings(servers=list(servers), **values)
+    try:
+        settings.size = parse_size(size)
+        settings.check()
+        if listen is not None:
+            parse_address(listen)
+    except (SettingsError, ValueError) as exc:
+        raise click.UsageError(str(exc)) from None
+    nbdkit = _check_nbdkit()
+    argv = nbdkit_argv(settings, socket=socket_path, listen=listen, verbose=verbose,
+                       nbdkit=nbdkit)
+    if verbose:
+        click.echo("tlog nbd: running " + " ".join(argv), err=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(nbdkit, argv, plugin_environment())

@@ -1,0 +1,164 @@
+"""Where a served vdisk's blocks live: a local image file, or the Redis block store the
+player restores into (``<prefix><index>`` holds a block, a missing key reads as zeroes).
+
+Both are addressed in whole blocks by `tlog.nbd.disk.LoggedDisk`, which does the
+read-modify-write of unaligned requests; a backend only reads, writes, deletes and syncs.
+"""
+
+from __future__ import annotations
+
+import abc
+import os
+import stat
+from collections.abc import Sequence
+from typing import cast
+
+import redis
+
+from tlog.read.player import punch_hole
+from tlog.storage import ServerAddress
+
+
+class BackendError(Exception):
+    """The backend cannot be opened or used (a message for the operator)."""
+
+
+class Backend(abc.ABC):
+    """Whole blocks of one vdisk."""
+
+    block_size: int
+    size: int  # bytes
+
+    @abc.abstractmethod
+    def read(self, first: int, count: int) -> bytes:
+        """``count`` blocks from block ``first`` (never written or deleted: zeroes)."""
+
+    @abc.abstractmethod
+    def write(self, first: int, blocks: Sequence[bytes]) -> None:
+        """Consecutive whole blocks from block ``first``."""
+
+    @abc.abstractmethod
+    def delete(self, first: int, count: int) -> None:
+        """``count`` blocks from ``first`` read as zeroes from now on (the log's delete)."""
+
+    @abc.abstractmethod
+    def flush(self) -> None:
+        """Make what was written durable."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Release it."""
+
+    @abc.abstractmethod
+    def describe(self) -> str:
+        """For log lines."""
+
+
+class FileBackend(Backend):
+    """A raw image file (or block device). ``size`` > 0 creates or extends the file to it;
+    0 serves the file at its current size. Deleted blocks are punched out (zeroes written
+    where the file system cannot punch), as `tlog restore` leaves them."""
+
+    def __init__(self, path: str, block_size: int, size: int = 0, readonly: bool = False) -> None:
+        self.path = path
+        self.block_size = block_size
+        flags = os.O_RDONLY if readonly else os.O_RDWR | os.O_CREAT
+        try:
+            self._fd = os.open(path, flags, 0o644)
+            info = os.fstat(self._fd)
+            self._regular = stat.S_ISREG(info.st_mode)
+            current = info.st_size if self._regular else os.lseek(self._fd, 0, os.SEEK_END)
+            if size and size > current and not readonly and self._regular:
+                os.ftruncate(self._fd, size)
+                current = size
+        except OSError as exc:
+            raise BackendError(f"cannot open image {path}: {exc.strerror or exc}") from None
+        self.size = current
+        self._punch = self._regular
+        self._zeros = bytes(block_size)
+
+    def read(self, first: int, count: int) -> bytes:
+        offset = first * self.block_size
+        want = count * self.block_size
+        data = os.pread(self._fd, want, offset)
+        while len(data) < want:  # past the end of the file, or a short read
+            more = os.pread(self._fd, want - len(data), offset + len(data))
+            if not more:
+                return data + bytes(want - len(data))
+            data += more
+        return data
+
+    def write(self, first: int, blocks: Sequence[bytes]) -> None:
+        offset = first * self.block_size
+        data = blocks[0] if len(blocks) == 1 else b"".join(blocks)
+        view = memoryview(data)
+        while view:
+            done = os.pwrite(self._fd, view, offset)
+            view = view[done:]
+            offset += done
+
+    def delete(self, first: int, count: int) -> None:
+        offset, length = first * self.block_size, count * self.block_size
+        if self._punch and punch_hole(self._fd, offset, length):
+            return
+        self._punch = False  # not on this file system: zeroes from now on
+        self.write(first, [self._zeros] * count)
+
+    def flush(self) -> None:
+        os.fdatasync(self._fd) if self._regular else os.fsync(self._fd)
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+    def describe(self) -> str:
+        return f"image {self.path}"
+
+
+class RedisBackend(Backend):
+    """The Redis block store `tlog restore --output-redis` writes: one key per block,
+    ``<prefix><index>`` (decimal), holding the block's bytes; no key for a deleted block."""
+
+    def __init__(self, address: ServerAddress, prefix: str, block_size: int, size: int) -> None:
+        if size <= 0:
+            raise BackendError("a redis backend needs the vdisk's size (--size)")
+        self.address = address
+        self.prefix = prefix.encode()
+        self.block_size = block_size
+        self.size = size
+        self._redis = redis.Redis(host=address.host, port=address.port, db=address.db,
+                                  username=address.username, password=address.password,
+                                  socket_timeout=30, socket_connect_timeout=10,
+                                  health_check_interval=30)
+        try:
+            self._redis.ping()
+        except redis.RedisError as exc:
+            raise BackendError(f"cannot reach the block store {address}: {exc}") from None
+
+    def _keys(self, first: int, count: int) -> list[bytes]:
+        return [b"%s%d" % (self.prefix, i) for i in range(first, first + count)]
+
+    def read(self, first: int, count: int) -> bytes:
+        size = self.block_size
+        out = []
+        values = cast(list[bytes | None], self._redis.mget(self._keys(first, count)))
+        for value in values:
+            if value is None:
+                out.append(bytes(size))
+            else:
+                out.append(value[:size] + bytes(max(0, size - len(value))))
+        return b"".join(out)
+
+    def write(self, first: int, blocks: Sequence[bytes]) -> None:
+        self._redis.mset(dict(zip(self._keys(first, len(blocks)), blocks, strict=True)))
+
+    def delete(self, first: int, count: int) -> None:
+        self._redis.delete(*self._keys(first, count))
+
+    def flush(self) -> None:
+        """Writes are acknowledged by the server; its persistence decides the rest."""
+
+    def close(self) -> None:
+        self._redis.close()
+
+    def describe(self) -> str:
+        return f"redis {self.address} (keys {self.prefix.decode(errors='replace')}<index>)"

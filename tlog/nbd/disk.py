@@ -1,0 +1,222 @@
+"""A vdisk served over NBD whose every write is logged: the part of the nbdkit plugin that
+knows no nbdkit, so it can be tested and reused on its own.
+
+Rules (docs/nbd.md says why):
+
+- Writes are whole blocks in the log. An unaligned request reads the edge blocks, changes
+  the bytes asked for and logs and writes the whole blocks (read-modify-write).
+- A block is logged before it is written to the backend, under one lock, so the log holds
+  the writes in the order the image received them and a write the log refused (timeout)
+  never reaches the image.
+- Trim and zero of whole blocks log the *delete* operation and deallocate the blocks; a
+  restore leaves deleted blocks as holes, so both read back as zeroes. The partial blocks
+  at the edges of a zero are written (logged) as zeroes; those of a trim are left alone
+  (trim is advisory).
+- FLUSH waits until every block logged so far has FlushOK from the tlog server, then syncs
+  the backend; FUA does the same for the request's blocks. A wait longer than
+  ``flush_timeout``, or a write that cannot be handed to the client within
+  ``write_timeout``, is an `OSError` (EIO), never a silent success.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+from tlog.client import ThreadedClient, TlogClientError
+from tlog.protocol import Operation
+
+from .backend import Backend
+
+log = logging.getLogger("tlog.nbd")
+
+#: Seconds a write may wait for room in the client's unflushed buffer, and a FLUSH for FlushOK.
+DEFAULT_WRITE_TIMEOUT = 30.0
+DEFAULT_FLUSH_TIMEOUT = 30.0
+
+
+def io_error(message: str) -> OSError:
+    """The error an NBD request fails with: EIO, and the reason in the log."""
+    log.error("%s", message)
+    return OSError(errno.EIO, message)
+
+
+class LoggedDisk:
+    """One vdisk: its backend, and (unless read-only) the tlog client its writes go to."""
+
+    def __init__(self, backend: Backend, size: int, client: ThreadedClient | None, *,
+                 vdisk: str, write_timeout: float = DEFAULT_WRITE_TIMEOUT,
+                 flush_timeout: float = DEFAULT_FLUSH_TIMEOUT,
+                 clock: Callable[[], int] = time.time_ns) -> None:
+        self.backend = backend
+        self.size = size
+        self.block_size = backend.block_size
+        self.client = client
+        self.vdisk = vdisk
+        self.write_timeout = write_timeout
+        self.flush_timeout = flush_timeout
+        self._clock = clock
+        self._write_lock = threading.Lock()
+        self._zeros = bytes(self.block_size)
+
+    @property
+    def readonly(self) -> bool:
+        return self.client is None
+
+    # -- reads --
+    def pread(self, offset: int, length: int) -> bytes:
+        bs = self.block_size
+        first, last = offset // bs, (offset + length - 1) // bs
+        data = self.backend.read(first, last - first + 1)
+        start = offset - first * bs
+        return data[start:start + length]
+
+    # -- writes --
+    def pwrite(self, buf: bytes | memoryview, offset: int, fua: bool = False) -> None:
+        """Write ``buf`` at ``offset``: logged block by block, then written."""
+        self._check_range(offset, len(buf))
+        bs = self.block_size
+        first, last = offset // bs, (offset + len(buf) - 1) // bs
+        with self._write_lock:
+            blocks = self._merged(first, last, offset, buf)
+            high = self._log_and_write(first, blocks)
+        if fua:
+            self._wait_flushed(high, "FUA write")
+            self.backend.flush()
+
+    def zero(self, count: int, offset: int, fua: bool = False) -> None:
+        """Zeroes: whole blocks deleted, partial edge blocks written as zeroes."""
+        self._check_range(offset, count)
+        with self._write_lock:
+            high = self._clear(count, offset, partial_edges=True)
+        if fua and high is not None:
+            self._wait_flushed(high, "FUA zero")
+            self.backend.flush()
+
+    def trim(self, count: int, offset: int, fua: bool = False) -> None:
+        """Whole blocks deleted; partial edge blocks keep their content."""
+        self._check_range(offset, count)
+        with self._write_lock:
+            high = self._clear(count, offset, partial_edges=False)
+        if fua and high is not None:
+            self._wait_flushed(high, "FUA trim")
+            self.backend.flush()
+
+    def flush(self) -> None:
+        """Every write so far durable in the log, then the backend synced."""
+        if self.client is not None:
+            self._wait_flushed(None, "flush")
+        self.backend.flush()
+
+    def close(self) -> None:
+        """A final flush (errors logged, not raised: nbdkit is going away), then release."""
+        try:
+            if self.client is not None:
+                try:
+                    self.flush()
+                except OSError:
+                    pass  # already logged
+                stats = self.client.stats()
+                log.info("vdisk %s: stopped; %d block(s) logged, %d unflushed", self.vdisk,
+                         stats.sent_blocks, stats.unflushed_blocks)
+                self.client.close()
+        finally:
+            self.backend.close()
+
+    # -- the work --
+    def _check_range(self, offset: int, length: int) -> None:
+        if self.client is None:
+            raise OSError(errno.EROFS, "read-only export")
+        if offset < 0 or length <= 0 or offset + length > self.size:
+            raise OSError(errno.EINVAL, f"request {offset}+{length} outside the disk")
+
+    def _merged(self, first: int, last: int, offset: int, buf: bytes | memoryview
+                ) -> list[bytes]:
+        """The whole blocks ``first..last`` with ``buf`` written into them at ``offset``."""
+        bs = self.block_size
+        start = first * bs
+        end = (last + 1) * bs
+        if offset == start and offset + len(buf) == end:
+            data = bytes(buf)
+        else:
+            current = bytearray(self.backend.read(first, last - first + 1))
+            current[offset - start:offset - start + len(buf)] = buf
+            data = bytes(current)
+        return [data[i:i + bs] for i in range(0, len(data), bs)]
+
+    def _log_and_write(self, first: int, blocks: list[bytes]) -> int:
+        """Log each block, then write the ones logged; returns the last sequence."""
+        assert self.client is not None
+        send = self.client.send_next
+        ts = self._clock()
+        logged = 0
+        high = -1
+        try:
+            for i, block in enumerate(blocks):
+                high = send(Operation.SET, first + i, ts, block, timeout=self.write_timeout)
+                logged += 1
+        except TimeoutError:
+            raise io_error(
+                f"vdisk {self.vdisk}: write of block {first + logged} refused: the tlog "
+                f"client's buffer stayed full for {self.write_timeout:g} s (tlog servers "
+                "down or too slow)") from None
+        except TlogClientError as exc:
+            raise io_error(f"vdisk {self.vdisk}: write of block {first + logged} refused: "
+                           f"{exc}") from None
+        finally:
+            if logged:
+                self.backend.write(first, blocks[:logged])
+        return high
+
+    def _clear(self, count: int, offset: int, partial_edges: bool) -> int | None:
+        assert self.client is not None
+        bs = self.block_size
+        end = offset + count
+        whole_first = -(-offset // bs)
+        whole_end = end // bs  # exclusive
+        high: int | None = None
+        if partial_edges:
+            for edge_first, lo, hi in self._edges(offset, end, whole_first, whole_end):
+                high = self._log_and_write(
+                    edge_first, self._merged(edge_first, edge_first, lo, bytes(hi - lo)))
+        if whole_end > whole_first:
+            send = self.client.send_next
+            ts = self._clock()
+            done = 0
+            try:
+                for index in range(whole_first, whole_end):
+                    high = send(Operation.DELETE, index, ts, b"", timeout=self.write_timeout)
+                    done += 1
+            except (TimeoutError, TlogClientError) as exc:
+                raise io_error(f"vdisk {self.vdisk}: delete of block {whole_first + done} "
+                               f"refused: {exc or 'the client buffer stayed full'}") from None
+            finally:
+                if done:
+                    self.backend.delete(whole_first, done)
+        return high
+
+    def _edges(self, offset: int, end: int, whole_first: int, whole_end: int
+               ) -> list[tuple[int, int, int]]:
+        """(block, start, end) byte ranges of the partial blocks a range touches."""
+        bs = self.block_size
+        out = []
+        if whole_end < whole_first:  # inside one block
+            return [(offset // bs, offset, end)]
+        if offset % bs:
+            out.append((offset // bs, offset, whole_first * bs))
+        if end % bs:
+            out.append((end // bs, whole_end * bs, end))
+        return out
+
+    def _wait_flushed(self, sequence: int | None, what: str) -> None:
+        assert self.client is not None
+        try:
+            self.client.wait_flushed(sequence, timeout=self.flush_timeout)
+        except TimeoutError:
+            raise io_error(f"vdisk {self.vdisk}: {what} failed: the tlog servers did not "
+                           f"confirm the writes within {self.flush_timeout:g} s") from None
+        except TlogClientError as exc:
+            raise io_error(f"vdisk {self.vdisk}: {what} failed: {exc}") from None

@@ -1,0 +1,146 @@
+"""The nbdkit Python plugin that serves one vdisk through `tlog.nbd.disk.LoggedDisk`.
+
+Run by ``tlog nbd`` (which sets everything up): ``nbdkit python .../tlog/nbd/plugin.py
+vdisk=ID server=HOST:PORT image=FILE size=BYTES ...``. nbdkit embeds the system Python, so
+the environment of the ``tlog`` installation is made importable first: ``TLOG_NBD_PATH``
+lists its ``sys.path`` (site directories get their ``.pth`` files, which editable installs
+need). The tlog client's thread is started in ``after_fork``: nbdkit forks to run in the
+background after ``get_ready``, and a thread started before that would not exist in the
+child.
+
+Keys: vdisk, server (repeatable), image, size, block-size, backend (file | redis), redis,
+redis-key-prefix, readonly, write-timeout, flush-timeout, connect-timeout, tls, tls-ca,
+tls-cert, tls-key, token-file.
+"""
+
+# ruff: noqa: E402  (the path set-up must run before anything of tlog is imported)
+from __future__ import annotations
+
+import os
+import site
+import sys
+
+
+def _add_paths() -> None:
+    entries = [p for p in os.environ.get("TLOG_NBD_PATH", "").split(os.pathsep) if p]
+    before = list(sys.path)
+    for entry in entries:
+        if os.path.isdir(entry) and entry not in sys.path:
+            site.addsitedir(entry)
+    added = [p for p in sys.path if p not in before]
+    sys.path[:] = added + before  # ours first: the system's packages must not shadow them
+
+
+_add_paths()
+
+import errno
+import logging
+from typing import Any
+
+import nbdkit  # type: ignore[import-not-found]  # provided by nbdkit's embedded Python
+
+from tlog.nbd.settings import NbdSettings, SettingsError, open_disk
+
+API_VERSION = 2
+
+_settings = NbdSettings()
+_disk: Any = None
+
+
+def config(key: str, value: str) -> None:
+    try:
+        _settings.set(key, value)
+    except SettingsError as exc:
+        nbdkit.set_error(errno.EINVAL)
+        raise RuntimeError(str(exc)) from None
+
+
+def config_complete() -> None:
+    logging.basicConfig(stream=sys.stderr, level=logging.INFO,
+                        format="tlog nbd: %(levelname)s %(name)s: %(message)s")
+    try:
+        _settings.check()
+    except SettingsError as exc:
+        raise RuntimeError(str(exc)) from None
+
+
+def thread_model() -> int:
+    # Requests run in parallel; LoggedDisk serialises the writes itself, in log order.
+    return int(nbdkit.THREAD_MODEL_PARALLEL)
+
+
+def after_fork() -> None:
+    global _disk
+    _disk = open_disk(_settings)
+    logging.getLogger("tlog.nbd").info("serving %s", _settings.describe(_disk))
+
+
+def cleanup() -> None:
+    if _disk is not None:
+        _disk.close()
+
+
+def open(readonly: bool) -> Any:  # noqa: A001  (nbdkit's name)
+    return _disk
+
+
+def get_size(h: Any) -> int:
+    return int(h.size)
+
+
+def block_size(h: Any) -> tuple[int, int, int]:
+    return (1, int(h.block_size), 32 * 1024 * 1024)
+
+
+def can_write(h: Any) -> bool:
+    return not h.readonly
+
+
+def can_flush(h: Any) -> bool:
+    return True
+
+
+def can_trim(h: Any) -> bool:
+    return not h.readonly
+
+
+def can_zero(h: Any) -> bool:
+    return not h.readonly
+
+
+def can_fua(h: Any) -> int:
+    return int(nbdkit.FUA_NATIVE)
+
+
+def can_multi_conn(h: Any) -> bool:
+    # True: every connection shares one disk and one client, and a flush waits for every
+    # block logged by any of them.
+    return True
+
+
+def pread(h: Any, buf: Any, offset: int, flags: int) -> None:
+    buf[:] = h.pread(offset, len(buf))
+
+
+def pwrite(h: Any, buf: Any, offset: int, flags: int) -> None:
+    _call(h.pwrite, buf, offset, bool(flags & nbdkit.FLAG_FUA))
+
+
+def zero(h: Any, count: int, offset: int, flags: int) -> None:
+    _call(h.zero, count, offset, bool(flags & nbdkit.FLAG_FUA))
+
+
+def trim(h: Any, count: int, offset: int, flags: int) -> None:
+    _call(h.trim, count, offset, bool(flags & nbdkit.FLAG_FUA))
+
+
+def flush(h: Any, flags: int) -> None:
+    _call(h.flush)
+
+
+def _call(func: Any, *args: Any) -> None:
+    try:
+        func(*args)
+    except OSError as exc:
+        nbdkit.set_error(exc.errno or errno.EIO)
+        raise

@@ -1,0 +1,178 @@
+"""What a served vdisk is configured with, checked once: by ``tlog nbd`` before it starts
+nbdkit (so a mistake is one clear line, not an nbdkit failure), and again by the plugin,
+which receives the same settings as nbdkit ``key=value`` arguments."""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+
+from tlog.client import ThreadedClient, parse_address, security_options
+from tlog.storage import ServerAddress
+
+from .backend import Backend, BackendError, FileBackend, RedisBackend
+from .disk import DEFAULT_FLUSH_TIMEOUT, DEFAULT_WRITE_TIMEOUT, LoggedDisk
+
+_SIZE = re.compile(r"^(\d+)([KMGT]?)(i?B)?$", re.IGNORECASE)
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+class SettingsError(ValueError):
+    """A setting that cannot work, with the key named."""
+
+
+def parse_size(text: str) -> int:
+    """Bytes, or with a K/M/G/T suffix (powers of 1024): ``64M``, ``10GiB``."""
+    match = _SIZE.match(text.strip())
+    if not match:
+        raise SettingsError(f"size: {text!r} is not a number of bytes (e.g. 1073741824, 64M)")
+    return int(match.group(1)) * _UNITS[match.group(2).upper()]
+
+
+@dataclass
+class NbdSettings:
+    """One export: the vdisk, its tlog servers, its backend, the waits."""
+
+    vdisk: str = ""
+    servers: list[str] = field(default_factory=list)
+    image: str = ""
+    size: int = 0
+    block_size: int = 4096
+    backend: str = "file"
+    redis: str = ""
+    redis_key_prefix: str = ""
+    readonly: bool = False
+    write_timeout: float = DEFAULT_WRITE_TIMEOUT
+    flush_timeout: float = DEFAULT_FLUSH_TIMEOUT
+    connect_timeout: float = 30.0
+    tls: bool = False
+    tls_ca: str = ""
+    tls_cert: str = ""
+    tls_key: str = ""
+    token_file: str = ""
+
+    def set(self, key: str, value: str) -> None:
+        """One nbdkit ``key=value`` argument."""
+        name = key.replace("-", "_")
+        try:
+            if name == "server":
+                self.servers.append(value)
+            elif name in ("size",):
+                self.size = parse_size(value)
+            elif name == "block_size":
+                self.block_size = int(value)
+            elif name in ("write_timeout", "flush_timeout", "connect_timeout"):
+                setattr(self, name, float(value))
+            elif name in ("readonly", "tls"):
+                setattr(self, name, value.lower() in ("1", "true", "yes", "on"))
+            elif name in ("vdisk", "image", "backend", "redis", "redis_key_prefix", "tls_ca",
+                          "tls_cert", "tls_key", "token_file"):
+                setattr(self, name, value)
+            else:
+                raise SettingsError(f"unknown key {key!r}")
+        except ValueError as exc:
+            if isinstance(exc, SettingsError):
+                raise
+            raise SettingsError(f"{key}: {value!r} is not valid") from None
+
+    def arguments(self) -> list[str]:
+        """The nbdkit ``key=value`` arguments that rebuild these settings in the plugin."""
+        out = [f"vdisk={self.vdisk}", *(f"server={s}" for s in self.servers),
+               f"size={self.size}", f"block-size={self.block_size}", f"backend={self.backend}",
+               f"readonly={int(self.readonly)}", f"write-timeout={self.write_timeout}",
+               f"flush-timeout={self.flush_timeout}",
+               f"connect-timeout={self.connect_timeout}", f"tls={int(self.tls)}"]
+        for key in ("image", "redis", "redis_key_prefix", "tls_ca", "tls_cert", "tls_key",
+                    "token_file"):
+            value = getattr(self, key)
+            if value:
+                out.append(f"{key.replace('_', '-')}={value}")
+        return out
+
+    def check(self) -> None:
+        """Everything that can be checked without connecting; raises SettingsError."""
+        if not self.vdisk:
+            raise SettingsError("vdisk: the vdisk id is required")
+        if self.block_size < 512 or self.block_size & (self.block_size - 1):
+            raise SettingsError(f"block-size: {self.block_size} is not a power of two >= 512")
+        if self.size < 0 or self.size % self.block_size:
+            raise SettingsError(f"size: {self.size} is not a multiple of the block size "
+                                f"{self.block_size}")
+        for name in ("write_timeout", "flush_timeout", "connect_timeout"):
+            if getattr(self, name) <= 0:
+                raise SettingsError(f"{name.replace('_', '-')}: must be > 0 seconds")
+        if not self.readonly:
+            if not self.servers:
+                raise SettingsError("server: at least one tlogserver address is needed "
+                                    "(or serve --readonly)")
+            for server in self.servers:
+                try:
+                    parse_address(server)
+                except ValueError as exc:
+                    raise SettingsError(f"server: {exc}") from None
+        if self.backend == "file":
+            if not self.image:
+                raise SettingsError("image: the image file is required with the file backend")
+            if self.readonly and not os.path.exists(self.image):
+                raise SettingsError(f"image: {self.image} does not exist")
+            if not self.size and not os.path.exists(self.image):
+                raise SettingsError("size: a new image needs its size")
+        elif self.backend == "redis":
+            if not self.redis:
+                raise SettingsError("redis: the block store's address is needed with the "
+                                    "redis backend")
+            try:
+                ServerAddress.parse(self.redis)
+            except ValueError as exc:
+                raise SettingsError(f"redis: {exc}") from None
+            if not self.size:
+                raise SettingsError("size: the redis backend needs the vdisk's size")
+        else:
+            raise SettingsError(f"backend: {self.backend!r} is not file or redis")
+        for name in ("tls_ca", "tls_cert", "tls_key", "token_file"):
+            path = getattr(self, name)
+            if path and not os.path.isfile(path):
+                raise SettingsError(f"{name.replace('_', '-')}: {path} is not a file")
+
+    def describe(self, disk: LoggedDisk) -> str:
+        mode = "read-only" if disk.readonly else (
+            f"logged to {', '.join(self.servers)} from sequence "
+            f"{disk.client.next_sequence if disk.client else 0}")
+        return (f"vdisk {self.vdisk}: {disk.size} bytes in blocks of {disk.block_size} from "
+                f"{disk.backend.describe()}, {mode}")
+
+
+def open_backend(settings: NbdSettings) -> Backend:
+    if settings.backend == "redis":
+        prefix = settings.redis_key_prefix or f"{settings.vdisk}:"
+        return RedisBackend(ServerAddress.parse(settings.redis), prefix, settings.block_size,
+                            settings.size)
+    return FileBackend(settings.image, settings.block_size, settings.size, settings.readonly)
+
+
+def open_disk(settings: NbdSettings) -> LoggedDisk:
+    """The backend opened and, unless read-only, the tlog client connected (continuing the
+    vdisk's log where it ends). Raises BackendError or the client's errors."""
+    settings.check()
+    backend = open_backend(settings)
+    size = settings.size or backend.size
+    if size % settings.block_size:
+        backend.close()
+        raise BackendError(f"{backend.describe()}: its size {size} is not a multiple of the "
+                           f"block size {settings.block_size} (give --size)")
+    client = None
+    if not settings.readonly:
+        security = security_options(tls=settings.tls, ca_file=settings.tls_ca or None,
+                                    cert_file=settings.tls_cert or None,
+                                    key_file=settings.tls_key or None,
+                                    token_file=settings.token_file or None)
+        try:
+            client = ThreadedClient(settings.servers, settings.vdisk, None,
+                                    connect_timeout=settings.connect_timeout, **security)
+        except BaseException:
+            backend.close()
+            raise
+    return LoggedDisk(backend, size, client, vdisk=settings.vdisk,
+                      write_timeout=settings.write_timeout,
+                      flush_timeout=settings.flush_timeout)
