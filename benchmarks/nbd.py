@@ -1,12 +1,14 @@
-"""`tlog nbd` against nbdkit's plain file plugin: nbdcopy of random data into each export.
+"""`tlog nbd` against nbdkit's plain file plugin, in the same run.
 
-Each run starts a fresh tlogserver on 6 redis (k=4, m=2), serves a new image through
-`tlog nbd` on a unix socket and copies ``--mib`` MiB of random data into it with nbdcopy
-(which flushes at the end: every block is then stored in the log), then does the same
-with ``nbdkit file`` for the ceiling of the machine. Prints one JSON line per run and a
-summary of MB/s, medians over ``--runs``.
+Each run, for random and for compressible data: a fresh tlogserver on 6 redis (k=4, m=2),
+a new image served through `tlog nbd` on a unix socket, ``--mib`` MiB copied into it with
+nbdcopy (which flushes at the end: every block is then stored in the log); then the same
+with ``nbdkit file``, the ceiling of the machine. Then 4 KiB writes, one NBD request each,
+queue depth 16, with ``qemu-img bench`` (sequential offsets: it has no random mode, and fio
+is not packaged here) into both. Prints one JSON line per run, then medians over ``--runs``
+with the ratio to the file plugin.
 
-    .venv/bin/python benchmarks/nbd.py --mib 64 --runs 3
+    .venv/bin/python benchmarks/nbd.py --mib 256 --runs 3
 """
 
 from __future__ import annotations
@@ -71,43 +73,96 @@ def copy_into(argv: list[str], sock: Path, data: Path, ready_text: bytes | None)
         proc.wait(timeout=120)
 
 
+def qemu_bench(sock: Path, count: int) -> float:
+    """Seconds for ``count`` 4 KiB writes at queue depth 16 (qemu-img bench)."""
+    start = time.perf_counter()
+    subprocess.run(["qemu-img", "bench", "-w", "-f", "raw", "-s", "4096", "-c", str(count),
+                    "-d", "16", "-q", f"nbd+unix:///?socket={sock}"], check=True, timeout=600,
+                   stdout=subprocess.DEVNULL)
+    return time.perf_counter() - start
+
+
+class Exports:
+    """Starting one export of each kind on a new image, and measuring one job in it."""
+
+    def __init__(self, tmp: Path, redis: RedisPool, size: int) -> None:
+        self.tmp, self.redis, self.size = tmp, redis, size
+        self.count = 0
+
+    def measure(self, kind: str, job: str, data: Path | None, writes: int) -> float:
+        self.count += 1
+        image, sock = self.tmp / f"{kind}{self.count}.img", self.tmp / f"{kind}{self.count}.sock"
+        image.write_bytes(b"")
+        os.truncate(image, self.size)
+        try:
+            if kind == "file":
+                argv = ["nbdkit", "--foreground", "--unix", str(sock), "file", str(image)]
+                return self._run(argv, sock, None, job, data, writes)
+            self.redis.flush_all()
+            with TlogServer(*storage_args(self.redis.addresses)) as server:
+                argv = tlog_command("nbd", "--vdisk", f"bench{self.count}", "--server",
+                                    server.address, "--image", str(image), "--socket",
+                                    str(sock))
+                return self._run(argv, sock, b"serving vdisk", job, data, writes)
+        finally:
+            image.unlink()
+
+    @staticmethod
+    def _run(argv: list[str], sock: Path, ready: bytes | None, job: str, data: Path | None,
+             writes: int) -> float:
+        if job == "copy":
+            assert data is not None
+            return copy_into(argv, sock, data, ready)
+        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            if ready is not None:
+                assert proc.stderr is not None
+                for line in proc.stderr:
+                    if ready in line:
+                        break
+            wait_socket(sock, proc)
+            return qemu_bench(sock, writes)
+        finally:
+            proc.terminate()
+            proc.wait(timeout=120)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--mib", type=int, default=64)
+    parser.add_argument("--mib", type=int, default=256)
+    parser.add_argument("--writes", type=int, default=20000, help="4 KiB writes per bench")
     parser.add_argument("--runs", type=int, default=3)
     args = parser.parse_args()
-    if not shutil.which("nbdkit") or not shutil.which("nbdcopy"):
-        raise SystemExit("nbdkit and nbdcopy are needed (make nbd installs them)")
+    if not all(shutil.which(t) for t in ("nbdkit", "nbdcopy", "qemu-img")):
+        raise SystemExit("nbdkit, nbdcopy and qemu-img are needed (make nbd installs them)")
     size = args.mib * 1024 * 1024
     runs = []
     with scratch_dir("tlogbench-nbd") as tmp, RedisPool(6) as redis:
-        data = tmp / "data.bin"
-        data.write_bytes(os.urandom(size))
+        random_data, compressible = tmp / "random.bin", tmp / "compressible.bin"
+        random_data.write_bytes(os.urandom(size))
+        block = (b"tlog bench " * 400)[:4096]
+        compressible.write_bytes(block * (size // 4096))
+        exports = Exports(tmp, redis, size)
         for run in range(args.runs):
-            redis.flush_all()
-            with TlogServer(*storage_args(redis.addresses)) as server:
-                image, sock = tmp / f"tlog{run}.img", tmp / f"tlog{run}.sock"
-                tlog_s = copy_into(
-                    tlog_command("nbd", "--vdisk", f"bench{run}", "--server", server.address,
-                                 "--image", str(image), "--size", str(size), "--socket",
-                                 str(sock)), sock, data, b"serving vdisk")
-                image.unlink()
-            image, sock = tmp / f"file{run}.img", tmp / f"file{run}.sock"
-            image.write_bytes(b"")
-            os.truncate(image, size)
-            file_s = copy_into(["nbdkit", "--foreground", "--unix", str(sock), "file",
-                                str(image)], sock, data, None)
-            image.unlink()
-            result = {"benchmark": "nbd", "run": run, "mib": args.mib,
-                      "tlog_nbd_mb_per_s": round(size / tlog_s / 1e6, 1),
-                      "nbdkit_file_mb_per_s": round(size / file_s / 1e6, 1)}
+            result: dict[str, object] = {"benchmark": "nbd", "run": run, "mib": args.mib}
+            for name, data in (("random", random_data), ("compressible", compressible)):
+                for kind in ("tlog", "file"):
+                    seconds = exports.measure(kind, "copy", data, 0)
+                    result[f"{kind}_{name}_mb_per_s"] = round(size / seconds / 1e6, 1)
+            for kind in ("tlog", "file"):
+                seconds = exports.measure(kind, "bench", None, args.writes)
+                result[f"{kind}_4k_writes_per_s"] = round(args.writes / seconds)
             emit(result)
             runs.append(result)
-    summary = summarize(runs, ["tlog_nbd_mb_per_s", "nbdkit_file_mb_per_s"])
+    keys = [k for k in runs[0] if k.endswith("_per_s")]
+    summary = summarize(runs, keys)
+    ratios = {f"{k[len('tlog_'):]}_ratio_to_file": round(
+        summary[k]["median"] / summary["file_" + k[len("tlog_"):]]["median"], 3)
+        for k in keys if k.startswith("tlog_")}
     emit({"benchmark": "nbd", "mib": args.mib, "runs": args.runs, "summary": summary,
-          "machine": machine()})
-    table(f"nbdcopy of {args.mib} MiB of random data (MB/s)",
-          [(k, v) for k, v in summary.items()])
+          "ratios": ratios, "machine": machine()})
+    table(f"nbdcopy of {args.mib} MiB (MB/s), 4 KiB writes at depth 16 (writes/s)",
+          [*summary.items(), *ratios.items()])
 
 
 if __name__ == "__main__":

@@ -40,7 +40,8 @@ BENCHMARKS: dict[str, tuple[str, list[str], list[str]]] = {
     "restore_flush250": ("restore.py", ["--runs", "3", "--gib", "1", "--flush-size", "250"],
                          ["--runs", "1", "--blocks", "2000", "--flush-size", "250"]),
     "memory": ("memory.py", [], ["--vdisks", "20", "--flood-blocks", "2000"]),
-    "nbd": ("nbd.py", ["--runs", "3", "--mib", "64"], ["--runs", "1", "--mib", "4"]),
+    "nbd": ("nbd.py", ["--runs", "3", "--mib", "256"],
+            ["--runs", "1", "--mib", "4", "--writes", "500"]),
 }
 
 

@@ -89,9 +89,13 @@ def test_run_all_quick_writes_one_report(tmp_path: Path) -> None:
     assert report["benchmarks"]["micro"][0]["benchmark"] == "micro"
 
 
-@pytest.mark.skipif(not all(shutil.which(t) for t in ("nbdkit", "nbdcopy")),
-                    reason="nbdkit or nbdcopy missing (make nbd installs them)")
+@pytest.mark.skipif(not all(shutil.which(t) for t in ("nbdkit", "nbdcopy", "qemu-img")),
+                    reason="nbdkit, nbdcopy or qemu-img missing (make nbd installs them)")
 def test_nbd() -> None:
-    objects = bench("nbd.py", "--runs", "1", "--mib", "4")
-    figures = summary(objects, runs=1)["summary"]
-    assert set(figures) == {"tlog_nbd_mb_per_s", "nbdkit_file_mb_per_s"}
+    objects = bench("nbd.py", "--runs", "1", "--mib", "2", "--writes", "200")
+    result = summary(objects, runs=1)
+    assert set(result["summary"]) == {f"{kind}_{job}" for kind in ("tlog", "file") for job in (
+        "random_mb_per_s", "compressible_mb_per_s", "4k_writes_per_s")}
+    assert set(result["ratios"]) == {"random_mb_per_s_ratio_to_file",
+                                     "compressible_mb_per_s_ratio_to_file",
+                                     "4k_writes_per_s_ratio_to_file"}

@@ -18,6 +18,7 @@ from pathlib import Path
 from types import TracebackType
 
 import pytest
+import redis
 
 from .redis_fixture import RedisFactory, RedisProcess
 from .serverproc import ServerProcess
@@ -128,8 +129,8 @@ def nbd_args(server: ServerProcess, vdisk: str, image: Path, *extra: str) -> lis
     return ["--vdisk", vdisk, "--server", server.address, "--image", str(image), *extra]
 
 
-def restore(redis6: Sequence[RedisProcess], vdisk: str, out: Path) -> bytes:
-    tlog_cli("restore", *read_args(redis6, vdisk), "--size", str(SIZE), "--output", str(out))
+def restore(redis6: Sequence[RedisProcess], vdisk: str, out: Path, size: int = SIZE) -> bytes:
+    tlog_cli("restore", *read_args(redis6, vdisk), "--size", str(size), "--output", str(out))
     return out.read_bytes()
 
 
@@ -174,6 +175,58 @@ def test_starting_again_continues_the_log(redis6: list[RedisProcess], tmp_path: 
     assert restore(redis6, "again", tmp_path / "restored.img") == served
     verify = tlog_cli("verify", *read_args(redis6, "again"))
     assert "chain sound" in verify.stdout and "epoch" not in verify.stdout + verify.stderr
+
+
+def test_a_tlogserver_killed_mid_copy_and_restarted(redis6: list[RedisProcess],
+                                                   tmp_path: Path) -> None:
+    """kill -9 of the tlogserver while nbdcopy writes: the client reconnects and resends,
+    the copy completes, and the restore equals the served image."""
+    image = tmp_path / "served.img"
+    data = tmp_path / "data.bin"
+    data.write_bytes(os.urandom(SIZE))
+    store = redis.Redis(host="127.0.0.1", port=redis6[0].port)
+    with start_tlogserver(redis6, KEY) as server:
+        with NbdServer(tmp_path, *nbd_args(server, "crash", image, "--size", "16M")) as nbd:
+            copy = subprocess.Popen(["nbdcopy", str(data), nbd.uri], stderr=subprocess.PIPE,
+                                    text=True)
+            deadline = time.monotonic() + WAIT
+            while store.llen(b"last_hash_crash") < 2:  # some rounds stored: mid-copy
+                assert time.monotonic() < deadline and copy.poll() is None, "copy too quick"
+                time.sleep(0.005)
+            server.restart(down_for=0.3)
+            _, err = copy.communicate(timeout=WAIT * 4)
+            assert copy.returncode == 0, err
+            nbd.wait_for("reconnecting")
+            assert nbd.stop() == 0
+    served = image.read_bytes()
+    assert served == data.read_bytes()
+    assert restore(redis6, "crash", tmp_path / "restored.img") == served
+
+
+def test_rollback_by_sequence_and_time_of_a_vdisk_written_over_nbd(
+        redis6: list[RedisProcess], tmp_path: Path) -> None:
+    image = tmp_path / "served.img"
+    with start_tlogserver(redis6, KEY) as server:
+        with NbdServer(tmp_path, *nbd_args(server, "rollback", image, "--size", "4M")) as nbd:
+            qemu_io(nbd.uri, "write -P 0x61 0 100000", "flush")
+            assert nbd.stop() == 0
+        before = image.read_bytes()
+        between = time.time_ns()
+        with NbdServer(tmp_path, *nbd_args(server, "rollback", image)) as nbd:
+            first = int(nbd.wait_for("serving vdisk").rsplit(" ", 1)[1])
+            qemu_io(nbd.uri, "write -P 0x62 50000 100000", "discard 0 8192", "flush")
+            assert nbd.stop() == 0
+    assert image.read_bytes() != before
+    size = str(4 << 20)
+    by_sequence = tmp_path / "by-seq.img"
+    tlog_cli("restore", *read_args(redis6, "rollback"), "--end-sequence", str(first - 1),
+             "--size", size, "--output", str(by_sequence))
+    assert by_sequence.read_bytes() == before
+    by_time = tmp_path / "by-time.img"
+    tlog_cli("restore", *read_args(redis6, "rollback"), "--end-timestamp", str(between),
+             "--size", size, "--output", str(by_time))
+    assert by_time.read_bytes() == before
+    assert restore(redis6, "rollback", tmp_path / "now.img", 4 << 20) == image.read_bytes()
 
 
 def test_flush_fails_with_eio_when_the_tlog_servers_are_gone(

@@ -5,9 +5,9 @@ Rules (docs/nbd.md says why):
 
 - Writes are whole blocks in the log. An unaligned request reads the edge blocks, changes
   the bytes asked for and logs and writes the whole blocks (read-modify-write).
-- A block is logged before it is written to the backend, under one lock, so the log holds
-  the writes in the order the image received them and a write the log refused (timeout)
-  never reaches the image.
+- A request's blocks are logged (handed to the client in one go, all or none) before they
+  are written to the backend, under one lock, so the log holds the writes in the order the
+  image received them and a write the log refused (timeout) never reaches the image.
 - Trim and zero of whole blocks log the *delete* operation and deallocate the blocks; a
   restore leaves deleted blocks as holes, so both read back as zeroes. The partial blocks
   at the edges of a zero are written (logged) as zeroes; those of a trim are left alone
@@ -148,28 +148,24 @@ class LoggedDisk:
         return [data[i:i + bs] for i in range(0, len(data), bs)]
 
     def _log_and_write(self, first: int, blocks: list[bytes]) -> int:
-        """Log each block, then write the ones logged; returns the last sequence."""
+        """Log the blocks (all or none), then write them; returns the last sequence."""
+        high = self._log(Operation.SET, first, blocks, "write")
+        self.backend.write(first, blocks)
+        return high
+
+    def _log(self, operation: Operation, first: int, blocks: list[bytes], what: str) -> int:
         assert self.client is not None
-        send = self.client.send_next
-        ts = self._clock()
-        logged = 0
-        high = -1
         try:
-            for i, block in enumerate(blocks):
-                high = send(Operation.SET, first + i, ts, block, timeout=self.write_timeout)
-                logged += 1
+            return self.client.send_many(operation, first, blocks, self._clock(),
+                                         timeout=self.write_timeout)
         except TimeoutError:
             raise io_error(
-                f"vdisk {self.vdisk}: write of block {first + logged} refused: the tlog "
-                f"client's buffer stayed full for {self.write_timeout:g} s (tlog servers "
-                "down or too slow)") from None
+                f"vdisk {self.vdisk}: {what} of blocks {first}..{first + len(blocks) - 1} "
+                f"refused: the tlog client's buffer stayed full for {self.write_timeout:g} s "
+                "(tlog servers down or too slow)") from None
         except TlogClientError as exc:
-            raise io_error(f"vdisk {self.vdisk}: write of block {first + logged} refused: "
-                           f"{exc}") from None
-        finally:
-            if logged:
-                self.backend.write(first, blocks[:logged])
-        return high
+            raise io_error(f"vdisk {self.vdisk}: {what} of blocks {first}.."
+                           f"{first + len(blocks) - 1} refused: {exc}") from None
 
     def _clear(self, count: int, offset: int, partial_edges: bool) -> int | None:
         assert self.client is not None
@@ -183,19 +179,9 @@ class LoggedDisk:
                 high = self._log_and_write(
                     edge_first, self._merged(edge_first, edge_first, lo, bytes(hi - lo)))
         if whole_end > whole_first:
-            send = self.client.send_next
-            ts = self._clock()
-            done = 0
-            try:
-                for index in range(whole_first, whole_end):
-                    high = send(Operation.DELETE, index, ts, b"", timeout=self.write_timeout)
-                    done += 1
-            except (TimeoutError, TlogClientError) as exc:
-                raise io_error(f"vdisk {self.vdisk}: delete of block {whole_first + done} "
-                               f"refused: {exc or 'the client buffer stayed full'}") from None
-            finally:
-                if done:
-                    self.backend.delete(whole_first, done)
+            count = whole_end - whole_first
+            high = self._log(Operation.DELETE, whole_first, [b""] * count, "delete")
+            self.backend.delete(whole_first, count)
         return high
 
     def _edges(self, offset: int, end: int, whole_first: int, whole_end: int
