@@ -89,20 +89,19 @@ class LoggedDisk:
 
     def zero(self, count: int, offset: int, fua: bool = False) -> None:
         """Zeroes: whole blocks deleted, partial edge blocks written as zeroes."""
-        self._check_range(offset, count)
-        with self._write_lock:
-            high = self._clear(count, offset, partial_edges=True)
-        if fua and high is not None:
-            self._wait_flushed(high, "FUA zero")
-            self.backend.flush()
+        self._clear_range(count, offset, fua, partial_edges=True, what="FUA zero")
 
     def trim(self, count: int, offset: int, fua: bool = False) -> None:
         """Whole blocks deleted; partial edge blocks keep their content."""
+        self._clear_range(count, offset, fua, partial_edges=False, what="FUA trim")
+
+    def _clear_range(self, count: int, offset: int, fua: bool, partial_edges: bool,
+                     what: str) -> None:
         self._check_range(offset, count)
         with self._write_lock:
-            high = self._clear(count, offset, partial_edges=False)
+            high = self._clear(count, offset, partial_edges)
         if fua and high is not None:
-            self._wait_flushed(high, "FUA trim")
+            self._wait_flushed(high, what)
             self.backend.flush()
 
     def flush(self) -> None:
