@@ -271,6 +271,42 @@ def test_head_is_the_highest_last_sequence_among_servers(redis6: list[RedisProce
     assert run(head()).hash == w.chain[-1].hash
 
 
+def test_rounds_cut_short_by_a_crash_are_not_the_head(redis6: list[RedisProcess]) -> None:
+    """A writer killed while storing a vdisk's first rounds leaves them on fewer than k
+    servers (piece and name): never acknowledged, they are skipped, and the chain is empty
+    rather than unreadable. Once as many servers as k name one, its lost pieces are an
+    error again."""
+    w = ChainWriter(redis6)
+    cut = [w.seal(make_blocks(0, 25)), w.seal(make_blocks(25, 25))]
+    c0 = redis6[0].client()
+    for stored in cut:  # only server 0 got its piece and the name
+        c0.set(stored.hash, stored.pieces[0])
+        c0.lpush(last_hash_key(VDISK), stored.hash)
+
+    async def head() -> Any:
+        pool = pool_of(redis6)
+        try:
+            return await find_last(pool, VDISK, v2_opener())
+        finally:
+            await pool.close()
+
+    assert run(head()) is None
+    items, _ = run(read_all(redis6))
+    assert items == []
+    # a real chain under the unfinished names: its head is found
+    w.write(50, 25)
+    c0.lpush(last_hash_key(VDISK), cut[0].hash)
+    assert run(head()).hash == w.chain[-1].hash
+    # named by k servers but with one piece: lost data, not an unfinished round
+    for s in redis6[1:4]:
+        s.client().delete(last_hash_key(VDISK))
+        s.client().lpush(last_hash_key(VDISK), cut[1].hash)
+    for s in redis6[:6]:
+        s.client().delete(*[st.hash for st in w.chain])
+    with pytest.raises(DecodeError, match="no last hash decodes"):
+        run(head())
+
+
 def test_two_servers_down_and_one_corrupt_piece_are_rebuilt(
         redis6: list[RedisProcess]) -> None:
     w = ChainWriter(redis6)

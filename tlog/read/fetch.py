@@ -46,6 +46,10 @@ class DecodeError(Exception):
         self.key = key
 
 
+class TooFewPieces(DecodeError):
+    """Fewer than k pieces of the aggregation exist on servers that all answered: it cannot
+    be rebuilt. Either pieces were lost, or its round never finished (the writer died
+    while storing it; such a round was never acknowledged)."""
 
 
 
@@ -223,8 +227,10 @@ class PieceReader:
         try:
             record = coder.decode_verified(pieces, matches)
         except ErasureError as exc:
-            raise DecodeError(f"aggregation {key.hex()}: cannot rebuild a record that hashes "
-                              f"to its key: {exc} (missing pieces: {missing})", key) from None
+            kind = (TooFewPieces if n - len(missing) < k and not self.down.intersection(missing)
+                    else DecodeError)
+            raise kind(f"aggregation {key.hex()}: cannot rebuild a record that hashes "
+                       f"to its key: {exc} (missing pieces: {missing})", key) from None
         # Name the damaged pieces: the ones that differ from a fresh encoding of the record.
         expected = coder.encode(record)
         corrupt = [i for i, p in enumerate(pieces) if p is not None and p != expected[i]]

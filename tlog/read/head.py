@@ -15,7 +15,7 @@ from tlog.record.aggregation import (
 from tlog.record.erasure import ErasureCoder
 from tlog.storage import StorageError, StoragePool, last_hash_key
 
-from .fetch import DecodeError, Fetched, PieceReader, open_checked
+from .fetch import DecodeError, Fetched, PieceReader, TooFewPieces, open_checked
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +57,7 @@ async def find_head(pool: StoragePool, vdisk_id: str, opener: RecordOpener,
     tried: dict[bytes, Aggregation | None] = {}
     errors: dict[bytes, str] = {}
     fetched: dict[bytes, Fetched] = {}
+    unfinished: set[bytes] = set()
     for entries in lists:
         for key in entries:
             if key not in tried:
@@ -70,6 +71,12 @@ async def find_head(pool: StoragePool, vdisk_id: str, opener: RecordOpener,
                 except DecodeError as exc:
                     errors[key] = str(exc)
                     tried[key] = None
+                    if (isinstance(exc, TooFewPieces)
+                            and sum(key in other for other in lists) < pool.k):
+                        # Named by fewer than k servers and stored on fewer than k: a round
+                        # cut short by a crash, never acknowledged (that takes min_pieces
+                        # >= k servers, each storing the piece and the name together).
+                        unfinished.add(key)
             found = tried[key]
             if found is not None:
                 # The newest: the latest epoch, then the highest sequence (a server whose
@@ -79,6 +86,12 @@ async def find_head(pool: StoragePool, vdisk_id: str, opener: RecordOpener,
                     best = found
                 break
     if best is None and any(lists):
+        if unfinished and set(errors) <= unfinished:
+            # Only rounds that never finished: the chain has no aggregation yet.
+            log.warning("vdisk %s: ignoring %d unfinished round(s) named in the last-hash "
+                        "lists (stored on fewer than k servers, never acknowledged): %s",
+                        vdisk_id, len(unfinished), ", ".join(k.hex()[:16] for k in unfinished))
+            return Head(None, lists, tried, errors, fetched)
         raise DecodeError(f"vdisk {vdisk_id}: no last hash decodes: "
                           f"{'; '.join(list(errors.values())[:3])}")
     return Head(best, lists, tried, errors, fetched)
