@@ -62,7 +62,7 @@ class ThreadedClient:
 
         async def make() -> TlogClient:
             client = TlogClient(servers, vdisk_id, first_sequence, **options)
-            client._release_hooks.append(self._on_release)
+            client.add_release_hook(self._on_release)
             try:
                 await client.connect(connect_timeout)
             except BaseException:
@@ -115,11 +115,11 @@ class ThreadedClient:
             self._inbox_bytes = 0
             self._wake_pending = False
             client = self._client
-            if client._error is None:
-                put = client._put
+            if client.failure() is None:
+                put = client.put_frame
                 for sequence, frame in items:
                     put(sequence, frame)
-        client._write_out()
+        client.write_queued()
 
     def _enqueue(self, frames_for: Callable[[], list[tuple[int, bytes]]], size: int,
                  timeout: float | None) -> int:
@@ -129,9 +129,10 @@ class ThreadedClient:
         client = self._client
         with self._cond:
             while True:
-                if client._error is not None:
-                    raise client._reraise()
-                used = client._unflushed_bytes + self._inbox_bytes
+                failure = client.failure()
+                if failure is not None:
+                    raise failure
+                used = client.unflushed_bytes + self._inbox_bytes
                 if used == 0 or used + size <= client.max_unflushed_bytes:
                     break
                 left = None if deadline is None else deadline - time.monotonic()

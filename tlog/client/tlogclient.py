@@ -576,6 +576,24 @@ class TlogClient:
         if self._error is not None:
             raise self._reraise()
 
+    # -- for facades driving the client from another thread (`ThreadedClient`) --
+    def add_release_hook(self, hook: Callable[[], None]) -> None:
+        """Call ``hook`` in the loop whenever buffer room comes back or the client fails."""
+        self._release_hooks.append(hook)
+
+    def failure(self) -> BaseException | None:
+        """A fresh copy of the error the client failed with for good; None while usable."""
+        return None if self._error is None else self._reraise()
+
+    def put_frame(self, sequence: int, frame: bytes) -> None:
+        """Loop thread: buffer an already encoded block and queue its write (never waits:
+        the caller keeps the buffer bound itself)."""
+        self._put(sequence, frame)
+
+    def write_queued(self) -> None:
+        """Loop thread: write what `put_frame` queued, now."""
+        self._write_out()
+
     def _reraise(self) -> BaseException:
         assert self._error is not None
         err = self._error
