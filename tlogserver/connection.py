@@ -9,7 +9,6 @@ import asyncio
 import itertools
 import logging
 import re
-from collections.abc import Awaitable, Callable
 from time import perf_counter
 from typing import Any, Protocol
 
@@ -34,7 +33,7 @@ from .config import (
 )
 from .logs import ContextLogger
 from .stats import ServerStats
-from .vdisk import HandshakeResult, Vdisk
+from .vdisk import HandshakeResult, StoredWritesReader, Vdisk
 
 log = logging.getLogger("tlogserver")
 
@@ -43,9 +42,6 @@ _VDISK_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:@-]{0,254}$")
 #: long it may leave them unread: --stalled-writer-timeout).
 WRITE_BUFFER_HIGH = 4 * 1024 * 1024
 _ids = itertools.count(1)
-
-
-StoredWritesReader = Callable[[bytes, int, int, int], Awaitable[dict[int, bytes]]]
 
 
 class ConnectionHost(Protocol):

@@ -42,7 +42,7 @@ from .flusher import Flusher
 from .http import OpsServer
 from .metrics import ServerCollector, make_registry
 from .stats import ServerStats
-from .vdisk import BufferBudget, Vdisk
+from .vdisk import BufferBudget, StoredWritesReader, Vdisk
 
 log = logging.getLogger("tlogserver")
 #: /readyz pings every storage server at most this often, each with this timeout.
@@ -182,7 +182,7 @@ class TlogServer:
         self._refused_quiet = 0
 
     def stored_writes_reader(self, vdisk_id: str
-                             ) -> Callable[[bytes, int, int, int], Awaitable[dict[int, bytes]]]:
+                             ) -> StoredWritesReader:
         """What `Vdisk.load_writes` reads stored blocks with, for ``vdisk_id``."""
         pool = self.factory.pool_for(vdisk_id)
 

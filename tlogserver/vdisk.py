@@ -26,6 +26,7 @@ read back from storage first (`tlog.read.fetch.stored_writes`).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import heapq
 import logging
 import time
@@ -48,6 +49,11 @@ log = logging.getLogger(__name__)
 #: them. A client whose first sequence lies further back is not resending (no client holds
 #: that many stored blocks without their FlushOK): it numbers anew, and gets a new epoch.
 RESEND_CHECK_BLOCKS = 65536
+
+
+#: How stored writes are read back: ``read(head, from_sequence, epoch, limit)`` ->
+#: {sequence: `write_identity`} (`tlog.read.fetch.stored_writes` on the vdisk's pool).
+StoredWritesReader = Callable[[bytes, int, int, int], Awaitable[dict[int, bytes]]]
 
 
 class BufferBudget:
@@ -197,11 +203,10 @@ class Vdisk:
                     check_from = first_sequence
         self.peers.add(peer)
         self.flusher.retry_now()  # a client is back: try storage again at once if it failed
-        return HandshakeResult(before.status, before.has_log, before.last_sequence,
-                               before.epoch, check_from)
+        return dataclasses.replace(before, check_from=check_from)
 
     async def load_writes(self, first_sequence: int,
-                          read: Callable[[bytes, int, int, int], Awaitable[dict[int, bytes]]]
+                          read: StoredWritesReader
                           ) -> None:
         """Learn what the stored sequences from ``first_sequence`` on wrote, so that the
         resends among a client's blocks can be told from new writes.
@@ -275,11 +280,11 @@ class Vdisk:
         assert expected is not None
         if seq == expected:
             budget = self.budget
-            if self.pending_bytes >= self._max_pending or (
-                    budget.used >= budget.limit and not self.ahead):
+            pending_full = self.pending_bytes >= self._max_pending
+            if pending_full or (budget.used >= budget.limit and not self.ahead):
                 # Storage is behind (or down), or the server's buffers are full (and this
                 # block unblocks nothing buffered here): not kept, the client resends it.
-                if self.pending_bytes >= self._max_pending:
+                if pending_full:
                     self.stats.recv_failed_pending += 1
                 else:
                     self.stats.recv_failed_server += 1

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any
 
 import click
 
@@ -13,13 +12,6 @@ from tlog.read.fetch import DecodeError
 from tlog.record.aggregation import describe
 
 from .options import fail_with, read_options, read_setup, run_async
-
-T = TypeVar("T")
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-# ---------------------------------------------------------------------------------------------
-# inspect
 
 
 def _line(info: dict[str, Any]) -> str:

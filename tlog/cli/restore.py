@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any
 
 import click
 
@@ -36,13 +35,6 @@ from .options import (
     read_setup,
     run_async,
 )
-
-T = TypeVar("T")
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-# ---------------------------------------------------------------------------------------------
-# restore
 
 
 class _Progress:

@@ -3,21 +3,13 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any
 
 import click
 
 from tlog.read.verify import VerifyReport, verify_chain
 
 from .options import EXIT_FAILED, read_options, read_setup, run_async
-
-T = TypeVar("T")
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-# ---------------------------------------------------------------------------------------------
-# verify
 
 
 @click.command("verify")

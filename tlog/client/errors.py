@@ -2,15 +2,7 @@
 
 from __future__ import annotations
 
-import logging
-from typing import TypeVar
-
 from tlog.protocol.status import HandshakeStatus
-
-log = logging.getLogger("tlog.client")
-
-T = TypeVar("T")
-
 
 # -- errors ----------------------------------------------------------------------------
 

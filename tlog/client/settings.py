@@ -2,15 +2,9 @@
 
 from __future__ import annotations
 
-import logging
 import ssl
 from collections.abc import Iterable
-from typing import Any, TypeVar
-
-log = logging.getLogger("tlog.client")
-
-T = TypeVar("T")
-
+from typing import Any
 
 # -- security --------------------------------------------------------------------------
 

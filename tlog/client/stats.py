@@ -3,20 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TypeVar
 
 from tlog.protocol import BlockResponse
 from tlog.protocol.status import BlockStatus
-
-log = logging.getLogger("tlog.client")
-
-T = TypeVar("T")
-
-
-# -- the asyncio client ----------------------------------------------------------------
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import hashlib
-import logging
 import threading
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
@@ -16,8 +15,6 @@ from tlog.protocol import HandshakeResponse
 
 from .stats import ClientStats
 from .tlogclient import BLOCK_MESSAGE_OVERHEAD, HASH_SIZE, TlogClient, encode_block
-
-log = logging.getLogger("tlog.client")
 
 T = TypeVar("T")
 

@@ -33,7 +33,7 @@ import logging
 import ssl
 import time
 from collections.abc import Callable, Sequence
-from typing import Any, TypeVar
+from typing import Any
 
 from tlog.protocol import BlockResponse, ClientConnection, HandshakeResponse, wire
 from tlog.protocol.status import HandshakeStatus, Operation
@@ -44,8 +44,6 @@ from .settings import check_servers, parse_address
 from .stats import ClientStats, ResponseCallback, ResponseStream
 
 log = logging.getLogger("tlog.client")
-
-T = TypeVar("T")
 
 #: Seconds without RecvOK after which a block is sent again (the reference's value).
 DEFAULT_RESEND_TIMEOUT = 2.0

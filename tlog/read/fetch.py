@@ -9,7 +9,6 @@ import logging
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TypeVar
 
 import redis.asyncio
 
@@ -34,8 +33,6 @@ MAX_HEADER_RUN = 2048
 #: Script runs in a row that find no v2 header before the walk stops asking for them.
 SCRIPT_MISSES = 3
 
-T = TypeVar("T")
-
 
 class DecodeError(Exception):
     """An aggregation that cannot be read back (too few pieces, corrupt, wrong key, broken
@@ -50,7 +47,6 @@ class TooFewPieces(DecodeError):
     """Fewer than k pieces of the aggregation exist on servers that all answered: it cannot
     be rebuilt. Either pieces were lost, or its round never finished (the writer died
     while storing it; such a round was never acknowledged)."""
-
 
 
 #: Run by storage server 0 (Redis EVAL): follow ``prev`` from KEYS[1] through at most

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass
-from typing import TypeVar
 
 from tlog.record.aggregation import (
     Aggregation,
@@ -18,10 +17,6 @@ from tlog.storage import StorageError, StoragePool, last_hash_key
 from .fetch import DecodeError, Fetched, PieceReader, TooFewPieces, open_checked
 
 log = logging.getLogger(__name__)
-
-T = TypeVar("T")
-
-
 
 
 async def _last_hashes(pool: StoragePool, vdisk_id: str) -> list[list[bytes]]:

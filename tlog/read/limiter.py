@@ -6,7 +6,6 @@ from __future__ import annotations
 import bisect
 import logging
 from dataclasses import dataclass
-from typing import TypeVar
 
 from tlog.protocol.wire import Block
 from tlog.record.aggregation import (
@@ -14,10 +13,6 @@ from tlog.record.aggregation import (
 )
 
 log = logging.getLogger(__name__)
-
-T = TypeVar("T")
-
-
 
 
 @dataclass(frozen=True)
@@ -112,8 +107,6 @@ class Limiter:
     def before_start(self, last_sequence: int, epoch: int = 0) -> bool:
         """Whether an aggregation ending at ``last_sequence`` is wholly before the start."""
         return bool(self.start_seq and not self._at_or_after_start(epoch, last_sequence))
-
-
 
 
 class SequenceSet:

@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import struct
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TypeVar
 
 from tlog.protocol.wire import Block
 from tlog.record.aggregation import (
@@ -18,16 +16,12 @@ from tlog.record.erasure import ErasureCoder
 from tlog.storage import StoragePool
 
 from .chain import ChainReader
-from .fetch import DecodeError, open_checked
+from .fetch import DecodeError, open_checked, write_identity
 
 log = logging.getLogger(__name__)
 #: Sequences whose writes verify remembers per epoch (8 bytes each), to tell re-flushed
 #: copies from reused sequences.
 VERIFY_IDENTITIES = 16_000_000
-
-T = TypeVar("T")
-
-
 
 
 @dataclass
@@ -101,8 +95,8 @@ class _Identities:
 
     @staticmethod
     def _digest(b: Block) -> bytes:
-        digest = hashlib.blake2b(struct.pack("<qBQ", b.index, b.operation & 0xFF, b.timestamp)
-                                 + bytes(b.hash), digest_size=8).digest()
+        digest = hashlib.blake2b(write_identity(b.index, b.operation, b.timestamp, b.hash),
+                                 digest_size=8).digest()
         return digest if digest != _Identities._ZERO else b"\x01" + digest[1:]
 
     def _offset(self, seq: int) -> int | None:
