@@ -24,10 +24,17 @@ from .server import (
     StorageServer,
     last_hash_key,
 )
-from .storagemap import VDISK_ACCESS_KEYS, StorageConfig, load_storage_config, parse_storage_config
+from .storagemap import (
+    VDISK_ACCESS_KEYS,
+    VDISK_SLAVE_KEYS,
+    StorageConfig,
+    load_storage_config,
+    parse_storage_config,
+)
 
 __all__ = [
-    "LAST_HASH_KEEP", "VDISK_ACCESS_KEYS", "ClusterPoolFactory", "MemoryPoolFactory",
+    "LAST_HASH_KEEP", "VDISK_ACCESS_KEYS", "VDISK_SLAVE_KEYS", "ClusterPoolFactory",
+    "MemoryPoolFactory",
     "MemoryStorageServer", "RedisStorageServer", "ServerAddress", "StaticPoolFactory",
     "StorageConfig", "StorageConfigError", "StorageError", "StoragePool", "StoragePoolFactory",
     "StorageServer", "any_pool_factory", "last_hash_key", "load_storage_config",

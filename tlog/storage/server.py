@@ -317,6 +317,11 @@ class RedisStorageServer(StorageServer):
     async def ping(self) -> None:
         await self._execute([(b"PING",)])
 
+    async def execute(self, commands: Sequence[tuple[Any, ...]]) -> list[Any]:
+        """Raw commands in one round trip, their replies in order (for stores that need
+        more than a pool's calls: the standby block store's MULTI/EXEC and SCAN)."""
+        return await self._execute(commands)
+
     async def close(self) -> None:
         self._closed = True
         link, self._link = self._link, None

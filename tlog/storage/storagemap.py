@@ -31,7 +31,10 @@ _CLUSTER_KEYS = frozenset({"servers"})
 #: A vdisk's access settings, next to its storage cluster in the same entry; tlogserver's
 #: access control reads them (`tlogserver.access`), the storage map ignores them.
 VDISK_ACCESS_KEYS = frozenset({"access", "token_hash"})
-_VDISK_KEYS = frozenset({"storage_cluster"}) | VDISK_ACCESS_KEYS
+#: A vdisk's slave sync settings (`tlog.read.standby`), ignored here as well.
+VDISK_SLAVE_KEYS = frozenset({"slave_sync", "slave_server", "slave_prefix"})
+_OTHER_KEYS = VDISK_ACCESS_KEYS | VDISK_SLAVE_KEYS
+_VDISK_KEYS = frozenset({"storage_cluster"}) | _OTHER_KEYS
 
 
 def _name(key: object, path: str) -> str:
@@ -80,9 +83,9 @@ def parse_storage_config(data: Mapping[str, Any], required: int | None = None) -
     """Build a :class:`StorageConfig` from the loaded YAML mapping.
 
     Reads ``storage_clusters``, ``vdisks`` and ``default_storage_cluster``; other top-level
-    keys belong to the server's config and are ignored here, and so are the access settings
-    of a vdisk's entry (`VDISK_ACCESS_KEYS`; an entry with only those uses the default
-    cluster). ``required`` (k+m) is the
+    keys belong to the server's config and are ignored here, and so are the access and
+    slave sync settings of a vdisk's entry (`VDISK_ACCESS_KEYS`, `VDISK_SLAVE_KEYS`; an
+    entry with only those uses the default cluster). ``required`` (k+m) is the
     minimum number of servers per cluster.
     """
     top = _mapping(data, "storage config")
@@ -102,8 +105,8 @@ def parse_storage_config(data: Mapping[str, Any], required: int | None = None) -
         _unknown_keys(section, _VDISK_KEYS, path)
         cluster = section.get("storage_cluster")
         if cluster is None:
-            if section.keys() & VDISK_ACCESS_KEYS:
-                continue  # only access settings: the vdisk uses the default cluster
+            if section.keys() & _OTHER_KEYS:
+                continue  # only access or slave settings: the vdisk uses the default cluster
             raise StorageConfigError(f"{path}.storage_cluster: missing")
         cluster = _name(cluster, f"{path}.storage_cluster")
         if cluster not in clusters:

@@ -1,0 +1,222 @@
+"""The standby block store that slave sync keeps in step with a vdisk's log.
+
+Its blocks are laid out as the player's Redis block store (`RedisBlockStorage`):
+``<prefix><index>`` holds a block, no key means zeroes, so ``tlog nbd --backend redis`` can
+serve it. One more key, ``<prefix>tlog:slave-sync`` (never a decimal index), records the
+aggregation applied last (`SyncPosition`, JSON). Each `StandbyStore.apply` writes blocks
+and position in one MULTI/EXEC: a standby is always exactly the log replayed up to the
+aggregation its position names, whatever crashed when.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+from tlog.protocol.status import Operation
+from tlog.protocol.wire import Block
+from tlog.record.aggregation import ZERO_HASH
+from tlog.storage import RedisStorageServer, ServerAddress, StorageError
+from tlog.storage.address import StorageConfigError
+
+STATE_SUFFIX = b"tlog:slave-sync"
+#: Keys deleted per DEL while clearing a standby.
+_CLEAR_BATCH = 1000
+
+
+class StandbyError(Exception):
+    """The standby cannot be used (unreachable, or holds something else); names it."""
+
+
+@dataclass(frozen=True)
+class StandbyTarget:
+    """Where one vdisk's standby lives: a Redis server and the key prefix of its blocks."""
+
+    address: ServerAddress
+    prefix: str
+
+    def describe(self) -> str:
+        return f"redis {self.address} (keys {self.prefix}<index>)"
+
+
+def default_prefix(vdisk_id: str) -> str:
+    """The key prefix `tlog restore --output-redis` and `tlog nbd` use by default."""
+    return f"{vdisk_id}:"
+
+
+def parse_slave_targets(vdisks: Mapping[Any, Any] | None) -> dict[str, StandbyTarget]:
+    """The standby of every vdisk entry with ``slave_sync: true`` (``slave_server``
+    host:port[@db] or redis:// URL, optional ``slave_prefix``); errors name the key."""
+    targets: dict[str, StandbyTarget] = {}
+    for key, entry in (vdisks or {}).items():
+        if not isinstance(entry, Mapping):
+            continue
+        vdisk_id = str(key)
+        path = f"vdisks.{vdisk_id}"
+        enabled = entry.get("slave_sync", False)
+        if not isinstance(enabled, bool):
+            raise StorageConfigError(f"{path}.slave_sync: expected true or false, "
+                                     f"got {enabled!r}")
+        server = entry.get("slave_server")
+        prefix = entry.get("slave_prefix", default_prefix(vdisk_id))
+        if not isinstance(prefix, str) or not prefix:
+            raise StorageConfigError(f"{path}.slave_prefix: expected a non-empty string")
+        if not enabled:
+            continue
+        if server is None:
+            raise StorageConfigError(f"{path}.slave_server: missing (slave_sync is on: the "
+                                     "standby's redis host:port[@db])")
+        if not isinstance(server, str):
+            raise StorageConfigError(f"{path}.slave_server: expected host:port[@db]")
+        try:
+            address = ServerAddress.parse(server)
+        except StorageConfigError as exc:
+            raise StorageConfigError(f"{path}.slave_server: {exc}") from None
+        targets[vdisk_id] = StandbyTarget(address, prefix)
+    return targets
+
+
+@dataclass(frozen=True)
+class SyncPosition:
+    """What a standby holds: the log replayed up to aggregation ``hash`` (the zero hash:
+    nothing yet), whose epoch is ``epoch`` and in which ``sequence`` is the highest
+    sequence applied (-1: none)."""
+
+    hash: bytes = ZERO_HASH
+    epoch: int = 0
+    sequence: int = -1
+    #: The newest block timestamp applied (ns since the epoch, 0: none), and when the
+    #: position was recorded.
+    timestamp: int = 0
+    applied_at: int = 0
+    vdisk: str = ""
+    #: Why slave sync of this standby ended (WaitNbdSlaveSync: it is the primary now);
+    #: "" while it runs.
+    ended: str = ""
+
+    def to_bytes(self) -> bytes:
+        data = asdict(self)
+        data["hash"] = self.hash.hex()
+        data["version"] = 1
+        return json.dumps(data, sort_keys=True).encode()
+
+    @classmethod
+    def from_bytes(cls, raw: bytes) -> SyncPosition:
+        try:
+            data = json.loads(raw)
+            if data.pop("version") != 1:
+                raise ValueError("unknown version")
+            data["hash"] = bytes.fromhex(data["hash"])
+            if len(data["hash"]) != len(ZERO_HASH):
+                raise ValueError("hash size")
+            return cls(**data)
+        except (ValueError, TypeError, KeyError) as exc:
+            raise StandbyError(f"unreadable slave sync position {raw[:80]!r}: {exc}") from None
+
+    def after(self, blocks: Iterable[Block], hash: bytes, epoch: int) -> SyncPosition:
+        """The position once ``blocks`` of aggregation ``hash`` (of ``epoch``) are applied."""
+        sequence = self.sequence if epoch == self.epoch else -1
+        timestamp = self.timestamp
+        for b in blocks:
+            if b.sequence > sequence:
+                sequence = b.sequence
+            if b.timestamp > timestamp:
+                timestamp = b.timestamp
+        return replace(self, hash=hash, epoch=epoch, sequence=sequence, timestamp=timestamp,
+                       applied_at=time.time_ns())
+
+    def describe(self) -> str:
+        if self.hash == ZERO_HASH:
+            return "nothing applied"
+        return (f"aggregation {self.hash.hex()[:16]} (epoch {self.epoch}, sequence "
+                f"{self.sequence})")
+
+
+def new_blocks(blocks: Iterable[Block], epoch: int, position: SyncPosition) -> list[Block]:
+    """The blocks of an aggregation of ``epoch`` a standby at ``position`` has not applied:
+    within its epoch a sequence is applied once (a later copy is a re-flush of the same
+    write), a later epoch is applied whole (the replay rule of `tlog.read.chain`)."""
+    if epoch > position.epoch or position.sequence < 0:
+        return list(blocks)
+    return [b for b in blocks if b.sequence > position.sequence]
+
+
+class StandbyStore:
+    """One vdisk's standby: read its position, apply blocks with a new position atomically,
+    clear it. Errors are `StorageError` (unreachable) or `StandbyError` (bad content)."""
+
+    def __init__(self, target: StandbyTarget, block_size: int, timeout: float = 10.0) -> None:
+        self.target = target
+        self.block_size = block_size
+        self.prefix = target.prefix.encode()
+        self.state_key = self.prefix + STATE_SUFFIX
+        self._server = RedisStorageServer(target.address, socket_timeout=timeout)
+
+    def describe(self) -> str:
+        return self.target.describe()
+
+    def key(self, index: int) -> bytes:
+        return b"%s%d" % (self.prefix, index)
+
+    async def position(self) -> SyncPosition | None:
+        """The recorded position; None when the standby was never synced."""
+        raw = await self._server.get(self.state_key)
+        return None if raw is None else SyncPosition.from_bytes(raw)
+
+    async def apply(self, blocks: Sequence[Block], position: SyncPosition) -> None:
+        """Apply ``blocks`` in order (the last one on an index wins) and record
+        ``position``, all or nothing (MULTI/EXEC)."""
+        final: dict[int, Block] = {}
+        for b in blocks:
+            final[b.index] = b
+        sets: list[Any] = [b"MSET"]
+        deletes: list[Any] = [b"DEL"]
+        bs = self.block_size
+        for index, b in final.items():
+            if b.operation == Operation.SET:
+                data = b.data
+                if len(data) < bs:  # as the player stores it: completed with zeroes
+                    data = bytes(data) + bytes(bs - len(data))
+                sets += (self.key(index), data)
+            else:
+                deletes.append(self.key(index))
+        commands: list[tuple[Any, ...]] = [(b"MULTI",)]
+        if len(sets) > 1:
+            commands.append(tuple(sets))
+        if len(deletes) > 1:
+            commands.append(tuple(deletes))
+        commands.append((b"SET", self.state_key, position.to_bytes()))
+        commands.append((b"EXEC",))
+        replies = await self._server.execute(commands)
+        if replies[-1] is None:  # EXEC aborted (cannot happen without WATCH; be sure)
+            raise StorageError(f"standby {self.describe()}: transaction aborted")
+
+    async def record(self, position: SyncPosition) -> None:
+        """Record ``position`` alone (e.g. that sync ended)."""
+        await self._server.execute([(b"SET", self.state_key, position.to_bytes())])
+
+    async def clear(self) -> int:
+        """Delete every block key and the position: the standby of an empty log. Returns
+        the number of keys deleted. Only keys ``<prefix><decimal>`` are blocks."""
+        deleted = 0
+        cursor: bytes | int = 0
+        pattern = self.prefix.replace(b"\\", b"\\\\").replace(b"*", b"\\*").replace(
+            b"?", b"\\?").replace(b"[", b"\\[") + b"*"
+        while True:
+            reply = (await self._server.execute(
+                [(b"SCAN", cursor, b"MATCH", pattern, b"COUNT", _CLEAR_BATCH)]))[0]
+            cursor, keys = reply[0], reply[1]
+            mine = [k for k in keys if k[len(self.prefix):].isdigit()]
+            if mine:
+                await self._server.execute([(b"DEL", *mine)])
+                deleted += len(mine)
+            if cursor in (0, b"0"):
+                break
+        await self._server.execute([(b"DEL", self.state_key)])
+        return deleted
+
+    async def close(self) -> None:
+        await self._server.close()
