@@ -117,10 +117,11 @@ class ServerProcess:
     def command(self) -> list[str]:
         return [self.python, "-m", "tlogserver", "--address", self.address, *self.args]
 
-    def output(self) -> str:
-        """The last lines the server logged (all of its runs)."""
+    def output(self, current_run: bool = False) -> str:
+        """The last lines the server logged (all of its runs, or only the current one's)."""
         with self._cond:
-            return "\n".join(line for _, line in self._lines)
+            return "\n".join(line for run, line in self._lines
+                             if not current_run or run == self.starts)
 
     def cpu_seconds(self) -> float:
         """User + system CPU seconds of the running server, from /proc."""

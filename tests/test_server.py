@@ -275,13 +275,15 @@ def test_out_of_order_window_refuses_far_ahead_blocks() -> None:
     run(scenario())
 
 
-def test_wait_nbd_slave_sync_is_answered() -> None:
+def test_wait_nbd_slave_sync_without_a_standby_fails_at_once() -> None:
+    # No standby exists: "received" would be a promise nobody keeps.
     async def scenario() -> None:
         async with running_server() as server:
             client = await WireClient.connect(port_of(server))
             client.write(ClientConnection.send_wait_nbd_slave_sync())
             await client.wait_for(lambda: bool(client.responses(
-                BlockStatus.WAIT_NBD_SLAVE_SYNC_RECEIVED)), "WaitNbdSlaveSyncReceived")
+                BlockStatus.WAIT_NBD_SLAVE_SYNC_FAILED)), "WaitNbdSlaveSync failure")
+            assert not client.responses(BlockStatus.WAIT_NBD_SLAVE_SYNC_RECEIVED)
             await client.close()
 
     run(scenario())

@@ -114,6 +114,17 @@ _D = ServerConfig()
 @click.option("--min-pieces", type=int, default=None,
               help="A flush is acknowledged once this many of its k+m pieces are stored "
                    "(k..k+m; default k+1).")
+@click.option("--with-slave-sync", is_flag=True,
+              help="Keep a standby copy of every vdisk whose config entry has slave_sync: "
+                   "true (slave_server, slave_prefix) in step with its log, and answer "
+                   "WaitNbdSlaveSync once it holds every flushed block.")
+@click.option("--slave-sync-timeout", type=float, default=_D.slave_sync_timeout,
+              show_default=True,
+              help="Seconds a WaitNbdSlaveSync may wait for the standby before it fails.")
+@click.option("--slave-sync-queue-bytes", type=int, default=_D.slave_sync_queue_bytes,
+              show_default=True,
+              help="Per vdisk: bytes of stored blocks kept for a standby that is behind; "
+                   "beyond them it catches up from the log.")
 @click.pass_context
 def command(ctx: click.Context, **values: Any) -> None:
     """Transaction-log server for virtual block devices (wire compatible with 0-Disk).

@@ -20,6 +20,7 @@ from typing import Any
 import yaml
 
 from tlog.protocol import DEFAULT_MAX_MESSAGE_SIZE
+from tlog.read.standby import StandbyTarget, parse_slave_targets
 from tlog.record import crypto
 from tlog.storage import (
     ServerAddress,
@@ -94,6 +95,12 @@ class ServerConfig:
     plain_address: str | None = None
     access: str = "plain"
     min_pieces: int | None = None
+    #: replay stored aggregations into the standby of each vdisk whose entry has slave_sync
+    with_slave_sync: bool = False
+    #: seconds a WaitNbdSlaveSync may wait for the standby before it fails
+    slave_sync_timeout: float = 30.0
+    #: per vdisk: bytes of stored blocks queued for the standby; beyond, it reads the log
+    slave_sync_queue_bytes: int = 64 * 1024 * 1024
 
     # from the YAML file's structure (from_sources), not options
     vdisk_access: dict[str, Any] = field(default_factory=dict, init=False, repr=False)
@@ -111,6 +118,9 @@ class ServerConfig:
     access_policy: AccessPolicy = field(default_factory=AccessPolicy, init=False, repr=False)
     plain_host: str | None = field(default=None, init=False, repr=False)
     plain_port: int = field(default=0, init=False, repr=False)
+    #: vdisk -> its standby, from the ``vdisks`` entries (empty without --with-slave-sync)
+    slave_targets: dict[str, StandbyTarget] = field(default_factory=dict, init=False,
+                                                    repr=False)
 
     @classmethod
     def option_names(cls) -> list[str]:
@@ -128,7 +138,8 @@ class ServerConfig:
         if self.log_format not in ("text", "json"):
             raise ConfigError(f"log-format: must be text or json, got {self.log_format!r}")
         for name in ("k", "flush_size", "block_size", "max_message_size", "max_buffered_blocks",
-                     "max_buffered_bytes", "max_pending_bytes", "max_server_buffered_bytes"):
+                     "max_buffered_bytes", "max_pending_bytes", "max_server_buffered_bytes",
+                     "slave_sync_queue_bytes"):
             _positive_int(name, getattr(self, name))
         if (isinstance(self.max_connections, bool) or not isinstance(self.max_connections, int)
                 or self.max_connections < 0):
@@ -139,7 +150,7 @@ class ServerConfig:
         if self.k + self.m > 255:
             raise ConfigError(f"k + m: at most 255 storage servers, got {self.k + self.m}")
         for name in ("flush_time", "handshake_timeout", "drain_timeout",
-                     "stalled_writer_timeout"):
+                     "stalled_writer_timeout", "slave_sync_timeout"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
                 raise ConfigError(f"{name.replace('_', '-')}: must be a number of seconds > 0, "
@@ -154,7 +165,21 @@ class ServerConfig:
         self._validate_min_pieces()
         self._validate_tls()
         self._validate_access()
+        self._validate_slaves()
         return self
+
+    def _validate_slaves(self) -> None:
+        try:
+            targets = parse_slave_targets(self.vdisk_access)
+        except StorageConfigError as exc:
+            where = f"config {self.config}: " if self.config else ""
+            raise ConfigError(f"{where}{exc}") from None
+        if self.with_slave_sync and self.storage is not None:
+            for vdisk_id in targets:
+                if self.storage.cluster_for(vdisk_id) is None:
+                    raise ConfigError(f"vdisks.{vdisk_id}: slave_sync needs the vdisk's "
+                                      "storage_cluster (or a default_storage_cluster)")
+        self.slave_targets = targets if self.with_slave_sync else {}
 
     def _validate_min_pieces(self) -> None:
         if self.min_pieces is None:

@@ -60,6 +60,10 @@ class ConnectionHost(Protocol):
 
     async def vdisk(self, vdisk_id: str) -> Vdisk: ...
 
+    def slave_sync_unavailable(self, vdisk: Vdisk) -> str | None: ...
+
+    async def wait_slave_sync(self, vdisk: Vdisk) -> str | None: ...
+
 
 class TlogConnection(asyncio.BufferedProtocol):
     """One client connection (``tls``: accepted by the TLS listener)."""
@@ -80,6 +84,9 @@ class TlogConnection(asyncio.BufferedProtocol):
         self._paused: set[str] = set()
         self._timer: asyncio.TimerHandle | None = None
         self._closing = False
+        self._slave_waits = 0  # WaitNbdSlaveSync requests not answered yet
+        self._slave_warned = False
+        self._slave_task: asyncio.Task[None] | None = None
 
     # -- asyncio callbacks --
     def connection_made(self, transport: Any) -> None:
@@ -204,15 +211,49 @@ class TlogConnection(asyncio.BufferedProtocol):
                 out.append(ServerConnection.send_response(BlockStatus.FORCE_FLUSH_RECEIVED))
                 vdisk.force_flush(event.sequence)
             elif isinstance(event, WaitNbdSlaveSync):
+                assert vdisk is not None
                 blocks -= 1
-                # No slave sync exists yet: nothing to wait for.
-                out.append(ServerConnection.send_response(
-                    BlockStatus.WAIT_NBD_SLAVE_SYNC_RECEIVED))
+                failure = self.server.slave_sync_unavailable(vdisk)
+                if failure is not None:  # answered at once: nothing to wait for
+                    if not self._slave_warned:  # once per connection: it may send floods
+                        self._slave_warned = True
+                        self.log.warning("WaitNbdSlaveSync failed: %s", failure)
+                    out.append(ServerConnection.send_response(
+                        BlockStatus.WAIT_NBD_SLAVE_SYNC_FAILED))
+                else:
+                    self._slave_waits += 1
+                    if self._slave_task is None:
+                        self._slave_task = asyncio.get_running_loop().create_task(
+                            self._wait_slave_sync(vdisk))
         self.stats.received_blocks += blocks
         if out:
             self.send(b"".join(out))
             if started:
                 self.stats.recv_latency.observe(perf_counter() - started)
+
+    async def _wait_slave_sync(self, vdisk: Vdisk) -> None:
+        """Answer WaitNbdSlaveSync once the standby holds every flushed block (or fail).
+        Requests that arrive while one waits are answered by the next round, together:
+        a flood of them costs one wait, not a task each."""
+        try:
+            while self._slave_waits and not self._closing:
+                count, self._slave_waits = self._slave_waits, 0
+                self.log.info("WaitNbdSlaveSync: waiting for the standby")
+                try:
+                    failure = await self.server.wait_slave_sync(vdisk)
+                except Exception as exc:  # a bug must not go unanswered
+                    self.log.exception("WaitNbdSlaveSync failed")
+                    failure = f"internal error: {exc}"
+                if failure is None:
+                    self.log.info("WaitNbdSlaveSync: the standby holds every flushed block")
+                    status = BlockStatus.WAIT_NBD_SLAVE_SYNC_RECEIVED
+                else:
+                    self.log.warning("WaitNbdSlaveSync failed: %s", failure)
+                    status = BlockStatus.WAIT_NBD_SLAVE_SYNC_FAILED
+                if not self._closing:
+                    self.send(ServerConnection.send_response(status) * count)
+        finally:
+            self._slave_task = None
 
     async def _handshake(self, request: Handshake) -> None:
         result = await self._accept(request)

@@ -77,7 +77,7 @@ class RecordWriter(Protocol):
 class Batch:
     """Blocks handed to the flusher together: one aggregation of the vdisk's ``epoch``."""
 
-    __slots__ = ("blocks", "epoch", "record", "pieces", "cut_at")
+    __slots__ = ("blocks", "epoch", "record", "pieces", "cut_at", "prev")
 
     def __init__(self, blocks: Sequence[BlockFields], epoch: int) -> None:
         self.blocks = blocks
@@ -85,6 +85,7 @@ class Batch:
         self.record: SealedRecord | None = None
         self.pieces: list[bytes] = []
         self.cut_at = time.monotonic()  # for the cut-to-stored latency
+        self.prev = b""  # the hash the record chains to, once sealed
 
 
 class RoundFailed(StorageError):
@@ -347,6 +348,7 @@ class Flusher:
     def _seal(self, batch: Batch) -> None:
         record = self._writer.seal(self.prev, batch.blocks, time.time_ns(), batch.epoch)
         batch.record = record
+        batch.prev = self.prev
         batch.pieces = self._coder.encode(record.record)
         self.prev = record.hash
         self._remember(record.hash)

@@ -54,11 +54,13 @@ class ServerCollector(Collector):
 
     def __init__(self, stats: ServerStats, connections: Callable[[], int],
                  buffered_bytes: Callable[[], int],
-                 vdisks: Callable[[], Mapping[str, VdiskGauges]]) -> None:
+                 vdisks: Callable[[], Mapping[str, VdiskGauges]],
+                 slaves: Callable[[], Mapping[str, VdiskGauges]] = dict) -> None:
         self.stats = stats
         self.connections = connections
         self.buffered_bytes = buffered_bytes
         self.vdisks = vdisks
+        self.slaves = slaves
 
     def collect(self) -> Iterator[Metric]:
         s = self.stats
@@ -161,6 +163,26 @@ class ServerCollector(Collector):
             values = vdisk.gauges(now)
             for name in names:
                 families[name].add_metric([vdisk_id], values[name])
+        yield from families.values()
+        yield from self._slaves(now)
+
+    def _slaves(self, now: float) -> Iterator[Metric]:
+        docs = {
+            "slave_applied_sequence": "Highest sequence (of the standby's epoch) applied to "
+                                      "the vdisk's standby (-1: none or unknown).",
+            "slave_lag_blocks": "Blocks stored in the log and not applied to the standby yet.",
+            "slave_lag_seconds": "How long the oldest block not applied to the standby has "
+                                 "been stored (0: in step).",
+            "slave_failing": "1 while the standby cannot be written or the log not read "
+                             "(retrying).",
+            "slave_ended": "1 once WaitNbdSlaveSync ended slave sync of the vdisk.",
+        }
+        families = {n: GaugeMetricFamily(f"tlog_{n}", doc, labels=["vdisk"])
+                    for n, doc in docs.items()}
+        for vdisk_id, syncer in sorted(self.slaves().items()):
+            values = syncer.gauges(now)
+            for name, family in families.items():
+                family.add_metric([vdisk_id], values[name])
         yield from families.values()
 
 

@@ -19,6 +19,7 @@ from typing import Any
 
 from tlog.read.fetch import DecodeError, stored_writes
 from tlog.read.head import find_last
+from tlog.read.standby import StandbyStore
 from tlog.record.aggregation import Keyring, LegacyWriter, RecordOpener, V2Writer
 from tlog.record.crypto import LegacyCipher
 from tlog.storage import (
@@ -38,9 +39,10 @@ from .config import (
     server_tls_context,
 )
 from .connection import TlogConnection
-from .flusher import Flusher
+from .flusher import Batch, Flusher
 from .http import OpsServer
 from .metrics import ServerCollector, make_registry
+from .slavesync import SlaveSyncer
 from .stats import ServerStats
 from .vdisk import BufferBudget, StoredWritesReader, Vdisk
 
@@ -48,6 +50,8 @@ log = logging.getLogger("tlogserver")
 #: /readyz pings every storage server at most this often, each with this timeout.
 READY_CACHE_SECONDS = 1.0
 PING_TIMEOUT = 2.0
+#: Seconds a shutdown waits for the standbys to apply what was stored.
+SLAVE_STOP_WAIT = 5.0
 
 
 class TlogServer:
@@ -57,6 +61,9 @@ class TlogServer:
         self.config = config
         self.factory = factory or _pool_factory(config)
         self.vdisks: dict[str, Vdisk] = {}
+        #: Slave sync of each vdisk with a standby (--with-slave-sync); they outlive the
+        #: vdisks' open/release cycles.
+        self.syncers: dict[str, SlaveSyncer] = {}
         self._opening: dict[str, asyncio.Future[Vdisk]] = {}
         self.connections: set[TlogConnection] = set()
         self._server: asyncio.base_events.Server | None = None
@@ -65,7 +72,7 @@ class TlogServer:
         self.stats = ServerStats()
         self.registry = make_registry(ServerCollector(
             self.stats, lambda: len(self.connections), lambda: self.budget.used,
-            lambda: self.vdisks))
+            lambda: self.vdisks, lambda: self.syncers))
         self._ops: OpsServer | None = None
         self._probe: asyncio.Task[tuple[bool, str]] | None = None
         self._probed: tuple[float, bool, str] | None = None  # (loop time, ready, reason)
@@ -109,6 +116,7 @@ class TlogServer:
                      f"also reading key ids {_key_ids(self.opener.keyring.ids[1:])}"
                      if len(self.opener.keyring.ids) > 1 else "no old keys")
         self._log_access()
+        self._start_slave_sync()
         if cfg.metrics_host is not None:
             # First, so that it is up once "listening on" is logged.
             self._ops = OpsServer(cfg.metrics_host, cfg.metrics_port, self.registry,
@@ -152,6 +160,53 @@ class TlogServer:
                      ("TLS, client certificates checked" if cfg.tls_client_ca else "TLS")
                      if self.tls is not None else "plain TCP",
                      cfg.flush_size, cfg.flush_time, cfg.k, cfg.m, cfg.storage_format)
+
+    def _start_slave_sync(self) -> None:
+        """One syncer per vdisk with a standby, started now: a standby left behind by a
+        restart catches up from the log without waiting for the vdisk's client."""
+        cfg = self.config
+        for vdisk_id, target in sorted(cfg.slave_targets.items()):
+            store = StandbyStore(target, cfg.block_size)
+            syncer = SlaveSyncer(vdisk_id, store, self.factory.pool_for(vdisk_id), self.opener,
+                                 queue_bytes=cfg.slave_sync_queue_bytes)
+            self.syncers[vdisk_id] = syncer
+            syncer.start()
+            log.info("slave sync to %s", target.describe(), extra={"vdisk": vdisk_id})
+        if not cfg.with_slave_sync and any(
+                isinstance(e, dict) and e.get("slave_sync") for e in cfg.vdisk_access.values()):
+            log.warning("vdisks have slave_sync in the config, but --with-slave-sync is off: "
+                        "their standbys are not synced")
+
+    def slave_sync_unavailable(self, vdisk: Vdisk) -> str | None:
+        """Why a WaitNbdSlaveSync for ``vdisk`` fails at once (None: it is waited for)."""
+        if vdisk.id in self.syncers:
+            return None
+        if not self.config.with_slave_sync:
+            return "slave sync is off (tlogserver --with-slave-sync)"
+        return "the vdisk has no standby (slave_sync and slave_server in its config entry)"
+
+    async def wait_slave_sync(self, vdisk: Vdisk) -> str | None:
+        """WaitNbdSlaveSync: flush what the vdisk holds, wait until its standby holds every
+        stored aggregation, then end its slave sync. None on success, else why not."""
+        syncer = self.syncers.get(vdisk.id)
+        if syncer is None:
+            return self.slave_sync_unavailable(vdisk)
+        if syncer.ended:
+            return None  # ended before: the standby is the primary already
+        timeout = self.config.slave_sync_timeout
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        vdisk.flush_all()
+        try:
+            await asyncio.wait_for(vdisk.flusher.wait_idle(), timeout)
+        except TimeoutError:
+            return f"the blocks received were not stored within {timeout:g} s"
+        target = vdisk.flusher.stored_head
+        if not await syncer.wait_applied(target, max(0.0, deadline - loop.time())):
+            why = f": {syncer.error}" if syncer.error else ""
+            return f"the standby was not in step within {timeout:g} s{why}"
+        await syncer.end("WaitNbdSlaveSync")
+        return None
 
     def _log_access(self) -> None:
         """Say how vdisks are guarded, and warn about what is open."""
@@ -235,8 +290,16 @@ class TlogServer:
         else:
             writer = V2Writer(cfg.master_key, vdisk_id)
         holder: list[Vdisk] = []
-        flusher = Flusher(vdisk_id, pool, writer, prev,
-                          on_stored=lambda batches: holder[0].on_stored(batches),
+        syncer = self.syncers.get(vdisk_id)
+        if syncer is not None:
+            syncer.attach(prev, last.epoch if last is not None else 0,
+                          last.last_sequence if last is not None else -1)
+
+        def on_stored(batches: list[Batch]) -> None:
+            if syncer is not None:
+                syncer.stored(batches)
+            holder[0].on_stored(batches)
+        flusher = Flusher(vdisk_id, pool, writer, prev, on_stored=on_stored,
                           on_failed=lambda batches, exc: holder[0].on_failed(batches, exc),
                           stats=self.stats, min_pieces=cfg.min_pieces)
         vdisk = Vdisk(vdisk_id, cfg, flusher, self._retire, self.stats,
@@ -282,6 +345,7 @@ class TlogServer:
             conn.close("server shutting down")
         for vdisk in vdisks:
             await vdisk.flusher.stop()
+        await self._stop_slave_sync()
         for listener in (self._server, self._plain_server):
             if listener is not None:
                 await listener.wait_closed()
@@ -291,6 +355,17 @@ class TlogServer:
             await self._ops.close()
         await self.factory.close()
         return clean
+
+    async def _stop_slave_sync(self) -> None:
+        """Give the standbys a moment to take what is stored, then stop (their position is
+        recorded: they resume from it at the next start)."""
+        syncers = [s for s in self.syncers.values() if not s.ended]
+        waits = [s.wait_applied(s.log_head, SLAVE_STOP_WAIT) for s in syncers
+                 if s.log_head is not None]
+        if waits:
+            await asyncio.gather(*waits)
+        for syncer in self.syncers.values():
+            await syncer.stop()
 
     # -- health --
     async def readiness(self) -> tuple[bool, str]:
@@ -367,6 +442,8 @@ class TlogServer:
                                "in-memory storage)")
         for name in reloadable:
             setattr(cur, name, getattr(new, name))
+        if new.slave_targets != cur.slave_targets:
+            restart.append("slave sync settings (with_slave_sync, slave_server, slave_prefix)")
         self.budget.limit = cur.max_server_buffered_bytes
         for vdisk in list(self.vdisks.values()):
             vdisk.apply(cur)

@@ -18,6 +18,7 @@ from .rekey import rekey_command
 from .repair import repair_command
 from .restore import restore_command
 from .send import send_command
+from .slavestatus import slave_status_command
 from .verify import verify_command
 
 __all__ = ["cli", "main"]
@@ -30,7 +31,7 @@ def cli() -> None:
 
 
 for _command in (restore_command, inspect_command, verify_command, repair_command,
-                 rekey_command, send_command, nbd_command):
+                 rekey_command, send_command, nbd_command, slave_status_command):
     cli.add_command(_command)
 
 

@@ -8,7 +8,7 @@ import asyncio
 import logging
 import sys
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import click
@@ -117,6 +117,8 @@ class ReadSetup:
     factory: StoragePoolFactory
     pool: StoragePool
     opener: RecordOpener
+    #: The --config file's content (empty without one).
+    config: dict[str, Any] = field(default_factory=dict)
 
 
 _CONFIG_KEYS: dict[str, type | tuple[type, ...]] = {
@@ -190,7 +192,7 @@ def read_setup(ctx: click.Context, values: dict[str, Any]) -> ReadSetup:
     except StorageConfigError as exc:
         raise click.UsageError(str(exc)) from None
     opener = _opener(values)
-    return ReadSetup(values["vdisk"], factory, pool, opener)
+    return ReadSetup(values["vdisk"], factory, pool, opener, data)
 
 
 def _opener(values: dict[str, Any]) -> RecordOpener:

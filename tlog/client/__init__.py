@@ -15,6 +15,7 @@ from .errors import (
     InvalidRequestError,
     InvalidVdiskIDError,
     InvalidVersionError,
+    SlaveSyncError,
     TlogClientError,
     UnauthorizedError,
     handshake_error,
@@ -38,6 +39,7 @@ __all__ = [
     "DEFAULT_RECONNECT_DELAY", "DEFAULT_RECONNECT_MAX_DELAY", "DEFAULT_RESEND_TIMEOUT",
     "ClientClosedError", "ClientStats", "HandshakeError", "InternalServerError",
     "InvalidRequestError", "InvalidVdiskIDError", "InvalidVersionError", "ResponseStream",
-    "ThreadedClient", "TlogClient", "TlogClientError", "UnauthorizedError", "client_tls_context",
+    "SlaveSyncError", "ThreadedClient", "TlogClient", "TlogClientError", "UnauthorizedError",
+    "client_tls_context",
     "encode_block", "handshake_error", "load_token", "parse_address", "security_options",
 ]

@@ -15,6 +15,12 @@ class ClientClosedError(TlogClientError):
     """The client was closed; nothing more can be sent or awaited."""
 
 
+class SlaveSyncError(TlogClientError):
+    """The server answered WaitNbdSlaveSync with a failure (ours, status -3): the vdisk has
+    no standby, or the standby was not in step within the server's timeout. The server's
+    log says which; the standby must not be switched to."""
+
+
 class HandshakeError(TlogClientError):
     """The server refused the handshake with a negative (or unknown) status."""
 

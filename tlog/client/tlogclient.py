@@ -38,7 +38,7 @@ from typing import Any
 from tlog.protocol import BlockResponse, ClientConnection, HandshakeResponse, wire
 from tlog.protocol.status import HandshakeStatus, Operation
 
-from .errors import ClientClosedError, HandshakeError, handshake_error
+from .errors import ClientClosedError, HandshakeError, SlaveSyncError, handshake_error
 from .link import ServerLink, dial
 from .settings import check_servers, parse_address
 from .stats import ClientStats, ResponseCallback, ResponseStream
@@ -504,7 +504,9 @@ class TlogClient:
                 future.set_result(None)
 
     async def wait_nbd_slave_sync(self, timeout: float | None = None) -> None:
-        """Send WaitNbdSlaveSync and wait for the server's WaitNbdSlaveSyncReceived."""
+        """Send WaitNbdSlaveSync and wait for the server's WaitNbdSlaveSyncReceived: the
+        vdisk's standby holds every block the server flushed. Raises `SlaveSyncError` when
+        the server says it cannot (no standby, or not in step within its timeout)."""
         self._check_usable()
         future: asyncio.Future[None] = self._loop.create_future()
         self._sync_waiters.append(future)
@@ -654,11 +656,17 @@ class TlogClient:
                             link.address, len(seqs))
                 if self.reconnect_on_flush_failed and link is self._link:
                     self._lose(link, "the server failed to flush", flush_failed=True)
-            elif status == 4:  # WaitNbdSlaveSyncReceived
+            elif status == 4 or status == -3:  # WaitNbdSlaveSync received / failed (ours)
                 if link is self._link and self._sync_waiters:
                     future = self._sync_waiters.popleft()
-                    if not future.done():
+                    if future.done():
+                        pass
+                    elif status == 4:
                         future.set_result(None)
+                    else:
+                        future.set_exception(SlaveSyncError(
+                            f"vdisk {self.vdisk_id}: {link.address} cannot sync the standby "
+                            "(no standby, or not in step in time: see its log)"))
             if callback is not None:
                 callback(status, seqs)
             if self._subscribers:

@@ -8,6 +8,9 @@ import enum
 class BlockStatus(enum.IntEnum):
     """`TlogResponse.status`: what happened to the listed sequences."""
 
+    #: Ours: WaitNbdSlaveSync could not be honoured (no standby, or it is not in step
+    #: within the server's timeout). The reference has no failure answer.
+    WAIT_NBD_SLAVE_SYNC_FAILED = -3
     FLUSH_FAILED = -2
     RECV_FAILED = -1
     RECV_OK = 1

@@ -1,0 +1,382 @@
+"""Slave sync: one vdisk's stored aggregations applied to its standby block store, in
+chain order, without ever holding up a FlushOK.
+
+The flusher hands each stored batch over (`SlaveSyncer.stored`, a plain append). The
+syncer's task applies them to the standby (`tlog.read.standby.StandbyStore`) in groups, one
+MULTI/EXEC each with the new position, but only a batch that chains onto the standby's
+position (its ``prev`` is the hash applied last). Anything else (the syncer just started,
+the standby was down or its redis restarted, the queue outgrew its byte budget and was
+dropped) is caught up **from the log**: a `ChainReader` bounded to start after the
+position, which also proves that the position lies on the vdisk's chain (otherwise the
+standby is cleared and rebuilt from the whole log). So memory stays bounded and no
+aggregation is applied twice, out of order, or skipped.
+
+WaitNbdSlaveSync (`wait_applied`, then `end`): once the standby holds everything flushed,
+sync of the vdisk ends for good, recorded in the standby's position, because the NBD server
+now writes to the standby itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+from tlog.protocol.wire import Block
+from tlog.read.chain import ChainReader
+from tlog.read.fetch import DecodeError
+from tlog.read.limiter import Limiter
+from tlog.read.standby import StandbyError, StandbyStore, SyncPosition, new_blocks
+from tlog.record.aggregation import ZERO_HASH, RecordOpener
+from tlog.storage import StorageError, StoragePool
+
+from .flusher import Batch
+from .logs import ContextLogger
+
+log = logging.getLogger(__name__)
+
+#: Blocks applied in one MULTI/EXEC, at most (and at least one aggregation's).
+APPLY_BLOCKS = 1024
+RETRY_MIN = 0.1
+RETRY_MAX = 5.0
+#: Hashes of aggregations applied, remembered for `wait_applied` and to drop queued copies.
+RECENT = 4096
+
+
+@dataclass
+class _Pending:
+    hash: bytes
+    prev: bytes
+    epoch: int
+    blocks: Sequence[Block]
+    stored_at: float  # time.monotonic()
+    size: int
+
+
+class SlaveSyncer:
+    """Keeps one vdisk's standby in step with its log; see the module doc."""
+
+    def __init__(self, vdisk_id: str, store: StandbyStore, pool: StoragePool,
+                 opener: RecordOpener, *, queue_bytes: int, workers: int = 2) -> None:
+        self.vdisk_id = vdisk_id
+        self.store = store
+        self.pool = pool
+        self.opener = opener
+        self.queue_bytes = queue_bytes
+        self.workers = workers
+        self.log = ContextLogger(log, vdisk=vdisk_id)
+        self.position: SyncPosition | None = None  # None: to be read from the standby
+        self.ended = ""
+        #: The newest aggregation known to be stored (None: unknown, read the log).
+        self.log_head: bytes | None = None
+        self.log_sequence = -1  # highest sequence stored in log_epoch
+        self.log_epoch = 0
+        self.error = ""  # why the standby is behind, while it is failing
+        self.applied_blocks = 0
+        self.caught_up_from_log = 0  # aggregations applied from the log, not the queue
+        self._queue: deque[_Pending] = deque()
+        self._queued = 0
+        self._overflowed = False
+        self._recent: deque[bytes] = deque(maxlen=RECENT)
+        self._recent_set: set[bytes] = set()
+        self._wake = asyncio.Event()
+        self._progress = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._behind_since: float | None = None
+
+    # -- what the server calls --
+    def start(self) -> None:
+        self._wake.set()
+        self._task = asyncio.get_running_loop().create_task(
+            self._run(), name=f"slave sync {self.vdisk_id}")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None
+        await self.store.close()
+
+    def attach(self, head: bytes, epoch: int, last_sequence: int) -> None:
+        """A flusher continues the chain after ``head`` (the vdisk was opened), whose
+        epoch and last sequence are given (-1: an empty log)."""
+        self.log_head = head
+        self.log_epoch, self.log_sequence = epoch, last_sequence
+        self._wake.set()
+
+    def stored(self, batches: list[Batch]) -> None:
+        """The flusher stored ``batches`` (in chain order): queue them, never wait."""
+        if self.ended:
+            return
+        now = time.monotonic()
+        for batch in batches:
+            record = batch.record
+            if record is None:
+                continue
+            self.log_head = record.hash
+            if batch.epoch != self.log_epoch:
+                self.log_epoch, self.log_sequence = batch.epoch, -1
+            self.log_sequence = max(self.log_sequence, record.last_sequence)
+            if self._overflowed:
+                continue
+            size = sum(len(b.data) for b in batch.blocks)
+            if self._queued + size > self.queue_bytes and self._queue:
+                # The standby is far behind: drop the copies, read the log when it is back.
+                self.log.warning("slave sync: standby %s is more than %d bytes behind; "
+                                 "it will catch up from the log", self.store.describe(),
+                                 self.queue_bytes)
+                self._queue.clear()
+                self._queued = 0
+                self._overflowed = True
+                continue
+            self._queue.append(_Pending(record.hash, batch.prev, batch.epoch, batch.blocks,
+                                        now, size))
+            self._queued += size
+        self._wake.set()
+
+    def applied(self, key: bytes) -> bool:
+        """Whether the standby holds aggregation ``key`` (and everything before it)."""
+        pos = self.position
+        return (pos is not None and pos.hash == key) or key in self._recent_set
+
+    async def wait_applied(self, key: bytes, timeout: float) -> bool:
+        """Until the standby holds aggregation ``key``; False after ``timeout`` seconds."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        self._wake.set()
+        while not self.applied(key):
+            left = deadline - loop.time()
+            if left <= 0 or self._task is None or self._task.done():
+                return False
+            self._progress.clear()
+            try:
+                await asyncio.wait_for(self._progress.wait(), left)
+            except TimeoutError:
+                return False
+        return True
+
+    async def end(self, reason: str) -> None:
+        """Stop syncing for good and record why in the standby (it is the primary now)."""
+        self.ended = reason
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None
+        pos = self.position or SyncPosition(vdisk=self.vdisk_id)
+        self._queue.clear()
+        self._queued = 0
+        try:
+            await self.store.record(replace(pos, ended=reason, applied_at=time.time_ns()))
+        except StorageError as exc:
+            self.log.warning("slave sync ended, but the standby could not record it: %s", exc)
+        self.log.info("slave sync ended (%s): the standby %s holds %s and is not synced any "
+                      "more", reason, self.store.describe(), pos.describe())
+
+    def gauges(self, now: float) -> dict[str, float]:
+        """Applied position and lag, for /metrics."""
+        pos = self.position
+        if pos is None:
+            lag_blocks = sum(len(p.blocks) for p in self._queue)
+        elif self.log_head is None or pos.hash == self.log_head:
+            lag_blocks = 0
+        elif pos.epoch == self.log_epoch:
+            lag_blocks = max(0, self.log_sequence - pos.sequence)
+        else:
+            lag_blocks = self.log_sequence + 1
+        if self._queue:
+            oldest: float | None = self._queue[0].stored_at
+        else:
+            oldest = self._behind_since if lag_blocks else None
+        return {
+            "slave_applied_sequence": pos.sequence if pos is not None else -1,
+            "slave_lag_blocks": lag_blocks,
+            "slave_lag_seconds": 0.0 if oldest is None else max(0.0, now - oldest),
+            "slave_failing": int(bool(self.error)),
+            "slave_ended": int(bool(self.ended)),
+        }
+
+    # -- the task --
+    async def _run(self) -> None:
+        delay = RETRY_MIN
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            try:
+                while await self._step():
+                    self._progress.set()
+                    delay = RETRY_MIN
+            except Exception as exc:  # the standby or the log unreadable: retry, lose nothing
+                if not isinstance(exc, StorageError | StandbyError | DecodeError | OSError):
+                    self.log.exception("slave sync: unexpected error")
+                if not self.error:
+                    self.log.warning("slave sync: standby %s behind (retrying): %s",
+                                     self.store.describe(), exc)
+                self.error = str(exc)
+                self.position = None  # unknown until read back (the EXEC may have run)
+                if self._behind_since is None:
+                    self._behind_since = time.monotonic()
+                self._progress.set()
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, RETRY_MAX)
+                self._wake.set()
+                continue
+            if self.error:
+                self.log.info("slave sync: standby %s reachable again, at %s",
+                              self.store.describe(), self._describe_position())
+                self.error = ""
+            self._progress.set()
+
+    def _describe_position(self) -> str:
+        return self.position.describe() if self.position is not None else "an unknown position"
+
+    async def _step(self) -> bool:
+        """Apply one group; False when there is nothing to do."""
+        if self.ended:
+            return False
+        pos = self.position
+        if pos is None:
+            pos = await self._load_position()
+            if pos is None:
+                return False
+        queue = self._queue
+        while queue and self.applied(queue[0].hash):
+            self._pop()
+        if queue and queue[0].prev == pos.hash:
+            await self._apply_queued(pos)
+            return True
+        if self._overflowed or queue or self.log_head is None or self.log_head != pos.hash:
+            if await self._catch_up(pos):
+                return True
+            if queue:
+                self.log.warning("slave sync: %d stored aggregation(s) do not follow the "
+                                 "standby's position %s, and the log holds nothing after it",
+                                 len(queue), pos.describe())
+            return False  # until something new is stored
+        self._behind_since = None
+        return False
+
+    async def _load_position(self) -> SyncPosition | None:
+        pos = await self.store.position()
+        if pos is not None and pos.vdisk and pos.vdisk != self.vdisk_id:
+            raise StandbyError(f"standby {self.store.describe()} is synced from vdisk "
+                               f"{pos.vdisk!r}, not {self.vdisk_id!r}: fix slave_prefix")
+        if pos is not None and pos.ended:
+            self.ended = pos.ended
+            self.position = pos
+            self.log.warning("slave sync of this vdisk ended before (%s): the standby %s is "
+                             "not written; run `tlog slave-status --reset` to sync it again",
+                             pos.ended, self.store.describe())
+            return None
+        if pos is None:
+            pos = await self._start_afresh("no slave sync position recorded")
+        else:
+            self.log.info("slave sync: standby %s at %s", self.store.describe(), pos.describe())
+        self._note(pos)
+        return pos
+
+    async def _start_afresh(self, why: str) -> SyncPosition:
+        deleted = await self.store.clear()
+        self._recent.clear()
+        self._recent_set.clear()
+        pos = SyncPosition(vdisk=self.vdisk_id)
+        await self.store.record(pos)
+        self.log.info("slave sync: standby %s rebuilt from the whole log (%s; %d stale "
+                      "block key(s) deleted)", self.store.describe(), why, deleted)
+        return pos
+
+    def _note(self, pos: SyncPosition, hashes: Sequence[bytes] = ()) -> None:
+        """The standby is at ``pos`` now, having applied ``hashes`` on the way."""
+        self.position = pos
+        for key in (*hashes, pos.hash):
+            if len(self._recent) == self._recent.maxlen:
+                self._recent_set.discard(self._recent[0])
+            self._recent.append(key)
+            self._recent_set.add(key)
+
+    def _pop(self) -> _Pending:
+        item = self._queue.popleft()
+        self._queued -= item.size
+        return item
+
+    async def _apply_queued(self, pos: SyncPosition) -> None:
+        blocks: list[Block] = []
+        group: list[_Pending] = []
+        queue = self._queue
+        while queue and queue[0].prev == pos.hash:
+            item = queue[0]
+            if group and len(blocks) + len(item.blocks) > APPLY_BLOCKS:
+                break
+            fresh = new_blocks(item.blocks, item.epoch, pos)
+            blocks += fresh
+            pos = pos.after(fresh, item.hash, item.epoch)
+            group.append(self._pop())
+        try:
+            await self.store.apply(blocks, pos)
+        except BaseException:
+            # Not applied (or not known to be): put the group back, in order.
+            for item in reversed(group):
+                queue.appendleft(item)
+                self._queued += item.size
+            raise
+        self.applied_blocks += len(blocks)
+        self._note(pos, [item.hash for item in group])
+
+    async def _catch_up(self, pos: SyncPosition) -> int:
+        """Apply what the log holds after ``pos`` (the queue is used again afterwards);
+        returns the number of aggregations applied."""
+        self._overflowed = False
+        if self._behind_since is None:
+            self._behind_since = time.monotonic()
+        limiter = (Limiter() if pos.sequence < 0 and pos.hash == ZERO_HASH
+                   else Limiter(start_seq=pos.sequence + 1, epoch=pos.epoch))
+        reader = self._reader(limiter)
+        links = await reader.walk()
+        on_chain = pos.hash == ZERO_HASH or any(link.key == pos.hash for link in links) or (
+            bool(links) and links[0].prev == pos.hash)
+        if not on_chain:
+            self.log.error("slave sync: the standby's position %s is not on the vdisk's "
+                           "chain", pos.describe())
+            pos = await self._start_afresh("its position is not on the vdisk's chain")
+            self._note(pos)
+            reader = self._reader(Limiter())
+        if self.log_head is None:
+            self.log_head = links[-1].key if links else ZERO_HASH
+        applied = 0
+        blocks: list[Block] = []
+        hashes: list[bytes] = []
+        async for item in reader.items():
+            agg = item.aggregation
+            fresh = new_blocks(item.blocks, agg.epoch, pos)
+            blocks += fresh
+            pos = pos.after(fresh, agg.hash, agg.epoch)
+            hashes.append(agg.hash)
+            applied += 1
+            if len(blocks) >= APPLY_BLOCKS:
+                await self._apply_from_log(blocks, pos, hashes)
+                blocks, hashes = [], []
+        if hashes:
+            await self._apply_from_log(blocks, pos, hashes)
+        self.caught_up_from_log += applied
+        if applied:
+            self.log.info("slave sync: caught up %d aggregation(s) from the log, standby at %s",
+                          applied, pos.describe())
+        return applied
+
+    def _reader(self, limiter: Limiter) -> ChainReader:
+        return ChainReader(self.pool, self.vdisk_id, self.opener, limiter,
+                           workers=self.workers, processes=False)
+
+    async def _apply_from_log(self, blocks: list[Block], pos: SyncPosition,
+                              hashes: list[bytes]) -> None:
+        await self.store.apply(blocks, pos)
+        self.applied_blocks += len(blocks)
+        self._note(pos, hashes)
