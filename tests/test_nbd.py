@@ -19,6 +19,7 @@ from types import TracebackType
 
 import pytest
 import redis
+import yaml
 
 from .redis_fixture import RedisFactory, RedisProcess
 from .serverproc import ServerProcess
@@ -299,6 +300,42 @@ def test_the_redis_block_store_as_backend(redis6: list[RedisProcess], redis_fact
             nbdcopy(nbd.uri, str(copy))
             assert nbd.stop() == 0
     assert restore(redis6, "rb", tmp_path / "restored.img")[:4 << 20] == copy.read_bytes()
+
+
+def test_failover_to_the_standby_when_the_backend_dies_mid_copy(
+        redis6: list[RedisProcess], redis_factory: RedisFactory, tmp_path: Path) -> None:
+    """The served blocks live in a redis block store that is killed while nbdcopy writes;
+    the plugin waits until tlogserver's slave sync has the standby in step
+    (WaitNbdSlaveSync), switches to it, and the copy completes: the standby serves the
+    copied data, which the log restores to as well."""
+    (primary,) = redis_factory(1)
+    (standby,) = redis_factory(1)
+    config = tmp_path / "tlogserver.yaml"
+    config.write_text(yaml.safe_dump(
+        {"vdisks": {"fo": {"slave_sync": True, "slave_server": standby.address}}}))
+    data = tmp_path / "data.bin"
+    data.write_bytes(os.urandom(SIZE))
+    with start_tlogserver(redis6, KEY, "--config", str(config), "--with-slave-sync") as server:
+        with NbdServer(tmp_path, "--vdisk", "fo", "--server", server.address, "--backend",
+                       "redis", "--redis", primary.address, "--size", "16M", "--standby",
+                       standby.address) as nbd:
+            copy = subprocess.Popen(["nbdcopy", str(data), nbd.uri], stderr=subprocess.PIPE,
+                                    text=True)
+            check = primary.client()
+            deadline = time.monotonic() + WAIT
+            while check.dbsize() < 200:  # the copy is under way
+                assert time.monotonic() < deadline, "nothing written to the backend"
+                time.sleep(0.005)
+            primary.stop()  # SIGKILL: the backend is gone
+            _, err = copy.communicate(timeout=WAIT * 4)
+            assert copy.returncode == 0, f"{err}\n{nbd.log}"
+            nbd.wait_for("now serving from the standby")
+            served = tmp_path / "served.img"
+            nbdcopy(nbd.uri, str(served))
+            assert nbd.stop() == 0
+        server.wait_for_log("slave sync ended")
+    assert served.read_bytes() == data.read_bytes()
+    assert restore(redis6, "fo", tmp_path / "restored.img") == data.read_bytes()
 
 
 def test_missing_nbdkit_is_one_clear_line(tmp_path: Path) -> None:

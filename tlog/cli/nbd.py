@@ -96,6 +96,15 @@ def _check_nbdkit() -> str:
               help="The block store (redis backend).")
 @click.option("--redis-key-prefix", default="", metavar="PREFIX",
               help="Key prefix of the block store [default: VDISK:].")
+@click.option("--standby", default="", metavar="HOST:PORT[@DB]",
+              help="The vdisk's standby (the block store tlogserver --with-slave-sync keeps "
+                   "in step): when the backend fails, serve from it, once it holds every "
+                   "logged write (WaitNbdSlaveSync).")
+@click.option("--standby-key-prefix", default="", metavar="PREFIX",
+              help="Key prefix of the standby's blocks [default: VDISK:].")
+@click.option("--failover-timeout", type=float, default=60.0, show_default=True,
+              help="Seconds a failover may wait for the standby to hold every write; "
+                   "beyond, the request fails with EIO.")
 @click.option("--readonly", is_flag=True,
               help="Serve read-only, logging nothing (e.g. an image made by tlog restore).")
 @click.option("--write-timeout", type=float, default=30.0, show_default=True,

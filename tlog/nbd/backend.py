@@ -20,7 +20,8 @@ from tlog.storage import ServerAddress
 
 
 class BackendError(Exception):
-    """The backend cannot be opened or used (a message for the operator)."""
+    """The backend cannot be opened or used (a message for the operator). File backends
+    raise `OSError` as the system gives it."""
 
 
 class Backend(abc.ABC):
@@ -137,10 +138,16 @@ class RedisBackend(Backend):
     def _keys(self, first: int, count: int) -> list[bytes]:
         return [b"%s%d" % (self.prefix, i) for i in range(first, first + count)]
 
+    def _failed(self, what: str, exc: redis.RedisError) -> BackendError:
+        return BackendError(f"{self.describe()}: {what} failed: {exc}")
+
     def read(self, first: int, count: int) -> bytes:
         size = self.block_size
         out = []
-        values = cast(list[bytes | None], self._redis.mget(self._keys(first, count)))
+        try:
+            values = cast(list[bytes | None], self._redis.mget(self._keys(first, count)))
+        except redis.RedisError as exc:
+            raise self._failed("read", exc) from None
         for value in values:
             if value is None:
                 out.append(bytes(size))
@@ -149,16 +156,25 @@ class RedisBackend(Backend):
         return b"".join(out)
 
     def write(self, first: int, blocks: Sequence[bytes]) -> None:
-        self._redis.mset(dict(zip(self._keys(first, len(blocks)), blocks, strict=True)))
+        try:
+            self._redis.mset(dict(zip(self._keys(first, len(blocks)), blocks, strict=True)))
+        except redis.RedisError as exc:
+            raise self._failed("write", exc) from None
 
     def delete(self, first: int, count: int) -> None:
-        self._redis.delete(*self._keys(first, count))
+        try:
+            self._redis.delete(*self._keys(first, count))
+        except redis.RedisError as exc:
+            raise self._failed("delete", exc) from None
 
     def flush(self) -> None:
         """Writes are acknowledged by the server; its persistence decides the rest."""
 
     def close(self) -> None:
-        self._redis.close()
+        try:
+            self._redis.close()
+        except redis.RedisError:
+            pass
 
     def describe(self) -> str:
         return f"redis {self.address} (keys {self.prefix.decode(errors='replace')}<index>)"

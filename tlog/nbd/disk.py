@@ -16,26 +16,35 @@ Rules (docs/nbd.md says why):
   the backend; FUA does the same for the request's blocks. A wait longer than
   ``flush_timeout``, or a write that cannot be handed to the client within
   ``write_timeout``, is an `OSError` (EIO), never a silent success.
+- Failover: with a standby (the block store tlogserver's slave sync keeps in step), a
+  backend that fails is replaced by it, once: every block logged is flushed, the server
+  confirms that the standby holds them (WaitNbdSlaveSync), then the request that failed
+  runs again on the standby. If any of that fails, the request fails with EIO.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import threading
 import time
 from collections.abc import Callable
+from typing import TypeVar
 
 from tlog.client import ThreadedClient, TlogClientError
 from tlog.protocol import Operation
 
-from .backend import Backend
+from .backend import Backend, BackendError
 
 log = logging.getLogger("tlog.nbd")
+T = TypeVar("T")
 
 #: Seconds a write may wait for room in the client's unflushed buffer, and a FLUSH for FlushOK.
 DEFAULT_WRITE_TIMEOUT = 30.0
 DEFAULT_FLUSH_TIMEOUT = 30.0
+#: Seconds a failover may wait for the log to be flushed and the standby to hold it.
+DEFAULT_FAILOVER_TIMEOUT = 60.0
 
 
 def io_error(message: str) -> OSError:
@@ -50,7 +59,9 @@ class LoggedDisk:
     def __init__(self, backend: Backend, size: int, client: ThreadedClient | None, *,
                  vdisk: str, write_timeout: float = DEFAULT_WRITE_TIMEOUT,
                  flush_timeout: float = DEFAULT_FLUSH_TIMEOUT,
-                 clock: Callable[[], int] = time.time_ns) -> None:
+                 clock: Callable[[], int] = time.time_ns,
+                 standby: Callable[[], Backend] | None = None,
+                 failover_timeout: float = DEFAULT_FAILOVER_TIMEOUT) -> None:
         self.backend = backend
         self.size = size
         self.block_size = backend.block_size
@@ -61,6 +72,10 @@ class LoggedDisk:
         self._clock = clock
         self._write_lock = threading.Lock()
         self._zeros = bytes(self.block_size)
+        #: Opens the standby backend (None: no standby, or switched to it already).
+        self._open_standby = standby
+        self.failover_timeout = failover_timeout
+        self._failover_lock = threading.Lock()
 
     @property
     def readonly(self) -> bool:
@@ -70,7 +85,7 @@ class LoggedDisk:
     def pread(self, offset: int, length: int) -> bytes:
         bs = self.block_size
         first, last = offset // bs, (offset + length - 1) // bs
-        data = self.backend.read(first, last - first + 1)
+        data = self._on_backend(lambda b: b.read(first, last - first + 1))
         start = offset - first * bs
         return data[start:start + length]
 
@@ -85,7 +100,7 @@ class LoggedDisk:
             high = self._log_and_write(first, blocks)
         if fua:
             self._wait_flushed(high, "FUA write")
-            self.backend.flush()
+            self._on_backend(lambda b: b.flush())
 
     def zero(self, count: int, offset: int, fua: bool = False) -> None:
         """Zeroes: whole blocks deleted, partial edge blocks written as zeroes."""
@@ -102,13 +117,13 @@ class LoggedDisk:
             high = self._clear(count, offset, partial_edges)
         if fua and high is not None:
             self._wait_flushed(high, what)
-            self.backend.flush()
+            self._on_backend(lambda b: b.flush())
 
     def flush(self) -> None:
         """Every write so far durable in the log, then the backend synced."""
         if self.client is not None:
             self._wait_flushed(None, "flush")
-        self.backend.flush()
+        self._on_backend(lambda b: b.flush())
 
     def close(self) -> None:
         """A final flush (errors logged, not raised: nbdkit is going away), then release."""
@@ -141,7 +156,7 @@ class LoggedDisk:
         if offset == start and offset + len(buf) == end:
             data = bytes(buf)
         else:
-            current = bytearray(self.backend.read(first, last - first + 1))
+            current = bytearray(self._on_backend(lambda b: b.read(first, last - first + 1)))
             current[offset - start:offset - start + len(buf)] = buf
             data = bytes(current)
         return [data[i:i + bs] for i in range(0, len(data), bs)]
@@ -149,7 +164,7 @@ class LoggedDisk:
     def _log_and_write(self, first: int, blocks: list[bytes]) -> int:
         """Log the blocks (all or none), then write them; returns the last sequence."""
         high = self._log(Operation.SET, first, blocks, "write")
-        self.backend.write(first, blocks)
+        self._on_backend(lambda b: b.write(first, blocks))
         return high
 
     def _log(self, operation: Operation, first: int, blocks: list[bytes], what: str) -> int:
@@ -180,7 +195,7 @@ class LoggedDisk:
         if whole_end > whole_first:
             count = whole_end - whole_first
             high = self._log(Operation.DELETE, whole_first, [b""] * count, "delete")
-            self.backend.delete(whole_first, count)
+            self._on_backend(lambda b: b.delete(whole_first, count))
         return high
 
     def _edges(self, offset: int, end: int, whole_first: int, whole_end: int
@@ -195,6 +210,55 @@ class LoggedDisk:
         if end % bs:
             out.append((end // bs, whole_end * bs, end))
         return out
+
+    # -- the backend, and the failover to the standby --
+    def _on_backend(self, op: Callable[[Backend], T]) -> T:
+        """``op`` on the backend; when it fails and there is a standby, on the standby."""
+        backend = self.backend
+        try:
+            return op(backend)
+        except (BackendError, OSError) as exc:
+            if self._open_standby is None and self.backend is backend:
+                if isinstance(exc, OSError):
+                    raise
+                raise io_error(f"vdisk {self.vdisk}: {exc}") from None
+            backend = self._failover(backend, exc)
+        try:
+            return op(backend)
+        except BackendError as exc:
+            raise io_error(f"vdisk {self.vdisk}: {exc}") from None
+
+    def _failover(self, failed: Backend, exc: Exception) -> Backend:
+        """Switch to the standby once it holds every logged block; the backend to use."""
+        with self._failover_lock:
+            if self.backend is not failed:
+                return self.backend  # another request switched already
+            open_standby = self._open_standby
+            if open_standby is None:
+                raise io_error(f"vdisk {self.vdisk}: {exc}")
+            log.error("vdisk %s: the backend %s failed (%s): switching to the standby",
+                      self.vdisk, failed.describe(), exc)
+            if self.client is not None:
+                try:
+                    self.client.wait_flushed(None, timeout=self.failover_timeout)
+                    self.client.wait_nbd_slave_sync(timeout=self.failover_timeout)
+                except (TimeoutError, TlogClientError) as err:
+                    raise io_error(f"vdisk {self.vdisk}: cannot switch to the standby: the "
+                                   f"tlog server could not confirm it holds every write "
+                                   f"({err})") from None
+            try:
+                standby = open_standby()
+            except BackendError as err:
+                raise io_error(f"vdisk {self.vdisk}: cannot switch to the standby: "
+                               f"{err}") from None
+            self.backend = standby
+            self._open_standby = None
+            with contextlib.suppress(Exception):
+                failed.close()
+            log.warning("vdisk %s: now serving from the standby %s (it holds every logged "
+                        "write; slave sync of the vdisk has ended)", self.vdisk,
+                        standby.describe())
+            return standby
 
     def _wait_flushed(self, sequence: int | None, what: str) -> None:
         assert self.client is not None

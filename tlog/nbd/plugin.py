@@ -10,7 +10,7 @@ child.
 
 Keys: vdisk, server (repeatable), image, size, block-size, backend (file | redis), redis,
 redis-key-prefix, readonly, write-timeout, flush-timeout, connect-timeout, tls, tls-ca,
-tls-cert, tls-key, token-file.
+tls-cert, tls-key, token-file, standby, standby-key-prefix, failover-timeout.
 """
 
 # ruff: noqa: E402  (the path set-up must run before anything of tlog is imported)

@@ -12,7 +12,12 @@ from tlog.client import ThreadedClient, parse_address, security_options
 from tlog.storage import ServerAddress
 
 from .backend import Backend, BackendError, FileBackend, RedisBackend
-from .disk import DEFAULT_FLUSH_TIMEOUT, DEFAULT_WRITE_TIMEOUT, LoggedDisk
+from .disk import (
+    DEFAULT_FAILOVER_TIMEOUT,
+    DEFAULT_FLUSH_TIMEOUT,
+    DEFAULT_WRITE_TIMEOUT,
+    LoggedDisk,
+)
 
 _SIZE = re.compile(r"^(\d+)([KMGT]?)(i?B)?$", re.IGNORECASE)
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
@@ -51,6 +56,10 @@ class NbdSettings:
     tls_cert: str = ""
     tls_key: str = ""
     token_file: str = ""
+    #: the standby block store slave sync keeps in step (redis layout); "" = none
+    standby: str = ""
+    standby_key_prefix: str = ""
+    failover_timeout: float = DEFAULT_FAILOVER_TIMEOUT
 
     def set(self, key: str, value: str) -> None:
         """One nbdkit ``key=value`` argument."""
@@ -62,12 +71,14 @@ class NbdSettings:
                 self.size = parse_size(value)
             elif name == "block_size":
                 self.block_size = int(value)
-            elif name in ("write_timeout", "flush_timeout", "connect_timeout"):
+            elif name in ("write_timeout", "flush_timeout", "connect_timeout",
+                          "failover_timeout"):
                 setattr(self, name, float(value))
             elif name in ("readonly", "tls"):
                 setattr(self, name, value.lower() in ("1", "true", "yes", "on"))
             elif name in ("vdisk", "image", "backend", "redis", "redis_key_prefix", "tls_ca",
-                          "tls_cert", "tls_key", "token_file"):
+                          "tls_cert", "tls_key", "token_file", "standby",
+                          "standby_key_prefix"):
                 setattr(self, name, value)
             else:
                 raise SettingsError(f"unknown key {key!r}")
@@ -82,9 +93,10 @@ class NbdSettings:
                f"size={self.size}", f"block-size={self.block_size}", f"backend={self.backend}",
                f"readonly={int(self.readonly)}", f"write-timeout={self.write_timeout}",
                f"flush-timeout={self.flush_timeout}",
-               f"connect-timeout={self.connect_timeout}", f"tls={int(self.tls)}"]
+               f"connect-timeout={self.connect_timeout}", f"tls={int(self.tls)}",
+               f"failover-timeout={self.failover_timeout}"]
         for key in ("image", "redis", "redis_key_prefix", "tls_ca", "tls_cert", "tls_key",
-                    "token_file"):
+                    "token_file", "standby", "standby_key_prefix"):
             value = getattr(self, key)
             if value:
                 out.append(f"{key.replace('_', '-')}={value}")
@@ -99,7 +111,7 @@ class NbdSettings:
         if self.size < 0 or self.size % self.block_size:
             raise SettingsError(f"size: {self.size} is not a multiple of the block size "
                                 f"{self.block_size}")
-        for name in ("write_timeout", "flush_timeout", "connect_timeout"):
+        for name in ("write_timeout", "flush_timeout", "connect_timeout", "failover_timeout"):
             if getattr(self, name) <= 0:
                 raise SettingsError(f"{name.replace('_', '-')}: must be > 0 seconds")
         if not self.readonly:
@@ -130,6 +142,13 @@ class NbdSettings:
                 raise SettingsError("size: the redis backend needs the vdisk's size")
         else:
             raise SettingsError(f"backend: {self.backend!r} is not file or redis")
+        if self.standby:
+            try:
+                ServerAddress.parse(self.standby)
+            except ValueError as exc:
+                raise SettingsError(f"standby: {exc}") from None
+            if not self.size:
+                raise SettingsError("size: a standby needs the vdisk's size")
         for name in ("tls_ca", "tls_cert", "tls_key", "token_file"):
             path = getattr(self, name)
             if path and not os.path.isfile(path):
@@ -173,6 +192,13 @@ def open_disk(settings: NbdSettings) -> LoggedDisk:
         except BaseException:
             backend.close()
             raise
+    standby = None
+    if settings.standby:
+        def standby() -> Backend:
+            prefix = settings.standby_key_prefix or f"{settings.vdisk}:"
+            return RedisBackend(ServerAddress.parse(settings.standby), prefix,
+                                settings.block_size, size)
     return LoggedDisk(backend, size, client, vdisk=settings.vdisk,
                       write_timeout=settings.write_timeout,
-                      flush_timeout=settings.flush_timeout)
+                      flush_timeout=settings.flush_timeout, standby=standby,
+                      failover_timeout=settings.failover_timeout)
