@@ -8,6 +8,12 @@ FlushOKs): blocks/s and the server's CPU microseconds per block, read from
     .venv/bin/python benchmarks/server_ingest.py --blocks 50000 --runs 3
     .venv/bin/python benchmarks/server_ingest.py --memory-storage \
         --server-arg=--metrics-address=127.0.0.1:0
+    .venv/bin/python benchmarks/server_ingest.py --slave-sync   # + a standby kept in step
+
+With --slave-sync the vdisk has a standby redis (tlogserver --with-slave-sync); a run ends
+when the server answers WaitNbdSlaveSync (the standby holds every block), so the CPU per
+block includes applying it, and ``standby_seconds`` is how long after the last FlushOK the
+standby was in step.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -42,10 +49,16 @@ def make_blocks(n: int, random_data: bool) -> list[bytes]:
     return [ClientConnection.send_block(seq, seq, now, rng(4096)) for seq in range(n)]
 
 
-def one_run(args: argparse.Namespace, frames: list[bytes], storage: list[str]) -> dict[str, float]:
+def one_run(args: argparse.Namespace, frames: list[bytes], storage: list[str],
+            standby: str | None = None) -> dict[str, float]:
     port = free_port()
     cmd = [sys.executable, "-m", "tlogserver", "--address", f"127.0.0.1:{port}",
            "--flush-size", str(args.flush_size)]
+    if standby is not None:
+        config = Path(tempfile.mkdtemp(prefix="tlogbench-cfg")) / "tlogserver.yaml"
+        config.write_text(json.dumps({"vdisks": {f"bench{port}": {
+            "slave_sync": True, "slave_server": standby}}}))  # JSON is YAML
+        cmd += ["--config", str(config), "--with-slave-sync"]
     cmd += ["--storage-addresses", ",".join(storage), "--priv-key", KEY] if storage else [
         "--memory-storage"]
     cmd += args.server_arg
@@ -91,6 +104,23 @@ def one_run(args: argparse.Namespace, frames: list[bytes], storage: list[str]) -
                 if getattr(event, "status", None) == BlockStatus.FLUSH_OK:
                     flushed += len(event.sequences)  # type: ignore[union-attr]
         seconds = time.perf_counter() - t0
+        standby_seconds = 0.0
+        if standby is not None:
+            sock.setblocking(True)
+            sock.sendall(ClientConnection.send_wait_nbd_slave_sync())
+            answered = None
+            while answered is None:
+                data = sock.recv(1 << 20)
+                if not data:
+                    raise RuntimeError("server closed the connection")
+                for event in client.receive_data(data):
+                    status = getattr(event, "status", None)
+                    if status in (BlockStatus.WAIT_NBD_SLAVE_SYNC_RECEIVED,
+                                  BlockStatus.WAIT_NBD_SLAVE_SYNC_FAILED):
+                        answered = status
+            if answered != BlockStatus.WAIT_NBD_SLAVE_SYNC_RECEIVED:
+                raise RuntimeError("WaitNbdSlaveSync failed")
+            standby_seconds = time.perf_counter() - t0 - seconds
         cpu = cpu_seconds(server.pid) - cpu0
         sock.close()
     finally:
@@ -99,7 +129,8 @@ def one_run(args: argparse.Namespace, frames: list[bytes], storage: list[str]) -
     return {"blocks": want, "seconds": round(seconds, 3),
             "blocks_per_second": round(want / seconds),
             "mb_per_second": round(want * 4096 / seconds / 1e6, 1),
-            "server_cpu_us_per_block": round(cpu / want * 1e6, 2)}
+            "server_cpu_us_per_block": round(cpu / want * 1e6, 2),
+            "standby_seconds": round(standby_seconds, 3)}
 
 
 def main() -> None:
@@ -109,15 +140,19 @@ def main() -> None:
     parser.add_argument("--flush-size", type=int, default=25)
     parser.add_argument("--random-data", action="store_true")
     parser.add_argument("--memory-storage", action="store_true")
+    parser.add_argument("--slave-sync", action="store_true",
+                        help="give the vdisk a standby redis and wait until it is in step")
     parser.add_argument("--server-arg", action="append", default=[], metavar="ARG",
                         help="extra tlogserver argument, repeatable "
                              "(--server-arg=--metrics-address=127.0.0.1:0)")
     args = parser.parse_args()
     frames = make_blocks(args.blocks, args.random_data)
     results = []
-    with RedisPool(0 if args.memory_storage else 6) as redis:
+    with RedisPool(0 if args.memory_storage else 6) as redis, \
+            RedisPool(1 if args.slave_sync else 0) as standby:
         for _ in range(args.runs):
-            result = one_run(args, frames, redis.addresses)
+            result = one_run(args, frames, redis.addresses,
+                             standby.addresses[0] if args.slave_sync else None)
             print(json.dumps(result), flush=True)
             results.append(result)
     summary = {key: {"median": statistics.median(r[key] for r in results),
@@ -125,6 +160,7 @@ def main() -> None:
                for key in ("blocks_per_second", "server_cpu_us_per_block")}
     print(json.dumps({"summary": summary, "flush_size": args.flush_size,
                       "random_data": args.random_data, "server_args": args.server_arg,
+                      "slave_sync": args.slave_sync,
                       "storage": "memory" if args.memory_storage else "6 redis, k=4 m=2"}))
 
 
