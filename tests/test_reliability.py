@@ -281,21 +281,28 @@ def test_more_than_m_down_fails_flushes_and_everything_is_stored_once_back(
 # Two servers, one vdisk: no fork
 
 
-@pytest.mark.parametrize("case", ["client-left", "foreign-head", "unprotected"])
+@pytest.mark.parametrize("case", ["client-left", "foreign-head", "compare-and-set",
+                                  "unprotected"])
 def test_a_server_still_retrying_when_its_client_failed_over_does_not_fork_the_chain(
         redis6: list[RedisProcess], monkeypatch: pytest.MonkeyPatch, case: str) -> None:
     """Server A fails to flush 25..49 (two of six servers down, k+1 needed); its client
     fails over to server B, which stores them and 50..74 once storage is back. A must not
     store its copy on top of the chain afterwards: with no client left it gives up at its
     next retry ("client-left"); with a client still connected, it sees B's records on top
-    of its own and gives up ("foreign-head"). Without both rules A's copy becomes the head
-    of every last-hash list and B's acknowledged 50..74 drop out of the chain
-    ("unprotected")."""
+    of its own and gives up ("foreign-head"). Without that check, the compare-and-set of the
+    head alone refuses A's round (the heads are B's now) and A gives up all the same
+    ("compare-and-set"). Without both, A's copy becomes the head of every last-hash list and
+    B's acknowledged 50..74 drop out of the chain ("unprotected")."""
     monkeypatch.setattr(flusher_mod, "RETRY_MIN", 60.0)  # A retries when we say so
-    if case == "unprotected":
+    if case in ("compare-and-set", "unprotected"):
         async def no_fork_seen(self: flusher_mod.Flusher) -> None:
             return None
         monkeypatch.setattr(flusher_mod.Flusher, "_foreign_head", no_fork_seen)
+    if case == "unprotected":
+        async def plain_store(self: flusher_mod.Flusher, index: int, server: Any,
+                              items: list[tuple[bytes, bytes]], hashes: list[bytes]) -> None:
+            await server.store(items, self._list_key, hashes)
+        monkeypatch.setattr(flusher_mod.Flusher, "_store_on", plain_store)
     addresses = [r.address for r in redis6]
 
     async def scenario() -> None:

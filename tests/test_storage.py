@@ -13,6 +13,7 @@ import pytest
 from tlog.storage import (
     LAST_HASH_KEEP,
     ClusterPoolFactory,
+    HeadMoved,
     MemoryPoolFactory,
     MemoryStorageServer,
     RedisStorageServer,
@@ -274,6 +275,31 @@ def test_store_and_read_back(make_server: ServerMaker) -> None:
         assert await server.list_range(key) == [b"h3", b"h2", b"h1"]
         assert await server.list_range(b"no such list") == []
         await server.ping()
+        await server.close()
+
+    run(scenario())
+
+
+def test_store_compare_and_set_of_the_head(make_server: ServerMaker) -> None:
+    async def scenario() -> None:
+        server = make_server()
+        key = last_hash_key("cas")
+        await server.store([(b"h1", b"p1")], key, [b"h1"], expect_head=b"")  # no list yet
+        await server.store([(b"h2", b"p2")], key, [b"h2"], expect_head=b"h1")
+        # Another writer's view: the head is not h1 any more. Nothing is written.
+        with pytest.raises(HeadMoved) as refused:
+            await server.store([(b"h3", b"p3"), (b"m", b"x")], key, [b"h3"], expect_head=b"h1")
+        assert refused.value.head == b"h2" and "moved" in str(refused.value)
+        assert await server.get_many([b"h3", b"m"]) == [None, None]
+        assert await server.list_range(key) == [b"h2", b"h1"]
+        with pytest.raises(HeadMoved) as refused:
+            await server.store([], last_hash_key("none"), [b"x"], expect_head=b"h2")
+        assert refused.value.head == b""
+        # Many items and hashes in one go, trimmed as a plain store is.
+        items = [(b"k%d" % i, b"v%d" % i) for i in range(100)]
+        await server.store(items, key, [b"a", b"b", b"c"], keep=4, expect_head=b"h2")
+        assert await server.list_range(key) == [b"c", b"b", b"a", b"h2"]
+        assert await server.get(b"k99") == b"v99"
         await server.close()
 
     run(scenario())

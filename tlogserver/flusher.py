@@ -27,6 +27,14 @@ reconnects):
 - before a retry, a server's newest last-hash entry turns out to be a record
   that descends from this flusher's chain but was not written by it: another
   tlogserver has taken the vdisk over.
+
+Every store is a **compare-and-set** on the server's last-hash list: it lands only if the
+list's head is the one this flusher last saw there (read when the vdisk was opened, then
+what it pushed). Two writers extending the same head cannot both get a round through, as
+long as ``2 * min_pieces > k + m`` (each server takes one of them): a second tlogserver that
+still believes it owns the vdisk has its round refused and gives up, instead of forking
+the chain. A refusal naming one of our own records (a round that landed late, after it was
+counted as missing) or an empty list (the server lost its data) is continued from at once.
 """
 
 from __future__ import annotations
@@ -44,7 +52,7 @@ from tlog.read.fetch import DecodeError, fetch_record
 from tlog.read.repair import marker_key, marker_value
 from tlog.record.aggregation import RecordError, SealedRecord, is_v2, parse_v2_header
 from tlog.record.erasure import ErasureCoder
-from tlog.storage import StorageError, StoragePool, last_hash_key
+from tlog.storage import HeadMoved, StorageError, StoragePool, StorageServer, last_hash_key
 
 from .logs import ContextLogger
 from .stats import ServerStats
@@ -103,7 +111,8 @@ class Flusher:
                  on_stored: Callable[[list[Batch]], None],
                  on_failed: Callable[[list[Batch], Exception], None],
                  stats: ServerStats | None = None, *, min_pieces: int | None = None,
-                 straggler_wait: float | None = None) -> None:
+                 straggler_wait: float | None = None,
+                 server_heads: Sequence[bytes | None] | None = None) -> None:
         n = pool.k + pool.m
         if min_pieces is None:
             min_pieces = min(pool.k + DEFAULT_EXTRA_PIECES, n)
@@ -142,6 +151,12 @@ class Flusher:
         self._known_set: set[bytes] = set()
         self._remember(prev)
         self._not_forks: set[bytes] = set()
+        #: Per server, the head its last-hash list has as far as we know (b"": no list),
+        #: which the next store compares against; None: not known, the store is plain.
+        self.server_heads: list[bytes | None] = (
+            list(server_heads) if server_heads is not None else [None] * n)
+        #: A head another writer put on a server's list, seen by a refused store.
+        self.foreign_head: bytes | None = None
         self.failing = False
         self.abandoned = False
         self.stored_rounds = 0
@@ -275,6 +290,9 @@ class Flusher:
         """Before a retry: a reason to stop retrying (see the module doc), else None."""
         if not self._keep_retrying():
             return "storage failing and no client connected any more"
+        if self.foreign_head is not None:
+            return (f"another writer moved the chain head to {self.foreign_head.hex()[:16]} "
+                    "(a store compared the head and was refused)")
         try:
             async with asyncio.timeout(FORK_CHECK_TIMEOUT):
                 foreign = await self._foreign_head()
@@ -370,6 +388,7 @@ class Flusher:
         recorded; raises `RoundFailed` (a StorageError) when too few servers stored it.
         """
         hashes = [b.record.hash for b in batches if b.record is not None]
+        self.foreign_head = None
         servers = self.pool.servers
         addresses = [s.address for s in servers]
         errors: dict[int, str] = {}
@@ -391,11 +410,13 @@ class Flusher:
             items = [(h, b.pieces[i]) for h, b in zip(hashes, batches, strict=True)]
             if i not in expected:  # a server expected to miss the round needs no marker
                 items += markers
-            task = loop.create_task(server.store(items, self._list_key, hashes))
+            task = loop.create_task(self._store_on(i, server, items, hashes))
             tasks[task] = i
         started = time.perf_counter()
         ok = await self._wait_round(tasks, errors)
         elapsed = time.perf_counter() - started
+        for i in ok:
+            self.server_heads[i] = hashes[-1]
         missing = sorted(errors)
         self.missing_servers = frozenset(missing)
         for i in missing:
@@ -437,6 +458,8 @@ class Flusher:
                 exc = task.exception()
                 if exc is None:
                     ok.append(tasks[task])
+                elif isinstance(exc, HeadMoved):
+                    errors[tasks[task]] = self._head_moved(exc)
                 elif isinstance(exc, StorageError):
                     errors[tasks[task]] = str(exc)
                 else:
@@ -452,6 +475,25 @@ class Flusher:
             task.add_done_callback(_retrieve)
             self._outstanding[i] = task
         return sorted(ok)
+
+    async def _store_on(self, index: int, server: StorageServer,
+                        items: list[tuple[bytes, bytes]], hashes: list[bytes]) -> None:
+        """One server's part of a round, compared against the head we know it has. A head
+        of ours we did not expect (a round that landed after it was counted missing) or no
+        list at all (the server lost its data) is continued from at once; another writer's
+        head raises `HeadMoved`."""
+        try:
+            await server.store(items, self._list_key, hashes,
+                               expect_head=self.server_heads[index])
+        except HeadMoved as exc:
+            if exc.head != b"" and exc.head not in self._known_set:
+                raise
+            await server.store(items, self._list_key, hashes, expect_head=exc.head)
+
+    def _head_moved(self, exc: HeadMoved) -> str:
+        """A refused compare-and-set: another writer's head, remembered for the give-up."""
+        self.foreign_head = exc.head
+        return str(exc)
 
     async def _record_missing(self, hashes: list[bytes], missing: list[int],
                               ok: list[int]) -> None:

@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from tlog.read.fetch import DecodeError, stored_writes
-from tlog.read.head import find_last
+from tlog.read.head import find_last_and_heads
 from tlog.read.standby import StandbyStore
 from tlog.record.aggregation import Keyring, LegacyWriter, RecordOpener, V2Writer
 from tlog.record.crypto import LegacyCipher
@@ -116,6 +116,11 @@ class TlogServer:
                      f"also reading key ids {_key_ids(self.opener.keyring.ids[1:])}"
                      if len(self.opener.keyring.ids) > 1 else "no old keys")
         self._log_access()
+        pieces = cfg.min_pieces if cfg.min_pieces is not None else min(cfg.k + 1, cfg.k + cfg.m)
+        if 2 * pieces <= cfg.k + cfg.m:
+            log.warning("min-pieces %d of k+m=%d: two servers writing the same vdisk could "
+                        "both get a round stored (the head's compare-and-set needs "
+                        "2 * min-pieces > k + m to keep them apart)", pieces, cfg.k + cfg.m)
         self._start_slave_sync()
         if cfg.metrics_host is not None:
             # First, so that it is up once "listening on" is logged.
@@ -274,7 +279,7 @@ class TlogServer:
         cfg = self.config
         pool = self.factory.pool_for(vdisk_id)
         try:
-            last = await find_last(pool, vdisk_id, self.opener)
+            last, server_heads = await find_last_and_heads(pool, vdisk_id, self.opener)
         except DecodeError as exc:
             raise RuntimeError(f"cannot continue the chain: {exc}") from None
         prev = last.hash if last is not None else bytes(32)
@@ -301,7 +306,8 @@ class TlogServer:
             holder[0].on_stored(batches)
         flusher = Flusher(vdisk_id, pool, writer, prev, on_stored=on_stored,
                           on_failed=lambda batches, exc: holder[0].on_failed(batches, exc),
-                          stats=self.stats, min_pieces=cfg.min_pieces)
+                          stats=self.stats, min_pieces=cfg.min_pieces,
+                          server_heads=server_heads)
         vdisk = Vdisk(vdisk_id, cfg, flusher, self._retire, self.stats,
                       epoch=last.epoch if last is not None else 0,
                       last_sequence=last.last_sequence if last is not None else None,

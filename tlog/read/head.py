@@ -19,7 +19,7 @@ from .fetch import DecodeError, Fetched, PieceReader, TooFewPieces, open_checked
 log = logging.getLogger(__name__)
 
 
-async def _last_hashes(pool: StoragePool, vdisk_id: str) -> list[list[bytes]]:
+async def _last_hashes(pool: StoragePool, vdisk_id: str) -> list[list[bytes] | None]:
     async def one(index: int) -> list[bytes] | None:
         try:
             return await pool.servers[index].list_range(last_hash_key(vdisk_id))
@@ -33,21 +33,27 @@ async def _last_hashes(pool: StoragePool, vdisk_id: str) -> list[list[bytes]]:
         # With more than m servers silent, "no list" may just mean "not reachable".
         raise DecodeError(f"vdisk {vdisk_id}: {down} of {len(pool.servers)} storage servers "
                           f"unreachable, cannot tell where the chain ends")
-    return [entries or [] for entries in lists]
+    return lists
 
 
 @dataclass
 class Head:
     agg: Aggregation | None
-    lists: list[list[bytes]]
+    lists: list[list[bytes]]  # per server, newest first ([] also for an unreachable one)
     tried: dict[bytes, Aggregation | None]
     errors: dict[bytes, str]
     fetched: dict[bytes, Fetched]
+    #: Per server, the newest entry of its list: b"" none, None unreachable (what a writer
+    #: continuing the chain compares against before it moves a server's head).
+    server_heads: list[bytes | None]
 
 
 async def find_head(pool: StoragePool, vdisk_id: str, opener: RecordOpener,
                      reader: PieceReader) -> Head:
-    lists = await _last_hashes(pool, vdisk_id)
+    found_lists = await _last_hashes(pool, vdisk_id)
+    heads = [None if entries is None else (entries[0] if entries else b"")
+             for entries in found_lists]
+    lists = [entries or [] for entries in found_lists]
     best: Aggregation | None = None
     tried: dict[bytes, Aggregation | None] = {}
     errors: dict[bytes, str] = {}
@@ -86,10 +92,10 @@ async def find_head(pool: StoragePool, vdisk_id: str, opener: RecordOpener,
             log.warning("vdisk %s: ignoring %d unfinished round(s) named in the last-hash "
                         "lists (stored on fewer than k servers, never acknowledged): %s",
                         vdisk_id, len(unfinished), ", ".join(k.hex()[:16] for k in unfinished))
-            return Head(None, lists, tried, errors, fetched)
+            return Head(None, lists, tried, errors, fetched, heads)
         raise DecodeError(f"vdisk {vdisk_id}: no last hash decodes: "
                           f"{'; '.join(list(errors.values())[:3])}")
-    return Head(best, lists, tried, errors, fetched)
+    return Head(best, lists, tried, errors, fetched, heads)
 
 
 async def find_last(pool: StoragePool, vdisk_id: str, opener: RecordOpener,
@@ -101,3 +107,11 @@ async def find_last(pool: StoragePool, vdisk_id: str, opener: RecordOpener,
     """
     reader = PieceReader(pool, coder or ErasureCoder(pool.k, pool.m))
     return (await find_head(pool, vdisk_id, opener, reader)).agg
+
+
+async def find_last_and_heads(pool: StoragePool, vdisk_id: str, opener: RecordOpener
+                              ) -> tuple[Aggregation | None, list[bytes | None]]:
+    """`find_last`, and each server's newest last-hash entry (see `Head.server_heads`)."""
+    reader = PieceReader(pool, ErasureCoder(pool.k, pool.m))
+    head = await find_head(pool, vdisk_id, opener, reader)
+    return head.agg, head.server_heads

@@ -18,6 +18,7 @@ from .pool import (
 )
 from .server import (
     LAST_HASH_KEEP,
+    HeadMoved,
     MemoryStorageServer,
     RedisStorageServer,
     StorageError,
@@ -33,7 +34,7 @@ from .storagemap import (
 )
 
 __all__ = [
-    "LAST_HASH_KEEP", "VDISK_ACCESS_KEYS", "VDISK_SLAVE_KEYS", "ClusterPoolFactory",
+    "LAST_HASH_KEEP", "HeadMoved", "VDISK_ACCESS_KEYS", "VDISK_SLAVE_KEYS", "ClusterPoolFactory",
     "MemoryPoolFactory",
     "MemoryStorageServer", "RedisStorageServer", "ServerAddress", "StaticPoolFactory",
     "StorageConfig", "StorageConfigError", "StorageError", "StoragePool", "StoragePoolFactory",

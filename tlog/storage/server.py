@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import hashlib
+import logging
 import math
 from collections import deque
 from collections.abc import Sequence
@@ -25,8 +27,36 @@ from .resp import pack_commands
 LAST_HASH_KEEP = 6
 
 
+log = logging.getLogger(__name__)
+
+
 class StorageError(Exception):
     """A storage server could not be reached or refused a command; names the server."""
+
+
+class HeadMoved(StorageError):
+    """A compare-and-set `StorageServer.store` found another head on top of the last-hash
+    list than the one expected (``head``; b"" for no list): nothing was written."""
+
+    def __init__(self, message: str, head: bytes) -> None:
+        super().__init__(message)
+        self.head = head
+
+
+#: The compare-and-set store, atomic on the server: when the list's head (LINDEX 0, '' for
+#: none) is ARGV[1], MSET the ARGV[3] (key, value) pairs, LPUSH the rest, LTRIM to ARGV[2].
+_CAS_SCRIPT = b"""
+local head = redis.call('LINDEX', KEYS[1], 0) or ''
+if head ~= ARGV[1] then return {'moved', head} end
+local n = tonumber(ARGV[3])
+if n > 0 then redis.call('MSET', unpack(ARGV, 4, 3 + 2 * n)) end
+if #ARGV >= 4 + 2 * n then
+  redis.call('LPUSH', KEYS[1], unpack(ARGV, 4 + 2 * n, #ARGV))
+  redis.call('LTRIM', KEYS[1], 0, tonumber(ARGV[2]) - 1)
+end
+return 'OK'
+"""
+_CAS_SHA = hashlib.sha1(_CAS_SCRIPT).hexdigest().encode()
 
 
 def last_hash_key(vdisk_id: str) -> bytes:
@@ -48,11 +78,14 @@ class StorageServer(abc.ABC):
         list_key: bytes,
         push: Sequence[bytes],
         keep: int = LAST_HASH_KEEP,
+        expect_head: bytes | None = None,
     ) -> None:
         """SET every (key, value), LPUSH ``push`` in order onto ``list_key``, trim to ``keep``.
 
         ``push[-1]`` ends at the head of the list. One round trip; the commands run in order
         even when some fail (not a transaction); any failure raises :class:`StorageError`.
+        With ``expect_head`` (b"": no list) it is a compare-and-set: all of it happens, at
+        once, only if the list's head is that; otherwise :class:`HeadMoved`.
         """
 
     @abc.abstractmethod
@@ -170,6 +203,8 @@ class RedisStorageServer(StorageServer):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._link: _Link | None = None
         self._closed = False
+        self._script_cached = False  # EVALSHA works (else EVAL, which caches it)
+        self._no_scripts = False  # the server has no Lua (ARDB builds without it)
 
     def __repr__(self) -> str:
         return f"RedisStorageServer({self.address!r})"
@@ -286,11 +321,45 @@ class RedisStorageServer(StorageServer):
         list_key: bytes,
         push: Sequence[bytes],
         keep: int = LAST_HASH_KEEP,
+        expect_head: bytes | None = None,
     ) -> None:
         _check_keep(keep)
+        if expect_head is not None and not self._no_scripts:
+            await self._store_if(items, list_key, push, keep, expect_head)
+            return
         commands = _store_commands(items, list_key, push, keep)
         if commands:
             await self._execute(commands)
+
+    async def _store_if(self, items: Sequence[tuple[bytes, bytes]], list_key: bytes,
+                        push: Sequence[bytes], keep: int, expect_head: bytes) -> None:
+        args: list[Any] = [1, list_key, expect_head, keep, len(items)]
+        for key, value in items:
+            args += (key, value)
+        args += push
+        for _ in range(2):
+            command = ((b"EVALSHA", _CAS_SHA, *args) if self._script_cached
+                       else (b"EVAL", _CAS_SCRIPT, *args))
+            try:
+                reply = (await self._execute([command]))[0]
+            except StorageError as exc:
+                text = str(exc)
+                if self._script_cached and ("NOSCRIPT" in text or "No matching script" in text):
+                    self._script_cached = False  # the server restarted: send it again
+                    continue
+                if "unknown command" in text.lower():
+                    self._no_scripts = True
+                    log.warning("storage server %s runs no Lua scripts: the chain head is "
+                                "moved without compare-and-set on it", self.address)
+                    await self.store(items, list_key, push, keep)
+                    return
+                raise
+            self._script_cached = True
+            if isinstance(reply, list) and reply and reply[0] == b"moved":
+                head = bytes(reply[1])
+                raise HeadMoved(f"storage server {self.address}: the chain head moved to "
+                                f"{head.hex()[:16] or 'nothing'} (another writer?)", head)
+            return
 
     async def get(self, key: bytes) -> bytes | None:
         reply: bytes | None = (await self._execute([(b"GET", key)]))[0]
@@ -362,8 +431,17 @@ class MemoryStorageServer(StorageServer):
         list_key: bytes,
         push: Sequence[bytes],
         keep: int = LAST_HASH_KEEP,
+        expect_head: bytes | None = None,
     ) -> None:
         _check_keep(keep)
+        if expect_head is not None:
+            current = self._data.get(bytes(list_key))
+            if current is not None and not isinstance(current, list):
+                raise self._wrongtype(list_key)
+            head = current[0] if current else b""
+            if head != expect_head:
+                raise HeadMoved(f"storage server {self.address}: the chain head moved to "
+                                f"{head.hex()[:16] or 'nothing'} (another writer?)", head)
         for key, value in items:
             self._data[bytes(key)] = bytes(value)
         if push:
