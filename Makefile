@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 ADDRESS ?= 127.0.0.1:11211
 
-.PHONY: install redis nbd run test lint typecheck check bench soak clean
+.PHONY: install redis nbd etcd run test lint typecheck check bench soak clean
 
 $(BIN)/tlogserver: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -22,10 +22,14 @@ redis:
 nbd:
 	@./scripts/install_nbd.sh
 
+# etcd for the configuration-source and vdisk-ownership tests.
+etcd:
+	@./scripts/install_etcd.sh
+
 run: install
 	$(BIN)/tlogserver --address $(ADDRESS) --memory-storage
 
-test: install redis nbd
+test: install redis nbd etcd
 	$(BIN)/pytest -q
 
 lint: install

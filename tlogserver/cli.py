@@ -12,7 +12,7 @@ import click
 from tlog.allocator import tune_allocator
 
 from . import config as config_mod
-from . import logs
+from . import etcdsource, logs
 from .config import ConfigError, ServerConfig
 
 _D = ServerConfig()
@@ -31,9 +31,10 @@ _D = ServerConfig()
 @click.option("--memory-storage", is_flag=True,
               help="Use the embedded in-memory storage (the default when no storage is given); "
                    "nothing survives a restart.")
-@click.option("--config", type=click.Path(dir_okay=False),
+@click.option("--config",
               help="YAML file with any of these options (underscored names) and the vdisk -> "
-                   "storage cluster map.")
+                   "storage cluster map; or etcd://HOST:PORT[,HOST:PORT...]/PREFIX to read "
+                   "the same from etcd keys, watched (docs/operations.md).")
 @click.option("-k", "--k", type=int, default=_D.k, show_default=True,
               help="Data pieces per aggregation.")
 @click.option("-m", "--m", type=int, default=_D.m, show_default=True,
@@ -142,8 +143,14 @@ def command(ctx: click.Context, **values: Any) -> None:
     explicit = {name for name in values
                 if ctx.get_parameter_source(name) in (click.core.ParameterSource.COMMANDLINE,
                                                       click.core.ParameterSource.ENVIRONMENT)}
+    source = None
     try:
-        cfg = config_mod.from_sources(values, explicit)
+        if etcdsource.is_etcd(values.get("config")):
+            url = etcdsource.EtcdUrl.parse(values["config"])
+            cfg = config_mod.from_sources(values, explicit, etcdsource.load_at_start(url))
+            source = etcdsource.EtcdSource(url)
+        else:
+            cfg = config_mod.from_sources(values, explicit)
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from None
     logs.setup(cfg.effective_log_level, cfg.log_format, cfg.log_file)
@@ -158,12 +165,18 @@ def command(ctx: click.Context, **values: Any) -> None:
         # The same flags and environment as at start; only the file is read again.
         return config_mod.from_sources(values, explicit)
 
+    def rebuild(data: dict[str, Any]) -> ServerConfig:
+        # The same flags and environment as at start, over what etcd holds now.
+        return config_mod.from_sources(values, explicit, data)
+
+    main = (run(cfg, reload=reload) if source is None
+            else run(cfg, source=source, rebuild=rebuild))
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency
-        code = asyncio.run(run(cfg, reload=reload))
+        code = asyncio.run(main)
     else:
-        code = uvloop.run(run(cfg, reload=reload))
+        code = uvloop.run(main)
     sys.exit(code)
 
 

@@ -357,12 +357,13 @@ def load_yaml(path: str) -> dict[str, Any]:
     return data
 
 
-def from_sources(cli_values: Mapping[str, Any], explicit: set[str]) -> ServerConfig:
-    """Merge flag/env values (``explicit`` = names the user set) over the YAML file."""
+def from_sources(cli_values: Mapping[str, Any], explicit: set[str],
+                 file_data: dict[str, Any] | None = None) -> ServerConfig:
+    """Merge flag/env values (``explicit`` = names the user set) over the YAML file, or
+    over ``file_data`` (the same content read from etcd, `tlogserver.etcdsource`)."""
     values = dict(cli_values)
-    file_data: dict[str, Any] = {}
-    if values.get("config"):
-        file_data = load_yaml(values["config"])
+    if file_data is None:
+        file_data = load_yaml(values["config"]) if values.get("config") else {}
     known = set(ServerConfig.option_names()) - {"config"}
     for key, value in file_data.items():
         name = str(key).replace("-", "_")

@@ -10,6 +10,7 @@ and health checks when asked to (`tlogserver.http`, `tlogserver.metrics`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import ssl
@@ -39,6 +40,7 @@ from .config import (
     server_tls_context,
 )
 from .connection import TlogConnection
+from .etcdsource import EtcdSource
 from .flusher import Batch, Flusher
 from .http import OpsServer
 from .metrics import ServerCollector, make_registry
@@ -64,6 +66,8 @@ class TlogServer:
         #: Slave sync of each vdisk with a standby (--with-slave-sync); they outlive the
         #: vdisks' open/release cycles.
         self.syncers: dict[str, SlaveSyncer] = {}
+        #: Where the config comes from when it is etcd (watched), for /readyz.
+        self.config_source: EtcdSource | None = None
         self._opening: dict[str, asyncio.Future[Vdisk]] = {}
         self.connections: set[TlogConnection] = set()
         self._server: asyncio.base_events.Server | None = None
@@ -382,6 +386,10 @@ class TlogServer:
         """
         if self._stopping.is_set():
             return False, "shutting down"
+        source = self.config_source
+        if source is not None and source.error:
+            return False, f"config source unreachable (running on the last good config): " \
+                f"{source.error}"
         if self._server is None or not self._server.is_serving():
             return False, "not listening yet"
         loop = asyncio.get_running_loop()
@@ -544,13 +552,23 @@ async def _ping(server: StorageServer) -> str | None:
 
 
 async def run(config: ServerConfig, ready: asyncio.Event | None = None,
-              reload: Callable[[], ServerConfig] | None = None) -> int:
+              reload: Callable[[], ServerConfig] | None = None, *,
+              source: EtcdSource | None = None,
+              rebuild: Callable[[dict[str, Any]], ServerConfig] | None = None) -> int:
     """Run until SIGTERM/SIGINT, then drain; returns the exit code.
 
     SIGHUP builds the config again with ``reload`` (the file re-read, the same flags) and
-    applies what can change while running.
+    applies what can change while running. With an etcd ``source``, every change of its
+    keys is applied so (``rebuild`` turns what it holds into a config), and SIGHUP reads
+    them again.
     """
     server = TlogServer(config)
+    server.config_source = source
+    if source is not None and rebuild is not None:
+        def apply(data: dict[str, Any]) -> None:
+            server.reload_from(lambda: rebuild(data))
+        watcher = asyncio.get_running_loop().create_task(source.watch(apply),
+                                                         name="config watch")
     loop = asyncio.get_running_loop()
     signals = 0
 
@@ -565,6 +583,10 @@ async def run(config: ServerConfig, ready: asyncio.Event | None = None,
             raise SystemExit(1)
 
     def on_hangup() -> None:
+        if source is not None:
+            log.info("SIGHUP received: reading the config from %s again", source.url)
+            source.reload_now()
+            return
         if reload is None:
             log.warning("SIGHUP received: no config to reload")
             return
@@ -581,5 +603,10 @@ async def run(config: ServerConfig, ready: asyncio.Event | None = None,
         ready.set()
     await server.serve_forever()
     clean = await server.shutdown()
+    if source is not None:
+        watcher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watcher
+        await source.close()
     log.info("stopped%s", "" if clean else " (drain incomplete)")
     return 0 if clean else 1
