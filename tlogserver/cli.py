@@ -126,6 +126,12 @@ _D = ServerConfig()
               show_default=True,
               help="Per vdisk: bytes of stored blocks kept for a standby that is behind; "
                    "beyond them it catches up from the log.")
+@click.option("--server-id", default=None,
+              help="With an etcd config: this server's name in the vdisk ownership keys "
+                   "[default: hostname:port].")
+@click.option("--owner-lease-ttl", type=int, default=_D.owner_lease_ttl, show_default=True,
+              help="With an etcd config: seconds a vdisk stays owned by this server after "
+                   "it stops renewing its lease (dies or loses etcd).")
 @click.pass_context
 def command(ctx: click.Context, **values: Any) -> None:
     """Transaction-log server for virtual block devices (wire compatible with 0-Disk).

@@ -101,6 +101,10 @@ class ServerConfig:
     slave_sync_timeout: float = 30.0
     #: per vdisk: bytes of stored blocks queued for the standby; beyond, it reads the log
     slave_sync_queue_bytes: int = 64 * 1024 * 1024
+    #: with an etcd config: this server's name in the vdisk ownership keys (default
+    #: hostname:port) and the seconds its lease outlives it
+    server_id: str | None = None
+    owner_lease_ttl: int = 10
 
     # from the YAML file's structure (from_sources), not options
     vdisk_access: dict[str, Any] = field(default_factory=dict, init=False, repr=False)
@@ -139,7 +143,7 @@ class ServerConfig:
             raise ConfigError(f"log-format: must be text or json, got {self.log_format!r}")
         for name in ("k", "flush_size", "block_size", "max_message_size", "max_buffered_blocks",
                      "max_buffered_bytes", "max_pending_bytes", "max_server_buffered_bytes",
-                     "slave_sync_queue_bytes"):
+                     "slave_sync_queue_bytes", "owner_lease_ttl"):
             _positive_int(name, getattr(self, name))
         if (isinstance(self.max_connections, bool) or not isinstance(self.max_connections, int)
                 or self.max_connections < 0):

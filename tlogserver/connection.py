@@ -32,6 +32,7 @@ from .config import (
     ServerConfig,
 )
 from .logs import ContextLogger
+from .ownership import NotOwner
 from .stats import ServerStats
 from .vdisk import HandshakeResult, StoredWritesReader, Vdisk
 
@@ -296,6 +297,9 @@ class TlogConnection(asyncio.BufferedProtocol):
             except StorageConfigError as exc:
                 self.log.warning("vdisk refused: %s", exc, extra=context)
                 return HandshakeResult(HandshakeStatus.INVALID_VDISK_ID)
+            except NotOwner as exc:
+                self.log.info("handshake refused: %s", exc, extra=context)
+                return HandshakeResult(HandshakeStatus.NOT_OWNER)
             except Exception as exc:  # storage down, unreadable chain: the client retries
                 self.log.error("cannot open the vdisk: %s", exc, extra=context)
                 return HandshakeResult(HandshakeStatus.INTERNAL_SERVER_ERROR)

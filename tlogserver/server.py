@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import socket
 import ssl
 import time
 from collections.abc import Awaitable, Callable
@@ -26,6 +27,7 @@ from tlog.record.crypto import LegacyCipher
 from tlog.storage import (
     ClusterPoolFactory,
     StorageConfigError,
+    StoragePool,
     StoragePoolFactory,
     StorageServer,
     any_pool_factory,
@@ -44,6 +46,7 @@ from .etcdsource import EtcdSource
 from .flusher import Batch, Flusher
 from .http import OpsServer
 from .metrics import ServerCollector, make_registry
+from .ownership import Ownership
 from .slavesync import SlaveSyncer
 from .stats import ServerStats
 from .vdisk import BufferBudget, StoredWritesReader, Vdisk
@@ -68,6 +71,8 @@ class TlogServer:
         self.syncers: dict[str, SlaveSyncer] = {}
         #: Where the config comes from when it is etcd (watched), for /readyz.
         self.config_source: EtcdSource | None = None
+        #: Vdisk ownership leases (with an etcd config).
+        self.ownership: Ownership | None = None
         self._opening: dict[str, asyncio.Future[Vdisk]] = {}
         self.connections: set[TlogConnection] = set()
         self._server: asyncio.base_events.Server | None = None
@@ -186,6 +191,12 @@ class TlogServer:
             log.warning("vdisks have slave_sync in the config, but --with-slave-sync is off: "
                         "their standbys are not synced")
 
+    def ownership_lost(self, reason: str) -> None:
+        """The etcd lease could not be kept: close every open vdisk (clients reconnect,
+        and the handshake claims the vdisk again, here or at its new owner)."""
+        for vdisk in list(self.vdisks.values()):
+            vdisk.abandon(reason)
+
     def slave_sync_unavailable(self, vdisk: Vdisk) -> str | None:
         """Why a WaitNbdSlaveSync for ``vdisk`` fails at once (None: it is waited for)."""
         if vdisk.id in self.syncers:
@@ -280,8 +291,18 @@ class TlogServer:
             del self._opening[vdisk_id]
 
     async def _open(self, vdisk_id: str) -> Vdisk:
-        cfg = self.config
         pool = self.factory.pool_for(vdisk_id)
+        if self.ownership is None:
+            return await self._open_owned(vdisk_id, pool)
+        await self.ownership.claim(vdisk_id)  # NotOwner: another server has it
+        try:
+            return await self._open_owned(vdisk_id, pool)
+        except BaseException:
+            await self.ownership.release(vdisk_id)
+            raise
+
+    async def _open_owned(self, vdisk_id: str, pool: StoragePool) -> Vdisk:
+        cfg = self.config
         try:
             last, server_heads = await find_last_and_heads(pool, vdisk_id, self.opener)
         except DecodeError as exc:
@@ -324,6 +345,8 @@ class TlogServer:
         if self.vdisks.get(vdisk.id) is vdisk:
             del self.vdisks[vdisk.id]
         asyncio.get_running_loop().create_task(vdisk.flusher.stop())
+        if self.ownership is not None and not self._stopping.is_set():
+            asyncio.get_running_loop().create_task(self.ownership.release(vdisk.id))
         log.debug("idle, released", extra={"vdisk": vdisk.id})
 
     async def serve_forever(self) -> None:
@@ -356,6 +379,8 @@ class TlogServer:
         for vdisk in vdisks:
             await vdisk.flusher.stop()
         await self._stop_slave_sync()
+        if self.ownership is not None:
+            await self.ownership.close()
         for listener in (self._server, self._plain_server):
             if listener is not None:
                 await listener.wait_closed()
@@ -564,6 +589,11 @@ async def run(config: ServerConfig, ready: asyncio.Event | None = None,
     """
     server = TlogServer(config)
     server.config_source = source
+    if source is not None:
+        server.ownership = Ownership(
+            source, config.server_id or f"{socket.gethostname()}:{config.port}",
+            config.owner_lease_ttl, on_lost=server.ownership_lost)
+        server.ownership.start()
     if source is not None and rebuild is not None:
         def apply(data: dict[str, Any]) -> None:
             server.reload_from(lambda: rebuild(data))

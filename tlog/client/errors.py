@@ -64,7 +64,13 @@ class UnauthorizedError(HandshakeError):
     permanent = True
 
 
+class NotOwnerError(HandshakeError):
+    """HandshakeStatus NotOwner (ours, -7): another tlogserver owns the vdisk (an etcd
+    lease); transient: the client tries its next server, and this one again later."""
+
+
 _HANDSHAKE_ERRORS: dict[int, type[HandshakeError]] = {
+    HandshakeStatus.NOT_OWNER: NotOwnerError,
     HandshakeStatus.UNAUTHORIZED: UnauthorizedError,
     HandshakeStatus.INVALID_REQUEST: InvalidRequestError,
     HandshakeStatus.INVALID_VERSION: InvalidVersionError,

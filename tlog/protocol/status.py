@@ -31,6 +31,8 @@ class HandshakeStatus(enum.IntEnum):
     reports an unknown one as "invalid connection with unknown status: -6".
     """
 
+    #: Ours: another tlogserver of the fleet owns the vdisk (its etcd lease); try the next.
+    NOT_OWNER = -7
     UNAUTHORIZED = -6
     INTERNAL_SERVER_ERROR = -4
     INVALID_VDISK_ID = -3
