@@ -13,13 +13,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tlog.client import InvalidVdiskIDError, ThreadedClient
+from tlog.client import InternalServerError, InvalidVdiskIDError, ThreadedClient
 from tlog.protocol import Operation
 
 from .etcd_fixture import EtcdProcess, etcd  # noqa: F401  (the fixture)
 from .redis_fixture import RedisProcess
 from .serverproc import ServerProcess, pick_port
-from .test_cli_read import KEY
+from .test_cli_read import KEY, tlog_cli
 
 WAIT = 30.0
 
@@ -110,16 +110,24 @@ def test_etcd_down_keeps_the_last_good_config_and_readyz_says_so(
         etcd: EtcdProcess, redis6: list[RedisProcess]) -> None:  # noqa: F811
     clusters(etcd, redis6)
     put_yaml(etcd, "vdisks/vd1", {"storage_cluster": "a"})
+    put_yaml(etcd, "vdisks/vd9", {"storage_cluster": "a"})
     port = pick_port()
     server = start(etcd, metrics=port)
     try:
         wait_until(lambda: readyz(port)[0] == 200, "ready")
-        etcd.stop()
-        wait_until(lambda: readyz(port)[0] == 503, "not ready")
-        assert "config source unreachable" in readyz(port)[1]
-        server.wait_for_log("config source .* unreachable, keeping the running config")
-        write(server, "vd1")  # the last good config serves on
+        with ThreadedClient([server.address], "vd1", None) as client:
+            etcd.stop()
+            wait_until(lambda: readyz(port)[0] == 503, "not ready")
+            assert "config source unreachable" in readyz(port)[1]
+            server.wait_for_log("config source .* unreachable, keeping the running config")
+            # The open vdisk is served on (its lease outlives a short outage)...
+            for i in range(10):
+                client.send_next(Operation.SET, i, None, bytes([i]) * 4096)
+            client.wait_flushed(timeout=WAIT)
         assert stored_in(redis6, "vd1") == [0]
+        # ...but no vdisk is taken on while its ownership cannot be claimed (transient).
+        with pytest.raises((InternalServerError, ConnectionError), match="INTERNAL_SERVER"):
+            ThreadedClient([server.address], "vd9", None, connect_timeout=2)
         etcd.start()
         server.wait_for_log("reachable again")
         wait_until(lambda: readyz(port)[0] == 200, "ready again")
@@ -149,3 +157,29 @@ def test_etcd_errors_at_start_are_one_clear_line(etcd: EtcdProcess,  # noqa: F81
     assert proc.returncode != 0 and "etcd unreachable" in proc.stderr, proc.stderr
     proc = run("--config", f"etcd://{etcd.address}")
     assert proc.returncode != 0 and "needs a key prefix" in proc.stderr
+
+
+def test_tlog_config_checks_before_it_writes(etcd: EtcdProcess,  # noqa: F811
+                                             tmp_path: Path) -> None:
+    servers = [f"127.0.0.1:{6400 + i}" for i in range(6)]
+    config = tmp_path / "tlogserver.yaml"
+    config.write_text(yaml.safe_dump({
+        "flush_size": 50, "storage_clusters": {"a": {"servers": servers}},
+        "vdisks": {"vd1": {"storage_cluster": "a"}}}))
+    url = etcd.url()
+    out = tlog_cli("config", "import", "--etcd", url, str(config)).stdout
+    assert "3 key(s) written" in out
+    assert yaml.safe_load(etcd.get("/tlog/vdisks/vd1") or b"") == {"storage_cluster": "a"}
+    assert tlog_cli("config", "get", "--etcd", url, "server").stdout.strip() == "flush_size: 50"
+    assert "3 key(s), valid" in tlog_cli("config", "check", "--etcd", url).stdout
+
+    bad = tlog_cli("config", "put", "--etcd", url, "vdisks/vd2", "storage_cluster: nope",
+                   check=False)
+    assert bad.returncode == 1 and "unknown storage cluster 'nope'" in bad.stderr
+    assert etcd.get("/tlog/vdisks/vd2") is None  # not written
+    bad = tlog_cli("config", "put", "--etcd", url, "server", "flush_size: many", check=False)
+    assert bad.returncode == 1 and "flush_size: expected a whole number" in bad.stderr
+    bad = tlog_cli("config", "delete", "--etcd", url, "clusters/a", check=False)
+    assert bad.returncode == 1 and "storage_clusters: missing" in bad.stderr
+    tlog_cli("config", "put", "--etcd", url, "vdisks/vd2", "storage_cluster: a")
+    assert etcd.get("/tlog/vdisks/vd2") == b"storage_cluster: a"

@@ -393,6 +393,30 @@ def from_sources(cli_values: Mapping[str, Any], explicit: set[str],
     return cfg.validate()
 
 
+def check_file_data(data: Mapping[str, Any], source: str) -> None:
+    """Check a config's content (a YAML file's, or what etcd holds) without starting a
+    server: option names and types, the storage map, access rules, slave sync entries.
+    What needs the server's machine (key and certificate files) is checked at its start.
+    Raises ConfigError naming the key."""
+    known = set(ServerConfig.option_names()) - {"config"}
+    values = {name: getattr(ServerConfig(), name) for name in known}
+    for key, value in data.items():
+        name = str(key).replace("-", "_")
+        if key in STORAGE_KEYS or key in ACCESS_KEYS:
+            continue
+        if name not in known:
+            raise ConfigError(f"config {source}: unknown key {key!r}")
+        values[name] = _coerce(name, value, source)
+    k, m = values["k"], values["m"]
+    try:
+        if _has_storage_map(data):
+            parse_storage_config(data, k + m)
+        parse_slave_targets(data.get("vdisks"))
+        parse_policy(values["access"], data.get("vdisks"), data.get("tls_clients"))
+    except (StorageConfigError, AccessConfigError) as exc:
+        raise ConfigError(f"config {source}: {exc}") from None
+
+
 def _has_storage_map(file_data: Mapping[str, Any]) -> bool:
     """Whether the file maps vdisks to storage clusters (its ``vdisks`` entries may hold
     only access settings, for a server on --storage-addresses)."""

@@ -10,6 +10,9 @@ same ``TLOG_*`` environment variables and from the same YAML config file
 
 from __future__ import annotations
 
+import logging
+from importlib import metadata
+
 import click
 
 from .inspect import inspect_command
@@ -33,6 +36,19 @@ def cli() -> None:
 for _command in (restore_command, inspect_command, verify_command, repair_command,
                  rekey_command, send_command, nbd_command, slave_status_command):
     cli.add_command(_command)
+
+
+def _plugin_commands() -> None:
+    """Commands other packages register under the ``tlog.commands`` entry point (the
+    daemon's ``tlog config``)."""
+    for entry in metadata.entry_points(group="tlog.commands"):
+        try:
+            cli.add_command(entry.load(), entry.name)
+        except ImportError as exc:  # a partial installation: say so, keep the rest
+            logging.getLogger("tlog").debug("tlog %s unavailable: %s", entry.name, exc)
+
+
+_plugin_commands()
 
 
 def main() -> None:
