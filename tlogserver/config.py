@@ -369,14 +369,9 @@ def from_sources(cli_values: Mapping[str, Any], explicit: set[str],
     if file_data is None:
         file_data = load_yaml(values["config"]) if values.get("config") else {}
     known = set(ServerConfig.option_names()) - {"config"}
-    for key, value in file_data.items():
-        name = str(key).replace("-", "_")
-        if key in STORAGE_KEYS or key in ACCESS_KEYS:
-            continue
-        if name not in known:
-            raise ConfigError(f"config {values['config']}: unknown key {key!r}")
+    for name, value in file_options(file_data, values["config"]).items():
         if name not in explicit:
-            values[name] = _coerce(name, value, values["config"])
+            values[name] = value
     cfg = ServerConfig(**{k: v for k, v in values.items() if k in known | {"config"}})
     if _has_storage_map(file_data):
         try:
@@ -393,20 +388,29 @@ def from_sources(cli_values: Mapping[str, Any], explicit: set[str],
     return cfg.validate()
 
 
-def check_file_data(data: Mapping[str, Any], source: str) -> None:
-    """Check a config's content (a YAML file's, or what etcd holds) without starting a
-    server: option names and types, the storage map, access rules, slave sync entries.
-    What needs the server's machine (key and certificate files) is checked at its start.
-    Raises ConfigError naming the key."""
+def file_options(data: Mapping[str, Any], source: str | None) -> dict[str, Any]:
+    """The server options of a config's content, typed; ConfigError for an unknown key or
+    a wrong type (the storage map and access keys are left to their parsers)."""
     known = set(ServerConfig.option_names()) - {"config"}
-    values = {name: getattr(ServerConfig(), name) for name in known}
+    options: dict[str, Any] = {}
     for key, value in data.items():
         name = str(key).replace("-", "_")
         if key in STORAGE_KEYS or key in ACCESS_KEYS:
             continue
         if name not in known:
             raise ConfigError(f"config {source}: unknown key {key!r}")
-        values[name] = _coerce(name, value, source)
+        options[name] = _coerce(name, value, str(source))
+    return options
+
+
+def check_file_data(data: Mapping[str, Any], source: str) -> None:
+    """Check a config's content (a YAML file's, or what etcd holds) without starting a
+    server: option names and types, the storage map, access rules, slave sync entries.
+    What needs the server's machine (key and certificate files) is checked at its start.
+    Raises ConfigError naming the key."""
+    defaults = ServerConfig()
+    values = {name: getattr(defaults, name) for name in ServerConfig.option_names()}
+    values.update(file_options(data, source))
     k, m = values["k"], values["m"]
     try:
         if _has_storage_map(data):

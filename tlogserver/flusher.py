@@ -56,6 +56,7 @@ from tlog.storage import HeadMoved, StorageError, StoragePool, StorageServer, la
 
 from .logs import ContextLogger
 from .stats import ServerStats
+from .tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -230,13 +231,8 @@ class Flusher:
         for task in self._outstanding.values():
             task.cancel()
         self._outstanding.clear()
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
 
     async def _run(self) -> None:
         sealed = self._inflight

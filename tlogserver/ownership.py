@@ -24,6 +24,7 @@ from typing import Any
 import aetcd.exceptions
 
 from .etcdsource import EtcdSource, key_path
+from .tasks import cancel_and_wait
 
 log = logging.getLogger("tlogserver")
 
@@ -132,12 +133,8 @@ class Ownership:
 
     async def close(self) -> None:
         """Revoke the lease: every vdisk key goes with it."""
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+        await cancel_and_wait(self._task)
+        self._task = None
         lease, self._lease = self._lease, None
         if lease is not None:
             try:

@@ -10,7 +10,6 @@ and health checks when asked to (`tlogserver.http`, `tlogserver.metrics`).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import signal
 import socket
@@ -49,6 +48,7 @@ from .metrics import ServerCollector, make_registry
 from .ownership import Ownership
 from .slavesync import SlaveSyncer
 from .stats import ServerStats
+from .tasks import cancel_and_wait
 from .vdisk import BufferBudget, StoredWritesReader, Vdisk
 
 log = logging.getLogger("tlogserver")
@@ -634,9 +634,7 @@ async def run(config: ServerConfig, ready: asyncio.Event | None = None,
     await server.serve_forever()
     clean = await server.shutdown()
     if source is not None:
-        watcher.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await watcher
+        await cancel_and_wait(watcher)
         await source.close()
     log.info("stopped%s", "" if clean else " (drain incomplete)")
     return 0 if clean else 1

@@ -35,6 +35,7 @@ from tlog.storage import StorageError, StoragePool
 
 from .flusher import Batch
 from .logs import ContextLogger
+from .tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -94,13 +95,8 @@ class SlaveSyncer:
             self._run(), name=f"slave sync {self.vdisk_id}")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
         await self.store.close()
 
     def attach(self, head: bytes, epoch: int, last_sequence: int) -> None:
@@ -164,13 +160,8 @@ class SlaveSyncer:
     async def end(self, reason: str) -> None:
         """Stop syncing for good and record why in the standby (it is the primary now)."""
         self.ended = reason
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
         pos = self.position or SyncPosition(vdisk=self.vdisk_id)
         self._queue.clear()
         self._queued = 0
