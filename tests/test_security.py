@@ -52,8 +52,8 @@ from .wireclient import WireClient, chain_blocks, read_chain
 
 WAIT = 20.0
 TOKEN = new_token()
-ACL_COMMANDS = ("+get", "+mget", "+set", "+mset", "+lpush", "+ltrim", "+lrange", "+ping",
-                "+del", "+scan", "+eval", "+select", "+auth", "+hello")
+ACL_COMMANDS = ("+get", "+mget", "+set", "+mset", "+lpush", "+ltrim", "+lrange", "+lindex",
+                "+ping", "+del", "+scan", "+eval", "+evalsha", "+select", "+auth", "+hello")
 BS = 4096
 
 

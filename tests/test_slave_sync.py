@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,9 @@ import yaml
 from tlog.client import SlaveSyncError, ThreadedClient
 from tlog.protocol import ClientConnection, Operation
 from tlog.protocol.status import BlockStatus
+from tlog.protocol.wire import Block
+from tlog.read.standby import StandbyError, StandbyStore, StandbyTarget, SyncPosition
+from tlog.storage import ServerAddress
 
 from .redis_fixture import RedisFactory, RedisProcess
 from .serverproc import ServerProcess, pick_port, storage_args
@@ -277,3 +281,28 @@ def test_slave_sync_config_errors_are_one_clear_line(tmp_path: Path) -> None:
                            "--with-slave-sync", "--address", "127.0.0.1:0"],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode != 0 and "vdisks.vd.slave_sync: expected true or false" in proc.stderr
+
+
+def test_two_writers_of_one_standby_cannot_undo_each_other(
+        redis_factory: RedisFactory) -> None:
+    """Two syncers (two tlogservers of a fleet) on one standby: a write made from a stale
+    view of its position is refused, not applied over the other's."""
+    (standby,) = redis_factory(1)
+    target = StandbyTarget(ServerAddress.parse(standby.address), "vd:")
+    block = Block(0, 7, 1, Operation.SET, b"", b"new" * 10)
+    stale = Block(0, 7, 1, Operation.SET, b"", b"old" * 10)
+
+    async def scenario() -> None:
+        first, second = StandbyStore(target, BLOCK), StandbyStore(target, BLOCK)
+        assert await first.position() is None and await second.position() is None
+        ahead = SyncPosition(hash=b"\x01" * 32, sequence=0, vdisk="vd")
+        await first.apply([block], ahead)
+        with pytest.raises(StandbyError, match="moved"):
+            await second.apply([stale], SyncPosition(hash=b"\x02" * 32, sequence=0))
+        assert await second.position() == ahead  # read again: it goes on from there
+        await second.apply([], replace(ahead, hash=b"\x03" * 32))
+        await first.close()
+        await second.close()
+
+    asyncio.run(scenario())
+    assert standby.client().get(b"vd:7") == b"new" * 10 + bytes(BLOCK - 30)

@@ -4,8 +4,9 @@ Its blocks are laid out as the player's Redis block store (`RedisBlockStorage`):
 ``<prefix><index>`` holds a block, no key means zeroes, so ``tlog nbd --backend redis`` can
 serve it. One more key, ``<prefix>tlog:slave-sync`` (never a decimal index), records the
 aggregation applied last (`SyncPosition`, JSON). Each `StandbyStore.apply` writes blocks
-and position in one MULTI/EXEC: a standby is always exactly the log replayed up to the
-aggregation its position names, whatever crashed when.
+and position in one Lua script, atomic and conditional on the position not having moved:
+a standby is always exactly the log replayed up to the aggregation its position names,
+whatever crashed when, and two writers cannot interleave.
 """
 
 from __future__ import annotations
@@ -19,12 +20,23 @@ from typing import Any
 from tlog.protocol.status import Operation
 from tlog.protocol.wire import Block
 from tlog.record.aggregation import ZERO_HASH
-from tlog.storage import RedisStorageServer, ServerAddress, StorageError
+from tlog.storage import RedisStorageServer, ServerAddress
 from tlog.storage.address import StorageConfigError
 
 STATE_SUFFIX = b"tlog:slave-sync"
 #: Keys deleted per DEL while clearing a standby.
 _CLEAR_BATCH = 1000
+#: Blocks and position at once, if the position is still ARGV[1] ('' for none): MSET the
+#: ARGV[3] (key, value) pairs after it, DEL the rest, SET the position to ARGV[2].
+_APPLY_SCRIPT = b"""
+local cur = redis.call('GET', KEYS[1]) or ''
+if cur ~= ARGV[1] then return {'moved', cur} end
+local n = tonumber(ARGV[3])
+if n > 0 then redis.call('MSET', unpack(ARGV, 4, 3 + 2 * n)) end
+if #ARGV >= 4 + 2 * n then redis.call('DEL', unpack(ARGV, 4 + 2 * n, #ARGV)) end
+redis.call('SET', KEYS[1], ARGV[2])
+return 'OK'
+"""
 
 
 class StandbyError(Exception):
@@ -154,6 +166,9 @@ class StandbyStore:
         self.prefix = target.prefix.encode()
         self.state_key = self.prefix + STATE_SUFFIX
         self._server = RedisStorageServer(target.address, socket_timeout=timeout)
+        #: The position value as this store last read or wrote it (b"": none; None: not
+        #: known), which the next write compares against.
+        self._recorded: bytes | None = None
 
     def describe(self) -> str:
         return self.target.describe()
@@ -164,16 +179,19 @@ class StandbyStore:
     async def position(self) -> SyncPosition | None:
         """The recorded position; None when the standby was never synced."""
         raw = await self._server.get(self.state_key)
+        self._recorded = raw or b""
         return None if raw is None else SyncPosition.from_bytes(raw)
 
     async def apply(self, blocks: Sequence[Block], position: SyncPosition) -> None:
         """Apply ``blocks`` in order (the last one on an index wins) and record
-        ``position``, all or nothing (MULTI/EXEC)."""
+        ``position``, all or nothing, and only if the standby's position is still the one
+        this store last read or wrote: two syncers (two tlogservers of a fleet) cannot
+        undo each other's work. `StandbyError` when it moved; read `position` again."""
         final: dict[int, Block] = {}
         for b in blocks:
             final[b.index] = b
-        sets: list[Any] = [b"MSET"]
-        deletes: list[Any] = [b"DEL"]
+        sets: list[Any] = []
+        deletes: list[Any] = []
         bs = self.block_size
         for index, b in final.items():
             if b.operation == Operation.SET:
@@ -183,20 +201,26 @@ class StandbyStore:
                 sets += (self.key(index), data)
             else:
                 deletes.append(self.key(index))
-        commands: list[tuple[Any, ...]] = [(b"MULTI",)]
-        if len(sets) > 1:
-            commands.append(tuple(sets))
-        if len(deletes) > 1:
-            commands.append(tuple(deletes))
-        commands.append((b"SET", self.state_key, position.to_bytes()))
-        commands.append((b"EXEC",))
-        replies = await self._server.execute(commands)
-        if replies[-1] is None:  # EXEC aborted (cannot happen without WATCH; be sure)
-            raise StorageError(f"standby {self.describe()}: transaction aborted")
+        await self._record_if(position, sets, deletes)
 
     async def record(self, position: SyncPosition) -> None:
-        """Record ``position`` alone (e.g. that sync ended)."""
-        await self._server.execute([(b"SET", self.state_key, position.to_bytes())])
+        """Record ``position`` alone (e.g. that sync ended), on the same condition."""
+        await self._record_if(position, [], [])
+
+    async def _record_if(self, position: SyncPosition, sets: list[Any],
+                         deletes: list[Any]) -> None:
+        if self._recorded is None:
+            await self.position()
+        assert self._recorded is not None
+        raw = position.to_bytes()
+        reply = (await self._server.execute([
+            (b"EVAL", _APPLY_SCRIPT, 1, self.state_key, self._recorded, raw, len(sets) // 2,
+             *sets, *deletes)]))[0]
+        if isinstance(reply, list) and reply and reply[0] == b"moved":
+            self._recorded = None
+            raise StandbyError(f"standby {self.describe()}: its position moved under us "
+                               "(another tlogserver syncing it?)")
+        self._recorded = raw
 
     async def clear(self) -> int:
         """Delete every block key and the position: the standby of an empty log. Returns
@@ -216,6 +240,7 @@ class StandbyStore:
             if cursor in (0, b"0"):
                 break
         await self._server.execute([(b"DEL", self.state_key)])
+        self._recorded = b""
         return deleted
 
     async def close(self) -> None:

@@ -347,10 +347,13 @@ class RedisStorageServer(StorageServer):
                 if self._script_cached and ("NOSCRIPT" in text or "No matching script" in text):
                     self._script_cached = False  # the server restarted: send it again
                     continue
-                if "unknown command" in text.lower():
+                if "unknown command" in text.lower() or "NOPERM" in text:
+                    # No Lua, or an ACL without +eval/+evalsha/+lindex: store as before,
+                    # loudly, rather than fail every round on this server.
                     self._no_scripts = True
-                    log.warning("storage server %s runs no Lua scripts: the chain head is "
-                                "moved without compare-and-set on it", self.address)
+                    log.warning("storage server %s cannot run the head's compare-and-set "
+                                "script (%s): the chain head is moved without it there "
+                                "(ACL users need +eval +evalsha +lindex)", self.address, text)
                     await self.store(items, list_key, push, keep)
                     return
                 raise
