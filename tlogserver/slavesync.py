@@ -3,13 +3,13 @@ chain order, without ever holding up a FlushOK.
 
 The flusher hands each stored batch over (`SlaveSyncer.stored`, a plain append). The
 syncer's task applies them to the standby (`tlog.read.standby.StandbyStore`) in groups, one
-MULTI/EXEC each with the new position, but only a batch that chains onto the standby's
-position (its ``prev`` is the hash applied last). Anything else (the syncer just started,
-the standby was down or its redis restarted, the queue outgrew its byte budget and was
-dropped) is caught up **from the log**: a `ChainReader` bounded to start after the
-position, which also proves that the position lies on the vdisk's chain (otherwise the
-standby is cleared and rebuilt from the whole log). So memory stays bounded and no
-aggregation is applied twice, out of order, or skipped.
+script each with the new position (conditional on the old one), but only a batch that
+chains onto the standby's position (its ``prev`` is the hash applied last). Anything
+else (the syncer just started, the standby was down or its redis restarted, the queue
+outgrew its byte budget and was dropped) is caught up **from the log**: a `ChainReader`
+bounded to start after the position, which also proves that the position lies on the
+vdisk's chain (otherwise the standby is cleared and rebuilt from the whole log). So memory
+stays bounded and no aggregation is applied twice, out of order, or skipped.
 
 WaitNbdSlaveSync (`wait_applied`, then `end`): once the standby holds everything flushed,
 sync of the vdisk ends for good, recorded in the standby's position, because the NBD server
@@ -39,7 +39,7 @@ from .tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
-#: Blocks applied in one MULTI/EXEC, at most (and at least one aggregation's).
+#: Blocks applied in one script, at most (and at least one aggregation's).
 APPLY_BLOCKS = 1024
 RETRY_MIN = 0.1
 RETRY_MAX = 5.0
