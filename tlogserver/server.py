@@ -18,8 +18,9 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from tlog.read.fetch import DecodeError, stored_writes
+from tlog.read.fetch import DecodeError
 from tlog.read.head import find_last_and_heads
+from tlog.read.resends import StoredWrites, stored_writes
 from tlog.read.standby import StandbyStore
 from tlog.record.aggregation import Keyring, LegacyWriter, RecordOpener, V2Writer
 from tlog.record.crypto import LegacyCipher
@@ -262,9 +263,9 @@ class TlogServer:
         pool = self.factory.pool_for(vdisk_id)
 
         def read(head: bytes, from_sequence: int, epoch: int,
-                 limit: int) -> Awaitable[dict[int, bytes]]:
-            return stored_writes(pool, head, self.opener, from_sequence=from_sequence,
-                                 epoch=epoch, limit=limit)
+                 limit: int) -> Awaitable[StoredWrites]:
+            return stored_writes(pool, vdisk_id, head, self.opener,
+                                 from_sequence=from_sequence, epoch=epoch, limit=limit)
         return read
 
     async def vdisk(self, vdisk_id: str) -> Vdisk:

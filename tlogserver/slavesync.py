@@ -27,6 +27,7 @@ from dataclasses import dataclass, replace
 
 from tlog.protocol.wire import Block
 from tlog.read.chain import ChainReader
+from tlog.read.checkpoints import RetentionError
 from tlog.read.fetch import DecodeError
 from tlog.read.limiter import Limiter
 from tlog.read.standby import StandbyError, StandbyStore, SyncPosition, new_blocks
@@ -330,15 +331,19 @@ class SlaveSyncer:
         limiter = (Limiter() if pos.sequence < 0 and pos.hash == ZERO_HASH
                    else Limiter(start_seq=pos.sequence + 1, epoch=pos.epoch))
         reader = self._reader(limiter)
-        links = await reader.walk()
-        on_chain = pos.hash == ZERO_HASH or any(link.key == pos.hash for link in links) or (
-            bool(links) and links[0].prev == pos.hash)
+        try:
+            links = await reader.walk()
+            on_chain = pos.hash == ZERO_HASH or any(link.key == pos.hash for link in links) or (
+                bool(links) and links[0].prev == pos.hash)
+            why = "its position is not on the vdisk's chain"
+        except RetentionError as exc:  # compacted past the standby: rebuild it
+            on_chain, why = False, f"its position was compacted away ({exc})"
         if not on_chain:
-            self.log.error("slave sync: the standby's position %s is not on the vdisk's "
-                           "chain", pos.describe())
-            pos = await self._start_afresh("its position is not on the vdisk's chain")
+            self.log.error("slave sync: the standby's position %s: %s", pos.describe(), why)
+            pos = await self._start_afresh(why)
             self._note(pos)
             reader = self._reader(Limiter())
+            links = await reader.walk()
         if self.log_head is None:
             self.log_head = links[-1].key if links else ZERO_HASH
         applied = 0
@@ -346,9 +351,19 @@ class SlaveSyncer:
         hashes: list[bytes] = []
         async for item in reader.items():
             agg = item.aggregation
-            fresh = new_blocks(item.blocks, agg.epoch, pos)
-            blocks += fresh
-            pos = pos.after(fresh, agg.hash, agg.epoch)
+            mark = item.checkpoint
+            if mark is not None:
+                # A part of the checkpoint the log starts from (compacted): all of it is
+                # applied; once the last part is in, the standby is at the covered point.
+                blocks += item.blocks
+                base = reader.base
+                if mark.part == mark.parts - 1 and base is not None:
+                    pos = pos.at_checkpoint(mark.covered, base.epoch, base.sequence,
+                                            base.timestamp)
+            else:
+                fresh = new_blocks(item.blocks, agg.epoch, pos)
+                blocks += fresh
+                pos = pos.after(fresh, agg.hash, agg.epoch)
             hashes.append(agg.hash)
             applied += 1
             if len(blocks) >= APPLY_BLOCKS:

@@ -37,6 +37,7 @@ from typing import Protocol
 from tlog.protocol import Block, wire
 from tlog.protocol.status import BlockStatus, HandshakeStatus
 from tlog.read.fetch import write_identity
+from tlog.read.resends import StoredWrites
 
 from .config import ServerConfig
 from .flusher import Batch, Flusher
@@ -52,8 +53,8 @@ RESEND_CHECK_BLOCKS = 65536
 
 
 #: How stored writes are read back: ``read(head, from_sequence, epoch, limit)`` ->
-#: {sequence: `write_identity`} (`tlog.read.fetch.stored_writes` on the vdisk's pool).
-StoredWritesReader = Callable[[bytes, int, int, int], Awaitable[dict[int, bytes]]]
+#: `tlog.read.resends.stored_writes` on the vdisk's pool.
+StoredWritesReader = Callable[[bytes, int, int, int], Awaitable[StoredWrites]]
 
 
 class BufferBudget:
@@ -144,6 +145,7 @@ class Vdisk:
         #: resends them; None when no resend is being checked.
         self._writes: dict[int, bytes] | None = None
         self._loading = 0  # reads of ``_writes`` in progress (stored rounds are added to it)
+        self._compacted_below = 0  # sequences of the epoch below it: compacted (unknown)
         self.retired = False
         #: Why the vdisk was given up (see `abandon`), None while it is in use.
         self.abandoned: str | None = None
@@ -224,8 +226,9 @@ class Vdisk:
         finally:
             self._loading -= 1
         if self.epoch == epoch and self._writes is not None:
-            for seq, identity in found.items():
+            for seq, identity in found.identities.items():
                 self._writes.setdefault(seq, identity)
+            self._compacted_below = max(self._compacted_below, found.compacted_below)
 
     def _reset(self, peer: Peer, first_sequence: int, reason: str) -> None:
         """Start a new epoch at ``first_sequence``: the other clients are closed, buffered
@@ -246,6 +249,7 @@ class Vdisk:
         self.epoch += 1
         self.stats.epoch_started(reason)
         self._writes = None
+        self._compacted_below = 0
         self.expected = self.flushed_next = first_sequence
         self._set_epoch_start(first_sequence)
         peer.session_start = first_sequence
@@ -308,6 +312,7 @@ class Vdisk:
             self.expected = expected
             self.last_in_order = expected - 1
             self._writes = None  # the resends are over: this is a new write
+            self._compacted_below = 0
             out.append(_response(BlockStatus.RECV_OK, (seq,)))
             if self._force_at and self._force_at[0] < expected:
                 while self._force_at and self._force_at[0] < expected:
@@ -368,6 +373,12 @@ class Vdisk:
         known = writes.get(seq) if writes is not None else None
         if known is not None:
             return known == _identity(block)
+        if seq < self._compacted_below:
+            # Compacted: what it wrote is no longer known. Taken for a new write (a new
+            # epoch): a client resending a stored tail resends all of it, in order, so
+            # replaying it again in a new epoch gives the same state; a new write taken for
+            # a resend would be lost.
+            return False
         sender = self.sender
         # Stored after the sender's handshake, at or above its first sequence: its own
         # earlier block, whose answer it has not seen yet.
@@ -496,6 +507,7 @@ class Vdisk:
         self.budget.used -= self.pending_bytes
         self.pending_bytes = 0
         self._writes = None
+        self._compacted_below = 0
         self._force_at.clear()
         for peer in list(self.peers):
             peer.close(f"vdisk given up: {reason}")

@@ -1,5 +1,5 @@
-"""`tlog` command line: restore, inspect, verify, repair and rekey a vdisk's log; send blocks
-to a server; serve a vdisk over NBD.
+"""`tlog` command line: restore, inspect, verify, repair, rekey and compact a vdisk's log and
+pin restore points in it; send blocks to a server; serve a vdisk over NBD.
 
 `restore`, `inspect`, `verify`, `repair` and `rekey` read the storage the way tlogserver
 writes it, so they take the server's storage and key options (``--storage-addresses`` or
@@ -15,8 +15,10 @@ from importlib import metadata
 
 import click
 
+from .compact import compact_command
 from .inspect import inspect_command
 from .nbd import nbd_command
+from .pin import pin_command, pins_command, unpin_command
 from .rekey import rekey_command
 from .repair import repair_command
 from .restore import restore_command
@@ -34,7 +36,8 @@ def cli() -> None:
 
 
 for _command in (restore_command, inspect_command, verify_command, repair_command,
-                 rekey_command, send_command, nbd_command, slave_status_command):
+                 rekey_command, send_command, nbd_command, slave_status_command,
+                 compact_command, pin_command, unpin_command, pins_command):
     cli.add_command(_command)
 
 

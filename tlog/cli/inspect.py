@@ -19,7 +19,8 @@ def _line(info: dict[str, Any]) -> str:
             f"blocks {info['blocks']} time {info['timestamp']} "
             f"block-times {info['first_block_timestamp']}..{info['last_block_timestamp']} "
             f"data {info['data_bytes']} record {info['record_bytes']} "
-            f"compressed {info['compressed_bytes']} {info['format']}")
+            f"compressed {info['compressed_bytes']} {info['format']}"
+            + (f" checkpoint {info['checkpoint']}" if info.get("checkpoint") else ""))
 
 
 @click.command("inspect")
@@ -33,7 +34,8 @@ def inspect_command(ctx: click.Context, **values: Any) -> None:
 
     Each line: hash, sequence range, number of blocks, the aggregation's timestamp and its
     blocks' timestamps, data / record / compressed sizes in bytes, record format. Every
-    aggregation listed has been checked like a restore checks it.
+    aggregation listed has been checked like a restore checks it. A compacted log starts
+    with the parts of its checkpoint ("checkpoint 1/2 of the state after <hash>").
     """
     setup = read_setup(ctx, values)
     as_json = values["as_json"]
@@ -44,6 +46,10 @@ def inspect_command(ctx: click.Context, **values: Any) -> None:
         try:
             async for item in reader.items():
                 info = dict(describe(item.aggregation))
+                if item.checkpoint is not None and reader.base is not None:
+                    # A part of the checkpoint the log starts from: it stands for the state
+                    # at the checkpoint's sequence (its blocks are each index's last write).
+                    info["first_sequence"] = info["last_sequence"] = reader.base.sequence
                 click.echo(json.dumps(info, sort_keys=False) if as_json else _line(info))
                 count += 1
         finally:

@@ -11,6 +11,7 @@ import click
 from tlog.allocator import tune_allocator
 from tlog.read.chain import ChainReader
 from tlog.read.fetch import DecodeError
+from tlog.read.limiter import Limiter
 from tlog.read.links import ChainItem
 from tlog.read.player import (
     DEFAULT_BLOCK_SIZE,
@@ -21,6 +22,7 @@ from tlog.read.player import (
     PlayResult,
     RedisBlockStorage,
 )
+from tlog.retention import PinError, read_pins
 from tlog.storage import (
     ServerAddress,
     StorageConfigError,
@@ -75,13 +77,17 @@ class _Progress:
 
 
 def _summary(vdisk: str, result: PlayResult, target: str, reader: ChainReader) -> str:
+    base = ""
+    if result.checkpoint is not None:
+        base = (f"the checkpoint at {result.checkpoint.describe()} "
+                f"({result.checkpoint_blocks} blocks) and ")
     parts = [f"restored vdisk {vdisk} into {target}: {result.blocks} blocks "
-             f"({result.sets} set, {result.deletes} deleted) from {result.aggregations} "
-             "aggregations"]
+             f"({result.sets} set, {result.deletes} deleted) from {base}"
+             f"{result.aggregations} aggregations"]
     if result.epochs > 1:
         parts.append(f"{result.epochs} epochs, the last ({result.epoch}) with sequences "
                      f"{result.first_sequence}..{result.last_sequence}")
-    elif result.last_sequence is not None:
+    elif result.first_sequence is not None:
         parts.append(f"sequences {result.first_sequence}..{result.last_sequence}")
     parts.append(f"{megabytes(result.data_bytes)} in {result.seconds:.2f} s "
                  f"({result.mb_per_s:.1f} MB/s)")
@@ -115,6 +121,8 @@ def _summary(vdisk: str, result: PlayResult, target: str, reader: ChainReader) -
 @click.option("--sync", is_flag=True, help="fsync the image before exiting.")
 @click.option("--progress/--no-progress", default=None,
               help="Show a progress bar (default: when stderr is a terminal).")
+@click.option("--pin", default=None, metavar="NAME",
+              help="Restore the named restore point (tlog pin) instead of the newest state.")
 @click.pass_context
 def restore_command(ctx: click.Context, **values: Any) -> None:
     """Replay a vdisk's log into a disk image (or a Redis block store).
@@ -130,6 +138,8 @@ def restore_command(ctx: click.Context, **values: Any) -> None:
     tune_allocator()
     setup = read_setup(ctx, values)
     limiter = limiter_from(values)
+    if values["pin"] is not None and not limiter.unbounded:
+        raise click.UsageError("--pin names the point to restore: no --start-* / --end-* with it")
     storage: BlockStorage
     try:
         if values["output"] is not None:
@@ -147,6 +157,16 @@ def restore_command(ctx: click.Context, **values: Any) -> None:
     progress = _Progress(show)
 
     async def run() -> tuple[PlayResult, ChainReader]:
+        nonlocal limiter
+        if values["pin"] is not None:
+            found = [p for p in await read_pins(setup.pool, setup.vdisk)
+                     if p.name == values["pin"]]
+            if not found:
+                await storage.close()
+                await setup.factory.close()
+                raise PinError(f"vdisk {setup.vdisk} has no pin named {values['pin']!r} "
+                               "(tlog pins lists them)")
+            limiter = Limiter(end_seq=found[0].sequence, epoch=found[0].epoch)
         reader = ChainReader(setup.pool, setup.vdisk, setup.opener, limiter,
                              on_walk=progress.walked, timeout=values["timeout"])
         started = time.perf_counter()
@@ -168,7 +188,7 @@ def restore_command(ctx: click.Context, **values: Any) -> None:
 
     try:
         result, reader = run_async(run())
-    except (DecodeError, PlayerError) as exc:
+    except (DecodeError, PlayerError, PinError) as exc:
         fail_with(str(exc))
         return
     click.echo(_summary(setup.vdisk, result, storage.describe(), reader))

@@ -42,7 +42,7 @@ def verify_command(ctx: click.Context, **values: Any) -> None:
         click.echo(f"vdisk {setup.vdisk}: chain NOT sound; first bad aggregation {name}: "
                    f"{first.message}")
         sys.exit(EXIT_FAILED)
-    if report.aggregations == 0:
+    if report.aggregations == 0 and report.checkpoint is None:
         click.echo(f"vdisk {setup.vdisk}: no aggregations stored")
         sys.exit(EXIT_FAILED)
     warnings = f", {len(report.warnings)} warnings" if report.warnings else ""
@@ -53,6 +53,11 @@ def verify_command(ctx: click.Context, **values: Any) -> None:
             click.echo(f"epoch {number}: from aggregation {key.hex()} (sequence {start})",
                        err=True)
     copies = f", {report.copies} re-flushed copies" if report.copies else ""
-    click.echo(f"vdisk {setup.vdisk}: chain sound: {report.aggregations} aggregations, "
-               f"{report.blocks} blocks{copies}, sequences {report.first_sequence}.."
-               f"{report.last_sequence}{epochs}{warnings}")
+    base = ""
+    if report.checkpoint is not None:
+        base = (f"from a checkpoint at {report.checkpoint.describe()} "
+                f"({report.checkpoint_blocks} blocks in {report.checkpoint_parts} parts), then ")
+    sequences = (f", sequences {report.first_sequence}..{report.last_sequence}"
+                 if report.first_sequence is not None else "")
+    click.echo(f"vdisk {setup.vdisk}: chain sound: {base}{report.aggregations} aggregations, "
+               f"{report.blocks} blocks{copies}{sequences}{epochs}{warnings}")

@@ -7,6 +7,9 @@
   (`tlog.read.links` holds what they pass around, `tlog.read.limiter` the bounds).
 - `tlog.read.bulkread`: worker processes that open records in parallel for big reads.
 - `tlog.read.player`: replaying into an image file or a Redis block store (`restore`).
+- `tlog.read.checkpoints`: the checkpoints a compaction left, where a replay may start.
+- `tlog.read.resends`: what stored sequences wrote, to tell a client's resends from new
+  writes.
 - `tlog.read.verify`, `tlog.read.repair`, `tlog.read.rekey`: checking a chain, rewriting
   missing pieces, re-sealing a chain under a new key.
 """
@@ -17,7 +20,6 @@ from .fetch import (
     Fetched,
     fetch_record,
     read_aggregation,
-    stored_writes,
     write_identity,
 )
 from .head import find_last
@@ -33,12 +35,13 @@ from .player import (
     RedisBlockStorage,
     restore,
 )
+from .resends import StoredWrites, stored_writes
 from .verify import Problem, VerifyReport, verify_chain
 
 __all__ = [
     "DEFAULT_BLOCK_SIZE", "BlockStorage", "ChainItem", "ChainLink", "ChainReader", "DecodeError",
     "Fetched", "FileBlockStorage", "Limiter", "PlayResult", "Player", "PlayerError", "Problem",
-    "RedisBlockStorage", "SequenceSet", "VerifyReport", "aggregations", "fetch_record",
-    "find_last", "read_aggregation", "restore", "stored_writes", "verify_chain",
+    "RedisBlockStorage", "SequenceSet", "StoredWrites", "VerifyReport", "aggregations",
+    "fetch_record", "find_last", "read_aggregation", "restore", "stored_writes", "verify_chain",
     "write_identity",
 ]

@@ -25,17 +25,8 @@ entered at its head:
    applies the previous aggregation); then select the blocks a limiter lets through,
    skipping sequences already replayed.
 
-Pieces: the k data pieces are fetched first; the m parity pieces only when a data piece
-is missing or the rebuilt record does not hash to its key. Up to m missing or corrupt
-pieces are rebuilt. A server that fails once is not asked again during the same read.
-
-Limiters (as the reference's, which protocol.md describes): a start and an end, by
-sequence and/or by block timestamp, 0 meaning unbounded, both bounds inclusive. A block is
-replayed when every given bound holds. The walk back stops at the first aggregation
-(newest first) whose first sequence is <= the start sequence, or whose oldest block
-timestamp is <= the start timestamp; the replay stops after the first aggregation that
-holds a block past an end bound. Both shortcuts assume the chain is in sequence and time
-order, which the server guarantees apart from re-flushed duplicates.
+Pieces (`tlog.read.fetch`) and limiters (`tlog.read.limiter`) are described where they are
+implemented; checkpoints in `tlog.read.checkpoints`.
 
 Duplicates and epochs: a server that crashes after storing an aggregation but before the
 client saw its FlushOK may store the same sequences again when the client resends them
@@ -54,15 +45,12 @@ import concurrent.futures
 import concurrent.futures.process
 import logging
 import os
-import struct
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 from typing import Any, TypeVar
 
-from tlog.protocol.wire import Block
 from tlog.record.aggregation import (
-    NONCE_SIZE,
     ZERO_HASH,
     Aggregation,
     RecordError,
@@ -73,11 +61,17 @@ from tlog.record.aggregation import (
     parse_v2_header,
     record_hash,
 )
-from tlog.record.crypto import TAG_SIZE
 from tlog.record.erasure import ErasureCoder, ErasureError
 from tlog.storage import StoragePool
 
 from .bulkread import WorkerPool, usable_addresses
+from .checkpoints import (
+    CheckpointRef,
+    before_window,
+    check_part,
+    explain_missing,
+    find_checkpoints,
+)
 from .fetch import (
     FIRST_HEADER_RUN,
     MAX_HEADER_RUN,
@@ -86,9 +80,10 @@ from .fetch import (
     Fetched,
     PieceReader,
     open_checked,
+    piece_header,
 )
 from .head import Head, find_head
-from .limiter import Limiter, SequenceSet
+from .limiter import Limiter, Replayed, SequenceSet
 from .links import BATCH, ChainItem, ChainLink, cut_batches
 
 log = logging.getLogger(__name__)
@@ -110,25 +105,9 @@ DEFAULT_WORKERS = max(1, min(4, os.cpu_count() or 1))
 T = TypeVar("T")
 
 
-_PREFIX = struct.Struct("<Q")
 #: One record of a batch for `ChainReader._open_many`: its link, and the opened aggregation,
 #: the record or the k data pieces, whichever is at hand (all None: fetch it first).
 _Job = tuple[ChainLink, Aggregation | None, bytes | None, list[bytes] | None]
-
-
-def _header_of_piece(piece: bytes | None) -> V2Header | None:
-    """The v2 header at the start of piece 0, when the piece holds all of it."""
-    if piece is None or len(piece) < _PREFIX.size:
-        return None
-    (length,) = _PREFIX.unpack_from(piece)
-    start = piece[_PREFIX.size:_PREFIX.size + length]
-    if not is_v2(start):
-        return None
-    try:
-        head = parse_v2_header(start)
-    except RecordError:
-        return None
-    return head if head.size + NONCE_SIZE + TAG_SIZE <= length else None
 
 
 class ChainReader:
@@ -143,6 +122,13 @@ class ChainReader:
     (`tlog.read.bulkread`) instead of threads; None (the default) does when there are two
     workers or more, the storage servers are plain Redis servers and fork is available.
     ``timeout``: seconds to wait for a storage server in the workers and the walk script.
+    ``head_key``: walk back from this aggregation instead of the chain's head (to replay
+    the state at an older point, as `tlog compact` does).
+
+    Checkpoints: the walk stops at the newest checkpoint it meets whose point the bounds
+    allow, and the replay starts with its parts (`ChainItem.checkpoint`); a read whose
+    bounds lie before every checkpoint, once the aggregations before them are gone, fails
+    with `RetentionError` naming the oldest restorable point.
     """
 
     def __init__(self, pool: StoragePool, vdisk_id: str, opener: RecordOpener,
@@ -150,7 +136,8 @@ class ChainReader:
                  cache_bytes: int = DEFAULT_CACHE_BYTES, prefetch: int = DEFAULT_PREFETCH,
                  workers: int = DEFAULT_WORKERS, all_pieces: bool = False,
                  on_walk: Callable[[int], None] | None = None,
-                 processes: bool | None = None, timeout: float = 10.0) -> None:
+                 processes: bool | None = None, timeout: float = 10.0,
+                 head_key: bytes | None = None) -> None:
         self.pool = pool
         self.vdisk_id = vdisk_id
         self.opener = opener
@@ -163,10 +150,12 @@ class ChainReader:
         self.coder = coder or ErasureCoder(pool.k, pool.m)
         self.processes = processes
         self.timeout = timeout
+        self.head_key = head_key
         self._reader = PieceReader(pool, self.coder, timeout)
         self._procs: WorkerPool | None = None
-        # key -> its v2 header as server 0 read it (`_read_ahead`); None: not a v2 header
-        self._ahead: dict[bytes, V2Header | None] = {}
+        # key -> its v2 header and length as server 0 read them (`_read_ahead`); None: not
+        # a v2 header
+        self._ahead: dict[bytes, tuple[V2Header, int] | None] = {}
         self._run_size = FIRST_HEADER_RUN
         self._script_misses = 0  # script runs in a row that found no header
         self._cached = 0
@@ -174,9 +163,19 @@ class ChainReader:
         self.links: list[ChainLink] = []  # oldest first, after walk()
         self.head: Head | None = None
         self.walked = False
-        self.applied = SequenceSet()  # sequences replayed in the current epoch
-        self._epoch = 0
-        self._epoch_seen = False
+        self._replayed = Replayed()
+        self.checkpoints: list[CheckpointRef] = []  # registered ones, newest first
+        self.base: CheckpointRef | None = None  # the one the replay starts from
+
+    @property
+    def epoch(self) -> int:
+        """The epoch of the aggregation replayed last (with `applied`, its sequences)."""
+        return self._replayed.epoch
+
+    @property
+    def applied(self) -> SequenceSet:
+        """The sequences replayed so far in the current epoch."""
+        return self._replayed.applied
 
     @property
     def down_servers(self) -> list[int]:
@@ -197,10 +196,14 @@ class ChainReader:
             self._cached += size
 
     def _link_from_agg(self, agg: Aggregation, fetched: Fetched | None) -> ChainLink:
-        return ChainLink(agg.hash, agg.prev, agg.first_sequence, agg.last_sequence,
-                         len(agg.blocks), agg.timestamp, agg=agg,
-                         missing=fetched.missing if fetched else [],
-                         corrupt=fetched.corrupt if fetched else [], epoch=agg.epoch)
+        first, last = agg.first_sequence, agg.last_sequence
+        if agg.checkpoint is not None and fetched is not None:
+            head = parse_v2_header(fetched.record)  # a checkpoint's range is in its header
+            first, last = head.first_sequence, head.last_sequence
+        return ChainLink(agg.hash, agg.prev, first, last, len(agg.blocks), agg.timestamp,
+                         agg=agg, missing=fetched.missing if fetched else [],
+                         corrupt=fetched.corrupt if fetched else [], epoch=agg.epoch,
+                         checkpoint=agg.checkpoint, size=agg.record_size)
 
     def _check_vdisk(self, key: bytes, vdisk_id: str) -> None:
         if vdisk_id != self.vdisk_id:
@@ -224,7 +227,7 @@ class ChainReader:
             return ChainLink(key, head.prev, head.first_sequence, head.last_sequence,
                              head.count, head.timestamp, record=record,
                              missing=fetched.missing, corrupt=fetched.corrupt,
-                             epoch=head.epoch)
+                             epoch=head.epoch, checkpoint=head.checkpoint, size=len(record))
         agg = open_checked(self.opener, record, key)
         self._check_vdisk(key, agg.vdisk_id)
         return self._link_from_agg(agg, fetched)
@@ -245,11 +248,11 @@ class ChainReader:
         self._script_misses = 0
         self._run_size = min(self._run_size * 2, MAX_HEADER_RUN)
         for prefix in run:
-            head = _header_of_piece(prefix)
-            self._ahead[key] = head
-            if head is None:
+            got = piece_header(prefix)
+            self._ahead[key] = got
+            if got is None:
                 break
-            key = head.prev
+            key = got[0].prev
 
     async def _step(self, key: bytes) -> ChainLink:
         """The link of ``key``: from piece 0's v2 header when that suffices, else verified."""
@@ -257,17 +260,16 @@ class ChainReader:
         if self._headers_suffice and not self.all_pieces:
             if key not in self._ahead and self._reader.scripting:
                 await self._read_ahead(key)
-            head = self._ahead.pop(key, None)
-            if head is not None and head.vdisk_id == self.vdisk_id:
-                return ChainLink(key, head.prev, head.first_sequence, head.last_sequence,
-                                 head.count, head.timestamp, verified=False,
-                                 epoch=head.epoch)
-            piece = await self._reader.first_piece(key)
-            head = _header_of_piece(piece)
-            if head is not None and head.vdisk_id == self.vdisk_id:
+            got = self._ahead.pop(key, None)
+            piece = None
+            if got is None:
+                piece = await self._reader.first_piece(key)
+                got = piece_header(piece)
+            if got is not None and got[0].vdisk_id == self.vdisk_id:
+                head, size = got
                 return ChainLink(key, head.prev, head.first_sequence, head.last_sequence,
                                  head.count, head.timestamp, piece0=piece, verified=False,
-                                 epoch=head.epoch)
+                                 epoch=head.epoch, checkpoint=head.checkpoint, size=size)
             if piece is not None:
                 known = {0: piece}  # a legacy record (auto), a tiny one, or a bad piece
         return self._make_link(key, await self._reader.fetch(key, self.all_pieces, known))
@@ -299,26 +301,46 @@ class ChainReader:
             await self._reader.close()
 
     async def _walk(self) -> list[ChainLink]:
-        head = await find_head(self.pool, self.vdisk_id, self.opener, self._reader)
-        self.head = head
+        if self.head_key is not None:
+            fetched = await self._reader.fetch(self.head_key)
+            agg: Aggregation | None = open_checked(self.opener, fetched.record, self.head_key)
+            assert agg is not None
+            self._check_vdisk(self.head_key, agg.vdisk_id)
+            fetched_head: Fetched | None = fetched
+        else:
+            head = await find_head(self.pool, self.vdisk_id, self.opener, self._reader)
+            self.head = head
+            agg = head.agg
+            fetched_head = head.fetched.get(agg.hash) if agg is not None else None
         links: list[ChainLink] = []
         if self.limiter.epoch is None:
             # Sequence bounds name the vdisk's current numbering: the head's epoch.
-            self.limiter = replace(self.limiter,
-                                   epoch=head.agg.epoch if head.agg is not None else 0)
-        if head.agg is not None:
-            link = self._link_from_agg(head.agg, head.fetched.get(head.agg.hash))
+            self.limiter = replace(self.limiter, epoch=agg.epoch if agg is not None else 0)
+        if agg is not None:
+            self.checkpoints = await find_checkpoints(self.pool, self.vdisk_id, self._reader)
+            covered = {ref.covered: ref for ref in reversed(self.checkpoints)}
+            refreshed = False  # the checkpoint list read again after a missing record
+            passed: list[CheckpointRef] = []  # met, but before the bounds
+            link = self._link_from_agg(agg, fetched_head)
             if self.all_pieces:
                 fetched = await self._reader.fetch(link.key, all_pieces=True)
                 link.missing, link.corrupt = fetched.missing, fetched.corrupt
             links.append(link)
             seen = {link.key}
             while True:
-                if link.prev != ZERO_HASH and self._stops(link) and not link.verified:
+                if link.checkpoint is not None:
+                    if link.checkpoint.part == 0:
+                        break  # the first part of the base checkpoint
+                elif link.prev != ZERO_HASH and self._stops(link) and not link.verified:
                     link = links[-1] = await self._verified(link)  # stop on checked facts
-                if link.prev == ZERO_HASH or self._stops(link):
+                if link.checkpoint is None and (link.prev == ZERO_HASH or self._stops(link)):
                     break
                 key = link.prev
+                ref = covered.get(key) if link.checkpoint is None else None
+                if ref is not None and self.base is None and ref.usable_for(self.limiter):
+                    self.base, key = ref, ref.key  # replay from the checkpoint instead
+                elif ref is not None and ref not in passed:
+                    passed.append(ref)
                 if key in seen:
                     raise DecodeError(f"aggregation {link.key.hex()}: the chain loops back to "
                                       f"{key.hex()}", link.key)
@@ -328,12 +350,25 @@ class ChainReader:
                     if not link.verified:
                         # The header we followed came from piece 0 alone: check it first.
                         link = links[-1] = await self._verified(link)
-                        if link.prev != key:
+                        if link.prev != key and key != getattr(self.base, "key", None):
                             continue
+                    if not refreshed and link.checkpoint is None and ref is None:
+                        # A compaction may have registered a checkpoint for this point and
+                        # deleted what it covers since the list was read.
+                        refreshed = True
+                        self.checkpoints = await find_checkpoints(self.pool, self.vdisk_id,
+                                                                  self._reader)
+                        covered = {r.covered: r for r in reversed(self.checkpoints)}
+                        if key in covered:
+                            continue
+                    if passed:
+                        raise before_window(self.vdisk_id, self.limiter, passed[-1],
+                                            exc) from None
                     raise DecodeError(
                         f"chain broken at aggregation {link.key.hex()} (sequences "
                         f"{link.first_sequence}..{link.last_sequence}): its prev {exc}",
                         link.key) from None
+                check_part(link, nxt, ref if key != link.prev else None)
                 seen.add(key)
                 self._keep(link)
                 link = nxt
@@ -351,6 +386,10 @@ class ChainReader:
     def _finish(self, link: ChainLink, agg: Aggregation) -> Aggregation:
         """Check an opened aggregation against its link; CPU only (runs in a worker)."""
         key = link.key
+        if agg.checkpoint != link.checkpoint:
+            raise DecodeError(f"aggregation {key.hex()}: its sealed header "
+                              f"{'is' if agg.checkpoint else 'is not'} a checkpoint's, unlike "
+                              "the header the walk followed", key)
         if agg.prev != link.prev:
             raise DecodeError(f"aggregation {key.hex()}: its sealed prev {agg.prev.hex()} "
                               f"differs from the link followed to it ({link.prev.hex()})",
@@ -455,7 +494,9 @@ class ChainReader:
         """Load several links: in the worker processes when there are some, else (and for
         whatever they hand back unopened) in this process."""
         procs = self._procs
-        need = [link for link in batch if link.agg is None and link.record is None]
+        # (checkpoint parts are opened here: their header is part of what is checked)
+        need = [link for link in batch
+                if link.agg is None and link.record is None and link.checkpoint is None]
         if procs is None or not need:
             return await self._load_here(batch)
         try:
@@ -515,44 +556,6 @@ class ChainReader:
             done.append(result)
         return done
 
-    def _select(self, agg: Aggregation) -> tuple[list[Block], list[Block], bool]:
-        """The blocks of ``agg`` to replay, those skipped as repeats, and whether ``agg``
-        starts a new epoch.
-
-        Within an epoch a sequence is replayed once, at its first occurrence: a later
-        copy is a re-flush of the same write (see the module doc). A later epoch is a new
-        numbering whose blocks are all replayed, over whatever came before.
-        """
-        new_epoch = False
-        if agg.epoch > self._epoch:
-            new_epoch = self._epoch_seen
-            self._epoch = agg.epoch
-            self.applied = SequenceSet()
-        self._epoch_seen = True
-        applied = self.applied
-        limiter = self.limiter
-        blocks = agg.blocks
-        if not blocks:
-            return [], [], new_epoch
-        if limiter.unbounded:
-            sequences = [b.sequence for b in blocks]
-            low = min(sequences)
-            if low > applied.max:  # the common case: everything is new
-                applied.add_new(sequences, low)
-                return list(blocks), [], new_epoch
-        chosen: list[Block] = []
-        repeats: list[Block] = []
-        epoch = agg.epoch
-        for b in blocks:
-            if not limiter.accepts(b, epoch):
-                continue
-            if b.sequence in applied:
-                repeats.append(b)
-                continue
-            applied.add(b.sequence)
-            chosen.append(b)
-        return chosen, repeats, new_epoch
-
     async def items(self) -> AsyncIterator[ChainItem]:
         """Replay: every aggregation of the walk, oldest first, checked and opened.
 
@@ -566,6 +569,9 @@ class ChainReader:
         # the opened aggregations.
         todo: list[ChainLink] = []
         for link in links:
+            if link.checkpoint is not None:
+                todo.append(link)
+                continue
             if link.verified and limiter.after_end(link.first_sequence, link.epoch):
                 break
             if link.verified and limiter.before_start(link.last_sequence, link.epoch):
@@ -591,16 +597,17 @@ class ChainReader:
                 results = await pending.popleft()
                 for link, result in zip(batch, results, strict=True):
                     if isinstance(result, DecodeError):
-                        raise result
-                    if bounded and result.blocks:
+                        raise await explain_missing(self.pool, self.vdisk_id,
+                                                    self.checkpoints, result)
+                    if bounded and result.blocks and result.checkpoint is None:
                         if limiter.after_end(result.first_sequence, result.epoch):
                             return
                         if limiter.before_start(result.last_sequence, result.epoch):
                             continue
-                    blocks, repeats, new_epoch = self._select(result)
+                    blocks, repeats, new_epoch = self._replayed.select(result, limiter)
                     yield ChainItem(result, blocks, len(repeats), list(link.missing),
                                     list(link.corrupt), repeats, new_epoch)
-                    if limiter.passes_end(result):
+                    if result.checkpoint is None and limiter.passes_end(result):
                         return
         finally:
             for task in pending:

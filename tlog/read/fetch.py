@@ -1,5 +1,10 @@
 """Fetching one record from the storage pool: its pieces, rebuilt from parity when some
-are missing or corrupt, checked against its hash, and opened."""
+are missing or corrupt, checked against its hash, and opened.
+
+The k data pieces are fetched first; the m parity pieces only when a data piece is missing
+or the rebuilt record does not hash to its key. Up to m missing or corrupt pieces are
+rebuilt. A server that fails once is not asked again during the same read.
+"""
 
 from __future__ import annotations
 
@@ -13,12 +18,16 @@ from dataclasses import dataclass, field
 import redis.asyncio
 
 from tlog.record.aggregation import (
-    ZERO_HASH,
+    NONCE_SIZE,
     Aggregation,
     RecordError,
     RecordOpener,
+    V2Header,
+    is_v2,
+    parse_v2_header,
     record_hash,
 )
+from tlog.record.crypto import TAG_SIZE
 from tlog.record.erasure import ErasureCoder, ErasureError
 from tlog.storage import ServerAddress, StorageError, StoragePool
 
@@ -32,6 +41,25 @@ FIRST_HEADER_RUN = 64
 MAX_HEADER_RUN = 2048
 #: Script runs in a row that find no v2 header before the walk stops asking for them.
 SCRIPT_MISSES = 3
+
+
+_PREFIX = struct.Struct("<Q")
+
+
+def piece_header(piece: bytes | None) -> tuple[V2Header, int] | None:
+    """The v2 header at the start of piece 0 and the record's length, when the piece holds
+    all of the header (a hint until the record is read whole and hash-checked)."""
+    if piece is None or len(piece) < _PREFIX.size:
+        return None
+    (length,) = _PREFIX.unpack_from(piece)
+    start = piece[_PREFIX.size:_PREFIX.size + length]
+    if not is_v2(start):
+        return None
+    try:
+        head = parse_v2_header(start)
+    except RecordError:
+        return None
+    return (head, length) if head.size + NONCE_SIZE + TAG_SIZE <= length else None
 
 
 class DecodeError(Exception):
@@ -260,27 +288,3 @@ def write_identity(index: int, operation: int, timestamp: int,
     block the client first sent (its timestamp included); a new write under a reused
     sequence differs at least by its timestamp."""
     return struct.pack("<qBQ", index, operation & 0xFF, timestamp) + bytes(digest)
-
-
-async def stored_writes(pool: StoragePool, key: bytes, opener: RecordOpener, *,
-                        from_sequence: int, epoch: int, limit: int,
-                        coder: ErasureCoder | None = None) -> dict[int, bytes]:
-    """`write_identity` of each block of ``epoch`` with a sequence >= ``from_sequence``,
-    walking back from the aggregation ``key``; at most about ``limit`` blocks (the newest).
-
-    For tlogserver, to tell a client's resend of stored blocks from new writes under the
-    same sequences. Raises DecodeError when an aggregation cannot be read.
-    """
-    found: dict[int, bytes] = {}
-    while key != ZERO_HASH and len(found) < limit:
-        agg = await read_aggregation(pool, key, opener, coder)
-        if agg.epoch != epoch:
-            break
-        for b in agg.blocks:
-            if b.sequence >= from_sequence:
-                # Overwritten while walking back: the oldest copy, the one a restore keeps.
-                found[b.sequence] = write_identity(b.index, b.operation, b.timestamp, b.hash)
-        if not agg.blocks or agg.first_sequence <= from_sequence:
-            break
-        key = agg.prev
-    return found

@@ -1,5 +1,14 @@
 """Which blocks a read replays (`Limiter`: sequence, timestamp and epoch bounds) and
-which sequences it has replayed already (`SequenceSet`)."""
+which sequences it has replayed already (`SequenceSet`).
+
+Limiters are the reference's (protocol.md describes them): a start and an end, by sequence
+and/or by block timestamp, 0 meaning unbounded, both bounds inclusive. A block is replayed
+when every given bound holds. The walk back stops at the first aggregation (newest first)
+whose first sequence is <= the start sequence, or whose oldest block timestamp is <= the
+start timestamp; the replay stops after the first aggregation that holds a block past an
+end bound. Both shortcuts assume the chain is in sequence and time order, which the server
+guarantees apart from re-flushed duplicates.
+"""
 
 from __future__ import annotations
 
@@ -77,6 +86,11 @@ class Limiter:
                 and (not self.start_ts or ts >= self.start_ts)
                 and (not self.end_ts or ts <= self.end_ts))
 
+    def within_end(self, epoch: int, seq: int, ts: int) -> bool:
+        """Whether a block at (``epoch``, ``seq``) written at ``ts`` is inside the end bounds."""
+        return ((not self.end_seq or self._at_or_before_end(epoch, seq))
+                and (not self.end_ts or ts <= self.end_ts))
+
     def walk_stops_at(self, first_sequence: int, oldest_block_ts: int | None,
                       epoch: int = 0) -> bool:
         """Whether aggregations older than this one can hold no block to replay.
@@ -119,6 +133,19 @@ class SequenceSet:
     def __init__(self) -> None:
         self._starts: list[int] = []
         self._ends: list[int] = []
+
+    @classmethod
+    def of_ranges(cls, ranges: tuple[tuple[int, int], ...] | list[tuple[int, int]]
+                  ) -> SequenceSet:
+        """The set of these inclusive ranges (as `ranges` gives them)."""
+        made = cls()
+        for start, end in sorted(ranges):
+            if made._ends and start <= made._ends[-1] + 1:
+                made._ends[-1] = max(made._ends[-1], end)
+            else:
+                made._starts.append(start)
+                made._ends.append(end)
+        return made
 
     def __len__(self) -> int:
         return sum(e - s + 1 for s, e in zip(self._starts, self._ends, strict=True))
@@ -178,3 +205,59 @@ class SequenceSet:
         else:
             starts.insert(i + 1, seq)
             ends.insert(i + 1, seq)
+
+
+class Replayed:
+    """What a replay has applied so far: the current epoch and its sequences, to choose the
+    blocks of the next aggregation (`select`)."""
+
+    def __init__(self) -> None:
+        self.applied = SequenceSet()  # sequences replayed in the current epoch
+        self.epoch = 0
+        self._epoch_seen = False
+
+    def select(self, agg: Aggregation, limiter: Limiter
+               ) -> tuple[list[Block], list[Block], bool]:
+        """The blocks of ``agg`` to replay, those skipped as repeats, and whether ``agg``
+        starts a new epoch.
+
+        Within an epoch a sequence is replayed once, at its first occurrence: a later
+        copy is a re-flush of the same write (`tlog.read.chain`'s module doc). A later epoch
+        is a new numbering whose blocks are all replayed, over whatever came before.
+        """
+        mark = agg.checkpoint
+        if mark is not None:
+            # The live blocks at the checkpoint; once its last part is in, the replay goes on
+            # as it would have after the aggregation the checkpoint covers.
+            if mark.part == mark.parts - 1:
+                self.epoch, self._epoch_seen = agg.epoch, True
+                self.applied = SequenceSet.of_ranges(mark.applied)
+            return list(agg.blocks), [], False
+        new_epoch = False
+        if agg.epoch > self.epoch:
+            new_epoch = self._epoch_seen
+            self.epoch = agg.epoch
+            self.applied = SequenceSet()
+        self._epoch_seen = True
+        applied = self.applied
+        blocks = agg.blocks
+        if not blocks:
+            return [], [], new_epoch
+        if limiter.unbounded:
+            sequences = [b.sequence for b in blocks]
+            low = min(sequences)
+            if low > applied.max:  # the common case: everything is new
+                applied.add_new(sequences, low)
+                return list(blocks), [], new_epoch
+        chosen: list[Block] = []
+        repeats: list[Block] = []
+        epoch = agg.epoch
+        for b in blocks:
+            if not limiter.accepts(b, epoch):
+                continue
+            if b.sequence in applied:
+                repeats.append(b)
+                continue
+            applied.add(b.sequence)
+            chosen.append(b)
+        return chosen, repeats, new_epoch

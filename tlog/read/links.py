@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from tlog.protocol.wire import Block
-from tlog.record.aggregation import Aggregation
+from tlog.record.aggregation import Aggregation, CheckpointMark
 
 from .bulkread import SLOT_BYTES
 
@@ -40,6 +40,10 @@ class ChainLink:
     missing: list[int] = field(default_factory=list)
     corrupt: list[int] = field(default_factory=list)
     epoch: int = 0
+    #: Set for a part of a checkpoint (the walk's base), from its header.
+    checkpoint: CheckpointMark | None = None
+    #: Bytes of the record (its length as piece 0 states it), 0 when unknown.
+    size: int = 0
 
     @property
     def cached_bytes(self) -> int:
@@ -67,6 +71,12 @@ class ChainItem:
     repeats: list[Block] = field(default_factory=list)
     #: Whether this aggregation starts a new epoch (the first one of a chain does not).
     new_epoch: bool = False
+
+    @property
+    def checkpoint(self) -> CheckpointMark | None:
+        """Set when this is a part of the checkpoint the replay starts from: its blocks are
+        the vdisk's live blocks at the checkpoint, not writes in sequence order."""
+        return self.aggregation.checkpoint
 
 
 def cut_batches(links: list[ChainLink], size: int) -> list[list[ChainLink]]:

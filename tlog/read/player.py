@@ -32,6 +32,7 @@ from tlog.record.aggregation import RecordOpener
 from tlog.storage import ServerAddress, StoragePool
 
 from .chain import ChainReader
+from .checkpoints import CheckpointRef
 from .limiter import Limiter
 from .links import ChainItem
 
@@ -364,6 +365,10 @@ class PlayResult:
     last_timestamp: int | None = None  # timestamp of the block with the highest sequence
     rebuilt: int = 0  # aggregations read with pieces rebuilt from parity
     seconds: float = 0.0
+    #: The checkpoint the replay started from (after a compaction), and its blocks (counted
+    #: in ``blocks`` too); its parts do not count as aggregations.
+    checkpoint: CheckpointRef | None = None
+    checkpoint_blocks: int = 0
 
     @property
     def mb_per_s(self) -> float:
@@ -375,8 +380,9 @@ class Player:
     """Applies a chain's blocks to a `BlockStorage`.
 
     ``on_sequence(seq)`` is called for every sequence applied, in order, after its
-    aggregation reached the storage; ``on_item(item, result)`` after every aggregation (for
-    progress reports).
+    aggregation reached the storage (not for a checkpoint's blocks, which are the last
+    writes of each index rather than sequences in order); ``on_item(item, result)`` after
+    every aggregation (for progress reports).
     """
 
     def __init__(self, storage: BlockStorage, *,
@@ -399,6 +405,23 @@ class Player:
                 result.epochs += 1
                 result.first_sequence = result.last_sequence = result.last_timestamp = None
             result.epoch = item.aggregation.epoch
+            mark = item.checkpoint
+            if mark is not None:
+                # The state at the checkpoint: the last write of each index, of several
+                # epochs' numberings, so not a sequence range.
+                deletes = [b.operation for b in blocks].count(_DELETE)
+                result.blocks += len(blocks)
+                result.deletes += deletes
+                result.sets += len(blocks) - deletes
+                result.data_bytes += sum([len(b.data) for b in blocks])
+                result.checkpoint_blocks += len(blocks)
+                if mark.part == mark.parts - 1 and reader.base is not None:
+                    result.checkpoint = reader.base
+                    result.last_sequence = reader.base.sequence
+                    result.last_timestamp = reader.base.timestamp
+                if self.on_item is not None:
+                    self.on_item(item, result)
+                continue
             result.aggregations += 1
             result.duplicates += item.duplicates
             result.outside += len(item.aggregation.blocks) - len(blocks) - item.duplicates

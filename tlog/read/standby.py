@@ -140,6 +140,13 @@ class SyncPosition:
         return replace(self, hash=hash, epoch=epoch, sequence=sequence, timestamp=timestamp,
                        applied_at=time.time_ns())
 
+    def at_checkpoint(self, covered: bytes, epoch: int, sequence: int,
+                      timestamp: int) -> SyncPosition:
+        """The position once a checkpoint's parts are applied: the state after the
+        aggregation it covers (which the next aggregation names as its prev)."""
+        return replace(self, hash=covered, epoch=epoch, sequence=sequence,
+                       timestamp=max(self.timestamp, timestamp), applied_at=time.time_ns())
+
     def describe(self) -> str:
         if self.hash == ZERO_HASH:
             return "nothing applied"

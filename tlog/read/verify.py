@@ -16,6 +16,7 @@ from tlog.record.erasure import ErasureCoder
 from tlog.storage import StoragePool
 
 from .chain import ChainReader
+from .checkpoints import CheckpointRef
 from .fetch import DecodeError, open_checked, write_identity
 
 log = logging.getLogger(__name__)
@@ -54,6 +55,11 @@ class VerifyReport:
     last_sequence: int | None = None  # of the last epoch
     head: bytes | None = None
     problems: list[Problem] = field(default_factory=list)
+    #: The checkpoint the chain starts from (after a compaction), its parts and blocks
+    #: (the last write of every index it covers); they count in neither number above.
+    checkpoint: CheckpointRef | None = None
+    checkpoint_parts: int = 0
+    checkpoint_blocks: int = 0
 
     @property
     def errors(self) -> list[Problem]:
@@ -177,12 +183,28 @@ async def verify_chain(pool: StoragePool, vdisk_id: str, opener: RecordOpener, *
     try:
         async for item in reader.items():
             agg = item.aggregation
-            report.aggregations += 1
-            report.blocks += len(agg.blocks)
-            report.duplicates += item.duplicates
             problem = _pieces_problem(agg.hash, item.missing, item.corrupt, addresses)
             if problem is not None:
                 report.problems.append(problem)
+            mark = item.checkpoint
+            if mark is not None:
+                # A part of the checkpoint the chain starts from: the walk checked that the
+                # parts are all there, of one checkpoint, in order; the blocks' hashes were
+                # checked like any aggregation's.
+                report.checkpoint_parts += 1
+                report.checkpoint_blocks += len(agg.blocks)
+                if mark.part == mark.parts - 1:
+                    report.checkpoint = reader.base
+                    assert reader.base is not None
+                    # The writes it folded are known only by their sequence ranges.
+                    report.epochs.append((agg.epoch, agg.hash, reader.base.sequence))
+                    high, high_key = reader.base.sequence, agg.hash
+                    report.first_sequence = None
+                    seen = _Identities()
+                continue
+            report.aggregations += 1
+            report.blocks += len(agg.blocks)
+            report.duplicates += item.duplicates
             if not report.epochs or item.new_epoch:
                 if report.epochs and agg.epoch <= report.epochs[-1][0]:
                     report.problems.append(Problem(agg.hash, f"aggregation {agg.hash.hex()}: "

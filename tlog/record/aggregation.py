@@ -43,8 +43,13 @@ COMPRESSION_SNAPPY = 1
 _V2_HEAD = struct.Struct("<4sBBHIQQIQ32sH")
 #: Flag: a uint64 epoch follows the vdisk id (records of epoch 0 do without).
 FLAG_EPOCH = 1
-_KNOWN_FLAGS = FLAG_EPOCH
+#: Flag: the record is a part of a checkpoint (`CheckpointMark` follows, after the epoch).
+FLAG_CHECKPOINT = 2
+_KNOWN_FLAGS = FLAG_EPOCH | FLAG_CHECKPOINT
 _U64 = struct.Struct("<Q")
+# part index, number of parts, the covered hash, number of applied ranges (which follow)
+_MARK = struct.Struct("<II32sI")
+_RANGE = struct.Struct("<QQ")
 NONCE_SIZE = 12
 
 
@@ -70,6 +75,39 @@ class MissingKeyError(RecordError):
                          f"given (keys given: {have}); add that key's file "
                          "(--old-key-file or another --key-file)")
         self.key_id = key_id
+
+
+@dataclass(frozen=True)
+class CheckpointMark:
+    """What makes a v2 record a part of a checkpoint (docs/storage-format.md).
+
+    A checkpoint stands for the state of a vdisk once every aggregation up to and
+    including ``covered`` is applied: its live blocks, cut into ``parts`` records chained
+    by ``prev`` (part 0's ``prev`` is ``covered``). ``applied`` are the sequence ranges of
+    the checkpoint's epoch replayed by then, so that a re-flushed copy stored after the cut
+    is still recognised as one.
+    """
+
+    part: int
+    parts: int
+    covered: bytes
+    applied: tuple[tuple[int, int], ...] = ()
+
+    def pack(self) -> bytes:
+        return (_MARK.pack(self.part, self.parts, self.covered, len(self.applied))
+                + b"".join(_RANGE.pack(start, end) for start, end in self.applied))
+
+    @classmethod
+    def unpack_from(cls, record: bytes | memoryview, at: int) -> tuple[CheckpointMark, int]:
+        """The mark at ``at`` and the offset after it; RecordError when truncated."""
+        if len(record) < at + _MARK.size:
+            raise RecordError("v2 checkpoint record is truncated")
+        part, parts, covered, count = _MARK.unpack_from(record, at)
+        at += _MARK.size
+        if len(record) < at + count * _RANGE.size or not part < parts:
+            raise RecordError("v2 checkpoint record has a malformed mark")
+        ranges = tuple(_RANGE.unpack_from(record, at + i * _RANGE.size) for i in range(count))
+        return cls(part, parts, bytes(covered), ranges), at + count * _RANGE.size
 
 
 @dataclass(frozen=True)
@@ -100,6 +138,9 @@ class Aggregation:
     #: The vdisk's epoch this aggregation belongs to (docs/durability.md); 0 in the
     #: reference's storage, which has no epochs.
     epoch: int = 0
+    #: Set when the record is a part of a checkpoint (then the sequence range is the
+    #: checkpoint's, not its blocks'): from the authenticated v2 header.
+    checkpoint: CheckpointMark | None = None
     #: The decompressed, framed aggregation the blocks are views into (None when built
     #: another way); a reader in another process sends this instead of the blocks.
     plain: bytes | memoryview | None = field(default=None, repr=False, compare=False)
@@ -180,20 +221,35 @@ class V2Writer:
 
     def seal(self, prev: bytes, blocks: Sequence[BlockFields],
              timestamp: int | None = None, epoch: int = 0) -> SealedRecord:
+        sequences = tuple(b.sequence for b in blocks)
+        return self._seal(prev, blocks, timestamp, epoch, min(sequences), max(sequences))
+
+    def seal_checkpoint(self, prev: bytes, mark: CheckpointMark,
+                        blocks: Sequence[BlockFields], sequence: int, timestamp: int,
+                        epoch: int = 0) -> SealedRecord:
+        """One part of a checkpoint at ``sequence`` (its header's first and last sequence).
+        ``prev``: the part before it, or ``mark.covered`` for part 0; ``blocks`` may be
+        empty (a vdisk with no live block)."""
+        return self._seal(prev, blocks, timestamp, epoch, sequence, sequence, mark)
+
+    def _seal(self, prev: bytes, blocks: Sequence[BlockFields], timestamp: int | None,
+              epoch: int, first: int, last: int,
+              mark: CheckpointMark | None = None) -> SealedRecord:
         ts = time.time_ns() if timestamp is None else timestamp
         sequences = tuple(b.sequence for b in blocks)
         plain = _plain_aggregation(V2_NAME, ts, self.vdisk_id, prev, blocks, epoch)
         compressed = cramjam.snappy.compress_raw(plain)
-        head = _V2_HEAD.pack(V2_MAGIC, V2_VERSION, COMPRESSION_SNAPPY,
-                             FLAG_EPOCH if epoch else 0, self._cipher.key_id,
-                             min(sequences), max(sequences), len(blocks), ts, prev,
+        flags = (FLAG_EPOCH if epoch else 0) | (FLAG_CHECKPOINT if mark is not None else 0)
+        head = _V2_HEAD.pack(V2_MAGIC, V2_VERSION, COMPRESSION_SNAPPY, flags,
+                             self._cipher.key_id, first, last, len(blocks), ts, prev,
                              len(self._vdisk)) + self._vdisk
         if epoch:
             head += _U64.pack(epoch)
+        if mark is not None:
+            head += mark.pack()
         nonce, sealed = self._cipher.seal(bytes(compressed), head)
         record = b"".join((head, nonce, sealed))
-        return SealedRecord(record_hash(record), record, min(sequences), max(sequences),
-                            sequences)
+        return SealedRecord(record_hash(record), record, first, last, sequences)
 
 
 @dataclass(frozen=True)
@@ -210,6 +266,7 @@ class V2Header:
     compression: int
     size: int  # bytes of header, associated data
     epoch: int = 0
+    checkpoint: CheckpointMark | None = None
 
 
 def is_v2(record: bytes | memoryview) -> bool:
@@ -234,10 +291,14 @@ def parse_v2_header(record: bytes | memoryview) -> V2Header:
         vdisk_end, end = end, end + 8
     else:
         vdisk_end = end
+    mark = None
+    if flags & FLAG_CHECKPOINT:
+        mark, end = CheckpointMark.unpack_from(record, end)
     if len(record) < end + NONCE_SIZE + 16:
         raise RecordError("v2 record is truncated")
     vdisk = bytes(record[_V2_HEAD.size:vdisk_end]).decode("utf-8", "replace")
-    return V2Header(key_id, first, last, count, ts, prev, vdisk, compression, end, epoch)
+    return V2Header(key_id, first, last, count, ts, prev, vdisk, compression, end, epoch,
+                    mark)
 
 
 @dataclass
@@ -298,6 +359,7 @@ def open_v2(record: bytes, keyring: Keyring, expected_hash: bytes | None = None,
     agg = aggregation_from_plain(plain, digest, len(record), len(compressed), head.key_id, "v2")
     if agg.prev != head.prev or agg.vdisk_id != head.vdisk_id or agg.epoch != head.epoch:
         raise RecordError("record header does not match its sealed content")
+    agg.checkpoint = head.checkpoint
     return agg
 
 
@@ -392,4 +454,8 @@ def describe(agg: Aggregation) -> Mapping[str, object]:
         "epoch": agg.epoch,
         # which master key sealed it (v2), to plan a key's retirement; None for legacy
         "key_id": f"{agg.key_id:08x}" if agg.key_id is not None else None,
+        # a part of a checkpoint: "part/parts of the state after <covered hash>"
+        "checkpoint": (None if agg.checkpoint is None else
+                       f"{agg.checkpoint.part + 1}/{agg.checkpoint.parts} of the state after "
+                       f"{agg.checkpoint.covered.hex()}"),
     }

@@ -23,7 +23,12 @@ from .server import (
     RedisStorageServer,
     StorageError,
     StorageServer,
+    checkpoint_list_key,
+    compaction_key,
+    compaction_lock_key,
+    compaction_parts_key,
     last_hash_key,
+    pin_list_key,
 )
 from .storagemap import (
     VDISK_ACCESS_KEYS,
@@ -38,6 +43,8 @@ __all__ = [
     "MemoryPoolFactory",
     "MemoryStorageServer", "RedisStorageServer", "ServerAddress", "StaticPoolFactory",
     "StorageConfig", "StorageConfigError", "StorageError", "StoragePool", "StoragePoolFactory",
-    "StorageServer", "any_pool_factory", "last_hash_key", "load_storage_config",
+    "StorageServer", "any_pool_factory", "checkpoint_list_key", "compaction_key",
+    "compaction_lock_key", "compaction_parts_key",
+    "last_hash_key", "pin_list_key", "load_storage_config",
     "parse_addresses", "parse_storage_config",
 ]

@@ -13,6 +13,7 @@ import asyncio
 import hashlib
 import logging
 import math
+import time
 from collections import deque
 from collections.abc import Sequence
 from typing import Any
@@ -64,6 +65,35 @@ def last_hash_key(vdisk_id: str) -> bytes:
     return b"last_hash_" + vdisk_id.encode()
 
 
+def checkpoint_list_key(vdisk_id: str) -> bytes:
+    """The key of the list of a vdisk's checkpoints (the hash of each one's last part)."""
+    return b"tlog_checkpoints_" + vdisk_id.encode()
+
+
+def pin_list_key(vdisk_id: str) -> bytes:
+    """The key of the list of a vdisk's named restore points (JSON values)."""
+    return b"tlog_pins_" + vdisk_id.encode()
+
+
+def compaction_key(vdisk_id: str) -> bytes:
+    """The key of a compaction's journal (JSON), present while one is unfinished."""
+    return b"tlog_compact_" + vdisk_id.encode()
+
+
+def compaction_parts_key(vdisk_id: str) -> bytes:
+    """The list of the checkpoint parts an unfinished compaction may have stored."""
+    return b"tlog_compact_parts_" + vdisk_id.encode()
+
+
+def compaction_lock_key(vdisk_id: str) -> bytes:
+    """The lease held by the one compaction of a vdisk that may run."""
+    return b"tlog_compact_lock_" + vdisk_id.encode()
+
+
+def _ms(seconds: float) -> int:
+    return max(1, int(seconds * 1000))
+
+
 
 
 class StorageServer(abc.ABC):
@@ -105,11 +135,32 @@ class StorageServer(abc.ABC):
         """SET every (key, value): for repair tools that rewrite lost pieces."""
 
     async def delete_many(self, keys: Sequence[bytes]) -> None:
-        """DEL every key: for `tlog rekey`, which removes records it re-encrypted.
+        """DEL every key: for `tlog rekey` and `tlog compact`, which remove records.
 
         Not abstract, so that servers written for tests need not have it.
         """
         raise StorageError(f"storage server {self.address}: cannot delete keys")
+
+    async def list_push(self, list_key: bytes, value: bytes) -> None:
+        """LPUSH ``value`` onto ``list_key`` (checkpoints, pins)."""
+        raise StorageError(f"storage server {self.address}: cannot change lists")
+
+    async def list_remove(self, list_key: bytes, value: bytes) -> None:
+        """LREM every ``value`` from ``list_key``."""
+        raise StorageError(f"storage server {self.address}: cannot change lists")
+
+    async def set_if_absent(self, key: bytes, value: bytes, ttl: float) -> bytes | None:
+        """SET ``key`` to ``value`` for ``ttl`` seconds unless it holds a value (a lease, as
+        `tlog compact`'s lock): None when set, else the value it holds."""
+        raise StorageError(f"storage server {self.address}: cannot hold leases")
+
+    async def expire_if(self, key: bytes, value: bytes, ttl: float) -> bool:
+        """Give ``key`` ``ttl`` more seconds if it still holds ``value``; whether it did."""
+        raise StorageError(f"storage server {self.address}: cannot hold leases")
+
+    async def delete_if(self, key: bytes, value: bytes) -> None:
+        """DEL ``key`` if it holds ``value`` (a lease given back)."""
+        raise StorageError(f"storage server {self.address}: cannot hold leases")
 
     @abc.abstractmethod
     async def ping(self) -> None:
@@ -386,6 +437,28 @@ class RedisStorageServer(StorageServer):
         if keys:
             await self._execute([(b"DEL", *keys)])
 
+    async def list_push(self, list_key: bytes, value: bytes) -> None:
+        await self._execute([(b"LPUSH", list_key, value)])
+
+    async def list_remove(self, list_key: bytes, value: bytes) -> None:
+        await self._execute([(b"LREM", list_key, 0, value)])
+
+    async def set_if_absent(self, key: bytes, value: bytes, ttl: float) -> bytes | None:
+        done, held = await self._execute([(b"SET", key, value, b"NX", b"PX", _ms(ttl)),
+                                          (b"GET", key)])
+        return None if done is not None else held
+
+    async def expire_if(self, key: bytes, value: bytes, ttl: float) -> bool:
+        # GET, then PEXPIRE: not atomic, but only the holder renews and a lease that lapsed
+        # is found out here the next time.
+        if await self.get(key) != value:
+            return False
+        return bool((await self._execute([(b"PEXPIRE", key, _ms(ttl))]))[0])
+
+    async def delete_if(self, key: bytes, value: bytes) -> None:
+        if await self.get(key) == value:
+            await self._execute([(b"DEL", key)])
+
     async def ping(self) -> None:
         await self._execute([(b"PING",)])
 
@@ -418,6 +491,8 @@ class MemoryStorageServer(StorageServer):
     def __init__(self, address: str = "memory") -> None:
         self.address = address
         self._data: dict[bytes, bytes | list[bytes]] = {}
+        # monotonic deadlines of the keys set with a time to live (leases only)
+        self._expires: dict[bytes, float] = {}
 
     def __repr__(self) -> str:
         return f"MemoryStorageServer({self.address!r})"
@@ -477,6 +552,54 @@ class MemoryStorageServer(StorageServer):
     async def delete_many(self, keys: Sequence[bytes]) -> None:
         for key in keys:
             self._data.pop(bytes(key), None)
+
+    def _list(self, list_key: bytes, create: bool) -> list[bytes]:
+        current = self._data.get(bytes(list_key))
+        if current is None:
+            current = []
+            if create:
+                self._data[bytes(list_key)] = current
+        if not isinstance(current, list):
+            raise self._wrongtype(list_key)
+        return current
+
+    async def list_push(self, list_key: bytes, value: bytes) -> None:
+        self._list(list_key, True).insert(0, bytes(value))
+
+    async def list_remove(self, list_key: bytes, value: bytes) -> None:
+        current = self._list(list_key, False)
+        current[:] = [v for v in current if v != value]
+        if not current:
+            self._data.pop(bytes(list_key), None)
+
+    def _lease(self, key: bytes) -> bytes | None:
+        value = self._data.get(bytes(key))
+        if value is not None and self._expires.get(bytes(key), math.inf) <= time.monotonic():
+            self._data.pop(bytes(key), None)
+            self._expires.pop(bytes(key), None)
+            return None
+        if isinstance(value, list):
+            raise self._wrongtype(key)
+        return value
+
+    async def set_if_absent(self, key: bytes, value: bytes, ttl: float) -> bytes | None:
+        held = self._lease(key)
+        if held is not None:
+            return held
+        self._data[bytes(key)] = bytes(value)
+        self._expires[bytes(key)] = time.monotonic() + ttl
+        return None
+
+    async def expire_if(self, key: bytes, value: bytes, ttl: float) -> bool:
+        if self._lease(key) != value:
+            return False
+        self._expires[bytes(key)] = time.monotonic() + ttl
+        return True
+
+    async def delete_if(self, key: bytes, value: bytes) -> None:
+        if self._lease(key) == value:
+            self._data.pop(bytes(key), None)
+            self._expires.pop(bytes(key), None)
 
     async def ping(self) -> None:
         return None

@@ -1,0 +1,25 @@
+"""Retention: keeping a vdisk's log from growing without bound (docs/retention.md).
+
+- `tlog.retention.policy`: what to keep (`RetentionPolicy`: since a time, a number of
+  sequences, a number of bytes) and where that puts the cut.
+- `tlog.retention.pins`: named restore points, never compacted away until unpinned.
+- `tlog.retention.compact`: `Compactor`, which writes a checkpoint at the cut and then
+  deletes what it covers, in an order that a crash at any point cannot hurt.
+"""
+
+from .compact import (
+    CompactionError,
+    CompactionPlan,
+    CompactionSummary,
+    Compactor,
+    LogSize,
+    log_size,
+)
+from .pins import Pin, PinError, add_pin, read_pins, remove_pin
+from .policy import RetentionPolicy, parse_duration, parse_size
+
+__all__ = [
+    "CompactionError", "CompactionPlan", "CompactionSummary", "Compactor", "LogSize", "Pin",
+    "PinError", "RetentionPolicy", "add_pin", "log_size", "parse_duration", "parse_size",
+    "read_pins", "remove_pin",
+]

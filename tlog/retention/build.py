@@ -1,0 +1,158 @@
+"""Building a checkpoint: the last write of every block index up to the cut, sealed as
+checkpoint parts and stored as they fill, in bounded memory.
+
+Two passes over the chain up to the cut (starting from the previous checkpoint, if any):
+
+1. **replay**: which aggregation (and which of its blocks) holds the last write of each
+   index. About 100 bytes per index; no block data is kept.
+2. **emit**: the aggregations that hold a last write are read again, in chain order, and
+   those writes are sealed into parts of `PART_BLOCKS` blocks, each stored once sealed.
+
+A delete that is an index's last write is kept (a block with no data), so that replaying
+the checkpoint does to any target (an image written onto, a block device, a Redis block
+store) what replaying the covered log did, and the image ends where it did.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from tlog.protocol.status import Operation
+from tlog.protocol.wire import Block
+from tlog.read.chain import ChainReader
+from tlog.read.checkpoints import CheckpointRef
+from tlog.read.fetch import DecodeError, read_aggregation
+from tlog.read.links import ChainLink
+from tlog.record.aggregation import Aggregation, CheckpointMark, RecordOpener, V2Writer
+from tlog.storage import StoragePool
+
+log = logging.getLogger(__name__)
+
+#: Blocks per checkpoint part (about 1 MiB of 4 KiB blocks).
+PART_BLOCKS = 256
+#: Aggregations read ahead during the second pass.
+READ_AHEAD = 8
+_DELETE = int(Operation.DELETE)
+# A last write's place: aggregation number << _SHIFT | block number within it.
+_SHIFT = 32
+
+
+class BuildError(Exception):
+    """The chain up to the cut does not read back, or changed under the build."""
+
+
+@dataclass
+class Built:
+    """A checkpoint sealed and stored."""
+
+    key: bytes  # the hash of its last part
+    parts: int
+    blocks: int  # live (set)
+    deleted: int  # indexes whose last write is a delete
+    epoch: int
+    sequence: int
+    timestamp: int  # newest block timestamp it stands for (ns)
+
+
+async def build_checkpoint(pool: StoragePool, vdisk_id: str, opener: RecordOpener,
+                           writer: V2Writer, records: list[ChainLink],
+                           base: CheckpointRef | None,
+                           store: Callable[[bytes, bytes], Awaitable[None]], *,
+                           timeout: float = 10.0, processes: bool | None = None,
+                           check: Callable[[], None] = lambda: None) -> Built:
+    """Replay ``records`` (the aggregations up to the cut, oldest first, after ``base``)
+    and store the checkpoint of the state after the last one. ``store(hash, record)``
+    stores one part (journalled by the caller before it is written); ``check()`` is called
+    between parts and may raise to stop."""
+    cut = records[-1]
+    reader = ChainReader(pool, vdisk_id, opener, head_key=cut.key, timeout=timeout,
+                         processes=processes)
+    keys: list[bytes] = []  # aggregation number -> its hash (checkpoint parts included)
+    last: dict[int, int] = {}  # block index -> where its last write is
+    newest_ts = base.timestamp if base is not None else 0
+    position = (base.epoch, base.sequence) if base is not None else (0, 0)
+    replayed: list[bytes] = []
+    try:
+        async for item in reader.items():
+            agg = item.aggregation
+            number = len(keys) << _SHIFT
+            keys.append(agg.hash)
+            if item.checkpoint is None:
+                replayed.append(agg.hash)
+                if agg.blocks:
+                    newest_ts = max(newest_ts, max(b.timestamp for b in agg.blocks))
+                    position = max(position, (agg.epoch, agg.last_sequence))
+            chosen = item.blocks
+            if len(chosen) == len(agg.blocks):
+                for i, b in enumerate(chosen):
+                    last[b.index] = number | i
+            else:
+                where = {id(b): i for i, b in enumerate(agg.blocks)}
+                for b in chosen:
+                    last[b.index] = number | where[id(b)]
+    except DecodeError as exc:
+        raise BuildError(f"vdisk {vdisk_id}: the aggregations to compact do not read back, "
+                         f"nothing was changed: {exc}") from None
+    if replayed != [link.key for link in records]:
+        raise BuildError(f"vdisk {vdisk_id}: the chain changed while the compaction read it; "
+                         "nothing was changed, run again")
+    epoch, sequence = position
+    applied = tuple(reader.applied.ranges) if reader.epoch == epoch else ()
+    total = len(last)
+    parts = max(1, -(-total // PART_BLOCKS))
+    # Which blocks of which aggregation, in chain order.
+    wanted: dict[int, list[int]] = {}
+    for place in sorted(last.values()):
+        wanted.setdefault(place >> _SHIFT, []).append(place & ((1 << _SHIFT) - 1))
+    del last
+    prev = cut.key
+    part: list[Block] = []
+    sealed_parts = 0
+    sets = deletes = 0
+
+    async def seal(chunk: list[Block]) -> None:
+        nonlocal prev, sealed_parts
+        check()
+        chunk.sort(key=lambda b: b.index)  # adjacent blocks: fewer writes in a restore
+        mark = CheckpointMark(sealed_parts, parts, cut.key, applied)
+        record = writer.seal_checkpoint(prev, mark, chunk, sequence, newest_ts, epoch)
+        await store(record.hash, record.record)
+        prev = record.hash
+        sealed_parts += 1
+
+    async def fetch(number: int) -> Aggregation:
+        return await read_aggregation(pool, keys[number], opener, reader.coder)
+
+    order = sorted(wanted)
+    pending: dict[int, asyncio.Task[Aggregation]] = {}
+    try:
+        for at, number in enumerate(order):
+            for ahead in order[at:at + READ_AHEAD]:
+                if ahead not in pending:
+                    pending[ahead] = asyncio.create_task(fetch(ahead))
+            try:
+                agg = await pending.pop(number)
+            except DecodeError as exc:
+                raise BuildError(f"vdisk {vdisk_id}: an aggregation to compact no longer "
+                                 f"reads back (another compaction?): {exc}") from None
+            for i in wanted[number]:
+                b = agg.blocks[i]
+                if b.operation == _DELETE:
+                    deletes += 1
+                else:
+                    sets += 1
+                part.append(b)
+                if len(part) == PART_BLOCKS:
+                    await seal(part)
+                    part = []
+        if part or sealed_parts == 0:
+            await seal(part)
+    finally:
+        for task in pending.values():
+            task.cancel()
+        await asyncio.gather(*pending.values(), return_exceptions=True)
+    assert sealed_parts == parts
+    return Built(prev, parts, sets, deletes, epoch, sequence, newest_ts)
