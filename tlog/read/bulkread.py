@@ -24,8 +24,11 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import ctypes
+import ctypes.util
 import mmap
 import multiprocessing
+import os
 import signal
 import sys
 import warnings
@@ -46,6 +49,8 @@ from tlog.storage import ServerAddress
 from tlog.storage.resp import RespConnection, RespError, pack_command
 
 __all__ = ["Opened", "WorkerPool", "client_options", "usable_addresses"]
+
+_PR_SET_PDEATHSIG = 1  # prctl(2)
 
 #: What a worker hands back for one record: where its plaintext aggregation is (an
 #: (offset, length) in the shared buffer, or the bytes themselves when the batch's slot is
@@ -116,11 +121,24 @@ class _Worker:
 _worker: _Worker | None = None
 
 
+def _end_with_parent(parent: int) -> None:
+    """Have the kernel kill this worker when its parent dies (even by kill -9, which leaves
+    no chance to stop the pool: the workers would wait on their queue for ever)."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        return  # not Linux: the pool's own shutdown is all there is
+    if os.getppid() != parent:  # the parent died before the request was made
+        os._exit(1)
+
+
 def _init(addresses: list[ServerAddress], k: int, m: int, opener: RecordOpener,
-          vdisk_id: str, timeout: float, shared: mmap.mmap) -> None:
+          vdisk_id: str, timeout: float, shared: mmap.mmap, parent: int) -> None:
     global _worker
     # Ctrl-C reaches the whole process group: the parent stops the read, workers just end.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _end_with_parent(parent)
     # Joining data pieces needs no encoder: skip setting up pyeclib in every worker.
     _worker = _Worker(addresses, ErasureCoder(k, m, use_pyeclib=False), opener, vdisk_id,
                       timeout, shared)
@@ -203,7 +221,7 @@ class WorkerPool:
         self._free = list(range(slots))
         self._executor = concurrent.futures.ProcessPoolExecutor(
             workers, mp_context=multiprocessing.get_context("fork"), initializer=_init,
-            initargs=(addresses, k, m, opener, vdisk_id, timeout, self._shared))
+            initargs=(addresses, k, m, opener, vdisk_id, timeout, self._shared, os.getpid()))
         # Fork now (the first call starts every worker), while this process has no thread
         # of ours that a fork could catch holding a lock. Python 3.12+ warns about forking
         # a process with threads at all (the event loop's resolver pool may have some); the
