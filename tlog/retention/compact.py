@@ -300,6 +300,10 @@ class Compactor:
         try:
             async with self._lock:
                 summary.resumed = await self.resume()
+                if summary.resumed is not None:
+                    log.info("%s", summary.resumed)
+                    if self.on_step is not None:
+                        self.on_step(f"resumed: {summary.resumed}")
                 self._step("plan")
                 plan = await self.plan(policy, hold=hold, now_ns=now_ns)
                 summary.held_by = plan.held_by
