@@ -12,8 +12,12 @@ from tlog.read.checkpoints import describe_time
 from tlog.read.fetch import DecodeError
 from tlog.read.limiter import Limiter
 from tlog.retention import Pin, PinError, add_pin, read_pins, remove_pin
+from tlog.retention.lock import CompactionBusy, CompactionLock
 
 from .options import ReadSetup, fail_with, read_options, read_setup, run_async
+
+#: Seconds `tlog pin` waits for a compaction of the vdisk to end.
+LOCK_WAIT = 60.0
 
 
 async def resolve_point(setup: ReadSetup, sequence: int | None, epoch: int | None,
@@ -84,10 +88,21 @@ def pin_command(ctx: click.Context, **values: Any) -> None:
     setup = read_setup(ctx, values)
 
     async def run() -> Pin:
+        # The compaction lease, held while the point is checked and the pin stored: no
+        # compaction can cut past the point in between.
+        lock = CompactionLock(setup.pool, setup.vdisk)
         try:
-            epoch, sequence, ts = await resolve_point(setup, values["sequence"],
-                                                      values["epoch"], values["timestamp"])
-            return await add_pin(setup.pool, setup.vdisk, values["name"], epoch, sequence, ts)
+            try:
+                await lock.acquire_within(LOCK_WAIT)
+            except CompactionBusy as exc:
+                raise PinError(f"{exc}; pin again once it is done") from None
+            try:
+                epoch, sequence, ts = await resolve_point(setup, values["sequence"],
+                                                          values["epoch"], values["timestamp"])
+                return await add_pin(setup.pool, setup.vdisk, values["name"], epoch, sequence,
+                                     ts)
+            finally:
+                await lock.release()
         finally:
             await setup.factory.close()
 

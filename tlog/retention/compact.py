@@ -36,16 +36,17 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 from tlog.read.chain import ChainReader
-from tlog.read.checkpoints import (
-    CheckpointRef,
-    describe_time,
-    find_checkpoints,
-    registered_checkpoints,
-)
+from tlog.read.checkpoints import CheckpointRef, describe_time, registered_checkpoints
 from tlog.read.fetch import DecodeError, PieceReader, piece_header
 from tlog.read.links import ChainLink
 from tlog.read.repair import marker_key
-from tlog.record.aggregation import ZERO_HASH, RecordOpener, V2Writer
+from tlog.record.aggregation import (
+    ZERO_HASH,
+    RecordError,
+    RecordOpener,
+    V2Writer,
+    parse_v2_header,
+)
 from tlog.record.erasure import ErasureCoder
 from tlog.storage import (
     StorageError,
@@ -139,36 +140,6 @@ class CompactionSummary:
                 parts.append(f"held back by {self.held_by}")
         parts.append(f"{self.seconds:.2f} s")
         return "; ".join(parts)
-
-
-@dataclass
-class LogSize:
-    """How much of a vdisk's log is stored, and how far back it can be restored."""
-
-    records: int = 0
-    bytes: int = 0  # stored: every piece on every server, checkpoint parts included
-    checkpoint: CheckpointRef | None = None
-    oldest_restorable_ns: int | None = None  # None: no log
-    blocks: int = 0
-
-
-async def log_size(pool: StoragePool, vdisk_id: str, opener: RecordOpener, *,
-                   timeout: float = 10.0) -> LogSize:
-    """A walk of the chain's headers (from the head to the newest checkpoint)."""
-    reader = ChainReader(pool, vdisk_id, opener, cache_bytes=0, workers=0, timeout=timeout)
-    links = await reader.walk()
-    factor = (pool.k + pool.m) / pool.k
-    size = LogSize(checkpoint=reader.base)
-    for link in links:
-        size.bytes += int(link.size * factor)
-        if link.checkpoint is None:
-            size.records += 1
-            size.blocks += link.count
-    if reader.base is not None:
-        size.oldest_restorable_ns = reader.base.timestamp
-    elif links:
-        size.oldest_restorable_ns = links[0].timestamp
-    return size
 
 
 @dataclass
@@ -332,7 +303,11 @@ class Compactor:
         except BuildError as exc:
             await self._roll_back()
             raise CompactionError(str(exc)) from None
-        positions = [p.position for p in await read_pins(self.pool, self.vdisk_id, every=True)]
+        try:
+            pins = await read_pins(self.pool, self.vdisk_id, every=True)
+        except PinError as exc:
+            raise CompactionError(f"vdisk {self.vdisk_id}: {exc}; run again to finish") from None
+        positions = [p.position for p in pins]
         if any(held_back(plan.records, pos) < len(plan.records) for pos in positions):
             await self._roll_back()  # a pin before the cut was added meanwhile
             raise CompactionError(f"vdisk {self.vdisk_id}: a pin before the cut was added "
@@ -388,16 +363,18 @@ class Compactor:
         found: list[bytes] = []
         try:
             while key != ZERO_HASH:
-                piece = await reader.first_piece(key)
-                if piece is None:
-                    break
-                got = piece_header(piece)
-                found.append(key)
+                got = piece_header(await reader.first_piece(key))
                 if got is None:
-                    log.warning("vdisk %s: %s is not a v2 record; what is older stays stored",
-                                self.vdisk_id, key.hex())
-                    break
-                key = got[0].prev
+                    # No piece 0: deleted (it goes last), or never stored there (a degraded
+                    # write) while the others are: then the record still reads.
+                    try:
+                        prev = parse_v2_header((await reader.fetch(key)).record).prev
+                    except (DecodeError, RecordError):
+                        break
+                else:
+                    prev = got[0].prev
+                found.append(key)
+                key = prev
         finally:
             await reader.close()
         found.reverse()
@@ -470,24 +447,24 @@ class Compactor:
         if journal is None:
             return None
         self._step("resume")
-        reader = PieceReader(self.pool, self.coder, self.timeout)
-        try:
-            refs = await find_checkpoints(self.pool, self.vdisk_id, reader)
-        finally:
-            await reader.close()
-        mine = next((ref for ref in refs if ref.covered == journal.covered), None)
+        parts_key = compaction_parts_key(self.vdisk_id)
+        parts = {bytes(k) for entries in await self._read_everywhere(
+            lambda server: server.list_range(parts_key)) for k in entries}
+        list_key = checkpoint_list_key(self.vdisk_id)
+        listed = await self._read_everywhere(lambda server: server.list_range(list_key))
+        # Registered on any server: its parts were all stored, readers may use it already.
+        mine = next((bytes(k) for entries in listed for k in entries if bytes(k) in parts),
+                    None)
         if mine is None:
             await self._roll_back()
             return (f"undid an interrupted compaction of vdisk {self.vdisk_id} (its checkpoint "
                     "was never registered)")
-        list_key = checkpoint_list_key(self.vdisk_id)
-        listed = await self._read_everywhere(lambda server: server.list_range(list_key))
         await self._everywhere("registering the checkpoint", [
-            server.list_push(list_key, mine.key)
+            server.list_push(list_key, mine)
             for server, entries in zip(self._servers, listed, strict=True)
-            if mine.key not in entries])
+            if mine not in entries])
         deleted = await self._delete(await self._walk_back(journal.covered))
-        retired = await self._retire(mine.key)
+        retired = await self._retire(mine)
         await self._finish()
         return (f"finished an interrupted compaction of vdisk {self.vdisk_id} ({deleted} "
                 f"aggregations deleted, {retired} old checkpoint(s) retired, since "

@@ -106,6 +106,19 @@ class CompactionLock:
                                  "taken by another process")
         self._renewer = asyncio.create_task(self._renew())
 
+    async def acquire_within(self, wait: float) -> None:
+        """`acquire`, tried again every second for up to ``wait`` seconds while another
+        compaction holds the lease."""
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                await self.acquire()
+                return
+            except CompactionBusy:
+                if time.monotonic() >= deadline:
+                    raise
+            await asyncio.sleep(1.0)
+
     async def _renew(self) -> None:
         while True:
             await asyncio.sleep(self.ttl / 3)
