@@ -132,6 +132,17 @@ _D = ServerConfig()
 @click.option("--owner-lease-ttl", type=int, default=_D.owner_lease_ttl, show_default=True,
               help="With an etcd config: seconds a vdisk stays owned by this server after "
                    "it stops renewing its lease (dies or loses etcd).")
+@click.option("--retention-keep-since", default=None, metavar="DURATION",
+              help="Compact the log of each vdisk served to keep every point of the last "
+                   "DURATION restorable (90s, 15m, 2h, 7d, 1w); a vdisk's config entry may "
+                   "set its own retention (docs/retention.md). Off by default.")
+@click.option("--retention-keep-sequences", type=int, default=None, metavar="N",
+              help="Compact each vdisk's log down to about its N newest sequences.")
+@click.option("--retention-keep-bytes", default=None, metavar="SIZE",
+              help="Compact each vdisk's log down to about SIZE of stored aggregations "
+                   "(500MB, 10GiB; every piece on every server).")
+@click.option("--retention-interval", default=_D.retention_interval, show_default=True,
+              metavar="DURATION", help="How often a vdisk's retention policy is applied.")
 @click.pass_context
 def command(ctx: click.Context, **values: Any) -> None:
     """Transaction-log server for virtual block devices (wire compatible with 0-Disk).

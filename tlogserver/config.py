@@ -22,6 +22,7 @@ import yaml
 from tlog.protocol import DEFAULT_MAX_MESSAGE_SIZE
 from tlog.read.standby import StandbyTarget, parse_slave_targets
 from tlog.record import crypto
+from tlog.retention import RetentionPolicy, parse_vdisk_retention, server_policy
 from tlog.storage import (
     ServerAddress,
     StorageConfig,
@@ -45,7 +46,9 @@ RELOADABLE = frozenset({"flush_size", "flush_time", "max_buffered_blocks", "max_
                         "max_pending_bytes", "max_server_buffered_bytes", "max_connections",
                         "stalled_writer_timeout",
                         "handshake_timeout", "drain_timeout", "verbose", "log_level",
-                        "log_format", "access", "old_key_files", "tls_cert", "tls_key"})
+                        "log_format", "access", "old_key_files", "tls_cert", "tls_key",
+                        "retention_keep_since", "retention_keep_sequences",
+                        "retention_keep_bytes", "retention_interval"})
 #: Options whose values are never logged, not even when they change (storage addresses may
 #: hold passwords: they are logged without them).
 SECRET = frozenset({"priv_key", "nonce"})
@@ -105,6 +108,12 @@ class ServerConfig:
     #: hostname:port) and the seconds its lease outlives it
     server_id: str | None = None
     owner_lease_ttl: int = 10
+    #: the retention policy of every vdisk served whose entry has no ``retention`` of its
+    #: own (docs/retention.md): history kept by time, sequences, stored bytes; how often
+    retention_keep_since: str | None = None
+    retention_keep_sequences: int | None = None
+    retention_keep_bytes: str | None = None
+    retention_interval: str = "10m"
 
     # from the YAML file's structure (from_sources), not options
     vdisk_access: dict[str, Any] = field(default_factory=dict, init=False, repr=False)
@@ -125,6 +134,10 @@ class ServerConfig:
     #: vdisk -> its standby, from the ``vdisks`` entries (empty without --with-slave-sync)
     slave_targets: dict[str, StandbyTarget] = field(default_factory=dict, init=False,
                                                     repr=False)
+    #: the --retention-* policy, and the vdisks' own (None: retention off for the vdisk)
+    retention_default: RetentionPolicy | None = field(default=None, init=False, repr=False)
+    retention_vdisks: dict[str, RetentionPolicy | None] = field(default_factory=dict,
+                                                                init=False, repr=False)
 
     @classmethod
     def option_names(cls) -> list[str]:
@@ -170,7 +183,38 @@ class ServerConfig:
         self._validate_tls()
         self._validate_access()
         self._validate_slaves()
+        self._validate_retention()
         return self
+
+    def _validate_retention(self) -> None:
+        if self.retention_keep_sequences is not None and (
+                isinstance(self.retention_keep_sequences, bool)
+                or not isinstance(self.retention_keep_sequences, int)
+                or self.retention_keep_sequences < 1):
+            raise ConfigError("retention-keep-sequences: must be a whole number >= 1, got "
+                              f"{self.retention_keep_sequences!r}")
+        try:
+            self.retention_default = server_policy(
+                self.retention_keep_since, self.retention_keep_sequences,
+                self.retention_keep_bytes, self.retention_interval)
+        except ValueError as exc:
+            raise ConfigError(f"retention: {str(exc).removeprefix('retention: ')}") from None
+        try:
+            self.retention_vdisks = parse_vdisk_retention(self.vdisk_access)
+        except ValueError as exc:
+            where = f"config {self.config}: " if self.config else ""
+            raise ConfigError(f"{where}{exc}") from None
+        if (self.retention_default is not None or any(self.retention_vdisks.values())) and (
+                self.storage_format == "legacy"):
+            raise ConfigError("retention: the legacy storage format cannot hold checkpoints "
+                              "(0-Disk's tools could not read the log); use v2")
+
+    def retention_for(self, vdisk_id: str) -> RetentionPolicy | None:
+        """The retention policy of ``vdisk_id``: its entry's, else the server's; None: its
+        log is not compacted by this server."""
+        if vdisk_id in self.retention_vdisks:
+            return self.retention_vdisks[vdisk_id]
+        return self.retention_default
 
     def _validate_slaves(self) -> None:
         try:
@@ -417,7 +461,11 @@ def check_file_data(data: Mapping[str, Any], source: str) -> None:
             parse_storage_config(data, k + m)
         parse_slave_targets(data.get("vdisks"))
         parse_policy(values["access"], data.get("vdisks"), data.get("tls_clients"))
-    except (StorageConfigError, AccessConfigError) as exc:
+        vdisks = data.get("vdisks")
+        parse_vdisk_retention(vdisks if isinstance(vdisks, dict) else None)
+        server_policy(values["retention_keep_since"], values["retention_keep_sequences"],
+                      values["retention_keep_bytes"], values["retention_interval"])
+    except (StorageConfigError, AccessConfigError, ValueError) as exc:
         raise ConfigError(f"config {source}: {exc}") from None
 
 
@@ -454,7 +502,14 @@ def _coerce(name: str, value: Any, path: str) -> Any:
         if not isinstance(value, str):
             raise ConfigError(f"config {path}: access: expected plain, token, mtls or a list")
         return value
-    if name == "min_pieces":
+    if name in ("retention_keep_since", "retention_keep_bytes", "retention_interval"):
+        # "7d", "10GiB", or a plain number of seconds / bytes
+        if value is not None and (isinstance(value, bool)
+                                  or not isinstance(value, str | int | float)):
+            raise ConfigError(f"config {path}: {name}: expected a duration or size, got "
+                              f"{value!r}")
+        return None if value is None else str(value)
+    if name in ("min_pieces", "retention_keep_sequences"):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
             raise ConfigError(f"config {path}: {name}: expected a whole number, got {value!r}")
         return value

@@ -55,12 +55,14 @@ class ServerCollector(Collector):
     def __init__(self, stats: ServerStats, connections: Callable[[], int],
                  buffered_bytes: Callable[[], int],
                  vdisks: Callable[[], Mapping[str, VdiskGauges]],
-                 slaves: Callable[[], Mapping[str, VdiskGauges]] = dict) -> None:
+                 slaves: Callable[[], Mapping[str, VdiskGauges]] = dict,
+                 logs: Callable[[], Mapping[str, VdiskGauges]] = dict) -> None:
         self.stats = stats
         self.connections = connections
         self.buffered_bytes = buffered_bytes
         self.vdisks = vdisks
         self.slaves = slaves
+        self.logs = logs
 
     def collect(self) -> Iterator[Metric]:
         s = self.stats
@@ -131,6 +133,17 @@ class ServerCollector(Collector):
         yield _histogram("tlog_flush_latency_seconds", "From an aggregation being cut to it "
                          "being stored (queueing and retries included).", s.flush_latency)
         yield from self._vdisks()
+        compactions = CounterMetricFamily("tlog_compactions", "Compaction runs of the vdisks' "
+                                          "retention policies, by result: ok, nothing (to "
+                                          "compact), failed (tried again later).",
+                                          labels=["result"])
+        for result in ("ok", "nothing", "failed"):
+            compactions.add_metric([result], s.compactions.get(result, 0))
+        yield compactions
+        yield _counter("tlog_compacted_aggregations", "Aggregations deleted by compactions "
+                       "(replaced by checkpoints).", s.compacted_records)
+        yield _counter("tlog_compacted_bytes", "Stored bytes freed by compactions (every "
+                       "piece on every server).", s.compacted_bytes)
         yield _counter("tlog_config_reloads", "Successful config reloads (SIGHUP).",
                        s.reloads_ok)
         yield _counter("tlog_config_reload_failures", "Rejected config reloads (SIGHUP): the "
@@ -165,6 +178,21 @@ class ServerCollector(Collector):
                 families[name].add_metric([vdisk_id], values[name])
         yield from families.values()
         yield from self._slaves(now)
+        yield from self._logs(now)
+
+    def _logs(self, now: float) -> Iterator[Metric]:
+        docs = {
+            "log_records": "Aggregations in the vdisk's stored log (from the head back to its "
+                           "checkpoint), as last measured plus those stored since.",
+            "log_bytes": "Stored bytes of the vdisk's log: every piece on every server, "
+                         "checkpoint included.",
+            "log_oldest_restorable_age_seconds": "Age of the oldest point the vdisk can be "
+                                                 "restored to (its checkpoint, or its first "
+                                                 "aggregation).",
+            "log_last_compaction_timestamp_seconds": "When the vdisk's log was last compacted "
+                                                     "by this server (0: never).",
+        }
+        yield from _per_vdisk(docs, self.logs(), now)
 
     def _slaves(self, now: float) -> Iterator[Metric]:
         docs = {
@@ -177,13 +205,20 @@ class ServerCollector(Collector):
                              "(retrying).",
             "slave_ended": "1 once WaitNbdSlaveSync ended slave sync of the vdisk.",
         }
-        families = {n: GaugeMetricFamily(f"tlog_{n}", doc, labels=["vdisk"])
-                    for n, doc in docs.items()}
-        for vdisk_id, syncer in sorted(self.slaves().items()):
-            values = syncer.gauges(now)
-            for name, family in families.items():
-                family.add_metric([vdisk_id], values[name])
-        yield from families.values()
+        yield from _per_vdisk(docs, self.slaves(), now)
+
+
+def _per_vdisk(docs: Mapping[str, str], sources: Mapping[str, VdiskGauges],
+               now: float) -> Iterator[Metric]:
+    """One ``tlog_<name>{vdisk}`` gauge family per name of ``docs``, from each source's
+    `gauges`."""
+    families = {n: GaugeMetricFamily(f"tlog_{n}", doc, labels=["vdisk"])
+                for n, doc in docs.items()}
+    for vdisk_id, source in sorted(sources.items()):
+        values = source.gauges(now)
+        for name, family in families.items():
+            family.add_metric([vdisk_id], values[name])
+    yield from families.values()
 
 
 def _package_version() -> str:

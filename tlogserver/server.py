@@ -21,7 +21,6 @@ from typing import Any
 from tlog.read.fetch import DecodeError
 from tlog.read.head import find_last_and_heads
 from tlog.read.resends import StoredWrites, stored_writes
-from tlog.read.standby import StandbyStore
 from tlog.record.aggregation import Keyring, LegacyWriter, RecordOpener, V2Writer
 from tlog.record.crypto import LegacyCipher
 from tlog.storage import (
@@ -47,7 +46,8 @@ from .flusher import Batch, Flusher
 from .http import OpsServer
 from .metrics import ServerCollector, make_registry
 from .ownership import Ownership
-from .slavesync import SlaveSyncer
+from .retention import RetentionKeeper, standby_holds
+from .slavesync import SlaveSyncer, start_syncers, stop_syncers
 from .stats import ServerStats
 from .tasks import cancel_and_wait
 from .vdisk import BufferBudget, StoredWritesReader, Vdisk
@@ -80,15 +80,22 @@ class TlogServer:
         self._plain_server: asyncio.base_events.Server | None = None
         self._stopping = asyncio.Event()
         self.stats = ServerStats()
+        self.opener = _opener(config)
+        assert config.master_key is not None
+        #: Log sizes and retention policies of the vdisks served (docs/retention.md).
+        self.keeper = RetentionKeeper(
+            self.stats, self.opener, config.master_key,
+            lambda: [i for i, v in self.vdisks.items() if not v.retired],
+            self.factory.pool_for, lambda vdisk_id: self.config.retention_for(vdisk_id),
+            lambda vdisk_id: standby_holds(self.syncers.get(vdisk_id)))
         self.registry = make_registry(ServerCollector(
             self.stats, lambda: len(self.connections), lambda: self.budget.used,
-            lambda: self.vdisks, lambda: self.syncers))
+            lambda: self.vdisks, lambda: self.syncers, self.keeper.gauges))
         self._ops: OpsServer | None = None
         self._probe: asyncio.Task[tuple[bool, str]] | None = None
         self._probed: tuple[float, bool, str] | None = None  # (loop time, ready, reason)
         self.access = config.access_policy
         self.tls: ssl.SSLContext | None = server_tls_context(config) if config.tls else None
-        self.opener = _opener(config)
         #: What all vdisks hold together (--max-server-buffered-bytes).
         self.budget = BufferBudget(config.max_server_buffered_bytes)
         self._refused_logged = 0.0  # loop time of the last "connection refused" log line
@@ -131,7 +138,9 @@ class TlogServer:
             log.warning("min-pieces %d of k+m=%d: two servers writing the same vdisk could "
                         "both get a round stored (the head's compare-and-set needs "
                         "2 * min-pieces > k + m to keep them apart)", pieces, cfg.k + cfg.m)
-        self._start_slave_sync()
+        self.syncers.update(start_syncers(cfg, self.factory, self.opener))
+        if cfg.storage_format == "v2":  # legacy logs are neither measured nor compacted
+            self.keeper.start()
         if cfg.metrics_host is not None:
             # First, so that it is up once "listening on" is logged.
             self._ops = OpsServer(cfg.metrics_host, cfg.metrics_port, self.registry,
@@ -175,22 +184,6 @@ class TlogServer:
                      ("TLS, client certificates checked" if cfg.tls_client_ca else "TLS")
                      if self.tls is not None else "plain TCP",
                      cfg.flush_size, cfg.flush_time, cfg.k, cfg.m, cfg.storage_format)
-
-    def _start_slave_sync(self) -> None:
-        """One syncer per vdisk with a standby, started now: a standby left behind by a
-        restart catches up from the log without waiting for the vdisk's client."""
-        cfg = self.config
-        for vdisk_id, target in sorted(cfg.slave_targets.items()):
-            store = StandbyStore(target, cfg.block_size)
-            syncer = SlaveSyncer(vdisk_id, store, self.factory.pool_for(vdisk_id), self.opener,
-                                 queue_bytes=cfg.slave_sync_queue_bytes)
-            self.syncers[vdisk_id] = syncer
-            syncer.start()
-            log.info("slave sync to %s", target.describe(), extra={"vdisk": vdisk_id})
-        if not cfg.with_slave_sync and any(
-                isinstance(e, dict) and e.get("slave_sync") for e in cfg.vdisk_access.values()):
-            log.warning("vdisks have slave_sync in the config, but --with-slave-sync is off: "
-                        "their standbys are not synced")
 
     def ownership_lost(self, reason: str) -> None:
         """The etcd lease could not be kept: close every open vdisk (clients reconnect,
@@ -326,9 +319,12 @@ class TlogServer:
             syncer.attach(prev, last.epoch if last is not None else 0,
                           last.last_sequence if last is not None else -1)
 
+        factor = (pool.k + pool.m) / pool.k
+
         def on_stored(batches: list[Batch]) -> None:
             if syncer is not None:
                 syncer.stored(batches)
+            self.keeper.stored(vdisk_id, batches, factor)
             holder[0].on_stored(batches)
         flusher = Flusher(vdisk_id, pool, writer, prev, on_stored=on_stored,
                           on_failed=lambda batches, exc: holder[0].on_failed(batches, exc),
@@ -340,6 +336,7 @@ class TlogServer:
                       has_chain=last is not None, budget=self.budget)
         holder.append(vdisk)
         flusher.start()
+        self.keeper.opened(vdisk_id)
         return vdisk
 
     def _retire(self, vdisk: Vdisk) -> None:
@@ -379,7 +376,8 @@ class TlogServer:
             conn.close("server shutting down")
         for vdisk in vdisks:
             await vdisk.flusher.stop()
-        await self._stop_slave_sync()
+        await stop_syncers(list(self.syncers.values()), SLAVE_STOP_WAIT)
+        await self.keeper.stop()
         if self.ownership is not None:
             await self.ownership.close()
         for listener in (self._server, self._plain_server):
@@ -391,17 +389,6 @@ class TlogServer:
             await self._ops.close()
         await self.factory.close()
         return clean
-
-    async def _stop_slave_sync(self) -> None:
-        """Give the standbys a moment to take what is stored, then stop (their position is
-        recorded: they resume from it at the next start)."""
-        syncers = [s for s in self.syncers.values() if not s.ended]
-        waits = [s.wait_applied(s.log_head, SLAVE_STOP_WAIT) for s in syncers
-                 if s.log_head is not None]
-        if waits:
-            await asyncio.gather(*waits)
-        for syncer in self.syncers.values():
-            await syncer.stop()
 
     # -- health --
     async def readiness(self) -> tuple[bool, str]:
@@ -482,6 +469,12 @@ class TlogServer:
                                "in-memory storage)")
         for name in reloadable:
             setattr(cur, name, getattr(new, name))
+        if (new.retention_default, new.retention_vdisks) != (cur.retention_default,
+                                                             cur.retention_vdisks):
+            cur.retention_default, cur.retention_vdisks = (new.retention_default,
+                                                           new.retention_vdisks)
+            applied.append("retention policies")
+            self.keeper.reconfigured()
         if new.slave_targets != cur.slave_targets:
             restart.append("slave sync settings (with_slave_sync, slave_server, slave_prefix)")
         self.budget.limit = cur.max_server_buffered_bytes

@@ -32,8 +32,9 @@ from tlog.read.fetch import DecodeError
 from tlog.read.limiter import Limiter
 from tlog.read.standby import StandbyError, StandbyStore, SyncPosition, new_blocks
 from tlog.record.aggregation import ZERO_HASH, RecordOpener
-from tlog.storage import StorageError, StoragePool
+from tlog.storage import StorageError, StoragePool, StoragePoolFactory
 
+from .config import ServerConfig
 from .flusher import Batch
 from .logs import ContextLogger
 from .tasks import cancel_and_wait
@@ -386,3 +387,35 @@ class SlaveSyncer:
         await self.store.apply(blocks, pos)
         self.applied_blocks += len(blocks)
         self._note(pos, hashes)
+
+
+def start_syncers(cfg: ServerConfig, factory: StoragePoolFactory,
+                  opener: RecordOpener) -> dict[str, SlaveSyncer]:
+    """One started syncer per vdisk with a standby (``cfg.slave_targets``): a standby left
+    behind by a restart catches up from the log without waiting for the vdisk's client."""
+    syncers: dict[str, SlaveSyncer] = {}
+    for vdisk_id, target in sorted(cfg.slave_targets.items()):
+        store = StandbyStore(target, cfg.block_size)
+        syncer = SlaveSyncer(vdisk_id, store, factory.pool_for(vdisk_id), opener,
+                             queue_bytes=cfg.slave_sync_queue_bytes)
+        syncers[vdisk_id] = syncer
+        syncer.start()
+        logging.getLogger("tlogserver").info("slave sync to %s", target.describe(),
+                                             extra={"vdisk": vdisk_id})
+    if not cfg.with_slave_sync and any(
+            isinstance(e, dict) and e.get("slave_sync") for e in cfg.vdisk_access.values()):
+        logging.getLogger("tlogserver").warning(
+            "vdisks have slave_sync in the config, but --with-slave-sync is off: their "
+            "standbys are not synced")
+    return syncers
+
+
+async def stop_syncers(syncers: Sequence[SlaveSyncer], wait: float) -> None:
+    """Give the standbys up to ``wait`` seconds to take what is stored, then stop them
+    (their position is recorded: they resume from it at the next start)."""
+    waits = [s.wait_applied(s.log_head, wait) for s in syncers
+             if not s.ended and s.log_head is not None]
+    if waits:
+        await asyncio.gather(*waits)
+    for syncer in syncers:
+        await syncer.stop()

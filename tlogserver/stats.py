@@ -55,7 +55,7 @@ class ServerStats:
                  "aggregations_stored", "flush_failed_blocks", "storage_errors",
                  "degraded_pieces", "recv_latency", "flush_round", "flush_latency",
                  "reloads_ok", "reloads_failed", "last_reload_ok", "last_reload_time",
-                 "handshakes_refused")
+                 "handshakes_refused", "compactions", "compacted_records", "compacted_bytes")
 
     def __init__(self) -> None:
         self.connections_accepted = 0
@@ -88,9 +88,17 @@ class ServerStats:
         self.last_reload_time = 0.0
         #: per HandshakeStatus name (lower case): handshakes answered with that error
         self.handshakes_refused: dict[str, int] = {}
+        #: retention: compaction runs by result ("ok", "nothing" to do, "failed"), and what
+        #: the successful ones removed (aggregations; stored bytes, every piece counted)
+        self.compactions: dict[str, int] = {}
+        self.compacted_records = 0
+        self.compacted_bytes = 0
 
     def epoch_started(self, reason: str) -> None:
         self.epochs_started[reason] = self.epochs_started.get(reason, 0) + 1
+
+    def compaction_ran(self, result: str) -> None:
+        self.compactions[result] = self.compactions.get(result, 0) + 1
 
     def handshake_refused(self, status: str) -> None:
         """A handshake was answered with the error ``status`` (e.g. "unauthorized")."""

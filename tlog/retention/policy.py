@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from tlog.read.links import ChainLink
 
@@ -146,3 +147,40 @@ def held_back(records: Sequence[ChainLink], position: tuple[int, int]) -> int:
         if (link.epoch, link.last_sequence) > position:
             return i
     return len(records)
+
+
+#: What disables retention for one vdisk whose server has a default policy.
+_OFF = (False, "off", "none")
+
+
+def parse_vdisk_retention(vdisks: Mapping[Any, Any] | None
+                          ) -> dict[str, RetentionPolicy | None]:
+    """The ``retention`` of each entry of a config's ``vdisks`` that has one: a policy, or
+    None for ``retention: off`` (no compaction of that vdisk); ValueError names the key."""
+    found: dict[str, RetentionPolicy | None] = {}
+    for key, entry in (vdisks or {}).items():
+        if not isinstance(entry, Mapping) or "retention" not in entry:
+            continue
+        value = entry["retention"]
+        path = f"vdisks.{key}.retention"
+        if value in _OFF or value is None:
+            found[str(key)] = None
+            continue
+        try:
+            found[str(key)] = RetentionPolicy.from_mapping(value)
+        except ValueError as exc:
+            raise ValueError(f"{path}: {str(exc).removeprefix('retention: ')}") from None
+    return found
+
+
+def server_policy(keep_since: str | None, keep_sequences: int | None, keep_bytes: str | None,
+                  interval: str) -> RetentionPolicy | None:
+    """The policy of tlogserver's --retention-* options; None when none is given."""
+    if keep_since is None and keep_sequences is None and keep_bytes is None:
+        parse_duration(interval)  # still checked
+        return None
+    return RetentionPolicy.from_mapping({
+        key: value for key, value in (("keep_since", keep_since),
+                                      ("keep_sequences", keep_sequences),
+                                      ("keep_bytes", keep_bytes), ("interval", interval))
+        if value is not None})

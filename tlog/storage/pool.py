@@ -45,6 +45,15 @@ class StoragePool:
         """True when every server is the in-process storage."""
         return all(isinstance(s, MemoryStorageServer) for s in self.servers)
 
+    def detached(self, socket_timeout: float = 30.0) -> StoragePool:
+        """The same servers over connections of its own (closed with the pool), for
+        background work (compaction) that must not queue behind, or ahead of, the flushes
+        on the shared connections. In-memory servers are shared as they are."""
+        servers: list[StorageServer] = [
+            RedisStorageServer(s.server_address, socket_timeout=socket_timeout)
+            if isinstance(s, RedisStorageServer) else s for s in self.servers]
+        return StoragePool(servers, self.k, self.m, owns_servers=not self.is_memory)
+
     async def close(self) -> None:
         """Close the servers if this pool owns them (not for pools from a factory)."""
         if self._owns_servers:

@@ -33,7 +33,9 @@ _CLUSTER_KEYS = frozenset({"servers"})
 VDISK_ACCESS_KEYS = frozenset({"access", "token_hash"})
 #: A vdisk's slave sync settings (`tlog.read.standby`), ignored here as well.
 VDISK_SLAVE_KEYS = frozenset({"slave_sync", "slave_server", "slave_prefix"})
-_OTHER_KEYS = VDISK_ACCESS_KEYS | VDISK_SLAVE_KEYS
+#: A vdisk's retention policy (`tlog.retention.policy`), ignored here as well.
+VDISK_RETENTION_KEYS = frozenset({"retention"})
+_OTHER_KEYS = VDISK_ACCESS_KEYS | VDISK_SLAVE_KEYS | VDISK_RETENTION_KEYS
 _VDISK_KEYS = frozenset({"storage_cluster"}) | _OTHER_KEYS
 
 
@@ -106,7 +108,7 @@ def parse_storage_config(data: Mapping[str, Any], required: int | None = None) -
         cluster = section.get("storage_cluster")
         if cluster is None:
             if section.keys() & _OTHER_KEYS:
-                continue  # only access or slave settings: the vdisk uses the default cluster
+                continue  # only access, slave or retention settings: the default cluster
             raise StorageConfigError(f"{path}.storage_cluster: missing")
         cluster = _name(cluster, f"{path}.storage_cluster")
         if cluster not in clusters:
