@@ -22,6 +22,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tlog.protocol import BlockResponse, ClientConnection, HandshakeResponse, block_hash
 from tlog.protocol.status import BlockStatus, HandshakeStatus
@@ -33,6 +34,7 @@ from tlog.retention.lock import CompactionLock
 from tlog.storage import any_pool_factory, checkpoint_list_key, compaction_key
 
 from .redis_fixture import RedisProcess
+from .serverproc import pick_port
 from .test_cli_read import KEY, read_args, start_tlogserver, tlog_cli
 from .test_decoder import VDISK, ChainWriter
 
@@ -151,13 +153,13 @@ class Writer:
     """One connection over a blocking socket; `write` sends blocks and waits for all of
     their FlushOKs. Every RecvFailed / FlushFailed answer is kept in ``failures``."""
 
-    def __init__(self, port: int, first_sequence: int) -> None:
+    def __init__(self, port: int, first_sequence: int, vdisk: str = VDISK) -> None:
         self.sock = socket.create_connection(("127.0.0.1", port), timeout=WAIT)
         self.core = ClientConnection()
         self.failures: list[tuple[int, Sequence[int]]] = []
         self.flushed = 0
         self.handshake: HandshakeResponse | None = None
-        self.sock.sendall(ClientConnection.send_handshake(VDISK, first_sequence))
+        self.sock.sendall(ClientConnection.send_handshake(vdisk, first_sequence))
         self._pump(lambda: self.handshake is not None)
         assert self.handshake is not None and self.handshake.status == HandshakeStatus.OK
 
@@ -493,3 +495,72 @@ def test_one_compaction_at_a_time(compactable: tuple[list[RedisProcess], list[Bl
     assert restore_image(servers, tmp_path / "img", end_seq=50) == image_of(blocks, end_seq=50)
     compact(servers, "--keep-sequences", "100")  # the lease was given back
     assert restore_image(servers, tmp_path / "img") == image_of(blocks)
+
+
+# ---------------------------------------------------------------------------------------------
+# tlogserver applies the policies itself
+
+
+def test_tlogserver_compacts_by_policy(redis6: list[RedisProcess], tmp_path: Path) -> None:
+    from .test_operations import scrape, value
+
+    config = tmp_path / "tlog.yaml"
+    config.write_text(yaml.safe_dump({"vdisks": {
+        VDISK: {"retention": {"keep_sequences": 1000, "interval": "1s"}},
+        "vd2": {"retention": "off"}}}))
+    metrics = pick_port()
+    server = start_tlogserver(redis6, KEY, "--flush-size", "25", "--config", str(config),
+                              "--retention-keep-bytes", "1GiB",
+                              "--metrics-address", f"127.0.0.1:{metrics}")
+    blocks = blocks_from(0, 10_000, seed=31, indexes=500)
+    other = blocks_from(0, 2_000, seed=32, indexes=500)
+    try:
+        writer = Writer(server.port, 0)
+        writer.write(blocks[:5_000])
+        server.wait_for_log(r"retention \(keep 1000 sequences\): compacted vdisk vd1", WAIT)
+        writer.write(blocks[5_000:])  # and writes go on while it keeps compacting
+        other_writer = Writer(server.port, 0, "vd2")
+        other_writer.write(other)
+        line = server.wait_for_log(r"compacted vdisk vd1: .* at sequence 89\d\d ", WAIT)
+        assert "oldest restorable point" in line
+        samples = asyncio.run(scrape(metrics))
+        records = value(samples, "tlog_log_records", vdisk=VDISK)
+        assert 40 <= records <= 1000 / 25 + 50, records  # what the policy keeps, give or take
+        assert value(samples, "tlog_log_records", vdisk="vd2") == 2_000 / 25
+        assert value(samples, "tlog_log_bytes", vdisk="vd2") > 0.7 * 2_000 * BS * 1.5  # 80 % sets
+        assert value(samples, "tlog_log_last_compaction_timestamp_seconds", vdisk=VDISK) > 0
+        assert value(samples, "tlog_log_last_compaction_timestamp_seconds", vdisk="vd2") == 0
+        age = value(samples, "tlog_log_oldest_restorable_age_seconds", vdisk=VDISK)
+        assert age > 0  # the blocks' timestamps are in the past
+        assert value(samples, "tlog_compactions_total", result="ok") >= 2
+        assert value(samples, "tlog_compactions_total", result="failed") == 0
+        assert value(samples, "tlog_compacted_aggregations_total") >= 8_000 / 25
+        writer.close()
+        other_writer.close()
+    finally:
+        server.kill()
+    assert restore_image(redis6, tmp_path / "img") == image_of(blocks)
+    assert "from a checkpoint" in tlog_cli("verify", *read_args(redis6)).stdout
+    assert "from a checkpoint" not in tlog_cli("verify", *read_args(redis6, "vd2")).stdout
+
+
+def test_retention_config_errors(tmp_path: Path) -> None:
+    for flags, yaml_text, expected in (
+            (["--retention-keep-since", "soon"], None, "not a duration: 'soon'"),
+            (["--retention-keep-sequences", "0"], None, "retention-keep-sequences: must be"),
+            ([], {"vdisks": {"vd1": {"retention": {"keep_bytes": "lots"}}}},
+             "vdisks.vd1.retention: not a size: 'lots'"),
+            ([], {"vdisks": {"vd1": {"retention": {"keep": 5}}}},
+             "vdisks.vd1.retention: unknown key(s) keep"),
+            ([], {"vdisks": {"vd1": {"retention": {"interval": "1h"}}}},
+             "needs keep_since, keep_sequences or keep_bytes")):
+        args = ["--memory-storage", *flags]
+        if yaml_text is not None:
+            path = tmp_path / "bad.yaml"
+            path.write_text(yaml.safe_dump(yaml_text))
+            args += ["--config", str(path)]
+        proc = subprocess.run([sys.executable, "-m", "tlogserver", "--address",
+                               "127.0.0.1:0", *args], capture_output=True, text=True,
+                              timeout=WAIT)
+        assert proc.returncode == 2, proc
+        assert expected in proc.stderr, (expected, proc.stderr)

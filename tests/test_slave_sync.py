@@ -306,3 +306,34 @@ def test_two_writers_of_one_standby_cannot_undo_each_other(
 
     asyncio.run(scenario())
     assert standby.client().get(b"vd:7") == b"new" * 10 + bytes(BLOCK - 30)
+
+
+def test_a_standby_whose_position_was_compacted_away_is_rebuilt_from_the_checkpoint(
+        redis6: list[RedisProcess], redis_factory: RedisFactory, tmp_path: Path) -> None:
+    vdisk, prefix = "vd-compacted", "vd-compacted:"
+    (standby,) = redis_factory(1, appendonly="yes", appendfsync="always")
+    server = start_server(redis6, config_file(tmp_path, vdisk, standby),
+                          "--slave-sync-queue-bytes", str(1 << 20))
+    rng = random.Random(1407)
+    try:
+        with ThreadedClient([server.address], vdisk, None) as client:
+            write(client, rng, 3000)
+            client.wait_flushed(timeout=WAIT)
+            deadline = time.monotonic() + WAIT  # the standby holds them all (bounded)
+            while standby.client().get(f"{prefix}tlog:slave-sync".encode()) is None or int(
+                    str(position(standby, prefix)["sequence"])) < 2999:
+                assert time.monotonic() < deadline, "the standby never caught up"
+                time.sleep(0.05)
+            standby.stop()  # SIGKILL: its position stays at sequence 2999
+            write(client, rng, 5000)
+            client.wait_flushed(timeout=WAIT)
+            done = tlog_cli("compact", *read_args(redis6, vdisk), "--keep-sequences", "500")
+            assert "compacted vdisk" in done.stdout
+            standby.start()
+            write(client, rng, 500)
+            client.wait_flushed(timeout=WAIT)
+            client.wait_nbd_slave_sync(timeout=WAIT)
+        assert_same(standby_image(standby, prefix), restored_image(redis6, vdisk, tmp_path))
+        assert "its position was compacted away" in server.output(), server.output()
+    finally:
+        server.kill()
