@@ -62,21 +62,23 @@ def fill_send(redis: RedisPool, blocks: int, random_data: bool, flush_size: int)
 
 
 async def _fill_direct(addresses: list[str], blocks: int, random_data: bool, flush_size: int,
-                       scatter: bool) -> None:
+                       scatter: bool, indexes: int = 0, deletes: float = 0.0,
+                       vdisk: str = VDISK) -> None:
     from tlog.protocol.wire import Block
     from tlog.record.aggregation import ZERO_HASH, V2Writer
     from tlog.record.erasure import ErasureCoder
     from tlog.storage import any_pool_factory, last_hash_key
 
     factory = any_pool_factory(k=4, m=2, addresses=addresses, allow_memory=False)
-    pool = factory.pool_for(VDISK)
-    writer = V2Writer(KEY.encode(), VDISK)
+    pool = factory.pool_for(vdisk)
+    writer = V2Writer(KEY.encode(), vdisk)
     coder = ErasureCoder(4, 2)
     rng = random.Random(1)
     pool_data = [rng.randbytes(BLOCK) if random_data else
                  (i.to_bytes(8, "big") + b"tlog bench" * 409)[:BLOCK] for i in range(1024)]
     hashes = [hashlib.blake2b(d, digest_size=32).digest() for d in pool_data]
-    list_key = last_hash_key(VDISK)
+    empty = hashlib.blake2b(b"", digest_size=32).digest()
+    list_key = last_hash_key(vdisk)
     prev = ZERO_HASH
     now = time.time_ns()
     pending: list[tuple[bytes, list[bytes]]] = []
@@ -92,7 +94,11 @@ async def _fill_direct(addresses: list[str], blocks: int, random_data: bool, flu
             agg = []
             for seq in range(first, min(first + flush_size, blocks)):
                 j = seq % len(pool_data)
-                index = rng.randrange(blocks * 4) if scatter else seq
+                index = (rng.randrange(indexes or blocks * 4) if scatter or indexes
+                         else seq)
+                if deletes and rng.random() < deletes:
+                    agg.append(Block(seq, index, now + seq, 2, empty, b""))
+                    continue
                 agg.append(Block(seq, index, now + seq, 1, hashes[j], pool_data[j]))
             sealed = writer.seal(prev, agg)
             prev = sealed.hash
@@ -106,9 +112,12 @@ async def _fill_direct(addresses: list[str], blocks: int, random_data: bool, flu
 
 
 def fill_direct(redis: RedisPool, blocks: int, random_data: bool, flush_size: int,
-                scatter: bool) -> None:
-    """Seal and store the chain in process (the library's writer, as tlogserver's)."""
-    asyncio.run(_fill_direct(redis.addresses, blocks, random_data, flush_size, scatter))
+                scatter: bool, indexes: int = 0, deletes: float = 0.0,
+                vdisk: str = VDISK) -> None:
+    """Seal and store the chain in process (the library's writer, as tlogserver's);
+    ``indexes``: write over that many block indexes at random, ``deletes`` of them deletes."""
+    asyncio.run(_fill_direct(redis.addresses, blocks, random_data, flush_size, scatter,
+                             indexes, deletes, vdisk))
 
 
 def one_restore(redis: RedisPool, image: Path, data_bytes: int,
