@@ -5,8 +5,9 @@ Per run, 6 fresh local redis-server processes (k=4, m=2) get ``--blocks`` 4 KiB 
 them deletes, sealed and stored in process as tlogserver lays them out. Then, timed:
 
 - ``tlog restore`` of the whole log, before;
-- ``tlog compact --keep-sequences KEEP``: wall seconds, its CPU seconds and peak RSS, MB/s
-  of covered log (block data of the aggregations it replaced over its wall time);
+- ``tlog compact --keep-sequences KEEP``: wall seconds, its CPU seconds (worker processes
+  included), its peak RSS (the largest of the command and its workers), MB/s of covered log
+  (block data of the aggregations it replaced over its wall time);
 - Redis ``used_memory`` (all 6 servers) before and after;
 - ``tlog restore`` again, after: it starts from the checkpoint.
 
@@ -17,7 +18,6 @@ them deletes, sealed and stored in process as tlogserver lays them out. Then, ti
 from __future__ import annotations
 
 import argparse
-import resource
 import subprocess
 import sys
 import time
@@ -55,15 +55,25 @@ def used_memory(redis: RedisPool) -> int:
     return total
 
 
-def timed(argv: list[str]) -> tuple[float, float, str]:
-    """Wall and CPU seconds of a command, and its last stdout line."""
+#: Runs a command and prints the largest RSS (KiB) of it and its children on stderr.
+_PEAK = ("import resource, subprocess, sys; code = subprocess.run(sys.argv[1:]).returncode; "
+         "print('peak-rss-kib', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, "
+         "file=sys.stderr); sys.exit(code)")
+
+
+def timed(argv: list[str]) -> tuple[float, float, str, int]:
+    """Wall and CPU seconds of a command, its last stdout line and its peak RSS (bytes: of
+    the process or of one of its workers)."""
     cpu0 = children_cpu()
     started = time.perf_counter()
-    proc = subprocess.run(argv, capture_output=True, text=True, check=False, timeout=3600)
+    proc = subprocess.run([sys.executable, "-c", _PEAK, *argv], capture_output=True,
+                          text=True, check=False, timeout=3600)
     wall = time.perf_counter() - started
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(argv[:4])} failed: {proc.stderr.strip()[-2000:]}")
-    return wall, children_cpu() - cpu0, proc.stdout.strip().splitlines()[-1]
+    peak = [line for line in proc.stderr.splitlines() if line.startswith("peak-rss-kib")]
+    return (wall, children_cpu() - cpu0, proc.stdout.strip().splitlines()[-1],
+            int(peak[-1].split()[1]) * 1024)
 
 
 def one_run(redis: RedisPool, tmp: Path, blocks: int, indexes: int, keep: int) -> dict[str, Any]:
@@ -71,18 +81,16 @@ def one_run(redis: RedisPool, tmp: Path, blocks: int, indexes: int, keep: int) -
     fill_direct(redis, blocks, True, 25, False, indexes=indexes, deletes=0.1)
     args = ["--vdisk", VDISK, *storage_args(redis.addresses)]
     restore = tlog_command("restore", *args, "-o", str(tmp / "image"), "--no-progress")
-    before_restore, _, _ = timed(restore)
+    before_restore, _, _, _ = timed(restore)
     memory_before = used_memory(redis)
-    wall, cpu, line = timed(tlog_command("compact", *args, "--keep-sequences", str(keep),
-                                         "--no-progress"))
-    rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+    wall, cpu, line, rss = timed(tlog_command("compact", *args, "--keep-sequences", str(keep),
+                                              "--no-progress"))
     memory_after = used_memory(redis)
-    after_restore, _, after_line = timed(restore)
+    after_restore, _, after_line, _ = timed(restore)
     covered = (blocks - keep) * BLOCK
     return {"compact_seconds": round(wall, 3), "compact_cpu_s": round(cpu, 3),
             "compact_mb_per_s": round(covered / wall / 1e6, 1),
-            # the largest RSS of any child so far: the compaction, or a restore before it
-            "max_child_rss_mb": round(rss / 1e6, 1),
+            "compact_peak_rss_mb": round(rss / 1e6, 1),
             "redis_mb_before": round(memory_before / 1e6, 1),
             "redis_mb_after": round(memory_after / 1e6, 1),
             "redis_kept_share": round(memory_after / memory_before, 3),
@@ -107,7 +115,7 @@ def main() -> None:
             result["run"] = run
             emit(result)
             runs.append(result)
-    keys = ["compact_seconds", "compact_cpu_s", "compact_mb_per_s", "max_child_rss_mb",
+    keys = ["compact_seconds", "compact_cpu_s", "compact_mb_per_s", "compact_peak_rss_mb",
             "redis_mb_before", "redis_mb_after", "redis_kept_share", "restore_seconds_before",
             "restore_seconds_after"]
     summary = summarize(runs, keys)

@@ -1,10 +1,11 @@
 """`make bench`: every benchmark, one after the other, into one JSON report.
 
 Runs micro, ingest, restore (random and compressible blocks, flush size 25 and 250),
-memory and nbd with their defaults (``--quick``: small sizes, one run each, to check that they
-work), passing each script's JSON lines through to stdout as they come and writing them
-all to ``--output`` (default ``benchmarks/results/latest.json``: ``{"machine": ...,
-"benchmarks": {"micro": [...], ...}}``). Each script prints its own table on stderr.
+compact, memory and nbd with their defaults (``--quick``: small sizes, one run each, to
+check that they work), passing each script's JSON lines through to stdout as they come
+and writing them all to ``--output`` (default ``benchmarks/results/latest.json``:
+``{"machine": ..., "benchmarks": {"micro": [...], ...}}``). Each script prints its own
+table on stderr.
 
     make bench
     .venv/bin/python benchmarks/run_all.py --only restore,memory
@@ -39,6 +40,8 @@ BENCHMARKS: dict[str, tuple[str, list[str], list[str]]] = {
                              ["--runs", "1", "--blocks", "2000", "--compressible"]),
     "restore_flush250": ("restore.py", ["--runs", "3", "--gib", "1", "--flush-size", "250"],
                          ["--runs", "1", "--blocks", "2000", "--flush-size", "250"]),
+    "compact": ("compact.py", ["--runs", "3"],
+                ["--runs", "1", "--blocks", "2000", "--indexes", "300", "--keep", "500"]),
     "memory": ("memory.py", [], ["--vdisks", "20", "--flood-blocks", "2000"]),
     "nbd": ("nbd.py", ["--runs", "3", "--mib", "256"],
             ["--runs", "1", "--mib", "4", "--writes", "500"]),

@@ -70,6 +70,14 @@ def test_restore(fill: str) -> None:
     assert final["blocks"] == 300 and "command_mb_per_s" in final["summary"]
 
 
+def test_compact() -> None:
+    run, final = bench("compact.py", "--runs", "1", "--blocks", "2000", "--indexes", "300",
+                       "--keep", "500")
+    assert run["redis_mb_after"] < run["redis_mb_before"]
+    assert "compacted vdisk" in run["summary"] and "from the checkpoint" in run["restore_after"]
+    assert final["benchmark"] == "compact" and "compact_seconds" in final["summary"]
+
+
 def test_memory() -> None:
     idle, flood, _ = bench("memory.py", "--vdisks", "5", "--flood-blocks", "300",
                            "--server-arg=--max-buffered-blocks=100")
