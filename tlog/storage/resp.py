@@ -27,6 +27,8 @@ def pack_commands(commands: Sequence[tuple[Any, ...]]) -> bytes:
                     arg = b"%d" % arg
                 elif isinstance(arg, str):
                     arg = arg.encode()
+                elif isinstance(arg, memoryview):
+                    arg = arg.cast("B")  # joined below without a copy of its own
                 else:
                     arg = bytes(arg)
             append(b"$%d\r\n" % len(arg))

@@ -13,15 +13,13 @@ import asyncio
 import hashlib
 import logging
 import math
+import ssl
 import time
-from collections import deque
 from collections.abc import Sequence
 from typing import Any
 
-import redis.asyncio
-from redis.exceptions import RedisError, ResponseError
-
 from .address import ServerAddress
+from .link import LinkError, ReplyError, RespLink, open_link
 from .resp import pack_commands
 
 #: How many hashes each server keeps in ``last_hash_<vdiskID>`` (the reference trims to 0..5).
@@ -29,6 +27,10 @@ LAST_HASH_KEEP = 6
 
 
 log = logging.getLogger(__name__)
+
+#: A value to store: bytes, or a view of them (the flusher's pieces are views into the
+#: erasure coder's output, written out without a copy of their own).
+Value = bytes | memoryview
 
 
 class StorageError(Exception):
@@ -100,11 +102,23 @@ class StorageServer(abc.ABC):
     """One Redis-protocol server of a pool (or the in-memory equivalent)."""
 
     address: str
+    #: Seconds a call may take before it fails (what a caller of `store_soon` waits).
+    timeout: float = 10.0
+
+    def store_soon(self, items: Sequence[tuple[bytes, Value]], list_key: bytes,
+                   push: Sequence[bytes], expect_head: bytes,
+                   keep: int = LAST_HASH_KEEP) -> asyncio.Future[None] | None:
+        """`store` with ``expect_head``, started now without a task, when the server can
+        (its future: None on success, else the exception); None: call `store`."""
+        return None
+
+    def reset(self, reason: str) -> None:  # noqa: B027 - optional, nothing to drop here
+        """Drop the connection, failing what is in flight (a `store_soon` that timed out)."""
 
     @abc.abstractmethod
     async def store(
         self,
-        items: Sequence[tuple[bytes, bytes]],
+        items: Sequence[tuple[bytes, Value]],
         list_key: bytes,
         push: Sequence[bytes],
         keep: int = LAST_HASH_KEEP,
@@ -177,7 +191,7 @@ def _check_keep(keep: int) -> None:
 
 
 def _store_commands(
-    items: Sequence[tuple[bytes, bytes]], list_key: bytes, push: Sequence[bytes], keep: int
+    items: Sequence[tuple[bytes, Value]], list_key: bytes, push: Sequence[bytes], keep: int
 ) -> list[tuple[Any, ...]]:
     """The commands of one :meth:`StorageServer.store`; one LPUSH with all values is the same
     as one LPUSH per value in order."""
@@ -193,35 +207,12 @@ def _store_commands(
     return commands
 
 
-def _mset(items: Sequence[tuple[bytes, bytes]]) -> tuple[Any, ...]:
+def _mset(items: Sequence[tuple[bytes, Value]]) -> tuple[Any, ...]:
     args: list[Any] = [b"MSET"]
     for key, value in items:
         args.append(key)
         args.append(value)
     return tuple(args)
-
-
-class _Request:
-    """One batch of commands in flight on a link, and where its replies go."""
-
-    __slots__ = ("count", "replies", "future")
-
-    def __init__(self, count: int, future: asyncio.Future[list[Any]]) -> None:
-        self.count = count
-        self.replies: list[Any] = []
-        self.future = future
-
-
-class _Link:
-    """One live connection: requests in flight in send order, and the task reading replies."""
-
-    __slots__ = ("conn", "pending", "reader", "reason")
-
-    def __init__(self, conn: redis.asyncio.Connection) -> None:
-        self.conn = conn
-        self.pending: deque[_Request] = deque()
-        self.reader: asyncio.Task[None] | None = None
-        self.reason: str | None = None
 
 
 def _reason(exc: BaseException) -> str:
@@ -233,14 +224,18 @@ def _reason(exc: BaseException) -> str:
     return text or type(exc).__name__
 
 
-class RedisStorageServer(StorageServer):
-    """A Redis/ARDB server reached through one pipelined connection (redis-py, hiredis).
+class ScriptMissing(StorageError):
+    """EVALSHA found no cached script (the server restarted): store again with EVAL."""
 
-    Every call is written on the same connection under a lock, in call order, and the
-    replies are read by one reader task in that same order. So calls issued in order execute
-    in order (a flush's SET lands before the next flush's LPUSH), many calls can be in flight
-    at once (no round trip per call when many vdisks flush together), and a caller that is
-    cancelled or times out never leaves unread replies behind for the next one.
+
+class RedisStorageServer(StorageServer):
+    """A Redis/ARDB server reached through one pipelined connection (`tlog.storage.link`).
+
+    Every call is written on the same connection in call order, and the replies come back
+    in that same order. So calls issued in order execute in order (a flush's SET lands
+    before the next flush's LPUSH), many calls can be in flight at once (no round trip per
+    call when many vdisks flush together), and a caller that is cancelled or times out
+    never leaves unread replies behind for the next one (its reply is read and dropped).
 
     The connection is opened lazily and again after a failure: a call fails with
     :class:`StorageError` while the server is down and works again once it is back.
@@ -249,10 +244,10 @@ class RedisStorageServer(StorageServer):
     def __init__(self, address: ServerAddress, *, socket_timeout: float = 10.0) -> None:
         self.server_address = address
         self.address = str(address)
-        self._timeout = socket_timeout
+        self.timeout = socket_timeout
         self._lock = asyncio.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._link: _Link | None = None
+        self._link: RespLink | None = None
         self._closed = False
         self._script_cached = False  # EVALSHA works (else EVAL, which caches it)
         self._no_scripts = False  # the server has no Lua (ARDB builds without it)
@@ -263,112 +258,112 @@ class RedisStorageServer(StorageServer):
     def _error(self, detail: str) -> StorageError:
         return StorageError(f"storage server {self.address}: {detail}")
 
-    async def _connect(self) -> _Link:
-        conn = self.server_address.connection(
-            socket_connect_timeout=self._timeout,
-            # Reads are unbounded on purpose: the reader task idles in a read to notice a
-            # closed connection at once; callers bound the wait for their own replies.
-            socket_timeout=None,
-        )
-        try:
-            async with asyncio.timeout(self._timeout):
-                await conn.connect()  # also the TLS handshake, AUTH and SELECT
-        except (RedisError, OSError, TimeoutError) as exc:
-            await conn.disconnect(nowait=True)
-            raise self._error(f"cannot connect: {_reason(exc)}") from exc
-        except BaseException:
-            await conn.disconnect(nowait=True)
-            raise
-        link = _Link(conn)
-        link.reader = asyncio.create_task(self._read_loop(link), name=f"redis {self.address}")
-        self._link = link
+    def _live_link(self) -> RespLink | None:
+        """The open connection of this event loop, if there is one."""
+        link = self._link
+        if link is None or link.reason is not None:
+            return None
+        if self._loop is not asyncio.get_running_loop():
+            return None
         return link
 
-    async def _read_loop(self, link: _Link) -> None:
-        """Hand every reply to the oldest request in flight until the connection ends."""
-        conn = link.conn
-        pending = link.pending
-        reason = "connection closed"
-        try:
-            while True:
-                try:
-                    reply = await conn.read_response(timeout=math.inf, disconnect_on_error=False)
-                except ResponseError as exc:
-                    reply = exc
-                if not pending:
-                    raise RedisError("reply without a request")
-                request = pending[0]
-                request.replies.append(reply)
-                if len(request.replies) == request.count:
-                    pending.popleft()
-                    if not request.future.done():
-                        request.future.set_result(request.replies)
-        except asyncio.CancelledError:
-            reason = link.reason or reason
-            raise
-        except Exception as exc:
-            reason = f"connection lost: {_reason(exc)}"
-        finally:
-            self._drop(link, reason)
-            await conn.disconnect(nowait=True)
-
-    def _drop(self, link: _Link, reason: str) -> None:
-        """Forget a broken link and fail everything still waiting on it."""
-        if link.reason is None:
-            link.reason = reason
-        if self._link is link:
-            self._link = None
-        while link.pending:
-            future = link.pending.popleft().future
-            if not future.done():
-                future.set_exception(self._error(link.reason))
-        if link.reader is not None and link.reader is not asyncio.current_task():
-            link.reader.cancel()
-
-    async def _execute(self, commands: Sequence[tuple[Any, ...]]) -> list[Any]:
-        """Send ``commands`` in one write and return their replies; errors -> StorageError.
-
-        One timeout bounds the whole call (waiting for the lock, connecting, sending,
-        waiting for the replies): a server that stops answering costs at most that long.
-        """
-        if self._closed:
-            raise self._error("closed")
+    async def _connect(self) -> RespLink:
+        """The open connection, or a new one (one caller connects, the others wait)."""
         loop = asyncio.get_running_loop()
         if self._loop is not loop:
             # First use, or used again from a new event loop (tests): the old link, if any,
             # belongs to a loop that is gone.
             self._loop, self._lock, self._link = loop, asyncio.Lock(), None
-        data = pack_commands(commands)
-        future: asyncio.Future[list[Any]] = loop.create_future()
-        link: _Link | None = None
-        try:
-            async with asyncio.timeout(self._timeout):
-                async with self._lock:
-                    link = self._link or await self._connect()
-                    link.pending.append(_Request(len(commands), future))
-                    try:
-                        await link.conn.send_packed_command(data, check_health=False)
-                    except BaseException as exc:
-                        self._drop(link, f"send failed: {_reason(exc)}")
-                        if future.done() and not future.cancelled():
-                            future.exception()  # retrieved: we raise our own error
-                        if isinstance(exc, RedisError | OSError):
-                            raise self._error(f"send failed: {_reason(exc)}") from exc
-                        raise
-                replies = await future
-        except TimeoutError:
-            detail = f"no reply within {self._timeout:g} s"
+        async with self._lock:
+            link = self._live_link()
             if link is not None:
-                self._drop(link, detail)
+                return link
+            try:
+                link = await open_link(self.server_address)
+            except (OSError, ssl.SSLError, LinkError) as exc:
+                raise self._error(f"cannot connect: {_reason(exc)}") from exc
+            self._link = link
+            return link
+
+    def reset(self, reason: str) -> None:
+        """Drop the connection (a request on it got no answer in time): what is in flight
+        fails; the next call connects again."""
+        link, self._link = self._link, None
+        if link is not None:
+            link.close(reason)
+
+    async def _execute(self, commands: Sequence[tuple[Any, ...]]) -> list[Any]:
+        """Send ``commands`` in one write and return their replies; errors -> StorageError.
+
+        One timeout bounds the whole call (connecting, sending, waiting for the replies): a
+        server that stops answering costs at most that long.
+        """
+        if self._closed:
+            raise self._error("closed")
+        data = pack_commands(commands)
+        link: RespLink | None = None
+        try:
+            async with asyncio.timeout(self.timeout):
+                link = self._live_link() or await self._connect()
+                replies = await link.submit(data, len(commands))
+        except TimeoutError:
+            detail = f"no reply within {self.timeout:g} s"
+            if link is not None and link is self._link:
+                self.reset(detail)
             raise self._error(detail) from None
+        except LinkError as exc:
+            raise self._error(str(exc)) from None
         for reply in replies:
-            if isinstance(reply, ResponseError):
+            if isinstance(reply, ReplyError):
                 raise self._error(f"command failed: {reply}")
         return replies
 
+    def store_soon(self, items: Sequence[tuple[bytes, Value]], list_key: bytes,
+                   push: Sequence[bytes], expect_head: bytes,
+                   keep: int = LAST_HASH_KEEP) -> asyncio.Future[None] | None:
+        """The fast path of `store` with a compare-and-set: written now on the open
+        connection, the future of its outcome returned (StorageError, HeadMoved or
+        ScriptMissing). None when it cannot be taken (no open connection, the script not
+        known to be cached, no scripts): call `store`. No timeout: the caller bounds the
+        wait and calls `reset` when it runs out."""
+        link = self._live_link()
+        if link is None or self._closed or not self._script_cached or self._no_scripts:
+            return None
+        args: list[Any] = [b"EVALSHA", _CAS_SHA, 1, list_key, expect_head, keep, len(items)]
+        for key, value in items:
+            args += (key, value)
+        args += push
+        sent = link.submit(pack_commands((tuple(args),)), 1)
+        outcome: asyncio.Future[None] = sent.get_loop().create_future()
+        sent.add_done_callback(lambda done: self._stored(done, outcome))
+        return outcome
+
+    def _stored(self, sent: asyncio.Future[list[Any]], outcome: asyncio.Future[None]) -> None:
+        if outcome.done():
+            return
+        exc = sent.exception()
+        if exc is not None:
+            outcome.set_exception(self._error(str(exc)))
+            return
+        reply = sent.result()[0]
+        if isinstance(reply, ReplyError):
+            if "NOSCRIPT" in str(reply) or "No matching script" in str(reply):
+                self._script_cached = False
+                outcome.set_exception(ScriptMissing(f"storage server {self.address}: "
+                                                    "the script is not cached"))
+            else:
+                outcome.set_exception(self._error(f"command failed: {reply}"))
+        elif isinstance(reply, list) and reply and reply[0] == b"moved":
+            head = bytes(reply[1])
+            outcome.set_exception(HeadMoved(f"storage server {self.address}: the chain head "
+                                            f"moved to {head.hex()[:16] or 'nothing'} "
+                                            "(another writer?)", head))
+        else:
+            outcome.set_result(None)
+
     async def store(
         self,
-        items: Sequence[tuple[bytes, bytes]],
+        items: Sequence[tuple[bytes, Value]],
         list_key: bytes,
         push: Sequence[bytes],
         keep: int = LAST_HASH_KEEP,
@@ -382,7 +377,7 @@ class RedisStorageServer(StorageServer):
         if commands:
             await self._execute(commands)
 
-    async def _store_if(self, items: Sequence[tuple[bytes, bytes]], list_key: bytes,
+    async def _store_if(self, items: Sequence[tuple[bytes, Value]], list_key: bytes,
                         push: Sequence[bytes], keep: int, expect_head: bytes) -> None:
         args: list[Any] = [1, list_key, expect_head, keep, len(items)]
         for key, value in items:
@@ -469,16 +464,7 @@ class RedisStorageServer(StorageServer):
 
     async def close(self) -> None:
         self._closed = True
-        link, self._link = self._link, None
-        if link is None or link.reader is None:
-            return
-        link.reason = link.reason or "closed"
-        if self._loop is asyncio.get_running_loop():
-            link.reader.cancel()
-            try:
-                await link.reader
-            except asyncio.CancelledError:
-                pass
+        self.reset("closed")
 
 
 class MemoryStorageServer(StorageServer):
@@ -505,7 +491,7 @@ class MemoryStorageServer(StorageServer):
 
     async def store(
         self,
-        items: Sequence[tuple[bytes, bytes]],
+        items: Sequence[tuple[bytes, Value]],
         list_key: bytes,
         push: Sequence[bytes],
         keep: int = LAST_HASH_KEEP,
