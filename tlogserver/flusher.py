@@ -44,15 +44,29 @@ import itertools
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Generator, Sequence
 from typing import Protocol
 
 from tlog.protocol.wire import BlockFields
 from tlog.read.fetch import DecodeError, fetch_record
 from tlog.read.repair import marker_key, marker_value
-from tlog.record.aggregation import RecordError, SealedRecord, is_v2, parse_v2_header
+from tlog.record.aggregation import (
+    SEAL_STEP,
+    RecordError,
+    SealedRecord,
+    is_v2,
+    parse_v2_header,
+)
 from tlog.record.erasure import ErasureCoder
-from tlog.storage import HeadMoved, StorageError, StoragePool, StorageServer, last_hash_key
+from tlog.storage import (
+    HeadMoved,
+    ScriptMissing,
+    StorageError,
+    StoragePool,
+    StorageServer,
+    Value,
+    last_hash_key,
+)
 
 from .logs import ContextLogger
 from .stats import ServerStats
@@ -82,6 +96,10 @@ class RecordWriter(Protocol):
     def seal(self, prev: bytes, blocks: Sequence[BlockFields],
              timestamp: int | None = None, epoch: int = 0) -> SealedRecord: ...
 
+    def seal_in_steps(self, prev: bytes, blocks: Sequence[BlockFields],
+                      timestamp: int | None = None, epoch: int = 0
+                      ) -> Generator[None, None, SealedRecord]: ...
+
 
 class Batch:
     """Blocks handed to the flusher together: one aggregation of the vdisk's ``epoch``."""
@@ -92,13 +110,18 @@ class Batch:
         self.blocks = blocks
         self.epoch = epoch
         self.record: SealedRecord | None = None
-        self.pieces: list[bytes] = []
+        self.pieces: list[bytes | memoryview] = []
         self.cut_at = time.monotonic()  # for the cut-to-stored latency
         self.prev = b""  # the hash the record chains to, once sealed
 
 
 class RoundFailed(StorageError):
     """Fewer than ``min_pieces`` servers stored a round; names the ones that did not."""
+
+
+def _reset_unless_done(request: asyncio.Future[None], server: StorageServer) -> None:
+    if not request.done():
+        server.reset(f"no answer within {server.timeout:g} s")
 
 
 def _summary(errors: dict[int, str], addresses: Sequence[str]) -> str:
@@ -144,7 +167,7 @@ class Flusher:
         self._task: asyncio.Task[None] | None = None
         self._inflight: list[Batch] = []  # sealed, not yet stored
         # Per server: a request of an earlier round still running (a straggler).
-        self._outstanding: dict[int, asyncio.Task[None]] = {}
+        self._outstanding: dict[int, asyncio.Future[None]] = {}
         #: Servers that missed the last round: their pieces are recorded up front next time.
         self.missing_servers: frozenset[int] = frozenset()
         # Our records (and the head we continued from), newest last, for the fork check.
@@ -243,7 +266,7 @@ class Flusher:
             while self._queue or sealed:
                 try:
                     while self._queue and len(sealed) < MAX_ROUND:
-                        self._seal(self._queue[0])
+                        await self._seal(self._queue[0])
                         sealed.append(self._queue.popleft())
                     await self._store(sealed)
                 except Exception as exc:  # storage down, or a bug: never lose the batches
@@ -359,11 +382,22 @@ class Flusher:
 
     # -- sealing and storing --
 
-    def _seal(self, batch: Batch) -> None:
-        record = self._writer.seal(self.prev, batch.blocks, time.time_ns(), batch.epoch)
+    async def _seal(self, batch: Batch) -> None:
+        """Seal and erasure-code ``batch``, letting the event loop run between the steps of
+        a large aggregation (reads and their RecvOK do not wait for a whole seal)."""
+        steps = self._writer.seal_in_steps(self.prev, batch.blocks, time.time_ns(), batch.epoch)
+        while True:
+            try:
+                next(steps)
+            except StopIteration as done:
+                record: SealedRecord = done.value
+                break
+            await asyncio.sleep(0)
+        if len(record.record) > SEAL_STEP:
+            await asyncio.sleep(0)
         batch.record = record
         batch.prev = self.prev
-        batch.pieces = self._coder.encode(record.record)
+        batch.pieces = self._coder.encode_views(record.record)
         self.prev = record.hash
         self._remember(record.hash)
 
@@ -399,17 +433,28 @@ class Flusher:
         markers = ([(marker_key(self.vdisk_id, h), marker_value(expected)) for h in hashes]
                    if expected else [])
         loop = asyncio.get_running_loop()
-        tasks: dict[asyncio.Task[None], int] = {}
+        tasks: dict[asyncio.Future[None], int] = {}
+        requests: dict[int, list[tuple[bytes, Value]]] = {}
+        # Big pieces: let the loop run between servers (each write copies them).
+        big = sum(len(b.pieces[0]) for b in batches if b.pieces) > SEAL_STEP
         for i, server in enumerate(servers):
             if i in errors:
                 continue
+            if big and tasks:
+                await asyncio.sleep(0)
             items = [(h, b.pieces[i]) for h, b in zip(hashes, batches, strict=True)]
             if i not in expected:  # a server expected to miss the round needs no marker
                 items += markers
-            task = loop.create_task(self._store_on(i, server, items, hashes))
-            tasks[task] = i
+            requests[i] = items
+            # Written at once when the server's connection is up (no task per server: the
+            # common case); otherwise, or to retry, as a task that connects first.
+            head = self.server_heads[i]
+            started_now = (server.store_soon(items, self._list_key, hashes, head)
+                           if head is not None else None)
+            tasks[started_now if started_now is not None else loop.create_task(
+                self._store_on(i, server, items, hashes))] = i
         started = time.perf_counter()
-        ok = await self._wait_round(tasks, errors)
+        ok = await self._wait_round(tasks, errors, requests, hashes)
         elapsed = time.perf_counter() - started
         for i in ok:
             self.server_heads[i] = hashes[-1]
@@ -434,46 +479,68 @@ class Flusher:
         if set(missing) - set(expected):
             await self._record_missing(hashes, missing, ok)
 
-    async def _wait_round(self, tasks: dict[asyncio.Task[None], int],
-                          errors: dict[int, str]) -> list[int]:
+    async def _wait_round(self, tasks: dict[asyncio.Future[None], int], errors: dict[int, str],
+                          requests: dict[int, list[tuple[bytes, Value]]],
+                          hashes: list[bytes]) -> list[int]:
         """Wait for the round's requests; the servers that stored it. Failed and straggling
         servers go into ``errors``; stragglers keep running in `_outstanding`.
 
-        Once the outcome is known (``min_pieces`` stored it, or too many failed for it to
-        succeed), the others get `straggler_wait` more seconds.
+        A request written at once (`StorageServer.store_soon`) that needs another try (the
+        script was not cached; our own head moved under it) is tried again as a task. All
+        are bounded by the servers' timeout; once the outcome is known (``min_pieces``
+        stored it, or too many failed for it to succeed), the others get `straggler_wait`
+        more seconds.
         """
         loop = asyncio.get_running_loop()
+        servers = self.pool.servers
         ok: list[int] = []
         pending = set(tasks)
-        deadline: float | None = None
+        deadline = loop.time() + max(s.timeout for s in servers) + 1.0
+        outcome_known = False
         while pending:
-            timeout = None if deadline is None else max(0.0, deadline - loop.time())
-            done, pending = await asyncio.wait(pending, timeout=timeout,
+            done, pending = await asyncio.wait(pending, timeout=max(0.0, deadline - loop.time()),
                                                return_when=asyncio.FIRST_COMPLETED)
             for task in done:
+                i = tasks[task]
                 exc = task.exception()
                 if exc is None:
-                    ok.append(tasks[task])
+                    ok.append(i)
+                elif not isinstance(task, asyncio.Task) and (
+                        isinstance(exc, ScriptMissing) or (isinstance(exc, HeadMoved) and (
+                            exc.head == b"" or exc.head in self._known_set))):
+                    retry = loop.create_task(self._store_on(i, servers[i], requests[i], hashes))
+                    tasks[retry] = i
+                    pending.add(retry)
                 elif isinstance(exc, HeadMoved):
-                    errors[tasks[task]] = self._head_moved(exc)
+                    errors[i] = self._head_moved(exc)
                 elif isinstance(exc, StorageError):
-                    errors[tasks[task]] = str(exc)
+                    errors[i] = str(exc)
                 else:
-                    errors[tasks[task]] = f"unexpected storage failure: {exc!r}"
-            if deadline is None and (len(ok) >= self.min_pieces
-                                     or len(ok) + len(pending) < self.min_pieces):
-                deadline = loop.time() + self.straggler_wait
+                    errors[i] = f"unexpected storage failure: {exc!r}"
+            if not outcome_known and (len(ok) >= self.min_pieces
+                                      or len(ok) + len(pending) < self.min_pieces):
+                outcome_known = True
+                deadline = min(deadline, loop.time() + self.straggler_wait)
             if not done:
                 break  # the stragglers' time is up
         for task in pending:
             i = tasks[task]
-            errors[i] = f"no answer within {self.straggler_wait:g} s of the others"
+            if outcome_known:
+                errors[i] = f"no answer within {self.straggler_wait:g} s of the others"
+            else:
+                errors[i] = f"no answer within {servers[i].timeout:g} s"
+            if not isinstance(task, asyncio.Task):
+                # Nothing else bounds a request written at once: its server's timeout.
+                if outcome_known:
+                    loop.call_later(servers[i].timeout, _reset_unless_done, task, servers[i])
+                else:
+                    servers[i].reset(errors[i])
             task.add_done_callback(_retrieve)
             self._outstanding[i] = task
         return sorted(ok)
 
     async def _store_on(self, index: int, server: StorageServer,
-                        items: list[tuple[bytes, bytes]], hashes: list[bytes]) -> None:
+                        items: list[tuple[bytes, Value]], hashes: list[bytes]) -> None:
         """One server's part of a round, compared against the head we know it has. A head
         of ours we did not expect (a round that landed after it was counted missing) or no
         list at all (the server lost its data) is continued from at once; another writer's
@@ -504,7 +571,7 @@ class Flusher:
                              len(hashes), results[0])
 
 
-def _retrieve(task: asyncio.Task[None]) -> None:
+def _retrieve(task: asyncio.Future[None]) -> None:
     """Mark a straggler's outcome as seen (it was counted as missing already)."""
     if not task.cancelled():
         task.exception()

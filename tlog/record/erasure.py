@@ -224,6 +224,11 @@ class ErasureCoder:
 
     def encode(self, record: bytes) -> list[bytes]:
         """Cut a record into k data pieces plus m parity pieces (0-Disk layout, byte for byte)."""
+        return [bytes(piece) for piece in self.encode_views(record)]
+
+    def encode_views(self, record: bytes) -> list[bytes | memoryview]:
+        """`encode`, the pieces possibly as views into the coder's output (no copy of 1.5x
+        the record): for a caller that writes them out, as the flusher does."""
         payload = self._payload(record)
         size = len(payload) // self.k
         if self._driver is not None:
@@ -236,8 +241,8 @@ class ErasureCoder:
                 and len(fragments) == self.n
                 and all(len(f) == _PYECLIB_HEADER + size for f in fragments)
             ):
-                return [f[_PYECLIB_HEADER:] for f in fragments]
-        return self._encode_numpy(payload)
+                return [memoryview(f)[_PYECLIB_HEADER:] for f in fragments]
+        return list(self._encode_numpy(payload))
 
     # ---------------------------------------------------------------- decoding
 
