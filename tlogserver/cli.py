@@ -83,6 +83,10 @@ _D = ServerConfig()
 @click.option("--stalled-writer-timeout", type=float, default=_D.stalled_writer_timeout,
               show_default=True,
               help="Seconds a client may leave its answers unread before it is cut off.")
+@click.option("--ack-delay", type=float, default=_D.ack_delay, show_default=True,
+              help="Seconds the answers to a read of few blocks (a client writing one block "
+                   "at a time) may wait to be written together with the next ones; 0 answers "
+                   "every read at once.")
 @click.option("--handshake-timeout", type=float, default=_D.handshake_timeout,
               show_default=True, help="Seconds a new connection has to send its handshake.")
 @click.option("--drain-timeout", type=float, default=_D.drain_timeout, show_default=True,

@@ -44,7 +44,7 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 #: Options a SIGHUP applies to the running server; the others need a restart.
 RELOADABLE = frozenset({"flush_size", "flush_time", "max_buffered_blocks", "max_buffered_bytes",
                         "max_pending_bytes", "max_server_buffered_bytes", "max_connections",
-                        "stalled_writer_timeout",
+                        "stalled_writer_timeout", "ack_delay",
                         "handshake_timeout", "drain_timeout", "verbose", "log_level",
                         "log_format", "access", "old_key_files", "tls_cert", "tls_key",
                         "retention_keep_since", "retention_keep_sequences",
@@ -85,6 +85,9 @@ class ServerConfig:
     max_connections: int = 4096
     #: seconds a client may leave its answers unread (our send buffer full) before it is cut
     stalled_writer_timeout: float = 30.0
+    #: seconds the answers (RecvOK...) to a read of few blocks may wait to be written with
+    #: the next ones; 0: every read is answered at once
+    ack_delay: float = 0.001
     handshake_timeout: float = 10.0
     drain_timeout: float = 30.0
     verbose: bool = False
@@ -166,6 +169,10 @@ class ServerConfig:
             raise ConfigError(f"m: must be a whole number >= 0, got {self.m!r}")
         if self.k + self.m > 255:
             raise ConfigError(f"k + m: at most 255 storage servers, got {self.k + self.m}")
+        if (isinstance(self.ack_delay, bool) or not isinstance(self.ack_delay, int | float)
+                or not 0 <= self.ack_delay <= 1):
+            raise ConfigError(f"ack-delay: must be a number of seconds from 0 to 1, got "
+                              f"{self.ack_delay!r}")
         for name in ("flush_time", "handshake_timeout", "drain_timeout",
                      "stalled_writer_timeout", "slave_sync_timeout"):
             value = getattr(self, name)
