@@ -385,15 +385,18 @@ class Flusher:
     async def _seal(self, batch: Batch) -> None:
         """Seal and erasure-code ``batch``, letting the event loop run between the steps of
         a large aggregation (reads and their RecvOK do not wait for a whole seal)."""
-        steps = self._writer.seal_in_steps(self.prev, batch.blocks, time.time_ns(), batch.epoch)
-        while True:
-            try:
-                next(steps)
-            except StopIteration as done:
-                record: SealedRecord = done.value
-                break
-            await asyncio.sleep(0)
-        if len(record.record) > SEAL_STEP:
+        blocks = batch.blocks
+        if len(blocks) * len(blocks[0].data) <= SEAL_STEP:  # small: in one go
+            record = self._writer.seal(self.prev, blocks, time.time_ns(), batch.epoch)
+        else:
+            steps = self._writer.seal_in_steps(self.prev, blocks, time.time_ns(), batch.epoch)
+            while True:
+                try:
+                    next(steps)
+                except StopIteration as done:
+                    record = done.value
+                    break
+                await asyncio.sleep(0)
             await asyncio.sleep(0)
         batch.record = record
         batch.prev = self.prev
