@@ -121,6 +121,11 @@ def _summary(vdisk: str, result: PlayResult, target: str, reader: ChainReader) -
 @click.option("--sync", is_flag=True, help="fsync the image before exiting.")
 @click.option("--progress/--no-progress", default=None,
               help="Show a progress bar (default: when stderr is a terminal).")
+@click.option("--check-block-hashes", is_flag=True,
+              help="Also check every block's BLAKE2b in v2 records (tlog verify always "
+                   "does). Their AES-GCM tag already proves each record is what tlogserver "
+                   "sealed after checking the hashes itself; legacy records are always "
+                   "checked.")
 @click.option("--pin", default=None, metavar="NAME",
               help="Restore the named restore point (tlog pin) instead of the newest state.")
 @click.pass_context
@@ -168,7 +173,8 @@ def restore_command(ctx: click.Context, **values: Any) -> None:
                                "(tlog pins lists them)")
             limiter = Limiter(end_seq=found[0].sequence, epoch=found[0].epoch)
         reader = ChainReader(setup.pool, setup.vdisk, setup.opener, limiter,
-                             on_walk=progress.walked, timeout=values["timeout"])
+                             on_walk=progress.walked, timeout=values["timeout"],
+                             block_hashes=values["check_block_hashes"])
         started = time.perf_counter()
         try:
             links = await reader.walk()

@@ -101,6 +101,7 @@ class _Worker:
     vdisk_id: str
     timeout: float
     shared: mmap.mmap
+    block_hashes: bool = True  # check the blocks' hashes of v2 records too
     conns: dict[int, RespConnection] = field(default_factory=dict)
 
     def conn(self, index: int) -> RespConnection:
@@ -134,14 +135,15 @@ def _end_with_parent(parent: int) -> None:
 
 
 def _init(addresses: list[ServerAddress], k: int, m: int, opener: RecordOpener,
-          vdisk_id: str, timeout: float, shared: mmap.mmap, parent: int) -> None:
+          vdisk_id: str, timeout: float, shared: mmap.mmap, parent: int,
+          block_hashes: bool) -> None:
     global _worker
     # Ctrl-C reaches the whole process group: the parent stops the read, workers just end.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _end_with_parent(parent)
     # Joining data pieces needs no encoder: skip setting up pyeclib in every worker.
     _worker = _Worker(addresses, ErasureCoder(k, m, use_pyeclib=False), opener, vdisk_id,
-                      timeout, shared)
+                      timeout, shared, block_hashes)
 
 
 def _ready() -> bool:
@@ -165,7 +167,9 @@ def _open_one(w: _Worker, key: bytes, prev: bytes, data: list[bytes | None],
         agg = w.opener.open(record, key, True)
     except RecordError:
         return None
-    if agg.prev != prev or agg.vdisk_id != w.vdisk_id or agg.plain is None or check_blocks(agg):
+    if agg.prev != prev or agg.vdisk_id != w.vdisk_id or agg.plain is None:
+        return None
+    if (w.block_hashes or agg.format != "v2") and check_blocks(agg):
         return None
     plain = agg.plain
     at, end = slot
@@ -216,12 +220,14 @@ class WorkerPool:
     soon as the batch is done (the blocks handed to the caller must not change after)."""
 
     def __init__(self, workers: int, addresses: list[ServerAddress], k: int, m: int,
-                 opener: RecordOpener, vdisk_id: str, timeout: float, slots: int) -> None:
+                 opener: RecordOpener, vdisk_id: str, timeout: float, slots: int,
+                 block_hashes: bool = True) -> None:
         self._shared = mmap.mmap(-1, slots * SLOT_BYTES)  # anonymous, shared with forks
         self._free = list(range(slots))
         self._executor = concurrent.futures.ProcessPoolExecutor(
             workers, mp_context=multiprocessing.get_context("fork"), initializer=_init,
-            initargs=(addresses, k, m, opener, vdisk_id, timeout, self._shared, os.getpid()))
+            initargs=(addresses, k, m, opener, vdisk_id, timeout, self._shared, os.getpid(),
+                      block_hashes))
         # Fork now (the first call starts every worker), while this process has no thread
         # of ours that a fork could catch holding a lock. Python 3.12+ warns about forking
         # a process with threads at all (the event loop's resolver pool may have some); the
