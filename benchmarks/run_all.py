@@ -1,11 +1,11 @@
 """`make bench`: every benchmark, one after the other, into one JSON report.
 
-Runs micro, ingest, restore (random and compressible blocks, flush size 25 and 250),
-compact, memory and nbd with their defaults (``--quick``: small sizes, one run each, to
-check that they work), passing each script's JSON lines through to stdout as they come
-and writing them all to ``--output`` (default ``benchmarks/results/latest.json``:
-``{"machine": ..., "benchmarks": {"micro": [...], ...}}``). Each script prints its own
-table on stderr.
+Runs micro, ingest, restore (random and compressible blocks, flush size 25 and 250), the
+server alone (batched and one block per write), compact, memory and nbd with their defaults
+(``--quick``: small sizes, one run each, to check that they work), passing each script's
+JSON lines through to stdout as they come and writing them all to ``--output`` (default
+``benchmarks/results/latest.json``: ``{"machine": ..., "benchmarks": {"micro": [...],
+...}}``). Each script prints its own table on stderr.
 
     make bench
     .venv/bin/python benchmarks/run_all.py --only restore,memory
@@ -40,6 +40,18 @@ BENCHMARKS: dict[str, tuple[str, list[str], list[str]]] = {
                              ["--runs", "1", "--blocks", "2000", "--compressible"]),
     "restore_flush250": ("restore.py", ["--runs", "3", "--gib", "1", "--flush-size", "250"],
                          ["--runs", "1", "--blocks", "2000", "--flush-size", "250"]),
+    # the server alone, fed pre-encoded blocks: 64 per send(), and one per send() (as an NBD
+    # server or 0-Disk's Go client writes) at 25,000 and 12,500 blocks/s
+    "server_batched": ("server_ingest.py", ["--runs", "3", "--blocks", "60000"],
+                       ["--runs", "1", "--blocks", "2000"]),
+    "server_per_block": ("server_ingest.py", ["--runs", "3", "--blocks", "60000",
+                                              "--write-per-block", "--rate", "25000"],
+                         ["--runs", "1", "--blocks", "2000", "--write-per-block", "--rate",
+                          "25000"]),
+    "server_per_block_12k5": ("server_ingest.py", ["--runs", "3", "--blocks", "50000",
+                                                   "--write-per-block", "--rate", "12500"],
+                              ["--runs", "1", "--blocks", "2000", "--write-per-block",
+                               "--rate", "12500"]),
     "compact": ("compact.py", ["--runs", "3"],
                 ["--runs", "1", "--blocks", "2000", "--indexes", "300", "--keep", "500"]),
     "memory": ("memory.py", [], ["--vdisks", "20", "--flood-blocks", "2000"]),

@@ -70,6 +70,14 @@ def test_restore(fill: str) -> None:
     assert final["blocks"] == 300 and "command_mb_per_s" in final["summary"]
 
 
+def test_server_ingest_one_block_per_write() -> None:
+    *runs, final = bench("server_ingest.py", "--runs", "1", "--blocks", "1000",
+                         "--write-per-block", "--rate", "20000")
+    assert runs[0]["blocks"] == 1000 and runs[0]["server_cpu_us_per_block"] > 0
+    assert final["write_per_block"] is True and final["rate"] == 20000
+    assert set(final["summary"]["server_cpu_us_per_block"]) == {"median", "min", "max"}
+
+
 def test_compact() -> None:
     run, final = bench("compact.py", "--runs", "1", "--blocks", "2000", "--indexes", "300",
                        "--keep", "500")
