@@ -278,8 +278,9 @@ class Flusher:
                     self.stats.flush_failed_blocks += sum(len(b.blocks) for b in sealed)
                     self._on_failed(sealed, exc)
                     self._retry.clear()
-                    try:
-                        await asyncio.wait_for(self._retry.wait(), delay)
+                    try:  # (asyncio.timeout: 3.11's wait_for may swallow a cancellation)
+                        async with asyncio.timeout(delay):
+                            await self._retry.wait()
                     except TimeoutError:
                         pass
                     delay = min(delay * 2, RETRY_MAX)

@@ -154,7 +154,8 @@ class SlaveSyncer:
                 return False
             self._progress.clear()
             try:
-                await asyncio.wait_for(self._progress.wait(), left)
+                async with asyncio.timeout(left):
+                    await self._progress.wait()
             except TimeoutError:
                 return False
         return True

@@ -133,7 +133,8 @@ async def dial(servers: Callable[[], list[str]], start: int, deadline: float | N
         pause = delay if deadline is None else min(delay, deadline - now)
         delay = min(delay * 2, max_delay)
         kick.clear()
-        try:
-            await asyncio.wait_for(kick.wait(), pause)
+        try:  # (asyncio.timeout: 3.11's wait_for may swallow a cancellation)
+            async with asyncio.timeout(pause):
+                await kick.wait()
         except TimeoutError:
             pass

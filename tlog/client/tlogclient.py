@@ -373,7 +373,8 @@ class TlogClient:
                     2 * self._flush_failed_delay, self.reconnect_max_delay)
                 self._kick.clear()
                 try:
-                    await asyncio.wait_for(self._kick.wait(), pause)
+                    async with asyncio.timeout(pause):
+                        await self._kick.wait()
                 except TimeoutError:
                     pass
             link = await self._dial(self._server_index + 1, None)
