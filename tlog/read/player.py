@@ -405,46 +405,39 @@ class Player:
                 result.epochs += 1
                 result.first_sequence = result.last_sequence = result.last_timestamp = None
             result.epoch = item.aggregation.epoch
-            mark = item.checkpoint
-            if mark is not None:
-                # The state at the checkpoint: the last write of each index, of several
-                # epochs' numberings, so not a sequence range.
+            if blocks:
+                # Whole-list passes (C loops), not a Python loop per block.
                 deletes = [b.operation for b in blocks].count(_DELETE)
                 result.blocks += len(blocks)
                 result.deletes += deletes
                 result.sets += len(blocks) - deletes
                 result.data_bytes += sum([len(b.data) for b in blocks])
+            mark = item.checkpoint
+            if mark is not None:
+                # The state at the checkpoint: the last write of each index, of several
+                # epochs' numberings, so not a sequence range.
                 result.checkpoint_blocks += len(blocks)
                 if mark.part == mark.parts - 1 and reader.base is not None:
                     result.checkpoint = reader.base
                     result.last_sequence = reader.base.sequence
                     result.last_timestamp = reader.base.timestamp
-                if self.on_item is not None:
-                    self.on_item(item, result)
-                continue
-            result.aggregations += 1
-            result.duplicates += item.duplicates
-            result.outside += len(item.aggregation.blocks) - len(blocks) - item.duplicates
-            if item.missing or item.corrupt:
-                result.rebuilt += 1
-            if blocks:
-                # Whole-list passes (C loops), not a Python loop per block.
-                sequences = [b.sequence for b in blocks]
-                operations = [b.operation for b in blocks]
-                deletes = operations.count(_DELETE)
-                result.blocks += len(blocks)
-                result.deletes += deletes
-                result.sets += len(blocks) - deletes
-                result.data_bytes += sum([len(b.data) for b in blocks])
-                low, high = min(sequences), max(sequences)
-                if result.first_sequence is None or low < result.first_sequence:
-                    result.first_sequence = low
-                if result.last_sequence is None or high > result.last_sequence:
-                    result.last_sequence = high
-                    result.last_timestamp = blocks[sequences.index(high)].timestamp
-                if on_sequence is not None:
-                    for seq in sequences:
-                        on_sequence(seq)
+            else:
+                result.aggregations += 1
+                result.duplicates += item.duplicates
+                result.outside += len(item.aggregation.blocks) - len(blocks) - item.duplicates
+                if item.missing or item.corrupt:
+                    result.rebuilt += 1
+                if blocks:
+                    sequences = [b.sequence for b in blocks]
+                    low, high = min(sequences), max(sequences)
+                    if result.first_sequence is None or low < result.first_sequence:
+                        result.first_sequence = low
+                    if result.last_sequence is None or high > result.last_sequence:
+                        result.last_sequence = high
+                        result.last_timestamp = blocks[sequences.index(high)].timestamp
+                    if on_sequence is not None:
+                        for seq in sequences:
+                            on_sequence(seq)
             if self.on_item is not None:
                 result.seconds = time.perf_counter() - started
                 self.on_item(item, result)
