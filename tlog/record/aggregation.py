@@ -223,8 +223,9 @@ class V2Writer:
 
     def seal(self, prev: bytes, blocks: Sequence[BlockFields],
              timestamp: int | None = None, epoch: int = 0) -> SealedRecord:
-        sequences = tuple(b.sequence for b in blocks)
-        return self._seal(prev, blocks, timestamp, epoch, min(sequences), max(sequences))
+        sequences = [b.sequence for b in blocks]
+        return _finish(self._steps(prev, blocks, timestamp, epoch, min(sequences),
+                                   max(sequences)))
 
     def seal_checkpoint(self, prev: bytes, mark: CheckpointMark,
                         blocks: Sequence[BlockFields], sequence: int, timestamp: int,
@@ -232,7 +233,7 @@ class V2Writer:
         """One part of a checkpoint at ``sequence`` (its header's first and last sequence).
         ``prev``: the part before it, or ``mark.covered`` for part 0; ``blocks`` may be
         empty (a vdisk with no live block)."""
-        return self._seal(prev, blocks, timestamp, epoch, sequence, sequence, mark)
+        return _finish(self._steps(prev, blocks, timestamp, epoch, sequence, sequence, mark))
 
     def seal_in_steps(self, prev: bytes, blocks: Sequence[BlockFields],
                       timestamp: int | None = None, epoch: int = 0
@@ -241,52 +242,51 @@ class V2Writer:
         work (encoding, compressing, each part of the encryption and of the hash), for an
         event loop that must not stall while a large aggregation is sealed. Small ones
         (under `SEAL_STEP` compressed) are sealed in one go."""
-        sequences = tuple(b.sequence for b in blocks)
+        sequences = [b.sequence for b in blocks]
+        return self._steps(prev, blocks, timestamp, epoch, min(sequences), max(sequences),
+                           step=SEAL_STEP)
+
+    def _steps(self, prev: bytes, blocks: Sequence[BlockFields], timestamp: int | None,
+               epoch: int, first: int, last: int, mark: CheckpointMark | None = None,
+               step: int | None = None) -> Generator[None, None, SealedRecord]:
+        """The sealing, yielding between steps of ``step`` bytes of work (None: never)."""
         ts = time.time_ns() if timestamp is None else timestamp
+        sequences = tuple(b.sequence for b in blocks)
         plain = _plain_aggregation(V2_NAME, ts, self.vdisk_id, prev, blocks, epoch)
-        if len(plain) > SEAL_STEP:
+        if step is not None and len(plain) > step:
             yield
         compressed = cramjam.snappy.compress_raw(plain)
-        head = self._header(prev, len(blocks), ts, epoch, min(sequences), max(sequences))
-        if len(compressed) <= SEAL_STEP:
-            nonce, sealed = self._cipher.seal(bytes(compressed), head)
-            record = b"".join((head, nonce, sealed))
-            return SealedRecord(record_hash(record), record, min(sequences), max(sequences),
-                                sequences)
-        yield
-        nonce, parts = yield from self._cipher.seal_in_steps(memoryview(compressed), head,
-                                                             SEAL_STEP)
-        record = b"".join((head, nonce, *parts))
-        digest = hashlib.blake2b(digest_size=HASH_SIZE)
-        view = memoryview(record)
-        for at in range(0, len(record), SEAL_STEP):
-            digest.update(view[at:at + SEAL_STEP])  # (hashlib lets other threads run here)
-            yield
-        return SealedRecord(digest.digest(), record, min(sequences), max(sequences), sequences)
-
-    def _header(self, prev: bytes, count: int, ts: int, epoch: int, first: int, last: int,
-                mark: CheckpointMark | None = None) -> bytes:
         flags = (FLAG_EPOCH if epoch else 0) | (FLAG_CHECKPOINT if mark is not None else 0)
         head = _V2_HEAD.pack(V2_MAGIC, V2_VERSION, COMPRESSION_SNAPPY, flags,
-                             self._cipher.key_id, first, last, count, ts, prev,
+                             self._cipher.key_id, first, last, len(blocks), ts, prev,
                              len(self._vdisk)) + self._vdisk
         if epoch:
             head += _U64.pack(epoch)
         if mark is not None:
             head += mark.pack()
-        return head
+        if step is None or len(compressed) <= step:
+            nonce, sealed = self._cipher.seal(bytes(compressed), head)
+            record = b"".join((head, nonce, sealed))
+            return SealedRecord(record_hash(record), record, first, last, sequences)
+        yield
+        nonce, parts = yield from self._cipher.seal_in_steps(memoryview(compressed), head, step)
+        record = b"".join((head, nonce, *parts))
+        digest = hashlib.blake2b(digest_size=HASH_SIZE)
+        view = memoryview(record)
+        for at in range(0, len(record), step):
+            digest.update(view[at:at + step])  # (hashlib lets other threads run here)
+            yield
+        return SealedRecord(digest.digest(), record, first, last, sequences)
 
-    def _seal(self, prev: bytes, blocks: Sequence[BlockFields], timestamp: int | None,
-              epoch: int, first: int, last: int,
-              mark: CheckpointMark | None = None) -> SealedRecord:
-        ts = time.time_ns() if timestamp is None else timestamp
-        sequences = tuple(b.sequence for b in blocks)
-        plain = _plain_aggregation(V2_NAME, ts, self.vdisk_id, prev, blocks, epoch)
-        compressed = cramjam.snappy.compress_raw(plain)
-        head = self._header(prev, len(blocks), ts, epoch, first, last, mark)
-        nonce, sealed = self._cipher.seal(bytes(compressed), head)
-        record = b"".join((head, nonce, sealed))
-        return SealedRecord(record_hash(record), record, first, last, sequences)
+
+def _finish(steps: Generator[None, None, SealedRecord]) -> SealedRecord:
+    """Run a sealing that does not yield (no step size) to its record."""
+    try:
+        next(steps)
+    except StopIteration as done:
+        record: SealedRecord = done.value
+        return record
+    raise AssertionError("a sealing without steps yielded")
 
 
 @dataclass(frozen=True)
@@ -408,13 +408,6 @@ class LegacyWriter:
 
     format = "legacy"
 
-    def seal_in_steps(self, prev: bytes, blocks: Sequence[BlockFields],
-                      timestamp: int | None = None, epoch: int = 0
-                      ) -> Generator[None, None, SealedRecord]:
-        """`seal` in one step (the legacy format is kept for compatibility, not speed)."""
-        return self.seal(prev, blocks, timestamp, epoch)
-        yield  # a generator
-
     def __init__(self, priv_key: bytes, nonce: bytes, vdisk_id: str) -> None:
         self.vdisk_id = vdisk_id
         self._cipher = crypto.LegacyCipher(priv_key, nonce)
@@ -427,6 +420,13 @@ class LegacyWriter:
         record = self._cipher.seal(bytes(cramjam.snappy.compress_raw(plain)))
         return SealedRecord(record_hash(record), record, min(sequences), max(sequences),
                             sequences)
+
+    def seal_in_steps(self, prev: bytes, blocks: Sequence[BlockFields],
+                      timestamp: int | None = None, epoch: int = 0
+                      ) -> Generator[None, None, SealedRecord]:
+        """`seal` in one step (the legacy format is kept for compatibility, not speed)."""
+        return self.seal(prev, blocks, timestamp, epoch)
+        yield  # a generator
 
 
 def open_legacy(record: bytes, cipher: crypto.LegacyCipher,
