@@ -17,6 +17,7 @@ from tlog.storage import (
     MemoryPoolFactory,
     MemoryStorageServer,
     RedisStorageServer,
+    ScriptRefused,
     ServerAddress,
     StaticPoolFactory,
     StorageConfig,
@@ -301,6 +302,31 @@ def test_store_compare_and_set_of_the_head(make_server: ServerMaker) -> None:
         await server.store(items, key, [b"a", b"b", b"c"], keep=4, expect_head=b"h2")
         assert await server.list_range(key) == [b"c", b"b", b"a", b"h2"]
         assert await server.get(b"k99") == b"v99"
+        await server.close()
+
+    run(scenario())
+
+
+def test_a_server_that_stops_running_the_script_is_stored_without_it(
+        redis_factory: RedisFactory) -> None:
+    """The compare-and-set written at once (`store_soon`) on a server whose ACL stopped
+    allowing scripts fails as ScriptRefused (the flusher then stores again through
+    `store`), and `store` goes on with the plain commands there."""
+    (proc,) = redis_factory(1)
+
+    async def scenario() -> None:
+        server = RedisStorageServer(addr(proc))
+        key = last_hash_key("acl")
+        await server.store([(b"h1", b"p1")], key, [b"h1"], expect_head=b"")  # script cached
+        proc.client().execute_command("ACL", "SETUSER", "default", "-evalsha", "-eval")
+        soon = server.store_soon([(b"h2", b"p2")], key, [b"h2"], b"h1")
+        assert soon is not None
+        with pytest.raises(ScriptRefused):
+            await soon
+        await server.store([(b"h2", b"p2")], key, [b"h2"], expect_head=b"h1")
+        assert await server.list_range(key) == [b"h2", b"h1"]
+        assert await server.get(b"h2") == b"p2"
+        assert server.store_soon([(b"h3", b"p3")], key, [b"h3"], b"h2") is None
         await server.close()
 
     run(scenario())

@@ -22,6 +22,7 @@ from .server import (
     MemoryStorageServer,
     RedisStorageServer,
     ScriptMissing,
+    ScriptRefused,
     StorageError,
     StorageServer,
     Value,
@@ -43,6 +44,7 @@ from .storagemap import (
 __all__ = [
     "LAST_HASH_KEEP", "HeadMoved", "VDISK_ACCESS_KEYS", "VDISK_SLAVE_KEYS", "ClusterPoolFactory",
     "MemoryPoolFactory", "MemoryStorageServer", "RedisStorageServer", "ScriptMissing",
+    "ScriptRefused",
     "ServerAddress", "StaticPoolFactory",
     "StorageConfig", "StorageConfigError", "StorageError", "StoragePool", "StoragePoolFactory",
     "StorageServer", "Value", "any_pool_factory", "checkpoint_list_key", "compaction_key",

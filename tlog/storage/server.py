@@ -233,6 +233,11 @@ class ScriptMissing(StorageError):
     """EVALSHA found no cached script (the server restarted): store again with EVAL."""
 
 
+class ScriptRefused(ScriptMissing):
+    """The server cannot run the compare-and-set script (no Lua, or an ACL without it):
+    `store` goes on without it there, after a warning."""
+
+
 class RedisStorageServer(StorageServer):
     """A Redis/ARDB server reached through one pipelined connection (`tlog.storage.link`).
 
@@ -297,8 +302,10 @@ class RedisStorageServer(StorageServer):
         if link is not None:
             link.close(reason)
 
-    async def _execute(self, commands: Sequence[tuple[Any, ...]]) -> list[Any]:
-        """Send ``commands`` in one write and return their replies; errors -> StorageError.
+    async def _execute(self, commands: Sequence[tuple[Any, ...]],
+                       check: bool = True) -> list[Any]:
+        """Send ``commands`` in one write and return their replies; errors -> StorageError
+        (error replies too, unless ``check`` is False: they are then in the list).
 
         One timeout bounds the whole call (connecting, sending, waiting for the replies): a
         server that stops answering costs at most that long.
@@ -318,7 +325,7 @@ class RedisStorageServer(StorageServer):
             raise self._error(detail) from None
         except LinkError as exc:
             raise self._error(str(exc)) from None
-        for reply in replies:
+        for reply in replies if check else ():
             if isinstance(reply, ReplyError):
                 raise self._error(f"command failed: {reply}")
         return replies
@@ -347,25 +354,35 @@ class RedisStorageServer(StorageServer):
         if exc is not None:
             outcome.set_exception(self._error(str(exc)))
             return
-        replies = sent.result()
-        reply = replies[-1]
-        failed = next((r for r in replies[:-1] if isinstance(r, ReplyError)), None)
-        if failed is not None:
-            outcome.set_exception(self._error(f"command failed: {failed}"))
-        elif isinstance(reply, ReplyError):
-            if "NOSCRIPT" in str(reply) or "No matching script" in str(reply):
-                self._script_cached = False
-                outcome.set_exception(ScriptMissing(f"storage server {self.address}: "
-                                                    "the script is not cached"))
-            else:
-                outcome.set_exception(self._error(f"command failed: {reply}"))
-        elif isinstance(reply, list) and reply and reply[0] == b"moved":
-            head = bytes(reply[1])
-            outcome.set_exception(HeadMoved(f"storage server {self.address}: the chain head "
-                                            f"moved to {head.hex()[:16] or 'nothing'} "
-                                            "(another writer?)", head))
+        try:
+            self._cas_outcome(sent.result())
+        except StorageError as failed:
+            outcome.set_exception(failed)
         else:
             outcome.set_result(None)
+
+    def _cas_outcome(self, replies: list[Any]) -> None:
+        """Raise what the replies of `_cas_commands` mean, if anything but success: a
+        StorageError, HeadMoved (another head is on top), ScriptMissing (store again with
+        EVAL) or ScriptRefused (no scripts here)."""
+        *pieces, reply = replies
+        failed = next((r for r in pieces if isinstance(r, ReplyError)), None)
+        if failed is not None:
+            raise self._error(f"command failed: {failed}")
+        if isinstance(reply, ReplyError):
+            text = str(reply)
+            if "NOSCRIPT" in text or "No matching script" in text:
+                self._script_cached = False  # the server restarted: send it again
+                raise ScriptMissing(f"storage server {self.address}: the script is not cached")
+            if "unknown command" in text.lower() or "NOPERM" in text:
+                self._script_cached = False  # the next try goes by `store`, which falls back
+                raise ScriptRefused(f"storage server {self.address}: {text}")
+            raise self._error(f"command failed: {reply}")
+        self._script_cached = True
+        if isinstance(reply, list) and reply and reply[0] == b"moved":
+            head = bytes(reply[1])
+            raise HeadMoved(f"storage server {self.address}: the chain head moved to "
+                            f"{head.hex()[:16] or 'nothing'} (another writer?)", head)
 
     async def store(
         self,
@@ -401,27 +418,18 @@ class RedisStorageServer(StorageServer):
         for _ in range(2):
             commands = self._cas_commands(items, list_key, push, keep, expect_head)
             try:
-                reply = (await self._execute(commands))[-1]
-            except StorageError as exc:
-                text = str(exc)
-                if self._script_cached and ("NOSCRIPT" in text or "No matching script" in text):
-                    self._script_cached = False  # the server restarted: send it again
-                    continue
-                if "unknown command" in text.lower() or "NOPERM" in text:
-                    # No Lua, or an ACL without +eval/+evalsha/+lindex: store as before,
-                    # loudly, rather than fail every round on this server.
-                    self._no_scripts = True
-                    log.warning("storage server %s cannot run the head's compare-and-set "
-                                "script (%s): the chain head is moved without it there "
-                                "(ACL users need +eval +evalsha +lindex)", self.address, text)
-                    await self.store(items, list_key, push, keep)
-                    return
-                raise
-            self._script_cached = True
-            if isinstance(reply, list) and reply and reply[0] == b"moved":
-                head = bytes(reply[1])
-                raise HeadMoved(f"storage server {self.address}: the chain head moved to "
-                                f"{head.hex()[:16] or 'nothing'} (another writer?)", head)
+                self._cas_outcome(await self._execute(commands, check=False))
+            except ScriptRefused as exc:
+                # No Lua, or an ACL without +eval/+evalsha/+lindex: store as before,
+                # loudly, rather than fail every round on this server.
+                self._no_scripts = True
+                log.warning("storage server %s cannot run the head's compare-and-set "
+                            "script (%s): the chain head is moved without it there "
+                            "(ACL users need +eval +evalsha +lindex)", self.address, exc)
+                await self.store(items, list_key, push, keep)
+                return
+            except ScriptMissing:
+                continue  # sent again, with EVAL
             return
 
     async def get(self, key: bytes) -> bytes | None:
