@@ -15,10 +15,9 @@ import datetime
 import logging
 from dataclasses import dataclass
 
-from tlog.record.aggregation import RecordError, parse_v2_header
 from tlog.storage import StorageError, StoragePool, checkpoint_list_key
 
-from .fetch import DecodeError, PieceReader, piece_header
+from .fetch import DecodeError, PieceReader
 from .limiter import Limiter
 from .links import ChainLink
 
@@ -85,15 +84,11 @@ async def find_checkpoints(pool: StoragePool, vdisk_id: str,
     is left out with a warning (the reader then needs the aggregations it covers)."""
     found: list[CheckpointRef] = []
     for key in await registered_checkpoints(pool, vdisk_id):
-        got = piece_header(await reader.first_piece(key))
-        head = got[0] if got is not None else None
-        if head is None:
-            try:
-                head = parse_v2_header((await reader.fetch(key)).record)
-            except (DecodeError, RecordError) as exc:
-                log.warning("vdisk %s: checkpoint %s cannot be read: %s", vdisk_id,
-                            key.hex(), exc)
-                continue
+        got = await reader.header(key)
+        if got is None:
+            log.warning("vdisk %s: checkpoint %s cannot be read", vdisk_id, key.hex())
+            continue
+        head = got[0]
         mark = head.checkpoint
         if mark is None or head.vdisk_id != vdisk_id or mark.part != mark.parts - 1:
             log.warning("vdisk %s: %s is listed as a checkpoint but is not one's last part",
@@ -103,6 +98,23 @@ async def find_checkpoints(pool: StoragePool, vdisk_id: str,
                                    head.timestamp, mark.parts))
     found.sort(key=lambda ref: (ref.epoch, ref.sequence), reverse=True)
     return found
+
+
+async def checkpoint_parts(reader: PieceReader, last: bytes) -> list[tuple[bytes, int]]:
+    """(key, record length) of the parts of the checkpoint whose last part is ``last``,
+    oldest first, as far back as they read (down to part 0 when all do)."""
+    found: list[tuple[bytes, int, int]] = []  # newest first: key, length, part
+    key = last
+    while True:
+        got = await reader.header(key)
+        mark = got[0].checkpoint if got is not None else None
+        if got is None or mark is None or (found and mark.part >= found[-1][2]):
+            break
+        found.append((key, got[1], mark.part))
+        if mark.part == 0:
+            break
+        key = got[0].prev
+    return [(key, length) for key, length, _ in reversed(found)]
 
 
 def before_window(vdisk_id: str, limiter: Limiter, oldest: CheckpointRef,

@@ -177,6 +177,19 @@ class PieceReader:
         """Piece 0 alone: it starts with the record's header."""
         return await self._get(0, key)
 
+    async def header(self, key: bytes) -> tuple[V2Header, int] | None:
+        """The v2 header of the record under ``key`` and the record's length: from piece 0
+        when it holds the header (a hint, not hash-checked), else from the record read
+        whole (rebuilt from parity if need be); None when neither reads or it is not v2."""
+        got = piece_header(await self.first_piece(key))
+        if got is not None:
+            return got
+        try:
+            record = (await self.fetch(key)).record
+            return parse_v2_header(record), len(record)
+        except (DecodeError, RecordError):
+            return None
+
     async def header_run(self, key: bytes, limit: int) -> list[bytes] | None:
         """The v2 headers of up to ``limit`` records along the chain from ``key`` back, read
         by storage server 0 itself in one round trip (`_WALK_SCRIPT`): for each record, the

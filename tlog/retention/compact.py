@@ -36,16 +36,19 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 from tlog.read.chain import ChainReader
-from tlog.read.checkpoints import CheckpointRef, describe_time, registered_checkpoints
-from tlog.read.fetch import DecodeError, PieceReader, piece_header
+from tlog.read.checkpoints import (
+    CheckpointRef,
+    checkpoint_parts,
+    describe_time,
+    registered_checkpoints,
+)
+from tlog.read.fetch import DecodeError, PieceReader
 from tlog.read.links import ChainLink
 from tlog.read.repair import marker_key
 from tlog.record.aggregation import (
     ZERO_HASH,
-    RecordError,
     RecordOpener,
     V2Writer,
-    parse_v2_header,
 )
 from tlog.record.erasure import ErasureCoder
 from tlog.storage import (
@@ -357,24 +360,18 @@ class Compactor:
         return done
 
     async def _walk_back(self, key: bytes) -> list[bytes]:
-        """The stored records from ``key`` back (by server 0's pieces), oldest first: what
-        an interrupted delete step left. Stops at a missing record or the zero hash."""
+        """The stored records from ``key`` back, oldest first: what an interrupted delete
+        step left. Stops at a record that no longer reads (server 0's piece goes last; a
+        record whose piece 0 a degraded write never stored still reads) or the zero hash."""
         reader = PieceReader(self.pool, self.coder, self.timeout)
         found: list[bytes] = []
         try:
             while key != ZERO_HASH:
-                got = piece_header(await reader.first_piece(key))
+                got = await reader.header(key)
                 if got is None:
-                    # No piece 0: deleted (it goes last), or never stored there (a degraded
-                    # write) while the others are: then the record still reads.
-                    try:
-                        prev = parse_v2_header((await reader.fetch(key)).record).prev
-                    except (DecodeError, RecordError):
-                        break
-                else:
-                    prev = got[0].prev
+                    break
                 found.append(key)
-                key = prev
+                key = got[0].prev
         finally:
             await reader.close()
         found.reverse()
@@ -396,21 +393,16 @@ class Compactor:
 
     async def _parts_of(self, last: bytes) -> list[bytes]:
         """The stored parts of the checkpoint whose last part is ``last``, oldest first."""
-        found: list[bytes] = []
-        key = last
-        while True:
-            try:
-                got = piece_header(await self._servers[0].get(key))
-            except StorageError as exc:
-                raise CompactionError(f"vdisk {self.vdisk_id}: {exc}") from None
-            if got is None or got[0].checkpoint is None:
-                break
-            found.append(key)
-            if got[0].checkpoint.part == 0:
-                break
-            key = got[0].prev
-        found.reverse()
-        return found
+        reader = PieceReader(self.pool, self.coder, self.timeout)
+        try:
+            parts = await checkpoint_parts(reader, last)
+        finally:
+            await reader.close()
+        if reader.down:  # a part not read could be left behind, unlisted
+            down = ", ".join(self._servers[i].address for i in sorted(reader.down))
+            raise CompactionError(f"vdisk {self.vdisk_id}: storage server(s) {down} "
+                                  "unreachable; every one must be to compact")
+        return [key for key, _length in parts]
 
     async def _read_everywhere(self, read: Callable[[StorageServer], Awaitable[T]]) -> list[T]:
         try:

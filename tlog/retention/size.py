@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from tlog.read.checkpoints import CheckpointRef, find_checkpoints
+from tlog.read.checkpoints import CheckpointRef, checkpoint_parts, find_checkpoints
 from tlog.read.fetch import MAX_HEADER_RUN, PieceReader, piece_header
 from tlog.read.head import find_head
 from tlog.record.aggregation import ZERO_HASH, RecordOpener
@@ -80,11 +80,7 @@ async def measure_log(pool: StoragePool, vdisk_id: str, opener: RecordOpener, *,
 
 async def _add_parts(reader: PieceReader, ref: CheckpointRef, size: LogSize,
                      factor: float) -> None:
-    key = ref.key
-    for _ in range(ref.parts):
-        got = piece_header(await reader.first_piece(key))
-        if got is None:
-            size.complete = False
-            return
-        size.stored_bytes += int(got[1] * factor)
-        key = got[0].prev
+    parts = await checkpoint_parts(reader, ref.key)
+    size.stored_bytes += sum(int(length * factor) for _key, length in parts)
+    if len(parts) != ref.parts:
+        size.complete = False
