@@ -145,7 +145,9 @@ class Vdisk:
         #: resends them; None when no resend is being checked.
         self._writes: dict[int, bytes] | None = None
         self._loading = 0  # reads of ``_writes`` in progress (stored rounds are added to it)
-        self._compacted_below = 0  # sequences of the epoch below it: compacted (unknown)
+        # While ``_writes`` is known: the sequences of the epoch below this were compacted
+        # (what they wrote is unknown)
+        self._compacted_below = 0
         self.retired = False
         #: Why the vdisk was given up (see `abandon`), None while it is in use.
         self.abandoned: str | None = None
@@ -219,6 +221,7 @@ class Vdisk:
         epoch = self.epoch
         if self._writes is None:
             self._writes = {}
+            self._compacted_below = 0
         self._loading += 1
         try:
             found = await read(self.flusher.stored_head, first_sequence, epoch,
@@ -249,7 +252,6 @@ class Vdisk:
         self.epoch += 1
         self.stats.epoch_started(reason)
         self._writes = None
-        self._compacted_below = 0
         self.expected = self.flushed_next = first_sequence
         self._set_epoch_start(first_sequence)
         peer.session_start = first_sequence
@@ -312,7 +314,6 @@ class Vdisk:
             self.expected = expected
             self.last_in_order = expected - 1
             self._writes = None  # the resends are over: this is a new write
-            self._compacted_below = 0
             out.append(_response(BlockStatus.RECV_OK, (seq,)))
             if self._force_at and self._force_at[0] < expected:
                 while self._force_at and self._force_at[0] < expected:
@@ -373,7 +374,7 @@ class Vdisk:
         known = writes.get(seq) if writes is not None else None
         if known is not None:
             return known == _identity(block)
-        if seq < self._compacted_below:
+        if writes is not None and seq < self._compacted_below:
             # Compacted: what it wrote is no longer known. Taken for a new write (a new
             # epoch): a client resending a stored tail resends all of it, in order, so
             # replaying it again in a new epoch gives the same state; a new write taken for
@@ -507,7 +508,6 @@ class Vdisk:
         self.budget.used -= self.pending_bytes
         self.pending_bytes = 0
         self._writes = None
-        self._compacted_below = 0
         self._force_at.clear()
         for peer in list(self.peers):
             peer.close(f"vdisk given up: {reason}")
