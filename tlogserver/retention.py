@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -179,7 +180,9 @@ class RetentionKeeper:
                 entry.next_run = now + policy.interval
                 done = await self._compact(vdisk_id, side, policy, entry)
             elif policy is None:
-                entry.next_run = now + RETRY_SECONDS
+                # Measured once; the stored aggregations are counted up from then on (a walk
+                # of a log nothing compacts grows with it: not something to repeat).
+                entry.next_run = math.inf
             entry.since = []
             try:
                 measured = await measure_log(side, vdisk_id, self.opener)
