@@ -137,7 +137,7 @@ def send_workload(port: int, vdisk: str, *, first: int, count: int, seed: int,
 
 
 def image(blocks: Sequence[Block], *, end_seq: int | None = None,
-          end_ts: int | None = None) -> bytes:
+          end_ts: int | None = None, block_size: int = BLOCK_SIZE) -> bytes:
     """The disk image after applying ``blocks`` in sequence order, up to the bounds; it ends
     with the highest block index touched (as the player's image does)."""
     content: dict[int, bytes] = {}
@@ -148,12 +148,12 @@ def image(blocks: Sequence[Block], *, end_seq: int | None = None,
             continue
         top = max(top, b.index)
         if b.operation == 1:
-            content[b.index] = bytes(b.data).ljust(BLOCK_SIZE, b"\0")
+            content[b.index] = bytes(b.data).ljust(block_size, b"\0")
         else:
             content.pop(b.index, None)
-    out = bytearray((top + 1) * BLOCK_SIZE)
+    out = bytearray((top + 1) * block_size)
     for index, data in content.items():
-        out[index * BLOCK_SIZE:(index + 1) * BLOCK_SIZE] = data
+        out[index * block_size:(index + 1) * block_size] = data
     return bytes(out)
 
 

@@ -35,7 +35,7 @@ from tlog.storage import any_pool_factory, checkpoint_list_key, compaction_key
 
 from .redis_fixture import RedisProcess
 from .serverproc import pick_port
-from .test_cli_read import KEY, read_args, start_tlogserver, tlog_cli
+from .test_cli_read import KEY, image, read_args, start_tlogserver, tlog_cli
 from .test_decoder import VDISK, ChainWriter
 
 BS = 512  # block size of these vdisks: small, so that 100,000 blocks stay quick
@@ -64,23 +64,8 @@ def blocks_from(first: int, count: int, *, seed: int, indexes: int, deletes: flo
 
 def image_of(blocks: Sequence[Block], *, end_seq: int | None = None,
              end_ts: int | None = None) -> bytes:
-    """The image the player gives for ``blocks`` (one epoch, sequence order) up to the
-    bounds: it ends with the highest index touched."""
-    content: dict[int, bytes] = {}
-    top = -1
-    for b in blocks:
-        if (end_seq is not None and b.sequence > end_seq) or (
-                end_ts is not None and b.timestamp > end_ts):
-            continue
-        top = max(top, b.index)
-        if b.operation == 1:
-            content[b.index] = bytes(b.data)
-        else:
-            content.pop(b.index, None)
-    out = bytearray((top + 1) * BS)
-    for index, data in content.items():
-        out[index * BS:(index + 1) * BS] = data
-    return bytes(out)
+    """The image the player gives for ``blocks`` (one epoch) up to the bounds."""
+    return image(blocks, end_seq=end_seq, end_ts=end_ts, block_size=BS)
 
 
 def opener() -> RecordOpener:
@@ -230,9 +215,9 @@ def test_compaction_keeps_every_retained_point(redis6: list[RedisProcess],
     assert total - keep - 25 <= cut < total - keep
 
     # Every retained point restores as before, through the library and the CLI.
-    for (kind, value), image in before.items():
+    for (kind, value), expected in before.items():
         bounds = {"end_seq": value} if kind == "seq" else {"end_ts": value}
-        assert restore_image(redis6, tmp_path / "img", **bounds) == image, (kind, value)
+        assert restore_image(redis6, tmp_path / "img", **bounds) == expected, (kind, value)
     out = cli_restore(redis6, tmp_path / "cli.img")
     assert "from the checkpoint at sequence" in out.stdout
     assert (tmp_path / "cli.img").read_bytes() == before["seq", last]
