@@ -11,6 +11,7 @@ The core of the holding is checked in process against a transport that records i
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import time
 from typing import Any
@@ -23,7 +24,7 @@ from tlogserver.server import TlogServer
 
 from .redis_fixture import RedisProcess
 from .test_reliability import markers, read_args, send, tlog
-from .wireclient import WireClient, port_of, running_server
+from .wireclient import WireClient, port_of, read_chain, running_server
 
 WAIT = 15.0
 DATA = b"tlog" * 1024
@@ -244,3 +245,26 @@ def test_a_server_that_lost_its_script_cache_is_stored_again_in_the_same_round(
     assert not any(markers(r) for r in redis6)  # no piece was counted missing
     proc = tlog("verify", *read_args(addresses))
     assert proc.returncode == 0 and "warning" not in proc.stderr, proc.stdout + proc.stderr
+
+
+def test_large_aggregations_sealed_in_steps_are_stored_and_read_back(
+        redis6: list[RedisProcess]) -> None:
+    """Aggregations of 100 random 4 KiB blocks (400 KB: sealed in steps, the event loop
+    running between them, and written a server at a time) read back exactly."""
+    addresses = [r.address for r in redis6]
+    payload = {seq: os.urandom(4096) for seq in range(300)}
+
+    async def scenario() -> None:
+        async with running_server(addresses, flush_size=100) as server:
+            client = await WireClient.connect(port_of(server))
+            for seq in range(300):
+                client.send(seq, payload[seq])
+            await client.wait_flushed(range(300))
+            assert not client.responses(BlockStatus.FLUSH_FAILED)
+            await client.close()
+    asyncio.run(scenario())
+    chain = read_chain(addresses, "vd")
+    assert [len(agg.blocks) for agg in chain] == [100, 100, 100]
+    assert {b.sequence: bytes(b.data) for agg in chain for b in agg.blocks} == payload
+    proc = tlog("verify", *read_args(addresses))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
