@@ -357,6 +357,7 @@ def test_missing_nbdkit_is_one_clear_line(tmp_path: Path) -> None:
     (["--socket", "s", "--size", "1000"], "not a multiple of the block size"),
     (["--socket", "s", "--size", "lots"], "is not a number of bytes"),
     (["--socket", "s", "--size", "1M", "--server", "nowhere"], "not a host:port"),
+    (["--socket", "s", "--size", "1M", "--threads", "0"], "--threads"),
 ])
 def test_usage_errors(tmp_path: Path, args: list[str], message: str) -> None:
     base = ["--vdisk", "x", "--image", str(tmp_path / "i.img")]
