@@ -10,7 +10,6 @@ from __future__ import annotations
 import abc
 import os
 import stat
-from collections.abc import Sequence
 from typing import cast
 
 import redis
@@ -35,8 +34,9 @@ class Backend(abc.ABC):
         """``count`` blocks from block ``first`` (never written or deleted: zeroes)."""
 
     @abc.abstractmethod
-    def write(self, first: int, blocks: Sequence[bytes]) -> None:
-        """Consecutive whole blocks from block ``first``."""
+    def write(self, first: int, data: bytes | memoryview) -> None:
+        """Consecutive whole blocks from block ``first``, as one buffer (a multiple of the
+        block size)."""
 
     @abc.abstractmethod
     def delete(self, first: int, count: int) -> None:
@@ -89,9 +89,8 @@ class FileBackend(Backend):
             data += more
         return data
 
-    def write(self, first: int, blocks: Sequence[bytes]) -> None:
+    def write(self, first: int, data: bytes | memoryview) -> None:
         offset = first * self.block_size
-        data = blocks[0] if len(blocks) == 1 else b"".join(blocks)
         view = memoryview(data)
         while view:
             done = os.pwrite(self._fd, view, offset)
@@ -103,7 +102,7 @@ class FileBackend(Backend):
         if self._punch and punch_hole(self._fd, offset, length):
             return
         self._punch = False  # not on this file system: zeroes from now on
-        self.write(first, [self._zeros] * count)
+        self.write(first, self._zeros * count)
 
     def flush(self) -> None:
         os.fdatasync(self._fd) if self._regular else os.fsync(self._fd)
@@ -155,7 +154,9 @@ class RedisBackend(Backend):
                 out.append(value[:size] + bytes(max(0, size - len(value))))
         return b"".join(out)
 
-    def write(self, first: int, blocks: Sequence[bytes]) -> None:
+    def write(self, first: int, data: bytes | memoryview) -> None:
+        size = self.block_size
+        blocks = [bytes(data[at:at + size]) for at in range(0, len(data), size)]
         try:
             self._redis.mset(dict(zip(self._keys(first, len(blocks)), blocks, strict=True)))
         except redis.RedisError as exc:

@@ -29,7 +29,7 @@ import errno
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TypeVar
 
 from tlog.client import ThreadedClient, TlogClientError
@@ -96,8 +96,7 @@ class LoggedDisk:
         bs = self.block_size
         first, last = offset // bs, (offset + len(buf) - 1) // bs
         with self._write_lock:
-            blocks = self._merged(first, last, offset, buf)
-            high = self._log_and_write(first, blocks)
+            high = self._log_and_write(first, self._merged(first, last, offset, buf))
         if fua:
             self._wait_flushed(high, "FUA write")
             self._on_backend(lambda b: b.flush())
@@ -147,27 +146,32 @@ class LoggedDisk:
         if offset < 0 or length <= 0 or offset + length > self.size:
             raise OSError(errno.EINVAL, f"request {offset}+{length} outside the disk")
 
-    def _merged(self, first: int, last: int, offset: int, buf: bytes | memoryview
-                ) -> list[bytes]:
-        """The whole blocks ``first..last`` with ``buf`` written into them at ``offset``."""
+    def _merged(self, first: int, last: int, offset: int, buf: bytes | memoryview) -> bytes:
+        """The whole blocks ``first..last`` with ``buf`` written into them at ``offset``,
+        as one buffer (a copy: nbdkit reuses ``buf`` once the request is answered)."""
         bs = self.block_size
         start = first * bs
         end = (last + 1) * bs
         if offset == start and offset + len(buf) == end:
-            data = bytes(buf)
-        else:
-            current = bytearray(self._on_backend(lambda b: b.read(first, last - first + 1)))
-            current[offset - start:offset - start + len(buf)] = buf
-            data = bytes(current)
-        return [data[i:i + bs] for i in range(0, len(data), bs)]
+            return bytes(buf)
+        current = bytearray(self._on_backend(lambda b: b.read(first, last - first + 1)))
+        current[offset - start:offset - start + len(buf)] = buf
+        return bytes(current)
 
-    def _log_and_write(self, first: int, blocks: list[bytes]) -> int:
-        """Log the blocks (all or none), then write them; returns the last sequence."""
+    def _log_and_write(self, first: int, data: bytes) -> int:
+        """Log the whole blocks of ``data`` (all or none), then write ``data``; returns the
+        last sequence. The blocks are views into ``data`` (the encoder copies each once).
+        They are hashed here, under the lock: on two cores, requests hashing in parallel
+        cost more in thread switches than they gain (docs/nbd.md)."""
+        bs = self.block_size
+        view = memoryview(data)
+        blocks = [view[at:at + bs] for at in range(0, len(data), bs)]
         high = self._log(Operation.SET, first, blocks, "write")
-        self._on_backend(lambda b: b.write(first, blocks))
+        self._on_backend(lambda b: b.write(first, data))
         return high
 
-    def _log(self, operation: Operation, first: int, blocks: list[bytes], what: str) -> int:
+    def _log(self, operation: Operation, first: int, blocks: Sequence[bytes | memoryview],
+             what: str) -> int:
         assert self.client is not None
         try:
             return self.client.send_many(operation, first, blocks, self._clock(),
