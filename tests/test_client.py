@@ -13,7 +13,7 @@ import random
 import struct
 import threading
 import time
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable, Coroutine, Iterator, Sequence
 from typing import Any, TypeVar
 
 import pytest
@@ -773,6 +773,31 @@ def test_threaded_facades_for_two_vdisks_at_once(mem_server: ServerProcess) -> N
     assert sorted(results) == ["vd0", "vd1"]
     for stats in results.values():
         assert stats.flushed_blocks == 300 and stats.last_flushed == 399
+
+
+def test_threaded_facade_batches_only_while_writes_keep_coming(
+        mem_server: ServerProcess) -> None:
+    # A batch interval far beyond the test's waits: whatever arrives in time did not wait
+    # for it. A quiet client's first write goes out at once, and a flush wait takes the
+    # queued writes with it.
+    received: dict[int, threading.Event] = {s: threading.Event() for s in range(3)}
+
+    def on_response(status: int, sequences: Sequence[int]) -> None:
+        for seq in sequences:
+            if status == 1 and seq in received:
+                received[seq].set()
+
+    with ThreadedClient([mem_server.address], "batched", batch_interval=3600,
+                        on_response=on_response) as client:
+        client.send_next(Operation.SET, 0, None, block_data(0))
+        assert received[0].wait(10), "the first write waited for the batch interval"
+        client.send_next(Operation.SET, 1, None, block_data(1))
+        client.send_next(Operation.SET, 2, None, block_data(2))
+        client.wait_flushed(timeout=10)
+        assert received[1].is_set() and received[2].is_set()
+        assert client.stats().flushed_blocks == 3
+    with pytest.raises(ValueError, match="batch_interval"):
+        ThreadedClient([mem_server.address], "batched", batch_interval=-1)
 
 
 def test_threaded_facade_reports_connect_failures() -> None:

@@ -18,6 +18,10 @@ from .tlogclient import BLOCK_MESSAGE_OVERHEAD, HASH_SIZE, TlogClient, encode_bl
 
 T = TypeVar("T")
 
+#: Seconds between two hand-overs of queued blocks to the loop thread while writes keep
+#: coming (the first write after a quiet moment is handed over at once).
+DEFAULT_BATCH_INTERVAL = 0.002
+
 
 # -- the threaded facade ---------------------------------------------------------------
 
@@ -41,10 +45,20 @@ class ThreadedClient:
     thread's blocks stay in its order; `send_next` also allocates the sequence
     under that lock, so several threads get strictly increasing sequences.
     Callbacks (``on_response``) run in the background thread.
+
+    While writes keep coming, the loop thread takes them every ``batch_interval`` seconds
+    rather than being woken by each: with many small writes, the wake-ups and the GIL
+    passing back and forth between threads cost more than the writes (4 KiB NBD writes
+    went from about 18,000 to 23,500/s). A quiet client's first write, and everything
+    before a flush wait, go out at once; 0 wakes the loop for every write.
     """
 
     def __init__(self, servers: Sequence[str], vdisk_id: str, first_sequence: int | None = 0, *,
-                 connect_timeout: float | None = 30.0, **options: Any) -> None:
+                 connect_timeout: float | None = 30.0,
+                 batch_interval: float = DEFAULT_BATCH_INTERVAL, **options: Any) -> None:
+        if batch_interval < 0:
+            raise ValueError("batch_interval must be >= 0")
+        self._batch_interval = batch_interval
         self._loop = _new_loop()
         self._thread = threading.Thread(target=self._run_loop, daemon=True,
                                         name=f"tlog client {vdisk_id}")
@@ -106,11 +120,16 @@ class ThreadedClient:
                 self._cond.notify_all()
 
     def _drain(self) -> None:
-        """Loop thread: move the inbox into the client, in order, and write."""
+        """Loop thread: move the inbox into the client, in order, and write. When there was
+        something to move, look again after the batch interval (writers need not wake the
+        loop meanwhile); when there was not, the next write wakes it."""
         with self._cond:
             items, self._inbox = self._inbox, []
             self._inbox_bytes = 0
-            self._wake_pending = False
+            if items and self._batch_interval:
+                self._loop.call_later(self._batch_interval, self._drain)
+            else:
+                self._wake_pending = False
             client = self._client
             if client.failure() is None:
                 put = client.put_frame
