@@ -59,6 +59,7 @@ class ThreadedClient:
         if batch_interval < 0:
             raise ValueError("batch_interval must be >= 0")
         self._batch_interval = batch_interval
+        self._tick: asyncio.TimerHandle | None = None  # the drain's next look (loop thread)
         self._loop = _new_loop()
         self._thread = threading.Thread(target=self._run_loop, daemon=True,
                                         name=f"tlog client {vdisk_id}")
@@ -127,7 +128,8 @@ class ThreadedClient:
             items, self._inbox = self._inbox, []
             self._inbox_bytes = 0
             if items and self._batch_interval:
-                self._loop.call_later(self._batch_interval, self._drain)
+                if self._tick is None:  # one look-again pending at most
+                    self._tick = self._loop.call_later(self._batch_interval, self._on_tick)
             else:
                 self._wake_pending = False
             client = self._client
@@ -136,6 +138,10 @@ class ThreadedClient:
                 for sequence, frame in items:
                     put(sequence, frame)
         client.write_queued()
+
+    def _on_tick(self) -> None:
+        self._tick = None
+        self._drain()
 
     def _enqueue(self, frames_for: Callable[[], list[tuple[int, bytes]]], size: int,
                  timeout: float | None) -> int:
