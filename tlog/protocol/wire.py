@@ -227,6 +227,7 @@ def _list_ptr(ptr_word: int, target_word: int, elem_size: int, count: int) -> in
 
 
 _ZEROS = bytes(8)
+_BYTE_LIST = 1 | (2 << 32)  # a list pointer's tag and element size (bytes), no offset or count
 
 
 def block_segment_parts(sequence: int, index: int, timestamp: int, operation: int,
@@ -269,9 +270,16 @@ def encode_block_message(sequence: int, index: int, timestamp: int, operation: i
     return b"".join((head, hash_, data, _PADS[-n & 7]))
 
 
+_ONE_RESPONSE = struct.Struct("<IIQQQQ").pack
+_ONE_SEQUENCE_LIST = 1 | (5 << 32) | (1 << 35)  # list pointer: next word, 8-byte elements, 1
+
+
 def encode_response(status: int, sequences: Sequence[int]) -> bytes:
     """A framed TlogResponse; the sequence list is empty, never null, like the reference's."""
     n = len(sequences)
+    if n == 1:  # every RecvOK: packed without building a format
+        return _ONE_RESPONSE(0, 4, (1 << 32) | (1 << 48), status & 0xFF, _ONE_SEQUENCE_LIST,
+                             sequences[0])
     return struct.pack(
         f"<IIQQQ{n}Q",
         0, 3 + n,
@@ -371,16 +379,29 @@ def encode_aggregation(name: str, timestamp: int, vdisk_id: str, prev: bytes,
     tail: list[Buffer] = []
     at = tail_at
     pack_elem = struct.Struct("<QqQQQQ").pack
-    for i, b in enumerate(blocks):
-        hash_ptr_word = elems_at + i * elem_words + _BLOCK_DATA_WORDS
-        hash_len, data_len = len(b.hash), len(b.data)
+    append, extend = elems.append, tail.extend
+    hash_ptr_word = elems_at + _BLOCK_DATA_WORDS - elem_words
+    for b in blocks:
+        hash_ptr_word += elem_words
+        h, d = b.hash, b.data
+        hash_len, data_len = len(h), len(d)
+        if hash_len == 32 and data_len and not data_len & 7:
+            # the usual block, laid out as _list_ptr would (both targets lie ahead)
+            data_at = at + 4
+            append(pack_elem(
+                b.sequence, b.index, b.timestamp, b.operation,
+                _BYTE_LIST | ((at - hash_ptr_word - 1) << 2) | (32 << 35),
+                _BYTE_LIST | ((data_at - hash_ptr_word - 2) << 2) | (data_len << 35)))
+            extend((h, d))
+            at = data_at + (data_len >> 3)
+            continue
         data_at = at + (hash_len + 7) // 8
-        elems.append(pack_elem(
+        append(pack_elem(
             b.sequence, b.index, b.timestamp, b.operation,
             _list_ptr(hash_ptr_word, at, 2, hash_len) if hash_len else 0,
             _list_ptr(hash_ptr_word + 1, data_at, 2, data_len) if data_len else 0,
         ))
-        tail.extend((b.hash, _ZEROS[:_pad(hash_len)], b.data, _ZEROS[:_pad(data_len)]))
+        extend((h, _ZEROS[:_pad(hash_len)], d, _ZEROS[:_pad(data_len)]))
         at = data_at + (data_len + 7) // 8
     parts.extend(elems)
     parts.extend(tail)
