@@ -6,6 +6,7 @@ the served image byte for byte.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -74,6 +75,19 @@ class NbdServer:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise TimeoutError(f"no {text!r} within {timeout} s: {self.log}")
+                self._cond.wait(left)
+
+    def lines_with(self, text: str, count: int, timeout: float = WAIT) -> list[str]:
+        """The first ``count`` stderr lines containing ``text``, once there are as many."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                found = [line for line in self.lines if text in line]
+                if len(found) >= count:
+                    return found[:count]
+                left = deadline - time.monotonic()
+                if "<eof>" in self.lines or left <= 0:
+                    raise AssertionError(f"{len(found)} of {count} {text!r} lines: {self.log}")
                 self._cond.wait(left)
 
     def ready(self) -> NbdServer:
@@ -179,6 +193,29 @@ def test_starting_again_continues_the_log(redis6: list[RedisProcess], tmp_path: 
     assert restore(redis6, "again", tmp_path / "restored.img") == served
     verify = tlog_cli("verify", *read_args(redis6, "again"))
     assert "chain sound" in verify.stdout and "epoch" not in verify.stdout + verify.stderr
+
+
+def test_connections_that_come_and_go_leave_no_thread_state_behind(
+        redis6: list[RedisProcess], tmp_path: Path) -> None:
+    # The plugin keeps each nbdkit worker's Python thread state while the worker lives
+    # (tlog.nbd.threadstate); a connection's workers end with it, and so must their states.
+    image = tmp_path / "served.img"
+    connections = 4
+    with start_tlogserver(redis6, KEY) as server:
+        with NbdServer(tmp_path, *nbd_args(server, "conns", image, "--size", "16M"),
+                       "--verbose") as nbd:
+            for i in range(connections):
+                qemu_io(nbd.uri, f"write -P {i + 1} {i * 65536} 65536",
+                        f"read -P {i + 1} {i * 65536} 65536")
+                nbd.lines_with("worker thread states:", i + 1)
+            lines = nbd.lines_with("worker thread states:", connections)
+            assert nbd.stop() == 0
+    counts = [re.search(r"(\d+) released, (\d+) kept", line) for line in lines]
+    assert all(m is not None for m in counts), lines
+    released = [int(m.group(1)) for m in counts if m is not None]
+    kept = [int(m.group(2)) for m in counts if m is not None]
+    assert kept == [0] * connections and all(n >= 1 for n in released), lines
+    assert restore(redis6, "conns", tmp_path / "restored.img") == image.read_bytes()
 
 
 def test_a_tlogserver_killed_mid_copy_and_restarted(redis6: list[RedisProcess],

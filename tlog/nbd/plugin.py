@@ -33,14 +33,13 @@ def _add_paths() -> None:
 
 _add_paths()
 
-import ctypes
 import errno
 import logging
-import threading
 from typing import Any
 
 import nbdkit  # type: ignore[import-not-found]  # provided by nbdkit's embedded Python
 
+from tlog.nbd import threadstate
 from tlog.nbd.settings import NbdSettings, SettingsError, open_disk
 
 API_VERSION = 2
@@ -86,6 +85,12 @@ def open(readonly: bool) -> Any:  # noqa: A001  (nbdkit's name)
     return _disk
 
 
+def close(h: Any) -> None:
+    # The connection's worker threads have ended: their kept thread states go too.
+    left, released = threadstate.release_gone()
+    nbdkit.debug(f"tlog: worker thread states: {released} released, {left} kept")
+
+
 def get_size(h: Any) -> int:
     return int(h.size)
 
@@ -120,47 +125,28 @@ def can_multi_conn(h: Any) -> bool:
     return True
 
 
-# nbdkit's worker threads are not Python threads: for every request, nbdkit's Python plugin
-# makes the thread a Python thread state and deletes it again afterwards (PyGILState_Ensure
-# / _Release), and in Python 3.11 that maps and unmaps the state's frame stack each time, a
-# TLB shootdown on every core included. One extra PyGILState_Ensure that is never released
-# keeps each worker's state for its life: a 4 KiB write then cost the plugin about 48 us of
-# CPU instead of 84 (docs/nbd.md). The price is one thread state (a few KiB) left behind per
-# worker thread when its connection ends.
-_kept = threading.local()
-
-
-def _keep_thread_state() -> None:
-    if not getattr(_kept, "state", False):
-        _kept.state = True
-        try:
-            ctypes.pythonapi.PyGILState_Ensure()
-        except (AttributeError, OSError):  # a Python without the C API in reach: slower
-            pass
-
-
 def pread(h: Any, buf: Any, offset: int, flags: int) -> None:
-    _keep_thread_state()
+    threadstate.keep()
     buf[:] = h.pread(offset, len(buf))
 
 
 def pwrite(h: Any, buf: Any, offset: int, flags: int) -> None:
-    _keep_thread_state()
+    threadstate.keep()
     _call(h.pwrite, buf, offset, bool(flags & nbdkit.FLAG_FUA))
 
 
 def zero(h: Any, count: int, offset: int, flags: int) -> None:
-    _keep_thread_state()
+    threadstate.keep()
     _call(h.zero, count, offset, bool(flags & nbdkit.FLAG_FUA))
 
 
 def trim(h: Any, count: int, offset: int, flags: int) -> None:
-    _keep_thread_state()
+    threadstate.keep()
     _call(h.trim, count, offset, bool(flags & nbdkit.FLAG_FUA))
 
 
 def flush(h: Any, flags: int) -> None:
-    _keep_thread_state()
+    threadstate.keep()
     _call(h.flush)
 
 
