@@ -298,6 +298,30 @@ def test_flush_fails_with_eio_when_the_tlog_servers_are_gone(
         server.kill()
 
 
+def test_a_trim_of_the_whole_device_is_logged_in_steps(redis6: list[RedisProcess],
+                                                        tmp_path: Path) -> None:
+    # 64 MiB is 16,384 blocks: a whole-device discard (mkfs does one) and a large zero take
+    # more than one step (tlog.nbd.disk.CLEAR_STEP), the last one partial.
+    image = tmp_path / "served.img"
+    size = 64 << 20
+    with start_tlogserver(redis6, KEY) as server:
+        with NbdServer(tmp_path, *nbd_args(server, "trim", image, "--size", "64M")) as nbd:
+            qemu_io(nbd.uri, f"write -P 0x77 0 {size}", "flush",
+                    f"discard 0 {size}",
+                    "write -P 0x42 40000000 100000",
+                    "write -P 0x43 1000 50000000",
+                    "write -z 3000 45000000",
+                    "flush")
+            assert nbd.stop() == 0
+    served = image.read_bytes()
+    expected = bytearray(size)
+    expected[40000000:40100000] = b"\x42" * 100000
+    expected[1000:50001000] = b"\x43" * 50000000
+    expected[3000:45003000] = bytes(45000000)
+    assert served == expected
+    assert restore(redis6, "trim", tmp_path / "restored.img", size) == served
+
+
 def test_a_readonly_export_of_a_restored_image(redis6: list[RedisProcess],
                                               tmp_path: Path) -> None:
     image = tmp_path / "served.img"

@@ -102,7 +102,9 @@ class FileBackend(Backend):
         if self._punch and punch_hole(self._fd, offset, length):
             return
         self._punch = False  # not on this file system: zeroes from now on
-        self.write(first, self._zeros * count)
+        step = max(1, (1 << 20) // self.block_size)  # a MiB of zeroes at a time
+        for at in range(first, first + count, step):
+            self.write(at, self._zeros * min(step, first + count - at))
 
     def flush(self) -> None:
         os.fdatasync(self._fd) if self._regular else os.fsync(self._fd)

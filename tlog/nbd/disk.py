@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import logging
 import threading
 import time
@@ -45,6 +46,12 @@ DEFAULT_WRITE_TIMEOUT = 30.0
 DEFAULT_FLUSH_TIMEOUT = 30.0
 #: Seconds a failover may wait for the log to be flushed and the standby to hold it.
 DEFAULT_FAILOVER_TIMEOUT = 60.0
+#: Blocks deleted (logged, then applied) per step of a trim or zero.
+CLEAR_STEP = 8192
+
+
+def _delete(backend: Backend, first: int, count: int) -> None:
+    backend.delete(first, count)
 
 
 def io_error(message: str) -> OSError:
@@ -196,10 +203,12 @@ class LoggedDisk:
             for edge_first, lo, hi in self._edges(offset, end, whole_first, whole_end):
                 high = self._log_and_write(
                     edge_first, self._merged(edge_first, edge_first, lo, bytes(hi - lo)))
-        if whole_end > whole_first:
-            count = whole_end - whole_first
-            high = self._log(Operation.DELETE, whole_first, [b""] * count, "delete")
-            self._on_backend(lambda b: b.delete(whole_first, count))
+        # In steps, so that a trim of a whole device (mkfs does one) holds a step's frames
+        # at a time, and waits for room in the client's buffer between steps.
+        for start in range(whole_first, whole_end, CLEAR_STEP):
+            n = min(CLEAR_STEP, whole_end - start)
+            high = self._log(Operation.DELETE, start, [b""] * n, "delete")
+            self._on_backend(functools.partial(_delete, first=start, count=n))
         return high
 
     def _edges(self, offset: int, end: int, whole_first: int, whole_end: int

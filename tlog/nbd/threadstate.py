@@ -76,9 +76,3 @@ def _delete(api: ctypes.PyDLL, state: int) -> None:
     # go with it), then free it.
     api.PyThreadState_Clear(state)
     api.PyThreadState_Delete(state)
-
-
-def kept() -> int:
-    """How many states are kept now."""
-    with _lock:
-        return len(_kept)
