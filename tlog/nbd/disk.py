@@ -153,19 +153,21 @@ class LoggedDisk:
         if offset < 0 or length <= 0 or offset + length > self.size:
             raise OSError(errno.EINVAL, f"request {offset}+{length} outside the disk")
 
-    def _merged(self, first: int, last: int, offset: int, buf: bytes | memoryview) -> bytes:
+    def _merged(self, first: int, last: int, offset: int, buf: bytes | memoryview
+                ) -> bytes | memoryview:
         """The whole blocks ``first..last`` with ``buf`` written into them at ``offset``,
-        as one buffer (a copy: nbdkit reuses ``buf`` once the request is answered)."""
+        as one buffer: ``buf`` itself when it is whole blocks. (Nothing keeps it past the
+        request: the log's frames are copies, and the backend has written it by then.)"""
         bs = self.block_size
         start = first * bs
         end = (last + 1) * bs
         if offset == start and offset + len(buf) == end:
-            return bytes(buf)
+            return buf
         current = bytearray(self._on_backend(lambda b: b.read(first, last - first + 1)))
         current[offset - start:offset - start + len(buf)] = buf
         return bytes(current)
 
-    def _log_and_write(self, first: int, data: bytes) -> int:
+    def _log_and_write(self, first: int, data: bytes | memoryview) -> int:
         """Log the whole blocks of ``data`` (all or none), then write ``data``; returns the
         last sequence. The blocks are views into ``data`` (the encoder copies each once).
         They are hashed here, under the lock: on two cores, requests hashing in parallel
