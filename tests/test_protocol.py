@@ -282,3 +282,14 @@ def test_fast_block_path_agrees_with_the_generic_parser() -> None:
     other = schema.TlogBlock.new_message(sequence=1, data=b"abc", hash=block_hash(b"abc"))
     odd = bytearray(b"\x01" + bytes(other.to_bytes()))  # data laid out before the hash
     assert wire.take_block(odd, 0, len(odd), 1 << 20) is None
+
+
+def test_recv_ok_is_the_general_encoding() -> None:
+    seqs = (0, 1, 2**32 + 5, 2**64 - 1)
+    for seq in seqs:
+        assert wire.recv_ok(seq) == wire.encode_response(BlockStatus.RECV_OK, [seq])
+    conn = ClientConnection()
+    stream = (ServerConnection.send_handshake_response(HandshakeStatus.OK)
+              + b"".join(wire.recv_ok(seq) for seq in seqs))
+    assert conn.receive_data(stream)[1:] == [BlockResponse(BlockStatus.RECV_OK, (seq,))
+                                             for seq in seqs]

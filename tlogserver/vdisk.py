@@ -314,7 +314,7 @@ class Vdisk:
             self.expected = expected
             self.last_in_order = expected - 1
             self._writes = None  # the resends are over: this is a new write
-            out.append(_response(BlockStatus.RECV_OK, (seq,)))
+            out.append(wire.recv_ok(seq))
             if self._force_at and self._force_at[0] < expected:
                 while self._force_at and self._force_at[0] < expected:
                     heapq.heappop(self._force_at)
@@ -336,7 +336,7 @@ class Vdisk:
                     self.budget.used += delta
                 else:
                     self.stats.duplicate_blocks += 1
-                out.append(_response(BlockStatus.RECV_OK, (seq,)))
+                out.append(wire.recv_ok(seq))
             elif (seq - expected > self._window
                   or self.ahead_bytes + len(block.data) > self._window_bytes):
                 # Beyond the window: not kept; the client resends it once it got closer.
@@ -349,10 +349,10 @@ class Vdisk:
                 self.ahead[seq] = block
                 self.ahead_bytes += len(block.data)
                 self.budget.used += len(block.data)
-                out.append(_response(BlockStatus.RECV_OK, (seq,)))
+                out.append(wire.recv_ok(seq))
         elif self._same_write(block):
             self.stats.duplicate_blocks += 1
-            out.append(_response(BlockStatus.RECV_OK, (seq,)))
+            out.append(wire.recv_ok(seq))
             if seq < self.flushed_next:
                 out.append(_response(BlockStatus.FLUSH_OK, (seq,)))
             # otherwise it is pending or being stored: its FlushOK will come

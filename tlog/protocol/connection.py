@@ -277,7 +277,7 @@ class ServerConnection:
             raise self._error
         events: list[ServerEvent] = []
         reader = self._reader
-        take = wire.take_block
+        take = wire.take_blocks
         try:
             while True:
                 if self._state is _State.MESSAGES:
@@ -285,10 +285,7 @@ class ServerConnection:
                     # else (and every error) goes through the generic path below.
                     buf, at, end = reader._buf, reader._start, reader._end
                     limit = reader.max_message_size
-                    while (got := take(buf, at, end, limit)) is not None:
-                        events.append(got[0])
-                        at = got[1]
-                    reader._start = at
+                    reader._start = take(buf, at, end, limit, events.append)
                 event = self._next_event()
                 if event is None:
                     return events

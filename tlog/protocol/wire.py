@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import struct
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import NamedTuple
 
 _U32 = struct.Struct("<I")
@@ -193,28 +193,41 @@ _DATA_AT = 9 + 88  # message offset of the data: type, table, 11 words
 BLOCK_MESSAGE_OVERHEAD = _DATA_AT
 
 
-def take_block(buf: bytearray, at: int, end: int, max_size: int) -> tuple[Block, int] | None:
-    """A canonically laid-out block message at ``at``: (block, offset after it).
+def take_blocks(buf: bytearray, at: int, end: int, max_size: int,
+                append: Callable[[Block], object], most: int = -1) -> int:
+    """Canonically laid-out block messages from ``at`` on, each handed to ``append`` (at
+    most ``most``; -1: all there are); the offset after the last one taken.
 
-    None when anything differs (another layout, an incomplete or oversized frame,
-    another message type): the generic path then decides. Hash and data are copied
-    out of ``buf``, which the caller reuses.
+    Stops at the first message that differs (another layout, an incomplete or oversized
+    frame, another message type): the generic path then decides. Hashes and data are
+    copied out of ``buf``, which the caller reuses. One call for a whole read of blocks:
+    the server's hot loop.
     """
-    if end - at < _DATA_AT:
-        return None
-    (mtype, nseg, words, root, sequence, index, timestamp, opword, hash_ptr,
-     data_ptr) = _BLOCK_MSG_HEAD.unpack_from(buf, at)
-    if (mtype != 1 or nseg != 0 or root != _CANON_ROOT or hash_ptr != _CANON_HASH_PTR
-            or data_ptr & 0x7FFFFFFFF != _CANON_DATA_PTR_LOW):
-        return None
-    body = words << 3
-    length = data_ptr >> 35
-    stop = at + 9 + body
-    if body > max_size or stop > end or 88 + length > body:
-        return None
-    data_at = at + _DATA_AT
-    return (Block(sequence, index, timestamp, opword & 0xFF, buf[data_at - 32:data_at],
-                  buf[data_at:data_at + length]), stop)
+    unpack = _BLOCK_MSG_HEAD.unpack_from
+    while most and end - at >= _DATA_AT:
+        (mtype, nseg, words, root, sequence, index, timestamp, opword, hash_ptr,
+         data_ptr) = unpack(buf, at)
+        if (mtype != 1 or nseg != 0 or root != _CANON_ROOT or hash_ptr != _CANON_HASH_PTR
+                or data_ptr & 0x7FFFFFFFF != _CANON_DATA_PTR_LOW):
+            break
+        body = words << 3
+        length = data_ptr >> 35
+        stop = at + 9 + body
+        if body > max_size or stop > end or 88 + length > body:
+            break
+        data_at = at + _DATA_AT
+        append(Block(sequence, index, timestamp, opword & 0xFF, buf[data_at - 32:data_at],
+                     buf[data_at:data_at + length]))
+        at = stop
+        most -= 1
+    return at
+
+
+def take_block(buf: bytearray, at: int, end: int, max_size: int) -> tuple[Block, int] | None:
+    """One block as `take_blocks` takes it: (block, offset after it), or None."""
+    out: list[Block] = []
+    stop = take_blocks(buf, at, end, max_size, out.append, 1)
+    return (out[0], stop) if out else None
 
 
 def _pad(n: int) -> int:
@@ -272,6 +285,11 @@ def encode_block_message(sequence: int, index: int, timestamp: int, operation: i
 
 _ONE_RESPONSE = struct.Struct("<IIQQQQ").pack
 _ONE_SEQUENCE_LIST = 1 | (5 << 32) | (1 << 35)  # list pointer: next word, 8-byte elements, 1
+
+
+def recv_ok(sequence: int) -> bytes:
+    """``RecvOK [sequence]``, the answer to every block (what `encode_response` gives)."""
+    return _ONE_RESPONSE(0, 4, (1 << 32) | (1 << 48), 1, _ONE_SEQUENCE_LIST, sequence)
 
 
 def encode_response(status: int, sequences: Sequence[int]) -> bytes:
