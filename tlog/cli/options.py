@@ -120,6 +120,16 @@ class ReadSetup:
     #: The --config file's content (empty without one).
     config: dict[str, Any] = field(default_factory=dict)
 
+    def run(self, work: Coroutine[Any, Any, T]) -> T:
+        """Run a command's ``work`` on this pool to its end (`run_async`), then close the
+        pool, whatever happened."""
+        async def run_then_close() -> T:
+            try:
+                return await work
+            finally:
+                await self.factory.close()
+        return run_async(run_then_close())
+
 
 _CONFIG_KEYS: dict[str, type | tuple[type, ...]] = {
     "k": int, "m": int, "priv_key": str, "key_file": str, "nonce": str,

@@ -14,7 +14,7 @@ from tlog.read.limiter import Limiter
 from tlog.retention import Pin, PinError, add_pin, read_pins, remove_pin
 from tlog.retention.lock import CompactionBusy, CompactionLock
 
-from .options import ReadSetup, fail_with, read_options, read_setup, run_async
+from .options import ReadSetup, fail_with, read_options, read_setup
 
 #: Seconds `tlog pin` waits for a compaction of the vdisk to end.
 LOCK_WAIT = 60.0
@@ -87,27 +87,23 @@ def pin_command(ctx: click.Context, **values: Any) -> None:
                                "later point")
     setup = read_setup(ctx, values)
 
-    async def run() -> Pin:
+    async def pin_point() -> Pin:
         # The compaction lease, held while the point is checked and the pin stored: no
         # compaction can cut past the point in between.
         lock = CompactionLock(setup.pool, setup.vdisk)
         try:
-            try:
-                await lock.acquire_within(LOCK_WAIT)
-            except CompactionBusy as exc:
-                raise PinError(f"{exc}; pin again once it is done") from None
-            try:
-                epoch, sequence, ts = await resolve_point(setup, values["sequence"],
-                                                          values["epoch"], values["timestamp"])
-                return await add_pin(setup.pool, setup.vdisk, values["name"], epoch, sequence,
-                                     ts)
-            finally:
-                await lock.release()
+            await lock.acquire_within(LOCK_WAIT)
+        except CompactionBusy as exc:
+            raise PinError(f"{exc}; pin again once it is done") from None
+        try:
+            epoch, sequence, ts = await resolve_point(setup, values["sequence"],
+                                                      values["epoch"], values["timestamp"])
+            return await add_pin(setup.pool, setup.vdisk, values["name"], epoch, sequence, ts)
         finally:
-            await setup.factory.close()
+            await lock.release()
 
     try:
-        pin = run_async(run())
+        pin = setup.run(pin_point())
     except (PinError, DecodeError) as exc:
         fail_with(str(exc))
         return
@@ -121,15 +117,8 @@ def pin_command(ctx: click.Context, **values: Any) -> None:
 def unpin_command(ctx: click.Context, **values: Any) -> None:
     """Forget a named restore point (the next compaction may cut past it)."""
     setup = read_setup(ctx, values)
-
-    async def run() -> Pin:
-        try:
-            return await remove_pin(setup.pool, setup.vdisk, values["name"])
-        finally:
-            await setup.factory.close()
-
     try:
-        pin = run_async(run())
+        pin = setup.run(remove_pin(setup.pool, setup.vdisk, values["name"]))
     except PinError as exc:
         fail_with(str(exc))
         return
@@ -143,15 +132,8 @@ def unpin_command(ctx: click.Context, **values: Any) -> None:
 def pins_command(ctx: click.Context, **values: Any) -> None:
     """List a vdisk's named restore points, oldest first."""
     setup = read_setup(ctx, values)
-
-    async def run() -> list[Pin]:
-        try:
-            return await read_pins(setup.pool, setup.vdisk)
-        finally:
-            await setup.factory.close()
-
     try:
-        pins = run_async(run())
+        pins = setup.run(read_pins(setup.pool, setup.vdisk))
     except PinError as exc:
         fail_with(str(exc))
         return

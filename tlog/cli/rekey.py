@@ -8,9 +8,9 @@ from typing import Any
 import click
 
 from tlog.read.fetch import DecodeError
-from tlog.read.rekey import RekeyError, RekeyReport, rekey_vdisk
+from tlog.read.rekey import RekeyError, rekey_vdisk
 
-from .options import EXIT_FAILED, read_options, read_setup, run_async
+from .options import EXIT_FAILED, read_options, read_setup
 
 
 @click.command("rekey")
@@ -36,16 +36,10 @@ def rekey_command(ctx: click.Context, **values: Any) -> None:
     setup = read_setup(ctx, values)
     keyring = setup.opener.keyring
     new_key = keyring.keys[keyring.ids[0]]
-
-    async def run() -> RekeyReport:
-        try:
-            return await rekey_vdisk(setup.pool, setup.vdisk, setup.opener, new_key,
-                                     delete_old=values["delete_old"], dry_run=values["dry_run"])
-        finally:
-            await setup.factory.close()
-
     try:
-        report = run_async(run())
+        report = setup.run(rekey_vdisk(setup.pool, setup.vdisk, setup.opener, new_key,
+                                       delete_old=values["delete_old"],
+                                       dry_run=values["dry_run"]))
     except (RekeyError, DecodeError) as exc:
         click.echo(f"error: {exc}", err=True)
         raise SystemExit(EXIT_FAILED) from None

@@ -12,7 +12,7 @@ import click
 
 from tlog.read.repair import RepairReport, repair_vdisk
 
-from .options import fail_with, read_options, read_setup, run_async
+from .options import fail_with, read_options, read_setup
 
 
 def _summary(vdisk: str, report: RepairReport, addresses: list[str]) -> str:
@@ -54,15 +54,8 @@ def repair_command(ctx: click.Context, **values: Any) -> None:
     """
     setup = read_setup(ctx, values)
     addresses = [s.address for s in setup.pool.servers]
-
-    async def run() -> RepairReport:
-        try:
-            return await repair_vdisk(setup.pool, setup.vdisk, setup.opener,
-                                      scan=values["scan"], dry_run=values["dry_run"])
-        finally:
-            await setup.factory.close()
-
-    report = run_async(run())
+    report = setup.run(repair_vdisk(setup.pool, setup.vdisk, setup.opener,
+                                    scan=values["scan"], dry_run=values["dry_run"]))
     for problem in report.problems:
         click.echo(f"error: {problem}", err=True)
     click.echo(_summary(setup.vdisk, report, addresses))

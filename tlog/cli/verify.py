@@ -7,9 +7,9 @@ from typing import Any
 
 import click
 
-from tlog.read.verify import VerifyReport, verify_chain
+from tlog.read.verify import verify_chain
 
-from .options import EXIT_FAILED, read_options, read_setup, run_async
+from .options import EXIT_FAILED, read_options, read_setup
 
 
 @click.command("verify")
@@ -25,15 +25,8 @@ def verify_command(ctx: click.Context, **values: Any) -> None:
     warnings), 1 otherwise, naming the first bad aggregation.
     """
     setup = read_setup(ctx, values)
-
-    async def run() -> VerifyReport:
-        try:
-            return await verify_chain(setup.pool, setup.vdisk, setup.opener,
-                                      allow_gaps=values["allow_gaps"])
-        finally:
-            await setup.factory.close()
-
-    report = run_async(run())
+    report = setup.run(verify_chain(setup.pool, setup.vdisk, setup.opener,
+                                    allow_gaps=values["allow_gaps"]))
     for problem in report.problems:
         click.echo(str(problem), err=True)
     if report.errors:
