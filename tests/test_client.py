@@ -595,6 +595,35 @@ def test_force_flush_and_response_stream(mem_server: ServerProcess) -> None:
         tuple(range(25)), tuple(range(25, 30))]
 
 
+def test_a_callback_that_raises_does_not_stop_the_books(mem_server: ServerProcess,
+                                                        caplog: pytest.LogCaptureFixture
+                                                        ) -> None:
+    """on_response raising on every answer: the buffer is still freed by each FlushOK (a
+    buffer of 4 blocks takes 100 of them), waits end, and the error is logged."""
+    frame_size = len(encode_block(0, 0, 0, block_data(0)))
+    calls = 0
+
+    def broken(status: BlockStatus | int, sequences: Sequence[int]) -> None:
+        nonlocal calls
+        calls += 1
+        raise RuntimeError("a bug in the caller's callback")
+
+    async def scenario() -> tuple[int, int, int]:
+        async with TlogClient([mem_server.address], "raising-cb", on_response=broken,
+                              max_unflushed_bytes=4 * frame_size) as client:
+            async with asyncio.timeout(30):
+                for seq in range(100):
+                    await client.send(Operation.SET, seq, seq, 0, block_data(seq))
+                    client.force_flush_at(seq)
+                await client.wait_flushed(timeout=10)
+            return client.flushed_blocks, client.unflushed_bytes, client.callback_errors
+
+    flushed, unflushed, errors = run(scenario())
+    assert (flushed, unflushed) == (100, 0)
+    assert errors == calls and calls >= 100
+    assert [r for r in caplog.records if "on_response raised" in r.getMessage()]
+
+
 def test_change_servers_moves_to_the_new_list(mem_server: ServerProcess) -> None:
     other = ServerProcess("--memory-storage").start()
 

@@ -79,7 +79,7 @@ class TlogClient:
     be sent in increasing order (the server orders blocks by sequence and
     reconnects handshake from the lowest unflushed one). ``on_response`` is
     called in the loop with every server response ``(status, sequences)``;
-    it must be quick and must not raise.
+    it must be quick; what it raises is logged, not propagated.
 
     ``tls`` (an `ssl.SSLContext`, see `client_tls_context`) makes every connection
     TLS, checked against ``server_hostname`` (default: each address's host).
@@ -182,6 +182,8 @@ class TlogClient:
         self.reconnect_resends = 0
         self.reconnects = 0
         self.last_flushed: int | None = None
+        #: Times ``on_response`` raised (each logged, not propagated).
+        self.callback_errors = 0
 
     # -- facts --
     @property
@@ -668,11 +670,6 @@ class TlogClient:
                         future.set_exception(SlaveSyncError(
                             f"vdisk {self.vdisk_id}: {link.address} cannot sync the standby "
                             "(no standby, or not in step in time: see its log)"))
-            if callback is not None:
-                callback(status, seqs)
-            if self._subscribers:
-                for queue in self._subscribers:
-                    queue.put_nowait(event)
         if flushed:
             self._flush_failed_delay = self.reconnect_delay
             self.flushed_blocks += flushed
@@ -681,6 +678,28 @@ class TlogClient:
                 self._release()
             if self._flush_waiters:
                 self._check_flush_waiters()
+        # The user's side last: the client's own books are right whatever it does.
+        if self._subscribers:
+            for event in responses:
+                for queue in self._subscribers:
+                    queue.put_nowait(event)
+        if callback is not None:
+            for status, seqs in responses:
+                try:
+                    callback(status, seqs)
+                except Exception:
+                    self._callback_failed()
+
+    def _callback_failed(self) -> None:
+        """``on_response`` raised: logged (with its traceback the first time), not
+        propagated, so that one bad callback cannot stop the client's bookkeeping."""
+        self.callback_errors += 1
+        if self.callback_errors == 1:
+            log.exception("vdisk %s: on_response raised (logged once; the client goes on)",
+                          self.vdisk_id)
+        else:
+            log.debug("vdisk %s: on_response raised again (%d times)", self.vdisk_id,
+                      self.callback_errors, exc_info=True)
 
     def _tick(self) -> None:
         """The periodic check: resend blocks without RecvOK; give up on a silent server."""
