@@ -229,6 +229,58 @@ def test_a_hung_storage_server_neither_stalls_flushes_nor_piles_up_requests(
     assert verify(addresses).problems == []
 
 
+def test_a_vdisk_given_up_during_a_storage_round_keeps_the_byte_budget_right(
+        redis6: list[RedisProcess]) -> None:
+    """Ownership lost while a round is in flight: the vdisk releases its pending bytes at
+    once, the queued batches are dropped, and the round's own callback, should it still
+    come (the round completing before the flusher is stopped), releases nothing again
+    (the server's buffered bytes went negative) and answers nobody."""
+    addresses = [r.address for r in redis6]
+
+    async def scenario() -> None:
+        async with running_server(addresses, flush_size=10) as server:
+            client = await WireClient.connect(port_of(server), "given-up")
+            vdisk = server.vdisks["given-up"]
+            for r in redis6:
+                assert r.process is not None
+                os.kill(r.process.pid, signal.SIGSTOP)
+            try:
+                send(client, range(0, 10))  # one aggregation: its round hangs
+                await client.wait_for(lambda: len(client.responses(BlockStatus.RECV_OK))
+                                      == 10, "RecvOK of 10")
+                deadline = time.monotonic() + WAIT
+                while not vdisk.flusher._inflight:
+                    assert time.monotonic() < deadline, "no round started"
+                    await asyncio.sleep(0.01)
+                for seq in range(10, 25):  # more blocks, queued behind the round
+                    client.send(seq, data(seq))
+                client.write(ClientConnection.send_force_flush(24))
+                await client.wait_for(lambda: len(client.responses(BlockStatus.RECV_OK))
+                                      == 25, "RecvOK of 25")
+                assert server.budget.used == 25 * 4096
+                in_flight = list(vdisk.flusher._inflight)
+                server.ownership_lost("the ownership lease was lost (test)")
+                assert server.budget.used == 0 and vdisk.pending_bytes == 0
+                assert vdisk.flusher.queued_blocks == 0
+                vdisk.on_stored(in_flight)  # the round landing before the flusher stops
+                assert (server.budget.used, vdisk.pending_bytes) == (0, 0)
+            finally:
+                for r in redis6:
+                    assert r.process is not None
+                    os.kill(r.process.pid, signal.SIGCONT)
+            deadline = time.monotonic() + WAIT
+            while vdisk.flusher._task is not None:  # stopped by the server once retired
+                assert time.monotonic() < deadline, "the flusher was not stopped"
+                await asyncio.sleep(0.01)
+            await client.wait_closed()
+            assert (server.budget.used, vdisk.pending_bytes) == (0, 0)
+            assert client.flushed() == []
+
+    run(scenario())
+    # the round in flight may have landed (it cannot be called back); nothing after it did
+    assert run(stored_sequences(addresses, "given-up")) in ([], list(range(10)))
+
+
 def test_more_than_m_down_fails_flushes_and_everything_is_stored_once_back(
         redis_factory: RedisFactory) -> None:
     redis = redis_factory(6, appendonly="yes")  # the three stopped keep their data

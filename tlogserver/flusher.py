@@ -204,6 +204,15 @@ class Flusher:
         self._idle.clear()
         self._wake.set()
 
+    def discard(self) -> int:
+        """The vdisk was given up from outside (ownership lost): store nothing more. The
+        queued batches are dropped; a round already sent runs to its end, but nothing
+        starts after it. Returns the blocks dropped."""
+        dropped = self.queued_blocks
+        self.abandoned = True
+        self._queue.clear()
+        return dropped
+
     @property
     def idle(self) -> bool:
         """Nothing queued or being stored (already true inside the on_stored callback)."""
@@ -266,10 +275,18 @@ class Flusher:
             while self._queue or sealed:
                 try:
                     while self._queue and len(sealed) < MAX_ROUND:
-                        await self._seal(self._queue[0])
+                        batch = self._queue[0]
+                        await self._seal(batch)
+                        if not self._queue or self._queue[0] is not batch:
+                            break  # discarded while it was being sealed
                         sealed.append(self._queue.popleft())
+                    if not sealed:
+                        continue
                     await self._store(sealed)
                 except Exception as exc:  # storage down, or a bug: never lose the batches
+                    if self.abandoned:  # discarded: nothing is retried
+                        sealed.clear()
+                        break
                     if not isinstance(exc, StorageError):
                         self.log.exception("unexpected error while flushing")
                     self.failing = True
@@ -284,6 +301,9 @@ class Flusher:
                     except TimeoutError:
                         pass
                     delay = min(delay * 2, RETRY_MAX)
+                    if self.abandoned:  # discarded during the wait
+                        sealed.clear()
+                        break
                     reason = await self._why_give_up()
                     if reason is not None:
                         self._abandon(reason)

@@ -431,6 +431,10 @@ class Vdisk:
 
     # -- flusher callbacks --
     def on_stored(self, batches: list[Batch]) -> None:
+        if self.abandoned is not None:
+            # A round in flight when the vdisk was given up: its bytes were released then,
+            # and its clients are gone.
+            return
         for batch in batches:
             seqs = [b.sequence for b in batch.blocks]
             size = sum(len(b.data) for b in batch.blocks)
@@ -448,6 +452,8 @@ class Vdisk:
         self._maybe_retire()
 
     def on_failed(self, batches: list[Batch], exc: Exception) -> None:
+        if self.abandoned is not None:
+            return
         for batch in batches:
             if batch.epoch == self.epoch:
                 self._broadcast(_response(BlockStatus.FLUSH_FAILED,
@@ -500,6 +506,9 @@ class Vdisk:
         if self.retired:
             return
         self.abandoned = reason
+        # Nothing more is stored for it (a round already sent cannot be called back; its
+        # callbacks are ignored from now on).
+        dropped += self.flusher.discard()
         dropped += len(self.ready) + len(self.ahead)
         self.log.warning("vdisk closed: %s (%d unacknowledged block(s) dropped in all)",
                          reason, dropped)
