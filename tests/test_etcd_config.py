@@ -102,6 +102,10 @@ def test_config_from_etcd_with_watched_changes(etcd: EtcdProcess,  # noqa: F811
                    "the reload after the fixes")
         write(server, "vd5")  # the default cluster
         assert stored_in(redis6, "vd5") == [1]
+        # A clean stop: drained, exit 0, and no task left behind with an unseen error.
+        assert server.terminate() == 0
+        output = server.output(current_run=True)
+        assert "never retrieved" not in output and "Traceback" not in output, output
     finally:
         server.kill()
 

@@ -331,3 +331,40 @@ def test_storage_failure_answers_flush_failed_then_recovers(redis6: list[Any]) -
 
     run(scenario())
     assert [s for s, _, _ in chain_blocks(read_chain(addresses, "vd"))] == list(range(26))
+
+
+def test_background_tasks_are_kept_logged_and_awaited_at_stop(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The daemon's fire-and-forget tasks: a failure is logged under the task's name (not
+    "Task exception was never retrieved"), a stop waits for what is running and cancels
+    what outlives the wait."""
+    import logging
+
+    from tlogserver.tasks import BackgroundTasks
+
+    async def scenario() -> tuple[bool, bool]:
+        tasks = BackgroundTasks(logging.getLogger("tlogserver"))
+        finished = asyncio.Event()
+
+        async def fails() -> None:
+            raise RuntimeError("storage said no")
+
+        async def quick() -> None:
+            await asyncio.sleep(0.01)
+            finished.set()
+
+        async def hangs() -> None:
+            await asyncio.Event().wait()
+
+        tasks.start(fails(), "releasing the ownership of vd")
+        tasks.start(quick(), "stopping the flusher of vd")
+        hung = tasks.start(hangs(), "handshake of conn#1")
+        assert len(tasks) == 3
+        await tasks.close(0.2)
+        return finished.is_set(), hung.cancelled()
+
+    finished, cancelled = run(scenario())
+    assert finished and cancelled
+    failed = [r for r in caplog.records if "releasing the ownership of vd failed" in
+              r.getMessage()]
+    assert failed and failed[0].exc_info is not None

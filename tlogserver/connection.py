@@ -34,6 +34,7 @@ from .config import (
 from .logs import ContextLogger
 from .ownership import NotOwner
 from .stats import ServerStats
+from .tasks import BackgroundTasks
 from .vdisk import HandshakeResult, StoredWritesReader, Vdisk
 
 log = logging.getLogger("tlogserver")
@@ -63,6 +64,7 @@ class ConnectionHost(Protocol):
     stats: ServerStats
     access: AccessPolicy
     connections: set[TlogConnection]
+    tasks: BackgroundTasks  # the handshakes and WaitNbdSlaveSync waits run here
 
     def note_refused(self, name: str) -> None: ...
 
@@ -225,7 +227,7 @@ class TlogConnection(asyncio.BufferedProtocol):
                 blocks -= len(events) - i  # the rest is handled after the handshake
                 self._backlog = list(events[i + 1:])
                 self._pause("handshake")
-                asyncio.get_running_loop().create_task(self._handshake(event))
+                self.server.tasks.start(self._handshake(event), f"handshake of {self.name}")
                 break
             elif isinstance(event, ForceFlush):
                 assert vdisk is not None
@@ -247,8 +249,8 @@ class TlogConnection(asyncio.BufferedProtocol):
                 else:
                     self._slave_waits += 1
                     if self._slave_task is None:
-                        self._slave_task = asyncio.get_running_loop().create_task(
-                            self._wait_slave_sync(vdisk))
+                        self._slave_task = self.server.tasks.start(
+                            self._wait_slave_sync(vdisk), f"WaitNbdSlaveSync of {self.name}")
         self.stats.received_blocks += blocks
         self._unflushed += len(events)
         if out:

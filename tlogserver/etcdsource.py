@@ -205,30 +205,42 @@ class EtcdSource:
     async def _follow(self, watch: Any, apply: Callable[[dict[str, Any]], None]) -> None:
         events = watch.__aiter__()
         waiter: asyncio.Future[Any] | None = None
-        while True:
-            if waiter is None:
-                waiter = asyncio.ensure_future(events.__anext__())
-            woken = asyncio.ensure_future(self._wake.wait())
-            try:
-                await asyncio.wait({waiter, woken}, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                woken.cancel()
-            if waiter.done():
-                waiter.result()  # raises when the stream broke
-                waiter = None
-                await asyncio.sleep(SETTLE)  # a burst of changes: one reload
-            self._wake.clear()
-            try:
-                data = await self.load()
-            except ConfigError as exc:
-                if "unreachable" in str(exc):
-                    raise
-                log.error("config reload rejected, keeping the running config: %s", exc)
-                continue
-            apply(data)
+        try:
+            while True:
+                if waiter is None:
+                    waiter = asyncio.ensure_future(events.__anext__())
+                woken = asyncio.ensure_future(self._wake.wait())
+                try:
+                    await asyncio.wait({waiter, woken}, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    woken.cancel()
+                if waiter.done():
+                    waiter.result()  # raises when the stream broke
+                    waiter = None
+                    await asyncio.sleep(SETTLE)  # a burst of changes: one reload
+                self._wake.clear()
+                try:
+                    data = await self.load()
+                except ConfigError as exc:
+                    if "unreachable" in str(exc):
+                        raise
+                    log.error("config reload rejected, keeping the running config: %s", exc)
+                    continue
+                apply(data)
+        finally:
+            # Left while the next event is awaited (a stop, a broken stream): that read
+            # ends when the watch is dropped, and its outcome is of no interest.
+            if waiter is not None:
+                waiter.cancel()
+                waiter.add_done_callback(_ignore_outcome)
 
     async def close(self) -> None:
         await self._drop()
+
+
+def _ignore_outcome(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 def load_at_start(url: EtcdUrl) -> dict[str, Any]:

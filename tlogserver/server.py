@@ -49,7 +49,7 @@ from .ownership import Ownership
 from .retention import RetentionKeeper, standby_holds
 from .slavesync import SlaveSyncer, start_syncers, stop_syncers
 from .stats import ServerStats
-from .tasks import cancel_and_wait
+from .tasks import BackgroundTasks, cancel_and_wait
 from .vdisk import BufferBudget, StoredWritesReader, Vdisk
 
 log = logging.getLogger("tlogserver")
@@ -58,6 +58,9 @@ READY_CACHE_SECONDS = 1.0
 PING_TIMEOUT = 2.0
 #: Seconds a shutdown waits for the standbys to apply what was stored.
 SLAVE_STOP_WAIT = 5.0
+#: Seconds a shutdown waits for the background tasks still running (handshakes, flusher
+#: stops, lease releases) before it cancels them.
+TASKS_STOP_WAIT = 5.0
 
 
 class TlogServer:
@@ -100,6 +103,8 @@ class TlogServer:
         self.budget = BufferBudget(config.max_server_buffered_bytes)
         self._refused_logged = 0.0  # loop time of the last "connection refused" log line
         self._refused_quiet = 0  # refusals since then, not logged one by one
+        #: Handshakes, flusher stops, lease releases: awaited by `shutdown`.
+        self.tasks = BackgroundTasks(log)
 
     @property
     def sockets(self) -> list[Any]:
@@ -342,9 +347,10 @@ class TlogServer:
     def _retire(self, vdisk: Vdisk) -> None:
         if self.vdisks.get(vdisk.id) is vdisk:
             del self.vdisks[vdisk.id]
-        asyncio.get_running_loop().create_task(vdisk.flusher.stop())
+        self.tasks.start(vdisk.flusher.stop(), f"stopping the flusher of {vdisk.id}")
         if self.ownership is not None and not self._stopping.is_set():
-            asyncio.get_running_loop().create_task(self.ownership.release(vdisk.id))
+            self.tasks.start(self.ownership.release(vdisk.id),
+                             f"releasing the ownership of {vdisk.id}")
         log.debug("idle, released", extra={"vdisk": vdisk.id})
 
     async def serve_forever(self) -> None:
@@ -376,6 +382,7 @@ class TlogServer:
             conn.close("server shutting down")
         for vdisk in vdisks:
             await vdisk.flusher.stop()
+        await self.tasks.close(TASKS_STOP_WAIT)
         await stop_syncers(list(self.syncers.values()), SLAVE_STOP_WAIT)
         await self.keeper.stop()
         if self.ownership is not None:
