@@ -311,3 +311,30 @@ def test_gf_inverse_and_field_laws() -> None:
         gf_inv(0)
     with pytest.raises(ValueError):
         gf_mul(256, 1)
+
+
+def test_a_failing_pyeclib_encode_falls_back_counted_and_logged_once(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """pyeclib raising on an encode: the numpy coder gives the same pieces, every such
+    encode is counted (tlogserver exposes it as a metric), and only the first is logged."""
+    from tlog.record import erasure
+
+    class Broken:
+        def encode(self, payload: bytes) -> list[bytes]:
+            raise RuntimeError("liberasurecode: out of memory")
+
+    coder = ErasureCoder(4, 2)
+    reference = ErasureCoder(4, 2, use_pyeclib=False)
+    coder._driver = Broken()
+    before = erasure.fallback_encodes()
+    caplog.set_level("WARNING", logger="tlog.record.erasure")
+    erasure._fallbacks = 0  # as in a fresh process: the first one is logged
+    try:
+        for size in (1, 4096, 100_000):
+            record = bytes(range(256)) * (size // 256) + b"x" * (size % 256)
+            assert coder.encode(record) == reference.encode(record)
+        assert erasure.fallback_encodes() == 3
+    finally:
+        erasure._fallbacks += before
+    logged = [r for r in caplog.records if "pyeclib failed" in r.getMessage()]
+    assert len(logged) == 1 and "out of memory" in logged[0].getMessage()

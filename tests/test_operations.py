@@ -137,6 +137,7 @@ def test_metrics_count_blocks_and_the_histograms_move(redis6: list[Any]) -> None
             assert value(mid, "tlog_aggregations_stored_total") == 4
             assert value(mid, "tlog_flushed_bytes_total") > 0
             assert value(mid, "tlog_flush_failed_blocks_total") == 0
+            assert value(mid, "tlog_erasure_fallback_encodes_total") == 0
             assert value(mid, "tlog_connections") == 1
             assert value(mid, "tlog_vdisks_open") == 1
             assert value(mid, "tlog_vdisk_clients", vdisk="vd") == 1

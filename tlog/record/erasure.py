@@ -14,6 +14,7 @@ and cut into ``k`` equal data pieces, followed by ``m`` parity pieces.
 from __future__ import annotations
 
 import itertools
+import logging
 import struct
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -21,7 +22,9 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["ErasureCoder", "ErasureError", "gf_inv", "gf_mul"]
+__all__ = ["ErasureCoder", "ErasureError", "fallback_encodes", "gf_inv", "gf_mul"]
+
+log = logging.getLogger(__name__)
 
 _POLY = 0x11D
 _PREFIX = struct.Struct("<Q")
@@ -29,6 +32,34 @@ _PYECLIB_HEADER = 80  # liberasurecode's fragment header in front of every pyecl
 _PLAN_CACHE_SIZE = 64
 
 U8Array = npt.NDArray[np.uint8]
+
+#: Encodes (process-wide) that pyeclib failed and numpy did instead; the first one is logged.
+_fallbacks = 0
+
+
+def fallback_encodes() -> int:
+    """How many encodes in this process fell back from pyeclib to the numpy coder (a metric:
+    the bytes are the same, the CPU cost about 8 times higher)."""
+    return _fallbacks
+
+
+_driver_missing_logged = False
+
+
+def _no_driver(reason: str) -> None:
+    global _driver_missing_logged
+    if not _driver_missing_logged:
+        _driver_missing_logged = True
+        log.warning("erasure coding: pyeclib's ISA-L backend is not usable (%s): the numpy "
+                    "coder encodes instead (same pieces, about 8 times the CPU)", reason)
+
+
+def _fell_back(reason: str) -> None:
+    global _fallbacks
+    _fallbacks += 1
+    if _fallbacks == 1:
+        log.warning("erasure coding: pyeclib failed (%s); this encode and any later one that "
+                    "fails again use the numpy coder (same pieces, slower)", reason)
 
 
 def _build_tables() -> tuple[list[int], list[int], U8Array, list[int]]:
@@ -200,13 +231,15 @@ class ErasureCoder:
             driver = ECDriver(k=self.k, m=self.m, ec_type="isa_l_rs_cauchy")
             sample = bytes((i * 37 + 11) & 0xFF for i in range(self.k * 64))
             fragments = driver.encode(sample)
-        except Exception:
-            return None
-        if len(fragments) != self.n:
+        except Exception as exc:
+            _no_driver(f"{type(exc).__name__}: {exc}")
             return None
         expected = self._encode_numpy(sample)
         got = [bytes(f[_PYECLIB_HEADER:]) for f in fragments]
-        return driver if got == expected else None
+        if got != expected:
+            _no_driver("its pieces differ from the reference code's")
+            return None
+        return driver
 
     def _encode_numpy(self, payload: bytes) -> list[bytes]:
         """Encode a payload whose length is a multiple of k with the pure numpy code path."""
@@ -234,14 +267,13 @@ class ErasureCoder:
         if self._driver is not None:
             try:
                 fragments = self._driver.encode(payload)
-            except Exception:
-                fragments = None
-            if (
-                fragments is not None
-                and len(fragments) == self.n
-                and all(len(f) == _PYECLIB_HEADER + size for f in fragments)
-            ):
-                return [memoryview(f)[_PYECLIB_HEADER:] for f in fragments]
+            except Exception as exc:
+                _fell_back(f"{type(exc).__name__}: {exc}")
+            else:
+                if len(fragments) == self.n and all(
+                        len(f) == _PYECLIB_HEADER + size for f in fragments):
+                    return [memoryview(f)[_PYECLIB_HEADER:] for f in fragments]
+                _fell_back(f"{len(fragments)} fragments of unexpected sizes")
         return list(self._encode_numpy(payload))
 
     # ---------------------------------------------------------------- decoding
