@@ -36,8 +36,8 @@ SIZE = 16 * 1024 * 1024
 class NbdServer:
     """`tlog nbd` in a subprocess on a unix socket; its stderr collected line by line."""
 
-    def __init__(self, tmp_path: Path, *args: str) -> None:
-        self.socket = str(tmp_path / f"nbd-{time.monotonic_ns()}.sock")
+    def __init__(self, tmp_path: Path, *args: str, socket_path: str | None = None) -> None:
+        self.socket = socket_path or str(tmp_path / f"nbd-{time.monotonic_ns()}.sock")
         self.uri = f"nbd+unix:///?socket={self.socket}"
         env = {k: v for k, v in os.environ.items() if not k.startswith("TLOG_")}
         self.process = subprocess.Popen(
@@ -182,13 +182,25 @@ def test_nbd_clients_write_and_the_restore_equals_the_served_image(
 
 def test_starting_again_continues_the_log(redis6: list[RedisProcess], tmp_path: Path) -> None:
     image = tmp_path / "served.img"
+    sock = str(tmp_path / "again.sock")  # the same socket each time: nbdkit leaves it behind
     with start_tlogserver(redis6, KEY) as server:
         for round_, pattern in enumerate(("0x11", "0x22")):
-            with NbdServer(tmp_path, *nbd_args(server, "again", image, "--size", "16M")) as nbd:
+            with NbdServer(tmp_path, *nbd_args(server, "again", image, "--size", "16M"),
+                           socket_path=sock) as nbd:
                 line = nbd.wait_for("serving vdisk")
                 assert ("from sequence 0" in line) == (round_ == 0), line
                 qemu_io(nbd.uri, f"write -P {pattern} {round_ * 4096} 40000", "flush")
+                if round_ == 0:  # a second tlog nbd on a socket in use: refused, one line
+                    proc = subprocess.run(
+                        [sys.executable, "-c", "from tlog.cli import main; main()", "nbd",
+                         "--socket", sock, *nbd_args(server, "other", tmp_path / "o.img",
+                                                     "--size", "1M")],
+                        capture_output=True, text=True, timeout=WAIT)
+                    assert proc.returncode == 1 and proc.stderr.strip().splitlines() == [
+                        f"Error: --socket {sock}: something is listening on it already "
+                        "(another tlog nbd?)"], proc.stderr
                 assert nbd.stop() == 0
+            assert os.path.exists(sock)  # left behind: the next start removes it
     served = image.read_bytes()
     assert restore(redis6, "again", tmp_path / "restored.img") == served
     verify = tlog_cli("verify", *read_args(redis6, "again"))

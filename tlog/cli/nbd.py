@@ -7,8 +7,11 @@ settings; SIGTERM or SIGINT then stop nbdkit, which flushes the log before it ex
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import socket
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -66,6 +69,33 @@ def plugin_environment() -> dict[str, str]:
     env = dict(os.environ)
     env["TLOG_NBD_PATH"] = os.pathsep.join(plugin_path())
     return env
+
+
+def claim_socket(path: str) -> None:
+    """Make ``path`` free for nbdkit's unix socket: a socket left behind by an earlier run
+    (nbdkit leaves it, even after a clean stop; a kill -9 certainly does) that nothing
+    listens on is removed. Raises `click.ClickException` when something listens on it, or
+    when it is not a socket."""
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(info.st_mode):
+        raise click.ClickException(f"--socket {path}: it exists and is not a socket")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(5)
+        try:
+            probe.connect(path)
+        except (ConnectionRefusedError, FileNotFoundError):
+            pass  # nobody there: left behind
+        except OSError as exc:
+            raise click.ClickException(f"--socket {path}: cannot tell whether it is in use "
+                                       f"({exc.strerror or exc})") from None
+        else:
+            raise click.ClickException(f"--socket {path}: something is listening on it "
+                                       "already (another tlog nbd?)")
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
 
 
 def _check_nbdkit() -> str:
@@ -149,6 +179,8 @@ def nbd_command(socket_path: str | None, listen: str | None, verbose: bool, thre
     except (SettingsError, ValueError) as exc:
         raise click.UsageError(str(exc)) from None
     nbdkit = _check_nbdkit()
+    if socket_path is not None:
+        claim_socket(socket_path)
     argv = nbdkit_argv(settings, socket=socket_path, listen=listen, verbose=verbose,
                        nbdkit=nbdkit, threads=threads)
     if verbose:
