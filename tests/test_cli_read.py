@@ -349,11 +349,18 @@ def test_inspect_text_lines(redis6: list[RedisProcess]) -> None:
 
 def test_empty_vdisk_and_usage_errors(redis6: list[RedisProcess], tmp_path: Path) -> None:
     args = read_args(redis6, "nothing-here")
-    proc = tlog_cli("restore", *args, "-o", str(tmp_path / "x.img"), check=False)
-    assert proc.returncode == 1 and "no aggregations" in proc.stderr
-    proc = tlog_cli("verify", *args, check=False)
-    assert proc.returncode == 1
-    assert tlog_cli("inspect", *args).stdout == ""
+    # A vdisk without a log (a typo, other storage) is an error naming it, in every command.
+    for command in (["restore", "-o", str(tmp_path / "x.img")], ["inspect"], ["verify"],
+                    ["compact", "--keep-sequences", "5"], ["pin", "--name", "p"], ["repair"],
+                    ["rekey"]):
+        proc = tlog_cli(*command, *args, check=False)
+        assert proc.returncode == 1, (command, proc)
+        assert proc.stdout == "" and proc.stderr.strip().splitlines()[-1].endswith(
+            "vdisk nothing-here: no log: nothing is stored for it on these storage servers "
+            "(check the vdisk id and the storage addresses)"), (command, proc.stderr)
+    proc = tlog_cli("compact", *args, check=False)
+    assert proc.returncode == 2 and ("say what to keep: --keep-since, --keep-sequences or "
+                                     "--keep-bytes") in proc.stderr, proc.stderr
     addresses = ",".join(s.address for s in redis6)
     for bad, message in [
         (["--vdisk", "v", "--storage-addresses", addresses, "-o", "x"], "no key"),

@@ -453,6 +453,11 @@ def test_a_pinned_point_survives_compaction(compactable: tuple[list[RedisProcess
     refused = cli_restore(servers, tmp_path / "no.img", "--end-sequence", "1234", check=False)
     assert "before the retained log" in refused.stderr
     assert "oldest restorable point is sequence 2099" in refused.stderr
+    late = tlog_cli("pin", *args, "--name", "too-late", "--sequence", "1234", check=False)
+    assert late.returncode == 1 and late.stderr.startswith(
+        "error: vdisk vd1: cannot pin sequence 1234: it was compacted away (it is before the "
+        "retained log); the oldest point left is sequence 2099 ("), late.stderr
+    assert "roll back" not in late.stderr
     tlog_cli("unpin", *args, "--name", "by-time")
     compact(servers, "--keep-sequences", "100")
     assert restore_image(servers, tmp_path / "img") == image_of(blocks)

@@ -8,6 +8,7 @@ from typing import Any
 import click
 
 from tlog.read.fetch import DecodeError
+from tlog.read.head import NoLog
 from tlog.record.aggregation import V2Writer
 from tlog.retention import CompactionError, Compactor, RetentionPolicy, parse_duration, parse_size
 
@@ -15,11 +16,13 @@ from .options import fail_with, read_options, read_setup, run_async
 
 
 def _policy(values: dict[str, Any]) -> RetentionPolicy:
+    since, sequences, size = values["keep_since"], values["keep_sequences"], values["keep_bytes"]
+    if since is None and sequences is None and size is None:
+        raise click.UsageError("say what to keep: --keep-since, --keep-sequences or "
+                               "--keep-bytes (or several)")
     try:
-        return RetentionPolicy(
-            None if values["keep_since"] is None else parse_duration(values["keep_since"]),
-            values["keep_sequences"],
-            None if values["keep_bytes"] is None else parse_size(values["keep_bytes"]))
+        return RetentionPolicy(None if since is None else parse_duration(since), sequences,
+                               None if size is None else parse_size(size))
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
 
@@ -80,6 +83,8 @@ def compact_command(ctx: click.Context, **values: Any) -> None:
             await setup.factory.close()
         if bar:
             bar.pop().__exit__(None, None, None)
+        if not plan.records and not plan.kept and plan.base is None:
+            raise NoLog(setup.vdisk)
         if values["dry_run"]:
             return "dry run: " + plan.describe()
         return summary.line()

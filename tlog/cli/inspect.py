@@ -9,6 +9,7 @@ import click
 
 from tlog.read.chain import ChainReader
 from tlog.read.fetch import DecodeError
+from tlog.read.head import NoLog
 from tlog.record.aggregation import describe
 
 from .options import fail_with, read_options, read_setup, run_async
@@ -62,4 +63,4 @@ def inspect_command(ctx: click.Context, **values: Any) -> None:
         fail_with(str(exc))
         return
     if count == 0:
-        click.echo(f"vdisk {setup.vdisk}: no aggregations stored", err=True)
+        fail_with(str(NoLog(setup.vdisk)))

@@ -20,7 +20,9 @@ from typing import Any
 import click
 
 from tlog.client import parse_address
-from tlog.nbd.settings import NbdSettings, SettingsError, parse_size
+from tlog.nbd.settings import NbdSettings, SettingsError
+
+from .options import SIZE
 
 PLUGIN = Path(__file__).resolve().parents[1] / "nbd" / "plugin.py"
 #: nbdkit worker threads per NBD connection. Writes are logged one at a time (in log
@@ -117,9 +119,9 @@ def _check_nbdkit() -> str:
               help="tlogserver to log the writes to (repeat for failover, in order).")
 @click.option("--image", default="", metavar="FILE",
               help="The image file holding the blocks (file backend); created if missing.")
-@click.option("--size", default="0", metavar="BYTES",
-              help="The vdisk's size (64M, 10G, ...): a new or shorter image is extended to "
-                   "it. Default: the image's size.")
+@click.option("--size", type=SIZE, default=0, metavar="SIZE",
+              help="The vdisk's size (bytes, or 64M, 10G, 1T): a new or shorter image is "
+                   "extended to it. Default: the image's size.")
 @click.option("--block-size", type=int, default=4096, show_default=True,
               help="The vdisk's block size: the unit of the log.")
 @click.option("--socket", "socket_path", default=None, metavar="PATH",
@@ -161,7 +163,7 @@ def _check_nbdkit() -> str:
 @click.option("--verbose", is_flag=True,
               help="Print the nbdkit command, and nbdkit's debug output.")
 def nbd_command(socket_path: str | None, listen: str | None, verbose: bool, threads: int,
-                servers: tuple[str, ...], size: str, **values: Any) -> None:
+                servers: tuple[str, ...], size: int, **values: Any) -> None:
     """Serve a vdisk over NBD (nbdkit in the foreground), logging every write.
 
     Writes are logged before they reach the image; FLUSH and FUA wait until the tlog
@@ -172,7 +174,7 @@ def nbd_command(socket_path: str | None, listen: str | None, verbose: bool, thre
         raise click.UsageError("give exactly one of --socket PATH and --listen HOST:PORT")
     settings = NbdSettings(servers=list(servers), **values)
     try:
-        settings.size = parse_size(size)
+        settings.size = size
         settings.check()
         if listen is not None:
             parse_address(listen)

@@ -8,8 +8,9 @@ from typing import Any
 import click
 
 from tlog.read.chain import ChainReader
-from tlog.read.checkpoints import describe_time
+from tlog.read.checkpoints import RetentionError, describe_time
 from tlog.read.fetch import DecodeError
+from tlog.read.head import NoLog
 from tlog.read.limiter import Limiter
 from tlog.retention import Pin, PinError, add_pin, read_pins, remove_pin
 from tlog.retention.lock import CompactionBusy, CompactionLock
@@ -25,6 +26,18 @@ async def resolve_point(setup: ReadSetup, sequence: int | None, epoch: int | Non
     """(epoch, sequence, timestamp) of a point of the log, checked to be restorable:
     the head by default, a sequence (of the current epoch unless given) or the last write
     at or before a timestamp."""
+    try:
+        return await _resolve_point(setup, sequence, epoch, timestamp)
+    except RetentionError as exc:  # the point was compacted away
+        what = exc.wanted.removeprefix("end ") or "that point"
+        oldest = (f"; the oldest point left is {exc.oldest.describe()}"
+                  if exc.oldest is not None else "")
+        raise PinError(f"vdisk {setup.vdisk}: cannot pin {what}: it was compacted away (it "
+                       f"is before the retained log){oldest}") from None
+
+
+async def _resolve_point(setup: ReadSetup, sequence: int | None, epoch: int | None,
+                         timestamp: int | None) -> tuple[int, int, int]:
     if timestamp is not None:
         reader = ChainReader(setup.pool, setup.vdisk, setup.opener, Limiter(end_ts=timestamp))
         best: tuple[int, int, int] | None = None
@@ -45,9 +58,9 @@ async def resolve_point(setup: ReadSetup, sequence: int | None, epoch: int | Non
         return best
     reader = ChainReader(setup.pool, setup.vdisk, setup.opener,
                          Limiter(end_seq=sequence or 0, epoch=epoch), cache_bytes=0)
-    links = await reader.walk()  # RetentionError when the point was compacted away
+    links = await reader.walk()
     if not links:
-        raise PinError(f"vdisk {setup.vdisk}: no aggregations stored")
+        raise NoLog(setup.vdisk)
     head = links[-1]
     if sequence is None:
         return head.epoch, head.last_sequence, head.timestamp

@@ -10,6 +10,7 @@ from typing import Any
 
 import click
 
+from tlog.read.head import NoLog
 from tlog.read.repair import RepairReport, repair_vdisk
 
 from .options import fail_with, read_options, read_setup
@@ -56,6 +57,8 @@ def repair_command(ctx: click.Context, **values: Any) -> None:
     addresses = [s.address for s in setup.pool.servers]
     report = setup.run(repair_vdisk(setup.pool, setup.vdisk, setup.opener,
                                     scan=values["scan"], dry_run=values["dry_run"]))
+    if report.aggregations == 0 and not report.unreachable and not report.problems:
+        fail_with(str(NoLog(setup.vdisk)))
     for problem in report.problems:
         click.echo(f"error: {problem}", err=True)
     click.echo(_summary(setup.vdisk, report, addresses))

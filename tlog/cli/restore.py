@@ -11,6 +11,7 @@ import click
 from tlog.allocator import tune_allocator
 from tlog.read.chain import ChainReader
 from tlog.read.fetch import DecodeError
+from tlog.read.head import NoLog
 from tlog.read.limiter import Limiter
 from tlog.read.links import ChainItem
 from tlog.read.player import (
@@ -29,6 +30,7 @@ from tlog.storage import (
 )
 
 from .options import (
+    SIZE,
     fail_with,
     limit_options,
     limiter_from,
@@ -116,8 +118,9 @@ def _summary(vdisk: str, result: PlayResult, target: str, reader: ChainReader) -
 @click.option("--keep-existing", is_flag=True,
               help="Apply onto the image's current content instead of starting empty (to "
                    "replay a later range onto an earlier restore).")
-@click.option("--size", type=click.IntRange(min=0), default=0,
-              help="Make the image at least this many bytes (the vdisk size).")
+@click.option("--size", type=SIZE, default=0, metavar="SIZE",
+              help="Make the image at least this big: the vdisk's size (bytes, or 64M, "
+                   "10G, 1T).")
 @click.option("--sync", is_flag=True, help="fsync the image before exiting.")
 @click.option("--progress/--no-progress", default=None,
               help="Show a progress bar (default: when stderr is a terminal).")
@@ -179,7 +182,7 @@ def restore_command(ctx: click.Context, **values: Any) -> None:
         try:
             links = await reader.walk()
             if not links:
-                raise DecodeError(f"vdisk {setup.vdisk}: no aggregations stored")
+                raise NoLog(setup.vdisk)
             progress.start(reader.total_blocks)
             player = Player(storage, on_item=progress.item)
             try:

@@ -7,9 +7,10 @@ from typing import Any
 
 import click
 
+from tlog.read.head import NoLog
 from tlog.read.verify import verify_chain
 
-from .options import EXIT_FAILED, read_options, read_setup
+from .options import EXIT_FAILED, fail_with, read_options, read_setup
 
 
 @click.command("verify")
@@ -36,8 +37,7 @@ def verify_command(ctx: click.Context, **values: Any) -> None:
                    f"{first.message}")
         sys.exit(EXIT_FAILED)
     if report.aggregations == 0 and report.checkpoint is None:
-        click.echo(f"vdisk {setup.vdisk}: no aggregations stored")
-        sys.exit(EXIT_FAILED)
+        fail_with(str(NoLog(setup.vdisk)))
     warnings = f", {len(report.warnings)} warnings" if report.warnings else ""
     epochs = ""
     if len(report.epochs) > 1 or (report.epochs and report.epochs[0][0]):

@@ -5,11 +5,11 @@ which receives the same settings as nbdkit ``key=value`` arguments."""
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass, field
 
 from tlog.client import ThreadedClient, parse_address, security_options
 from tlog.storage import ServerAddress
+from tlog.units import parse_size
 
 from .backend import Backend, BackendError, FileBackend, RedisBackend
 from .disk import (
@@ -19,20 +19,9 @@ from .disk import (
     LoggedDisk,
 )
 
-_SIZE = re.compile(r"^(\d+)([KMGT]?)(i?B)?$", re.IGNORECASE)
-_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-
 
 class SettingsError(ValueError):
     """A setting that cannot work, with the key named."""
-
-
-def parse_size(text: str) -> int:
-    """Bytes, or with a K/M/G/T suffix (powers of 1024): ``64M``, ``10GiB``."""
-    match = _SIZE.match(text.strip())
-    if not match:
-        raise SettingsError(f"size: {text!r} is not a number of bytes (e.g. 1073741824, 64M)")
-    return int(match.group(1)) * _UNITS[match.group(2).upper()]
 
 
 @dataclass
@@ -68,7 +57,10 @@ class NbdSettings:
             if name == "server":
                 self.servers.append(value)
             elif name in ("size",):
-                self.size = parse_size(value)
+                try:
+                    self.size = parse_size(value)
+                except ValueError as exc:
+                    raise SettingsError(f"size: {exc}") from None
             elif name == "block_size":
                 self.block_size = int(value)
             elif name in ("write_timeout", "flush_timeout", "connect_timeout",

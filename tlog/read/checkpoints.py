@@ -25,7 +25,14 @@ log = logging.getLogger(__name__)
 
 
 class RetentionError(DecodeError):
-    """A read asked for a point older than what the log still holds (compacted away)."""
+    """A read asked for a point older than what the log still holds (compacted away):
+    ``wanted`` names the point asked for, ``oldest`` the oldest one left."""
+
+    def __init__(self, message: str, key: bytes | None = None, *, wanted: str = "",
+                 oldest: CheckpointRef | None = None) -> None:
+        super().__init__(message, key)
+        self.wanted = wanted
+        self.oldest = oldest
 
 
 def describe_time(ns: int) -> str:
@@ -132,7 +139,7 @@ def before_window(vdisk_id: str, limiter: Limiter, oldest: CheckpointRef,
               if limiter.start_seq or limiter.start_ts else "roll back to it or later")
     return RetentionError(f"vdisk {vdisk_id}: {what} is before the retained log (compacted): "
                           f"the oldest restorable point is {oldest.describe()}; {advice}",
-                          cause.key)
+                          cause.key, wanted=what, oldest=oldest)
 
 
 def check_part(link: ChainLink, nxt: ChainLink, base: CheckpointRef | None) -> None:

@@ -19,6 +19,15 @@ from .fetch import DecodeError, Fetched, PieceReader, TooFewPieces, open_checked
 log = logging.getLogger(__name__)
 
 
+class NoLog(DecodeError):
+    """The vdisk has no log at all: every read command says so in these words, and fails
+    (a mistyped vdisk id or storage address must not look like an empty disk)."""
+
+    def __init__(self, vdisk_id: str) -> None:
+        super().__init__(f"vdisk {vdisk_id}: no log: nothing is stored for it on these storage "
+                         "servers (check the vdisk id and the storage addresses)")
+
+
 async def _last_hashes(pool: StoragePool, vdisk_id: str) -> list[list[bytes] | None]:
     async def one(index: int) -> list[bytes] | None:
         try:

@@ -39,6 +39,7 @@ from tlog.record.erasure import ErasureCoder
 from tlog.storage import LAST_HASH_KEEP, StorageError, StoragePool, last_hash_key
 
 from .chain import ChainReader
+from .head import NoLog
 
 __all__ = ["RekeyError", "RekeyReport", "rekey_vdisk"]
 
@@ -156,7 +157,7 @@ async def rekey_vdisk(pool: StoragePool, vdisk_id: str, opener: RecordOpener, ne
     if batch:
         await _store(pool, coder, batch)
     if report.aggregations == 0:
-        raise RekeyError(f"vdisk {vdisk_id}: no aggregations stored")
+        raise NoLog(vdisk_id)
     report.head = None if dry_run and rewriting else prev
     if dry_run:
         report.seconds = time.perf_counter() - started

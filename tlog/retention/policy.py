@@ -2,47 +2,18 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from tlog import units
 from tlog.read.links import ChainLink
-
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$", re.IGNORECASE)
-_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?)b?\s*$", re.IGNORECASE)
-_POWERS = {"": 0, "k": 1, "m": 2, "g": 3, "t": 4}
-
-
-def parse_duration(text: str | int | float) -> float:
-    """Seconds in ``"90s"``, ``"15m"``, ``"2h"``, ``"7d"``, ``"1w"`` or a plain number."""
-    if isinstance(text, bool):
-        raise ValueError(f"not a duration: {text!r}")
-    if isinstance(text, int | float):
-        seconds = float(text)
-    else:
-        found = _DURATION.match(str(text))
-        if found is None:
-            raise ValueError(f"not a duration: {text!r} (examples: 90s, 15m, 2h, 7d, 1w)")
-        seconds = float(found.group(1)) * _SECONDS[found.group(2).lower()]
-    if seconds <= 0:
-        raise ValueError(f"a duration must be more than 0, got {text!r}")
-    return seconds
+from tlog.units import parse_duration
 
 
 def parse_size(text: str | int) -> int:
-    """Bytes in ``"500MB"`` (10^6), ``"10GiB"`` (2^30), ``"4096"``..."""
-    if isinstance(text, bool):
-        raise ValueError(f"not a size: {text!r}")
-    if isinstance(text, int):
-        size = text
-    else:
-        found = _SIZE.match(str(text))
-        if found is None:
-            raise ValueError(f"not a size: {text!r} (examples: 4096, 500MB, 10GiB)")
-        base = 1024 if found.group(3) else 1000
-        size = int(float(found.group(1)) * base ** _POWERS[found.group(2).lower()])
+    """A retention size in bytes, more than 0 (`tlog.units.parse_size`: ``500MB``, ``10GiB``)."""
+    size = units.parse_size(text)
     if size <= 0:
         raise ValueError(f"a size must be more than 0 bytes, got {text!r}")
     return size
