@@ -146,7 +146,9 @@ _D = ServerConfig()
               help="Compact each vdisk's log down to about SIZE of stored aggregations "
                    "(500MB, 10GiB; every piece on every server).")
 @click.option("--retention-interval", default=_D.retention_interval, show_default=True,
-              metavar="DURATION", help="How often a vdisk's retention policy is applied.")
+              metavar="DURATION", help="How often a vdisk's retention policy is applied; "
+                   "also how often (at most a minute) the served logs are looked at for "
+                   "compactions made by hand (tlog compact), to measure them again.")
 @click.pass_context
 def command(ctx: click.Context, **values: Any) -> None:
     """Transaction-log server for virtual block devices (wire compatible with 0-Disk).

@@ -27,6 +27,7 @@ from tlog.retention import (
     Compactor,
     LogSize,
     RetentionPolicy,
+    compaction_marks,
     measure_log,
 )
 from tlog.storage import StorageError, StoragePool
@@ -40,6 +41,8 @@ log = logging.getLogger(__name__)
 
 #: Seconds before a failed measurement or compaction of a vdisk is tried again.
 RETRY_SECONDS = 60.0
+#: Most seconds between two looks for compactions made by others (`tlog compact`).
+SURVEY_SECONDS = 60.0
 
 
 @dataclass
@@ -52,6 +55,11 @@ class VdiskLog:
     since: list[tuple[bytes, int, int]] | None = None
     next_run: float = 0.0  # monotonic time the policy is applied next
     last_compaction: float = 0.0  # wall clock of the last successful compaction (0: none)
+    #: `compaction_marks` read just before the last measurement: when they change, someone
+    #: compacted the log (`tlog compact` by hand) and it is measured again.
+    marks: tuple[tuple[bytes, ...], bool] | None = None
+    #: Measure again at the next look, without applying the policy.
+    remeasure: bool = False
 
     def gauges(self, now: float) -> dict[str, float]:
         size = self.size or LogSize()
@@ -70,14 +78,16 @@ class RetentionKeeper:
 
     ``served()`` gives the ids of the open vdisks; ``pool_for``, ``policy_for(vdisk)`` and
     ``holds(vdisk)`` (who must stay restorable: (name, (epoch, sequence)) pairs) are asked
-    each time, so a config reload applies at once; ``writer_key`` seals checkpoints.
+    each time, so a config reload applies at once; ``writer_key`` seals checkpoints. Every
+    ``survey()`` seconds it looks (cheaply) whether someone else compacted a log it measured.
     """
 
     def __init__(self, stats: ServerStats, opener: RecordOpener, writer_key: bytes,
                  served: Callable[[], Iterable[str]],
                  pool_for: Callable[[str], StoragePool],
                  policy_for: Callable[[str], RetentionPolicy | None],
-                 holds: Callable[[str], Sequence[tuple[str, tuple[int, int]]]]) -> None:
+                 holds: Callable[[str], Sequence[tuple[str, tuple[int, int]]]],
+                 survey: Callable[[], float] = lambda: SURVEY_SECONDS) -> None:
         self.stats = stats
         self.opener = opener
         self.writer_key = writer_key
@@ -85,6 +95,8 @@ class RetentionKeeper:
         self.pool_for = pool_for
         self.policy_for = policy_for
         self.holds = holds
+        self.survey = survey
+        self._next_survey = 0.0
         self.logs: dict[str, VdiskLog] = {}
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -134,11 +146,14 @@ class RetentionKeeper:
     async def _run(self) -> None:
         while not self._stopped:
             now = time.monotonic()
+            if now >= self._next_survey:
+                self._next_survey = now + self.survey()
+                await self._look_for_compactions()
             due = []
-            wait = 60.0
+            wait = self._next_survey - now
             for vdisk_id in sorted(self.served()):
                 entry = self.logs.setdefault(vdisk_id, VdiskLog())
-                if entry.size is None or entry.next_run <= now:
+                if entry.size is None or entry.next_run <= now or entry.remeasure:
                     due.append(vdisk_id)
                 else:
                     wait = min(wait, entry.next_run - now)
@@ -162,9 +177,28 @@ class RetentionKeeper:
             except TimeoutError:
                 pass
 
+    async def _look_for_compactions(self) -> None:
+        """Mark for measuring again the logs whose compaction marks changed since they
+        were measured (a compaction made by hand), once that compaction is finished."""
+        for vdisk_id in sorted(self.served()):
+            entry = self.logs.get(vdisk_id)
+            if entry is None or entry.marks is None or entry.remeasure:
+                continue
+            try:
+                marks = await compaction_marks(self.pool_for(vdisk_id), vdisk_id)
+            except (StorageError, DecodeError) as exc:
+                log.debug("retention: cannot look for compactions: %s", exc,
+                          extra={"vdisk": vdisk_id})
+                continue
+            if marks != entry.marks and not marks[1]:
+                log.info("retention: the log was compacted by someone else: measuring it "
+                         "again", extra={"vdisk": vdisk_id})
+                entry.remeasure = True
+
     async def _tend(self, vdisk_id: str) -> None:
         """Compact ``vdisk_id`` if its policy is due, then measure it."""
         entry = self.logs[vdisk_id]
+        entry.remeasure = False
         policy = self.policy_for(vdisk_id)
         now = time.monotonic()
         try:
@@ -185,6 +219,7 @@ class RetentionKeeper:
                 entry.next_run = math.inf
             entry.since = []
             try:
+                entry.marks = await compaction_marks(side, vdisk_id)
                 measured = await measure_log(side, vdisk_id, self.opener)
                 since = entry.since
                 heads = [i for i, (key, _, _) in enumerate(since) if key == measured.head]

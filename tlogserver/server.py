@@ -31,6 +31,7 @@ from tlog.storage import (
     StorageServer,
     any_pool_factory,
 )
+from tlog.units import parse_duration
 
 from . import logs
 from .config import (
@@ -46,7 +47,7 @@ from .flusher import Batch, Flusher
 from .http import OpsServer
 from .metrics import ServerCollector, make_registry
 from .ownership import Ownership
-from .retention import RetentionKeeper, standby_holds
+from .retention import SURVEY_SECONDS, RetentionKeeper, standby_holds
 from .slavesync import SlaveSyncer, start_syncers, stop_syncers
 from .stats import ServerStats
 from .tasks import BackgroundTasks, cancel_and_wait
@@ -90,7 +91,8 @@ class TlogServer:
             self.stats, self.opener, config.master_key,
             lambda: [i for i, v in self.vdisks.items() if not v.retired],
             self.factory.pool_for, lambda vdisk_id: self.config.retention_for(vdisk_id),
-            lambda vdisk_id: standby_holds(self.syncers.get(vdisk_id)))
+            lambda vdisk_id: standby_holds(self.syncers.get(vdisk_id)),
+            lambda: min(SURVEY_SECONDS, parse_duration(self.config.retention_interval)))
         self.registry = make_registry(ServerCollector(
             self.stats, lambda: len(self.connections), lambda: self.budget.used,
             lambda: self.vdisks, lambda: self.syncers, self.keeper.gauges))

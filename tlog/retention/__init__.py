@@ -24,10 +24,11 @@ from .policy import (
     parse_vdisk_retention,
     server_policy,
 )
-from .size import LogSize, measure_log
+from .size import LogSize, compaction_marks, measure_log
 
 __all__ = [
     "CompactionError", "CompactionPlan", "CompactionSummary", "Compactor", "LogSize", "Pin",
-    "PinError", "RetentionPolicy", "add_pin", "measure_log", "parse_duration", "parse_size",
-    "parse_vdisk_retention", "read_pins", "remove_pin", "server_policy",
+    "PinError", "RetentionPolicy", "add_pin", "compaction_marks", "measure_log",
+    "parse_duration", "parse_size", "parse_vdisk_retention", "read_pins", "remove_pin",
+    "server_policy",
 ]

@@ -14,12 +14,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from tlog.read.checkpoints import CheckpointRef, checkpoint_parts, find_checkpoints
+from tlog.read.checkpoints import (
+    CheckpointRef,
+    checkpoint_parts,
+    find_checkpoints,
+    registered_checkpoints,
+)
 from tlog.read.fetch import MAX_HEADER_RUN, PieceReader, piece_header
 from tlog.read.head import find_head
 from tlog.record.aggregation import ZERO_HASH, RecordOpener
 from tlog.record.erasure import ErasureCoder
-from tlog.storage import StoragePool
+from tlog.storage import StorageError, StoragePool, compaction_key
 
 
 @dataclass
@@ -84,3 +89,20 @@ async def _add_parts(reader: PieceReader, ref: CheckpointRef, size: LogSize,
     size.stored_bytes += sum(int(length * factor) for _key, length in parts)
     if len(parts) != ref.parts:
         size.complete = False
+
+
+async def compaction_marks(pool: StoragePool, vdisk_id: str) -> tuple[tuple[bytes, ...], bool]:
+    """What compactions leave on storage, cheap to read (a list and a key per server): the
+    registered checkpoints, and whether one is unfinished (its journal is there). A log
+    measured before these changed was compacted since by someone else (`tlog compact`)."""
+    checkpoints = tuple(await registered_checkpoints(pool, vdisk_id))
+    key = compaction_key(vdisk_id)
+    unfinished = False
+    for server in pool.servers:
+        try:
+            if await server.get(key) is not None:
+                unfinished = True
+                break
+        except StorageError:
+            continue
+    return checkpoints, unfinished
