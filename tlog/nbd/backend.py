@@ -127,9 +127,9 @@ class RedisBackend(Backend):
         self.prefix = prefix.encode()
         self.block_size = block_size
         self.size = size
-        self._redis = redis.Redis(host=address.host, port=address.port, db=address.db,
-                                  username=address.username, password=address.password,
-                                  socket_timeout=30, socket_connect_timeout=10,
+        # Login and TLS as the address says (`ServerAddress.redis_kwargs`).
+        self._redis = redis.Redis(**address.redis_kwargs(), socket_timeout=30,
+                                  socket_connect_timeout=10,
                                   health_check_interval=30)
         try:
             self._redis.ping()

@@ -162,6 +162,14 @@ def open_backend(settings: NbdSettings) -> Backend:
     return FileBackend(settings.image, settings.block_size, settings.size, settings.readonly)
 
 
+def open_standby(settings: NbdSettings, size: int) -> Backend:
+    """The standby block store a failover switches to: a redis backend like ``--redis``
+    (same address syntax, login and TLS), its keys under ``standby_key_prefix``."""
+    prefix = settings.standby_key_prefix or f"{settings.vdisk}:"
+    return RedisBackend(ServerAddress.parse(settings.standby), prefix, settings.block_size,
+                        size)
+
+
 def open_disk(settings: NbdSettings) -> LoggedDisk:
     """The backend opened and, unless read-only, the tlog client connected (continuing the
     vdisk's log where it ends). Raises BackendError or the client's errors."""
@@ -187,9 +195,7 @@ def open_disk(settings: NbdSettings) -> LoggedDisk:
     standby = None
     if settings.standby:
         def standby() -> Backend:
-            prefix = settings.standby_key_prefix or f"{settings.vdisk}:"
-            return RedisBackend(ServerAddress.parse(settings.standby), prefix,
-                                settings.block_size, size)
+            return open_standby(settings, size)
     return LoggedDisk(backend, size, client, vdisk=settings.vdisk,
                       write_timeout=settings.write_timeout,
                       flush_timeout=settings.flush_timeout, standby=standby,

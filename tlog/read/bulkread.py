@@ -5,10 +5,11 @@ one the chain names?), AES-GCM, snappy, then BLAKE2b of every block. Hashing rel
 GIL, but 4 KiB at a time, so threads spend much of their time handing the GIL around (two
 threads checking records in memory reach 1.2x one thread on a 2-core machine). Worker
 processes have no GIL to share: each fetches the k data pieces of a batch of records
-straight from the storage servers (one MGET per server, plain blocking sockets), joins,
-hash-checks, opens and checks every record exactly as `tlog.read.chain.ChainReader` does, and
-hands back only the plaintext aggregation of each record that passed. The parent parses that
-plaintext into blocks (cheap next to the checks) and replays them in chain order.
+straight from the storage servers (one MGET per server over a blocking socket, logged in and
+TLS as the address says: `tlog.storage.resp.RespConnection`), joins, hash-checks, opens and
+checks every record exactly as `tlog.read.chain.ChainReader` does, and hands back only the
+plaintext aggregation of each record that passed. The parent parses that plaintext into
+blocks (cheap next to the checks) and replays them in chain order.
 
 Only the happy path runs here. A record with a missing or corrupt piece, or one that fails
 any check, comes back as None and the parent reads it again its own way (parity, every
@@ -34,7 +35,6 @@ import sys
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 from tlog.record.aggregation import (
     Aggregation,
@@ -48,7 +48,7 @@ from tlog.record.erasure import ErasureCoder, ErasureError
 from tlog.storage import ServerAddress
 from tlog.storage.resp import RespConnection, RespError, pack_command
 
-__all__ = ["Opened", "WorkerPool", "client_options", "usable_addresses"]
+__all__ = ["Opened", "WorkerPool", "usable_addresses"]
 
 _PR_SET_PDEATHSIG = 1  # prctl(2)
 
@@ -63,29 +63,13 @@ Opened = tuple[tuple[int, int] | bytes, int, int, int | None, str] | None
 SLOT_BYTES = 8 * 1024 * 1024
 
 
-def client_options(address: ServerAddress) -> dict[str, Any]:
-    """redis-py connection options for ``address``: its database, credentials and TLS."""
-    options: dict[str, Any] = {"host": address.host, "port": address.port, "db": address.db}
-    username = getattr(address, "username", None)
-    password = getattr(address, "password", None)
-    if password is not None:
-        options["password"] = password
-    if username is not None:
-        options["username"] = username
-    if getattr(address, "tls", False):
-        options.update(ssl=True, ssl_ca_certs=getattr(address, "tls_ca", None),
-                       ssl_certfile=getattr(address, "tls_cert", None),
-                       ssl_keyfile=getattr(address, "tls_key", None))
-    return options
-
-
 def usable_addresses(servers: Sequence[object], k: int) -> list[ServerAddress] | None:
-    """The addresses of the k data servers when workers can reach them with plain sockets
-    (Redis servers, no TLS); None otherwise (in-memory storage, TLS: threads then)."""
+    """The addresses of the k data servers when workers can reach them (Redis servers, with
+    their credentials and TLS); None otherwise (in-memory storage: threads then)."""
     addresses = []
     for server in servers[:k]:
         address = getattr(server, "server_address", None)
-        if not isinstance(address, ServerAddress) or getattr(address, "tls", False):
+        if not isinstance(address, ServerAddress):
             return None
         addresses.append(address)
     return addresses

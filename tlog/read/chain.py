@@ -120,7 +120,7 @@ class ChainReader:
     ``all_pieces`` fetches and checks every piece, parity included (slower; for verify).
     ``processes``: open the records of a long replay in ``workers`` forked processes
     (`tlog.read.bulkread`) instead of threads; None (the default) does when there are two
-    workers or more, the storage servers are plain Redis servers and fork is available.
+    workers or more, the storage servers are Redis servers (TLS or not) and fork is available.
     ``timeout``: seconds to wait for a storage server in the workers and the walk script.
     ``head_key``: walk back from this aggregation instead of the chain's head (to replay
     the state at an older point, as `tlog compact` does). ``block_hashes=False`` leaves out

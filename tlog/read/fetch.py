@@ -31,8 +31,6 @@ from tlog.record.crypto import TAG_SIZE
 from tlog.record.erasure import ErasureCoder, ErasureError
 from tlog.storage import ServerAddress, StorageError, StoragePool
 
-from .bulkread import client_options
-
 log = logging.getLogger(__name__)
 #: Headers storage server 0 reads in its first walk script (`_WALK_SCRIPT`); each next run
 #: reads twice as many, up to `MAX_HEADER_RUN` (a few milliseconds of the server's time),
@@ -207,7 +205,7 @@ class PieceReader:
         try:
             if self._script_client is None:
                 self._script_client = redis.asyncio.Redis(
-                    **client_options(address), socket_timeout=self.timeout,
+                    **address.redis_kwargs(), socket_timeout=self.timeout,
                     socket_connect_timeout=self.timeout)
             reply = await self._script_client.execute_command("EVAL", _WALK_SCRIPT, 1, key,
                                                               limit)

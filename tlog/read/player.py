@@ -297,8 +297,8 @@ class RedisBlockStorage(BlockStorage):
         self.block_size = block_size
         # Two quick retries ride out a dropped connection (SET and DEL can be repeated); a
         # server that is down fails the restore at once instead of after redis-py's backoff.
-        self._client = redis.asyncio.Redis(host=address.host, port=address.port, db=address.db,
-                                           socket_timeout=timeout,
+        # Login and TLS as the address says (`ServerAddress.redis_kwargs`).
+        self._client = redis.asyncio.Redis(**address.redis_kwargs(), socket_timeout=timeout,
                                            socket_connect_timeout=timeout,
                                            retry=Retry(ConstantBackoff(0.05), 2))
         self._closed = False

@@ -1,6 +1,7 @@
-"""Where the storage servers are: ``host:port[@db]`` and ``redis://`` / ``rediss://`` URLs
-with credentials and TLS, parsed and checked, secrets read from files and kept out of
-messages."""
+"""Where the Redis servers are (storage, block stores, standbys): ``host:port[@db]`` and
+``redis://`` / ``rediss://`` URLs with credentials and TLS, parsed and checked, secrets read
+from files and kept out of messages; and how every connection to one logs in and checks TLS.
+"""
 
 from __future__ import annotations
 
@@ -12,13 +13,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-import redis.asyncio
+#: The oldest TLS version a ``rediss://`` connection accepts.
+MIN_TLS_VERSION = ssl.TLSVersion.TLSv1_2
 
 
 class StorageConfigError(ValueError):
     """Bad storage addresses or storage config; names the bad value or key."""
-
-
 
 
 _HOSTNAME = re.compile(r"^[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_])?$")
@@ -47,7 +47,10 @@ _URL_PARAMS = frozenset({"ca", "cert", "key", "password_file"})
 
 @dataclass(frozen=True)
 class ServerAddress:
-    """Where one storage server listens, and how to log in to it.
+    """Where one Redis server listens, and how to log in to it: a storage server, a block
+    store (``--output-redis``, ``tlog nbd --redis`` / ``--standby``, ``slave_server``). Every
+    connection tlog makes to one takes its login and TLS from here (`ssl_context`,
+    `redis_kwargs`).
 
     Two spellings: 0-Disk's ``host:port[@db]`` (no credentials, plain TCP), and
     ``redis://[user[:password]@]host:port[/db]`` or ``rediss://...`` (TLS) with the query
@@ -156,36 +159,36 @@ class ServerAddress:
         scheme = "rediss" if self.tls else "redis"
         return f"{scheme}://{user}{host}:{port}" + (f"/{self.db}" if self.db else "")
 
-    def redis_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments for ``redis.Redis`` / ``redis.asyncio.Redis``: the server, the
-        database, the credentials and TLS (with host name checking)."""
-        kwargs: dict[str, Any] = {"host": self.host, "port": self.port, "db": self.db}
-        kwargs.update(self._auth_kwargs())
-        if self.tls:
-            kwargs["ssl"] = True
-            kwargs.update(self._tls_kwargs())
-        return kwargs
+    def ssl_context(self) -> ssl.SSLContext:
+        """The client TLS context of a ``rediss://`` address, for the connections tlog makes
+        itself (storage links, the bulk readers' sockets; pass ``server_hostname=host``): the
+        server's certificate required and checked against ``ca`` (default: the system's trust
+        store) and against the host name, the client certificate if any, TLS 1.2 at least.
+        `redis_kwargs` asks redis-py for the same."""
+        context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=self.tls_ca)
+        context.verify_mode = ssl.CERT_REQUIRED
+        context.check_hostname = True
+        context.minimum_version = MIN_TLS_VERSION
+        if self.tls_cert is not None:
+            context.load_cert_chain(self.tls_cert, self.tls_key)
+        return context
 
-    def _auth_kwargs(self) -> dict[str, Any]:
-        kwargs: dict[str, Any] = {}
+    def redis_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for ``redis.Redis`` / ``redis.asyncio.Redis``, for every
+        connection tlog makes through redis-py (block store, nbd backend and standby, repair,
+        the walk script): the server, the database, the credentials, and TLS checked as
+        strictly as `ssl_context` checks it (certificate required, host name checked, TLS 1.2
+        at least, the address's CA and client certificate)."""
+        kwargs: dict[str, Any] = {"host": self.host, "port": self.port, "db": self.db}
         if self.username is not None:
             kwargs["username"] = self.username
         if self.password is not None:
             kwargs["password"] = self.password
-        return kwargs
-
-    def _tls_kwargs(self) -> dict[str, Any]:
-        return {"ssl_ca_certs": self.tls_ca, "ssl_certfile": self.tls_cert,
-                "ssl_keyfile": self.tls_key, "ssl_cert_reqs": "required",
-                "ssl_check_hostname": True, "ssl_min_version": ssl.TLSVersion.TLSv1_2}
-
-    def connection(self, **options: Any) -> redis.asyncio.Connection:
-        """A redis-py asyncio connection to this server (TLS and credentials included)."""
-        kwargs: dict[str, Any] = {"host": self.host, "port": self.port, "db": self.db,
-                                  **self._auth_kwargs(), **options}
         if self.tls:
-            return redis.asyncio.SSLConnection(**self._tls_kwargs(), **kwargs)
-        return redis.asyncio.Connection(**kwargs)
+            kwargs.update(ssl=True, ssl_ca_certs=self.tls_ca, ssl_certfile=self.tls_cert,
+                          ssl_keyfile=self.tls_key, ssl_cert_reqs="required",
+                          ssl_check_hostname=True, ssl_min_version=MIN_TLS_VERSION)
+        return kwargs
 
 
 def _host_port(body: str, what: str) -> tuple[str, int]:

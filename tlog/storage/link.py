@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import socket
-import ssl
 from collections import deque
 from typing import Any, cast
 
@@ -108,21 +107,12 @@ class RespLink(asyncio.Protocol):
                 future.set_exception(LinkError(self.reason or "connection closed"))
 
 
-def tls_context(address: ServerAddress) -> ssl.SSLContext:
-    """The client TLS context of a ``rediss://`` address: its CA (or the system's), its
-    client certificate if any, the server's name checked, TLS 1.2 at least."""
-    context = ssl.create_default_context(cafile=address.tls_ca)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    if address.tls_cert is not None:
-        context.load_cert_chain(address.tls_cert, address.tls_key)
-    return context
-
-
 async def open_link(address: ServerAddress) -> RespLink:
     """Connect (TLS when the address says so), then AUTH and SELECT as it says. Raises
-    OSError, ssl.SSLError or LinkError; the caller bounds the time."""
+    OSError, ssl.SSLError or LinkError; the caller bounds the time. TLS as every Redis
+    connection of tlog: `ServerAddress.ssl_context`."""
     loop = asyncio.get_running_loop()
-    context = tls_context(address) if address.tls else None
+    context = address.ssl_context() if address.tls else None
     _transport, link = await loop.create_connection(
         RespLink, address.host, address.port, ssl=context,
         server_hostname=address.host if context is not None else None)

@@ -1,8 +1,8 @@
 """RESP, the Redis protocol, by hand where it is hot: packing the commands of a storage round
 (`pack_commands`: 4 us for a round of MSET, LPUSH and LTRIM with a 25 KiB piece, against 14 us
 for redis-py 8's ``Connection.pack_commands``), and the blocking connection the bulk reader's
-worker processes use for MGET (`RespConnection`). Replies on the asyncio side are parsed by
-redis-py (hiredis).
+worker processes use for MGET (`RespConnection`, TLS included). Replies on the asyncio side
+are parsed by hiredis (`tlog.storage.link`).
 """
 
 from __future__ import annotations
@@ -47,18 +47,30 @@ class RespError(Exception):
 
 
 class RespConnection:
-    """A blocking connection to one Redis server, for MGET and little else."""
+    """A blocking connection to one Redis server, for MGET and little else: TLS, ACL user
+    and database as the address says (`ServerAddress.ssl_context`, as every connection)."""
 
     def __init__(self, address: ServerAddress, timeout: float) -> None:
-        self.sock = socket.create_connection((address.host, address.port), timeout=timeout)
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock = socket.create_connection((address.host, address.port), timeout=timeout)
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if address.tls:  # the handshake is bounded by the socket's timeout
+                sock = address.ssl_context().wrap_socket(sock, server_hostname=address.host)
+        except BaseException:
+            sock.close()
+            raise
+        self.sock = sock
         self.reader = self.sock.makefile("rb", buffering=1 << 20)
-        password = getattr(address, "password", None)
-        if password is not None:
-            username = getattr(address, "username", None)
-            self.command("AUTH", *((username,) if username is not None else ()), password)
-        if address.db:
-            self.command("SELECT", address.db)
+        try:
+            if address.password is not None:
+                username = address.username
+                self.command("AUTH", *((username,) if username is not None else ()),
+                             address.password)
+            if address.db:
+                self.command("SELECT", address.db)
+        except BaseException:
+            self.close()
+            raise
 
     def command(self, *args: bytes | str | int) -> Any:
         """Send one command, return its reply."""
