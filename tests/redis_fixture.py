@@ -1,7 +1,8 @@
 """Real redis-server processes for tests and benchmarks.
 
 Each server listens on a free loopback port, keeps nothing on disk (no RDB, no AOF) and is
-killed with SIGKILL when stopped, which is what a crashed storage server looks like.
+killed with SIGKILL when stopped, which is what a crashed storage server looks like. With
+`RedisTls` it serves TLS only on that port (``--port 0 --tls-port``).
 """
 
 from __future__ import annotations
@@ -11,9 +12,11 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +57,33 @@ def _config_args(extra: dict[str, Any]) -> list[str]:
     return args
 
 
+@dataclass(frozen=True)
+class RedisTls:
+    """What a TLS-only redis-server presents and trusts; with a client certificate the server
+    requires one (``tls-auth-clients yes``) and the fixture's probe and client present it."""
+
+    cert: Path
+    key: Path
+    ca: Path
+    client_cert: Path | None = None
+    client_key: Path | None = None
+
+    def args(self, port: int) -> list[str]:
+        return ["--port", "0", "--tls-port", str(port), "--tls-cert-file", str(self.cert),
+                "--tls-key-file", str(self.key), "--tls-ca-cert-file", str(self.ca),
+                "--tls-auth-clients", "yes" if self.client_cert else "no"]
+
+    def context(self) -> ssl.SSLContext:
+        """The fixture's own client context (the start probe): the CA checked, not the host
+        name, so that a test can serve a certificate made out to another name."""
+        context = ssl.create_default_context(cafile=str(self.ca))
+        context.check_hostname = False
+        if self.client_cert is not None:
+            context.load_cert_chain(str(self.client_cert),
+                                    str(self.client_key) if self.client_key else None)
+        return context
+
+
 class RedisStartError(RuntimeError):
     """redis-server exited or did not answer in time."""
 
@@ -67,8 +97,10 @@ class RedisProcess:
 
     host = "127.0.0.1"
 
-    def __init__(self, port: int, directory: Path, extra_args: dict[str, Any] | None = None):
+    def __init__(self, port: int, directory: Path, extra_args: dict[str, Any] | None = None,
+                 tls: RedisTls | None = None):
         self.port = port
+        self.tls = tls
         self.directory = Path(directory)
         self.extra_args = dict(extra_args or {})
         self.log_path = self.directory / "redis.log"
@@ -89,7 +121,7 @@ class RedisProcess:
     def command(self) -> list[str]:
         return [
             REDIS_SERVER,
-            "--port", str(self.port),
+            *(self.tls.args(self.port) if self.tls else ["--port", str(self.port)]),
             "--bind", self.host,
             "--save", "",
             "--appendonly", "no",
@@ -155,7 +187,7 @@ class RedisProcess:
         password = self.extra_args.get("requirepass")
         auth = (b"AUTH %s\r\n" % str(password).encode()) if password else b""
         try:
-            with socket.create_connection((self.host, self.port), timeout=0.5) as sock:
+            with self._probe_socket() as sock:
                 sock.sendall(auth + b"INFO server\r\n")
                 reply = b""
                 size = -1  # bulk reply: $<size>\r\n<data>\r\n
@@ -180,6 +212,16 @@ class RedisProcess:
             return False
         return True
 
+    def _probe_socket(self) -> socket.socket:
+        sock = socket.create_connection((self.host, self.port), timeout=0.5)
+        if self.tls is None:
+            return sock
+        try:
+            return self.tls.context().wrap_socket(sock, server_hostname=self.host)
+        except BaseException:
+            sock.close()
+            raise
+
     def stop(self) -> None:
         """Kill with SIGKILL (a crash, no shutdown save) and wait for the process to end."""
         process, self.process = self.process, None
@@ -195,6 +237,11 @@ class RedisProcess:
     def client(self, db: int = 0) -> redis.Redis:
         """A synchronous client for checks from the test (raw bytes, no decoding)."""
         password = self.extra_args.get("requirepass")
+        tls: dict[str, Any] = {}
+        if self.tls is not None:
+            tls = {"ssl": True, "ssl_ca_certs": str(self.tls.ca), "ssl_check_hostname": False,
+                   "ssl_certfile": str(self.tls.client_cert) if self.tls.client_cert else None,
+                   "ssl_keyfile": str(self.tls.client_key) if self.tls.client_key else None}
         return redis.Redis(
             host=self.host,
             port=self.port,
@@ -203,16 +250,19 @@ class RedisProcess:
             socket_timeout=5.0,
             socket_connect_timeout=5.0,
             retry=Retry(NoBackoff(), 0),  # fail at once when the server is down
+            **tls,
         )
 
 
-def start_redis(directory: Path, **extra_args: Any) -> RedisProcess:
-    """Start one redis-server on a free port, trying another port if that one got taken."""
+def start_redis(directory: Path, tls: RedisTls | None = None,
+                **extra_args: Any) -> RedisProcess:
+    """Start one redis-server on a free port (TLS only with ``tls``), trying another port if
+    that one got taken."""
     if redis_server_path() is None:
         raise RedisStartError(f"{REDIS_SERVER} is not on PATH")
     last: RedisStartError | None = None
     for _ in range(PORT_ATTEMPTS):
-        server = RedisProcess(free_port(), directory, extra_args)
+        server = RedisProcess(free_port(), directory, extra_args, tls)
         try:
             server.start()
             return server
@@ -230,11 +280,12 @@ class RedisFactory:
         self.base = Path(base)
         self.servers: list[RedisProcess] = []
 
-    def __call__(self, n: int = 1, **extra_args: Any) -> list[RedisProcess]:
+    def __call__(self, n: int = 1, tls: RedisTls | None = None,
+                 **extra_args: Any) -> list[RedisProcess]:
         started = []
         for _ in range(n):
             directory = self.base / f"redis-{len(self.servers)}"
-            server = start_redis(directory, **extra_args)
+            server = start_redis(directory, tls, **extra_args)
             self.servers.append(server)
             started.append(server)
         return started
