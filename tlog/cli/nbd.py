@@ -130,14 +130,16 @@ def _check_nbdkit() -> str:
 @click.option("--backend", type=click.Choice(["file", "redis"]), default="file",
               show_default=True, help="Where the blocks live: the image file, or the Redis "
                                       "block store `tlog restore --output-redis` writes.")
-@click.option("--redis", default="", metavar="HOST:PORT[@DB]",
-              help="The block store (redis backend).")
+@click.option("--redis", default="", metavar="ADDRESS",
+              help="The block store (redis backend): host:port[@db] or "
+                   "redis[s]://[user@]host:port[/db][?ca=FILE&password_file=FILE...], as "
+                   "tlog restore's --storage-addresses (login, TLS).")
 @click.option("--redis-key-prefix", default="", metavar="PREFIX",
               help="Key prefix of the block store [default: VDISK:].")
-@click.option("--standby", default="", metavar="HOST:PORT[@DB]",
+@click.option("--standby", default="", metavar="ADDRESS",
               help="The vdisk's standby (the block store tlogserver --with-slave-sync keeps "
-                   "in step): when the backend fails, serve from it, once it holds every "
-                   "logged write (WaitNbdSlaveSync).")
+                   "in step; an address as --redis): when the backend fails, serve from it, "
+                   "once it holds every logged write (WaitNbdSlaveSync).")
 @click.option("--standby-key-prefix", default="", metavar="PREFIX",
               help="Key prefix of the standby's blocks [default: VDISK:].")
 @click.option("--failover-timeout", type=float, default=60.0, show_default=True,

@@ -108,8 +108,10 @@ def _summary(vdisk: str, result: PlayResult, target: str, reader: ChainReader) -
 @limit_options
 @click.option("--output", "-o", type=click.Path(dir_okay=False), default=None,
               help="Raw disk image to write (created; emptied first unless --keep-existing).")
-@click.option("--output-redis", default=None, metavar="HOST:PORT[@DB]",
-              help="Write the blocks into a Redis block store instead: one key per block.")
+@click.option("--output-redis", default=None, metavar="ADDRESS",
+              help="Write the blocks into a Redis block store instead: one key per block. "
+                   "host:port[@db] or redis[s]://[user@]host:port[/db][?ca=FILE&"
+                   "password_file=FILE...], as --storage-addresses (login, TLS).")
 @click.option("--redis-key-prefix", default=None,
               help="Key prefix of the Redis block store (default '<vdisk>:'); block i is "
                    "'<prefix><i>'.")

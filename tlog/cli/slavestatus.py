@@ -51,8 +51,9 @@ def _target(vdisk: str, slave: str | None, prefix: str | None,
 
 @click.command("slave-status")
 @read_options
-@click.option("--slave", default=None, metavar="HOST:PORT[@DB]",
-              help="The standby's redis (default: slave_server of the vdisk in --config).")
+@click.option("--slave", default=None, metavar="ADDRESS",
+              help="The standby's redis, host:port[@db] or redis[s]://... as --redis "
+                   "(default: slave_server of the vdisk in --config).")
 @click.option("--slave-prefix", default=None,
               help="Key prefix of the standby's blocks (default: slave_prefix in --config, "
                    "else '<vdisk>:').")
