@@ -4,9 +4,9 @@ Each run, for random and for compressible data: a fresh tlogserver on 6 redis (k
 a new image served through `tlog nbd` on a unix socket, ``--mib`` MiB copied into it with
 nbdcopy (which flushes at the end: every block is then stored in the log); then the same
 with ``nbdkit file``, the ceiling of the machine. Then 4 KiB writes, one NBD request each,
-queue depth 16, with ``qemu-img bench`` (sequential offsets: it has no random mode, and fio
-is not packaged here) into both. Prints one JSON line per run, then medians over ``--runs``
-with the ratio to the file plugin.
+queue depth 16, into both: sequential with ``qemu-img bench``, and random with fio's nbd
+engine for ``--fio-seconds`` (Debian's ``fio``; ``make nbd`` installs it). Prints one JSON
+line per run, then medians over ``--runs`` with the ratio to the file plugin.
 
     .venv/bin/python benchmarks/nbd.py --mib 256 --runs 3
 """
@@ -14,6 +14,7 @@ with the ratio to the file plugin.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import socket
@@ -82,14 +83,27 @@ def qemu_bench(sock: Path, count: int) -> float:
     return time.perf_counter() - start
 
 
+def fio_randwrite(sock: Path, size: int, seconds: float) -> float:
+    """4 KiB random writes per second at queue depth 16 for ``seconds`` (fio, nbd engine)."""
+    proc = subprocess.run(
+        ["fio", "--name=randwrite", "--ioengine=nbd", f"--uri=nbd+unix:///?socket={sock}",
+         "--rw=randwrite", "--bs=4k", "--iodepth=16", f"--size={size}", "--time_based",
+         f"--runtime={seconds:g}", "--randrepeat=0", "--output-format=json"],
+        check=True, timeout=seconds + 300, capture_output=True, text=True)
+    report = json.loads(proc.stdout[proc.stdout.index("{"):])
+    return float(report["jobs"][0]["write"]["iops"])
+
+
 class Exports:
     """Starting one export of each kind on a new image, and measuring one job in it."""
 
-    def __init__(self, tmp: Path, redis: RedisPool, size: int) -> None:
+    def __init__(self, tmp: Path, redis: RedisPool, size: int, fio_seconds: float) -> None:
         self.tmp, self.redis, self.size = tmp, redis, size
+        self.fio_seconds = fio_seconds
         self.count = 0
 
     def measure(self, kind: str, job: str, data: Path | None, writes: int) -> float:
+        """Seconds of a ``copy`` or a ``bench``; writes per second of ``fio``."""
         self.count += 1
         image, sock = self.tmp / f"{kind}{self.count}.img", self.tmp / f"{kind}{self.count}.sock"
         image.write_bytes(b"")
@@ -107,9 +121,8 @@ class Exports:
         finally:
             image.unlink()
 
-    @staticmethod
-    def _run(argv: list[str], sock: Path, ready: bytes | None, job: str, data: Path | None,
-             writes: int) -> float:
+    def _run(self, argv: list[str], sock: Path, ready: bytes | None, job: str,
+             data: Path | None, writes: int) -> float:
         if job == "copy":
             assert data is not None
             return copy_into(argv, sock, data, ready)
@@ -121,6 +134,8 @@ class Exports:
                     if ready in line:
                         break
             wait_socket(sock, proc)
+            if job == "fio":
+                return fio_randwrite(sock, self.size, self.fio_seconds)
             return qemu_bench(sock, writes)
         finally:
             proc.terminate()
@@ -132,6 +147,8 @@ def main() -> None:
     parser.add_argument("--mib", type=int, default=256)
     parser.add_argument("--writes", type=int, default=20000, help="4 KiB writes per bench")
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--fio-seconds", type=float, default=10.0,
+                        help="seconds of fio random 4 KiB writes per export (0: none)")
     args = parser.parse_args()
     if not all(shutil.which(t) for t in ("nbdkit", "nbdcopy", "qemu-img")):
         raise SystemExit("nbdkit, nbdcopy and qemu-img are needed (make nbd installs them)")
@@ -142,7 +159,11 @@ def main() -> None:
         random_data.write_bytes(os.urandom(size))
         block = (b"tlog bench " * 400)[:4096]
         compressible.write_bytes(block * (size // 4096))
-        exports = Exports(tmp, redis, size)
+        fio = args.fio_seconds > 0 and shutil.which("fio") is not None
+        if args.fio_seconds > 0 and not fio:
+            print("fio is not installed (make nbd installs it): no random 4 KiB writes",
+                  file=sys.stderr)
+        exports = Exports(tmp, redis, size, args.fio_seconds)
         for run in range(args.runs):
             result: dict[str, object] = {"benchmark": "nbd", "run": run, "mib": args.mib}
             for name, data in (("random", random_data), ("compressible", compressible)):
@@ -152,6 +173,10 @@ def main() -> None:
             for kind in ("tlog", "file"):
                 seconds = exports.measure(kind, "bench", None, args.writes)
                 result[f"{kind}_4k_writes_per_s"] = round(args.writes / seconds)
+            if fio:
+                for kind in ("tlog", "file"):
+                    iops = exports.measure(kind, "fio", None, 0)
+                    result[f"{kind}_4k_random_writes_per_s"] = round(iops)
             emit(result)
             runs.append(result)
     keys = [k for k in runs[0] if k.endswith("_per_s")]
@@ -161,7 +186,8 @@ def main() -> None:
         for k in keys if k.startswith("tlog_")}
     emit({"benchmark": "nbd", "mib": args.mib, "runs": args.runs, "summary": summary,
           "ratios": ratios, "machine": machine()})
-    table(f"nbdcopy of {args.mib} MiB (MB/s), 4 KiB writes at depth 16 (writes/s)",
+    table(f"nbdcopy of {args.mib} MiB (MB/s), 4 KiB writes at depth 16 (writes/s: qemu-img "
+          "bench sequential, fio random)",
           [*summary.items(), *ratios.items()])
 
 

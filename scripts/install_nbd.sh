@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# Installs nbdkit with its Python plugin and the NBD clients the tests use (nbdcopy from
-# libnbd-bin, qemu-io from qemu-utils) from Debian's packages when missing (idempotent).
+# Installs nbdkit with its Python plugin and the NBD clients the tests and benchmarks use
+# (nbdcopy from libnbd-bin, qemu-io from qemu-utils, fio with its nbd engine) from Debian's
+# packages when missing (idempotent).
 set -euo pipefail
 missing=()
 command -v nbdkit >/dev/null 2>&1 || missing+=(nbdkit)
 if ! nbdkit python --version >/dev/null 2>&1; then missing+=(nbdkit-plugin-python); fi
 command -v nbdcopy >/dev/null 2>&1 || missing+=(libnbd-bin)
 command -v qemu-io >/dev/null 2>&1 || missing+=(qemu-utils)
+command -v fio >/dev/null 2>&1 || missing+=(fio)
 if [ ${#missing[@]} -eq 0 ]; then
   exit 0
 fi
