@@ -159,10 +159,15 @@ def test_tlog_send_continue(redis6: list[RedisProcess]) -> None:
                                     "--blocks", "30", "--continue").stdout)
                 for _ in range(2)]
         assert [r["first_sequence"] for r in runs] == [0, 30]
-        assert tlog_cli("send", "--server", server.address, "--continue", "--reset",
-                        check=False).returncode != 0
+        assert tlog_cli("send", "--server", server.address, "--vdisk", "snd", "--continue",
+                        "--first-sequence", "5", check=False).returncode == 2
+        # --continue --reset: a new epoch, numbered on from the log's end
+        again = json.loads(tlog_cli("send", "--server", server.address, "--vdisk", "snd",
+                                    "--blocks", "10", "--continue", "--reset").stdout)
+        assert again["first_sequence"] == 60
+        server.wait_for_log("epoch 1 starts at sequence 60")
     proc = tlog_cli("verify", *read_args(redis6, "snd"))
-    assert "60 blocks" in proc.stdout and "sequences 0..59" in proc.stdout
+    assert "70 blocks, sequences 60..69 (of epoch 1; 2 epochs)" in proc.stdout
 
 
 def test_rollback_by_sequence_names_an_epoch(redis6: list[RedisProcess],
@@ -264,3 +269,43 @@ def test_server_wide_buffer_cap(redis6: list[RedisProcess]) -> None:
             await b.close()
 
     asyncio.run(asyncio.wait_for(scenario(), 4 * WAIT))
+
+
+def test_reset_and_continue_shut_out_an_earlier_run_still_in_flight(
+        redis6: list[RedisProcess], tmp_path: Path) -> None:
+    """A handshake with resetFirstSequence and continueSequence (a restarted tlog nbd
+    recovering): a new epoch right after the last sequence taken in order; the earlier
+    connection is closed, its out-of-order blocks are dropped, and what it still sends is
+    not taken, so nothing of the earlier run lands after the new one's writes."""
+    addresses = [r.address for r in redis6]
+    old_run = session(b"old", count=6)
+    new_run = session(b"new", first=4, count=5)  # indexes 0..4: index 5 stays the old's if
+    # the old run's block 5 landed
+
+    async def scenario() -> None:
+        async with running_server(addresses, flush_size=100) as server:
+            port = port_of(server)
+            old = await WireClient.connect(port, "rc", 0)
+            for b in old_run[:4]:  # 0..3 in order (pending), then 5 ahead of the gap at 4
+                old.send(b.sequence, b.data, b.index, b.timestamp)
+            old.send(5, old_run[5].data, 5, old_run[5].timestamp)
+            await old.wait_for(lambda: len(old.responses(BlockStatus.RECV_OK)) == 5, "RecvOK")
+            new = WireClient()
+            new._reader, new._writer = await asyncio.open_connection("127.0.0.1", port)
+            new._task = asyncio.get_running_loop().create_task(new._read())
+            new.write(ClientConnection.send_handshake("rc", 0, True, continue_sequence=True))
+            await new.wait_for(lambda: bool(new.events), "handshake response")
+            assert new.handshake.has_log and new.handshake.last_sequence == 3
+            assert new.handshake.epoch == 1  # the epoch its blocks go to
+            await old.wait_closed()
+            for b in new_run:
+                new.send(b.sequence, b.data, b.index, b.timestamp)
+            new.write(ClientConnection.send_force_flush(new_run[-1].sequence))
+            await new.wait_flushed(range(4, 9))
+            await new.close()
+
+    asyncio.run(scenario())
+    # The old run's 0..3 (flushed in epoch 0), then the new epoch from 4: the old block 5
+    # (out of order when the new run came) is gone.
+    assert restored(redis6, tmp_path, "rc") == image(old_run[:4] + new_run)
+    assert "2 epochs" in tlog_cli("verify", *read_args(redis6, "rc")).stdout

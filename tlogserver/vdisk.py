@@ -26,7 +26,6 @@ read back from storage first (`tlog.read.fetch.stored_writes`).
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import heapq
 import logging
 import time
@@ -172,12 +171,17 @@ class Vdisk:
     def handshake(self, peer: Peer, first_sequence: int, reset: bool,
                   continue_sequence: bool = False) -> HandshakeResult:
         """Admit ``peer``. ``continue_sequence``: it starts after the last sequence, whatever
-        ``first_sequence`` says; ``reset``: it starts a new epoch at ``first_sequence``."""
+        ``first_sequence`` says; ``reset``: it starts a new epoch at ``first_sequence``, or,
+        with ``continue_sequence`` too, right after the last sequence (a client that must
+        shut out whatever an earlier run of it may still have in flight, and keep its
+        numbering going). The result says where the log stood and the epoch the peer's
+        blocks go to."""
         if self.retired:
             return HandshakeResult(HandshakeStatus.INTERNAL_SERVER_ERROR)
-        before = HandshakeResult(HandshakeStatus.OK, self.last_in_order is not None,
-                                 self.last_in_order or 0, self.epoch)
+        has_log, last = self.last_in_order is not None, self.last_in_order or 0
         check_from: int | None = None
+        if reset and continue_sequence:
+            first_sequence = self.expected if self.expected is not None else self.flushed_next
         if reset:
             if self.expected is None and not self._has_chain:
                 self.expected = self.flushed_next = first_sequence
@@ -207,7 +211,7 @@ class Vdisk:
                     check_from = first_sequence
         self.peers.add(peer)
         self.flusher.retry_now()  # a client is back: try storage again at once if it failed
-        return dataclasses.replace(before, check_from=check_from)
+        return HandshakeResult(HandshakeStatus.OK, has_log, last, self.epoch, check_from)
 
     async def load_writes(self, first_sequence: int,
                           read: StoredWritesReader

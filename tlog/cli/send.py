@@ -181,7 +181,8 @@ def _check_server(ctx: click.Context, param: click.Parameter,
 @click.option("--random-data", is_flag=True,
               help="Incompressible blocks (default: compressible ones).")
 @click.option("--reset", is_flag=True,
-              help="Handshake with resetFirstSequence (the server forgets the vdisk's order).")
+              help="Handshake with resetFirstSequence: a new epoch (the server forgets the "
+                   "vdisk's order); with --continue, right after the log's last sequence.")
 @click.option("--timeout", type=float, default=300.0, show_default=True,
               help="Seconds to wait for the last FlushOK.")
 @click.option("--connect-timeout", type=float, default=10.0, show_default=True,
@@ -214,9 +215,8 @@ def send_command(servers: tuple[str, ...], vdisk: str, blocks: int, block_size: 
     and print one JSON line: throughput, RecvOK/FlushOK latency percentiles, resends,
     reconnects and the client's CPU time per block. --rate paces the sending.
     """
-    if continue_log and (first_sequence is not None or reset):
-        raise click.UsageError("--continue: cannot be combined with --first-sequence or "
-                               "--reset")
+    if continue_log and first_sequence is not None:
+        raise click.UsageError("--continue: cannot be combined with --first-sequence")
     if not continue_log and first_sequence is None:
         first_sequence = 0
     try:

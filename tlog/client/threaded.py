@@ -257,6 +257,11 @@ class ThreadedClient:
         return self._client.first_sequence
 
     @property
+    def epoch(self) -> int:
+        """See `TlogClient.epoch`."""
+        return self._client.epoch
+
+    @property
     def log_position(self) -> HandshakeResponse | None:
         """See `TlogClient.log_position`."""
         return self._client.log_position

@@ -90,7 +90,11 @@ class TlogClient:
     where it ends, and `first_sequence` / `next_sequence` say where this client starts
     (0 on a vdisk without a log). A client that starts again at a sequence the log already
     holds, without ``reset_first_sequence``, gets a new epoch from our server as soon as
-    one of its writes differs (docs/durability.md).
+    one of its writes differs (docs/durability.md). ``first_sequence=None`` with
+    ``reset_first_sequence`` starts a new epoch right after the log's last sequence: the
+    server closes every other connection of the vdisk and drops what they sent but it has
+    not taken in order (what a restarted NBD server needs, whose earlier run may still have
+    blocks in flight); `epoch` is then the new epoch.
     """
 
     def __init__(self, servers: Sequence[str], vdisk_id: str, first_sequence: int | None = 0, *,
@@ -112,9 +116,6 @@ class TlogClient:
             raise ValueError("timeouts and max_unflushed_bytes must be > 0")
         if not 0 < reconnect_delay <= reconnect_max_delay:
             raise ValueError("need 0 < reconnect_delay <= reconnect_max_delay")
-        if first_sequence is None and reset_first_sequence:
-            raise ValueError("reset_first_sequence needs a first_sequence (None continues "
-                             "the log instead)")
         self._servers = check_servers(servers)
         self.vdisk_id = vdisk_id
         #: None until the first handshake when the client continues the vdisk's log
@@ -124,8 +125,11 @@ class TlogClient:
         if first_sequence is None:
             first_sequence = 0
         #: The first server's answer to the handshake: where the vdisk's log stood
-        #: (`HandshakeResponse.last_sequence`, ``has_log``, ``epoch``); None before.
+        #: (`HandshakeResponse.last_sequence`, ``has_log``) and the epoch this client's
+        #: blocks go to (``epoch``); None before.
         self.log_position: HandshakeResponse | None = None
+        #: The epoch the server puts this client's blocks in, from the latest handshake.
+        self.epoch = 0
         self.reset_first_sequence = reset_first_sequence
         self.resend_timeout = resend_timeout
         self.max_unflushed_bytes = max_unflushed_bytes
@@ -303,6 +307,7 @@ class TlogClient:
             raise handshake_error(response.status, address)
         if link.lost:
             raise ConnectionError(f"{address}: connection lost right after the handshake")
+        self.epoch = response.epoch
         if self._closed:
             link.abort()
             raise ClientClosedError("client closed")
