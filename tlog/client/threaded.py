@@ -237,6 +237,14 @@ class ThreadedClient:
         self._in_loop(lambda: self._client.wait_nbd_slave_sync(timeout),
                       None if timeout is None else timeout + 10)
 
+    def new_epoch(self, timeout: float | None = 30.0) -> int:
+        """See `TlogClient.new_epoch` (no other thread may send meanwhile)."""
+        epoch = self._in_loop(lambda: self._client.new_epoch(timeout),
+                              None if timeout is None else timeout + 10)
+        with self._cond:
+            self._next_sequence = self._client.next_sequence
+        return epoch
+
     def change_servers(self, servers: Sequence[str]) -> None:
         """See `TlogClient.change_servers`."""
         async def run() -> None:

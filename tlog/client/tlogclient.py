@@ -36,8 +36,9 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from tlog.protocol import BlockResponse, ClientConnection, HandshakeResponse, wire
-from tlog.protocol.status import HandshakeStatus, Operation
+from tlog.protocol.status import BlockStatus, HandshakeStatus, Operation
 
+from .buffer import UnflushedBuffer
 from .errors import ClientClosedError, HandshakeError, SlaveSyncError, handshake_error
 from .link import ServerLink, dial
 from .settings import check_servers, parse_address
@@ -62,6 +63,12 @@ WRITE_BATCH = 256 * 1024
 
 HASH_SIZE = 32
 BLOCK_MESSAGE_OVERHEAD = wire.BLOCK_MESSAGE_OVERHEAD
+
+# The answers, as the plain ints the response decoder gives (compared once per response).
+RECV_OK, FLUSH_OK = int(BlockStatus.RECV_OK), int(BlockStatus.FLUSH_OK)
+RECV_FAILED, FLUSH_FAILED = int(BlockStatus.RECV_FAILED), int(BlockStatus.FLUSH_FAILED)
+SLAVE_SYNC_OK = int(BlockStatus.WAIT_NBD_SLAVE_SYNC_RECEIVED)
+SLAVE_SYNC_FAILED = int(BlockStatus.WAIT_NBD_SLAVE_SYNC_FAILED)
 
 
 # -- encoding --------------------------------------------------------------------------
@@ -152,14 +159,8 @@ class TlogClient:
         self._release_hooks: list[Callable[[], None]] = []
 
         self._loop = asyncio.get_running_loop()
-        # unflushed blocks: sequence -> encoded frame; the only owner of the data
-        self._unflushed: dict[int, bytes] = {}
-        self._unflushed_bytes = 0
-        self._low = first_sequence  # <= the lowest unflushed sequence while any
+        self._buf = UnflushedBuffer(first_sequence)  # until FlushOK; the only copy of the data
         self._next = first_sequence  # highest sequence sent + 1
-        # sequence -> loop time of the last write, for blocks without RecvOK;
-        # insertion order is write order, so the oldest come first
-        self._awaiting: dict[int, float] = {}
         self._out: list[bytes] = []
         self._out_bytes = 0
         self._out_scheduled = False
@@ -210,34 +211,20 @@ class TlogClient:
 
     @property
     def unflushed_blocks(self) -> int:
-        return len(self._unflushed)
+        return len(self._buf)
 
     @property
     def unflushed_bytes(self) -> int:
-        return self._unflushed_bytes
+        return self._buf.size
 
     def stats(self) -> ClientStats:
-        return ClientStats(self.sent_blocks, self.flushed_blocks, len(self._unflushed),
-                           self._unflushed_bytes, self.resends, self.reconnect_resends,
+        return ClientStats(self.sent_blocks, self.flushed_blocks, len(self._buf),
+                           self._buf.size, self.resends, self.reconnect_resends,
                            self.reconnects, self.last_flushed, self.server)
 
     def lowest_unflushed(self) -> int | None:
         """The lowest sequence sent and not yet flushed, None when all are flushed."""
-        u = self._unflushed
-        if not u:
-            return None
-        low = self._low
-        if low in u:
-            return low
-        limit = low + len(u) + 64
-        low += 1
-        while low not in u:
-            low += 1
-            if low > limit:  # sequences with big gaps: just look
-                low = min(u)
-                break
-        self._low = low
-        return low
+        return self._buf.lowest()
 
     # -- connecting --
     @classmethod
@@ -266,6 +253,33 @@ class TlogClient:
         self._activate(link)
         if self._tick_handle is None:
             self._tick_handle = self._loop.call_later(self._tick_interval, self._tick)
+
+    async def new_epoch(self, timeout: float | None = 30.0) -> int:
+        """Start a new epoch right after the log's last sequence, as a client created with
+        ``first_sequence=None, reset_first_sequence=True`` does (connect again with both
+        flags): the server closes the vdisk's other connections and drops what they sent
+        that it did not take in order. Every block must be flushed first (`wait_flushed`).
+        Returns the new epoch."""
+        self._check_usable()
+        if self._buf:
+            raise ValueError(f"vdisk {self.vdisk_id}: a new epoch needs every block flushed "
+                             f"({len(self._buf)} are not)")
+        self._continue = True
+        self.reset_first_sequence = True
+        self._handshaken_once = False  # the next handshake asks for both
+        link, self._link = self._link, None
+        if link is not None:
+            link.abort()  # not _lose: no reconnect task, this one dials
+        task = self._reconnect_task
+        if task is not None and not task.done():
+            task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
+        deadline = None if timeout is None else self._loop.time() + timeout
+        self._activate(await self._dial(max(0, self._server_index), deadline))
+        return self.epoch
 
     async def _dial(self, start: int, deadline: float | None) -> ServerLink:
         """Cycle through the servers from ``start`` with capped backoff between rounds."""
@@ -313,9 +327,10 @@ class TlogClient:
             raise ClientClosedError("client closed")
         if not self._handshaken_once:
             self.log_position = response
-            if self._continue and not self._unflushed:
+            if self._continue and not self._buf:
                 # Continue after what the vdisk holds (0 for a vdisk with nothing yet).
-                self.first_sequence = self._low = self._next = response.next_sequence
+                self.first_sequence = self._next = response.next_sequence
+                self._buf = UnflushedBuffer(self._next)
                 log.info("vdisk %s: continuing the log at sequence %d (epoch %d)",
                          self.vdisk_id, self._next, response.epoch)
         return link
@@ -328,20 +343,10 @@ class TlogClient:
         """Make ``link`` current; write every unflushed block, then pending commands."""
         self._link = link
         self._handshaken_once = True
-        self._out = []
+        self._out = self._buf.rewrite_all(self._loop.time())
         self._out_bytes = 0
-        aw = self._awaiting
-        aw.clear()
-        u = self._unflushed
-        if u:
-            now = self._loop.time()
-            frames = []
-            for seq in sorted(u):
-                aw[seq] = now
-                frames.append(u[seq])
-            self._out = frames
-            if resend:
-                self.reconnect_resends += len(frames)
+        if resend:
+            self.reconnect_resends += len(self._out)
         low = self.lowest_unflushed()
         target = self._force_target
         if target is not None and low is not None and low <= target:
@@ -352,7 +357,7 @@ class TlogClient:
             self._out.append(ClientConnection.send_wait_nbd_slave_sync())
         self._write_out()
         log.info("vdisk %s: connected to %s (%d unflushed block(s) sent)", self.vdisk_id,
-                 link.address, len(u))
+                 link.address, len(self._buf))
 
     def _lose(self, link: ServerLink, reason: str, flush_failed: bool = False) -> None:
         """Drop ``link``; when it is the current one, start reconnecting."""
@@ -360,11 +365,11 @@ class TlogClient:
             self._link = None
             self._out = []
             self._out_bytes = 0
-            self._awaiting.clear()
+            self._buf.connection_lost()
             if not self._closed and self._error is None:
                 log.warning("vdisk %s: lost tlogserver %s (%s); %d unflushed block(s) kept, "
                             "reconnecting", self.vdisk_id, link.address, reason,
-                            len(self._unflushed))
+                            len(self._buf))
                 if self._reconnect_task is None or self._reconnect_task.done():
                     self._reconnect_task = self._loop.create_task(
                         self._reconnect(flush_failed), name=f"tlog reconnect {self.vdisk_id}")
@@ -405,8 +410,7 @@ class TlogClient:
             raise self._reraise()
         frame = encode_block(sequence, index, time.time_ns() if timestamp is None else timestamp,
                              data, operation)
-        if self._space_waiters or (self._unflushed_bytes + len(frame) > self.max_unflushed_bytes
-                                   and self._unflushed):
+        if self._space_waiters or not self._buf.room_for(len(frame), self.max_unflushed_bytes):
             future: asyncio.Future[None] = self._loop.create_future()
             self._space_waiters.append((sequence, frame, future))
             await future  # _release puts the frame, in FIFO order
@@ -418,19 +422,13 @@ class TlogClient:
 
     def _put(self, sequence: int, frame: bytes) -> None:
         """Buffer an encoded block and queue its write (loop thread; never blocks)."""
-        u = self._unflushed
-        if sequence in u:
-            self._unflushed_bytes -= len(u.pop(sequence))
-            self._awaiting.pop(sequence, None)
-        elif not u or sequence < self._low:
-            self._low = sequence
-        u[sequence] = frame
-        self._unflushed_bytes += len(frame)
+        buf = self._buf
+        buf.put(sequence, frame)
         self.sent_blocks += 1
         if sequence >= self._next:
             self._next = sequence + 1
         if self._link is not None:
-            self._awaiting[sequence] = self._loop.time()
+            buf.written(sequence, self._loop.time())
             self._out.append(frame)
             self._out_bytes += len(frame)
             if not self._out_scheduled:
@@ -453,8 +451,7 @@ class TlogClient:
             if future.done():
                 waiters.popleft()
                 continue
-            if self._unflushed and (self._unflushed_bytes + len(frame)
-                                    > self.max_unflushed_bytes):
+            if not self._buf.room_for(len(frame), self.max_unflushed_bytes):
                 break
             waiters.popleft()
             self._put(sequence, frame)
@@ -500,7 +497,7 @@ class TlogClient:
         except TimeoutError:
             raise TimeoutError(
                 f"vdisk {self.vdisk_id}: blocks up to sequence {target} not flushed within "
-                f"{timeout} s ({len(self._unflushed)} unflushed, lowest "
+                f"{timeout} s ({len(self._buf)} unflushed, lowest "
                 f"{self.lowest_unflushed()})") from None
 
     def _check_flush_waiters(self) -> None:
@@ -632,44 +629,30 @@ class TlogClient:
 
     # -- what the server says --
     def _on_responses(self, link: ServerLink, responses: list[BlockResponse]) -> None:
-        aw = self._awaiting
-        u = self._unflushed
-        freed = 0
+        buf = self._buf
         flushed = 0
-        callback = self._on_response
-        for event in responses:
-            status, seqs = event
-            if status == 1:  # RecvOK
-                for s in seqs:
-                    aw.pop(s, None)
-            elif status == 2:  # FlushOK; twice, or for a block we do not hold: ignored
-                for s in seqs:
-                    frame = u.pop(s, None)
-                    if frame is not None:
-                        freed += len(frame)
-                        flushed += 1
-                        aw.pop(s, None)
+        for status, seqs in responses:
+            if status == RECV_OK:
+                buf.received(seqs)
+            elif status == FLUSH_OK:
+                flushed += buf.flushed(seqs)[0]
                 if seqs:
                     high = max(seqs)
                     if self.last_flushed is None or high > self.last_flushed:
                         self.last_flushed = high
-            elif status == -1:  # RecvFailed: send again after the resend timeout
-                now = self._loop.time()
-                for s in seqs:
-                    if s in u:
-                        aw.pop(s, None)
-                        aw[s] = now
-            elif status == -2:  # FlushFailed
+            elif status == RECV_FAILED:  # sent again after the resend timeout
+                buf.refused(seqs, self._loop.time())
+            elif status == FLUSH_FAILED:
                 log.warning("vdisk %s: %s reports FlushFailed for %d block(s)", self.vdisk_id,
                             link.address, len(seqs))
                 if self.reconnect_on_flush_failed and link is self._link:
                     self._lose(link, "the server failed to flush", flush_failed=True)
-            elif status == 4 or status == -3:  # WaitNbdSlaveSync received / failed (ours)
+            elif status == SLAVE_SYNC_OK or status == SLAVE_SYNC_FAILED:
                 if link is self._link and self._sync_waiters:
                     future = self._sync_waiters.popleft()
                     if future.done():
                         pass
-                    elif status == 4:
+                    elif status == SLAVE_SYNC_OK:
                         future.set_result(None)
                     else:
                         future.set_exception(SlaveSyncError(
@@ -678,7 +661,6 @@ class TlogClient:
         if flushed:
             self._flush_failed_delay = self.reconnect_delay
             self.flushed_blocks += flushed
-            self._unflushed_bytes -= freed
             if self._space_waiters or self._release_hooks:
                 self._release()
             if self._flush_waiters:
@@ -688,6 +670,7 @@ class TlogClient:
             for event in responses:
                 for queue in self._subscribers:
                     queue.put_nowait(event)
+        callback = self._on_response
         if callback is not None:
             for status, seqs in responses:
                 try:
@@ -710,37 +693,23 @@ class TlogClient:
         """The periodic check: resend blocks without RecvOK; give up on a silent server."""
         self._tick_handle = self._loop.call_later(self._tick_interval, self._tick)
         link = self._link
-        aw = self._awaiting
         if link is None:
             return
+        buf = self._buf
         now = self._loop.time()
-        if not aw:
+        if not buf.awaiting:
             link.last_rx = now  # nothing owed: silence so far is no stall
             return
-        oldest_allowed = now - self.resend_timeout
-        expired = []
-        for seq, sent in aw.items():
-            if sent > oldest_allowed:
-                break
-            expired.append(seq)
+        expired = buf.expired(now - self.resend_timeout)
         if not expired:
             return
         if self.stall_timeout and now - link.last_rx > self.stall_timeout:
             self._lose(link, f"no answer for {now - link.last_rx:.1f} s")
             return
-        expired.sort()
-        u = self._unflushed
-        out = self._out
-        count = 0
-        for seq in expired:
-            del aw[seq]
-            frame = u.get(seq)
-            if frame is not None:
-                aw[seq] = now
-                out.append(frame)
-                count += 1
-        if count:
-            self.resends += count
+        frames = buf.resend(expired, now)
+        if frames:
+            self._out.extend(frames)
+            self.resends += len(frames)
             log.info("vdisk %s: resending %d block(s) without RecvOK after %g s (from %d)",
-                     self.vdisk_id, count, self.resend_timeout, expired[0])
+                     self.vdisk_id, len(frames), self.resend_timeout, expired[0])
             self._write_out()
