@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import abc
 import contextlib
-import ctypes
-import ctypes.util
 import os
 import stat
 import time
@@ -26,6 +24,7 @@ import redis.asyncio
 from redis.asyncio.retry import Retry
 from redis.backoff import ConstantBackoff
 
+from tlog.holes import can_punch, punch_hole
 from tlog.protocol.status import Operation
 from tlog.protocol.wire import Block, Buffer
 from tlog.record.aggregation import RecordOpener
@@ -105,41 +104,12 @@ class BlockStorage(abc.ABC):
 # Disk image file
 
 
-def _load_fallocate() -> Callable[[int, int, int, int], int] | None:
-    """libc's fallocate(2), to punch holes for deleted blocks; None where there is none."""
-    if not hasattr(os, "pwritev"):
-        return None
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-        func = libc.fallocate
-    except (OSError, AttributeError):
-        return None
-    func.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-    func.restype = ctypes.c_int
-    return func  # type: ignore[no-any-return]
-
-
-_FALLOCATE = _load_fallocate()
-
-
 def _is_plain_file(path: str) -> bool:
     """A regular file, not a symlink, a device or a directory."""
     try:
         return stat.S_ISREG(os.lstat(path).st_mode)
     except OSError:
         return False
-
-
-_FALLOC_FL_KEEP_SIZE = 0x01
-_FALLOC_FL_PUNCH_HOLE = 0x02
-
-
-def punch_hole(fd: int, offset: int, length: int) -> bool:
-    """Deallocate ``length`` bytes at ``offset`` of a regular file, keeping its size: they
-    read as zeroes. False where the file system (or libc) cannot; nothing changed then."""
-    if _FALLOCATE is None:
-        return False
-    return _FALLOCATE(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length) == 0
 
 
 class FileBlockStorage(BlockStorage):
@@ -177,7 +147,7 @@ class FileBlockStorage(BlockStorage):
         self._size = info.st_size if self._regular else 1 << 62  # current file size
         self._extent = max(info.st_size, size)  # size to end with
         self._zero = bytes(block_size)
-        self._punch = _FALLOCATE is not None and self._regular
+        self._punch = can_punch() and self._regular
         self._sync = sync
         self._closed = False
 
