@@ -8,6 +8,7 @@ settings; SIGTERM or SIGINT then stop nbdkit, which flushes the log before it ex
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
 import socket
@@ -19,10 +20,15 @@ from typing import Any
 
 import click
 
-from tlog.client import parse_address
+from tlog.client import TlogClientError, parse_address
+from tlog.nbd.backend import BackendError
+from tlog.nbd.convergence import ExportRefused
+from tlog.nbd.disk import DEFAULT_CHECKPOINT_BYTES
+from tlog.nbd.export import LOG_FORMAT, prepare
+from tlog.nbd.intent import IntentError
 from tlog.nbd.settings import NbdSettings, SettingsError
 
-from .options import SIZE
+from .params import SIZE
 
 PLUGIN = Path(__file__).resolve().parents[1] / "nbd" / "plugin.py"
 #: nbdkit worker threads per NBD connection. Writes are logged one at a time (in log
@@ -100,6 +106,17 @@ def claim_socket(path: str) -> None:
         os.unlink(path)
 
 
+def _converge(settings: NbdSettings) -> None:
+    """Bring the device and the log into agreement (a recovery after an unclean stop)
+    before nbdkit starts: a device that cannot be served is one line here, exit 1."""
+    logging.basicConfig(stream=sys.stderr, level=logging.INFO, format=LOG_FORMAT)
+    try:
+        prepare(settings)
+    except (ExportRefused, BackendError, IntentError, TlogClientError, ConnectionError,
+            TimeoutError, OSError) as exc:
+        raise click.ClickException(str(exc)) from None
+
+
 def _check_nbdkit() -> str:
     nbdkit = shutil.which("nbdkit")
     if nbdkit is None:
@@ -162,6 +179,20 @@ def _check_nbdkit() -> str:
 @click.option("--token-file", default="", metavar="FILE", help="The vdisk's access token.")
 @click.option("--threads", type=click.IntRange(1, 64), default=DEFAULT_THREADS,
               show_default=True, help="nbdkit worker threads per NBD connection.")
+@click.option("--state-file", default="", metavar="FILE",
+              help="Where the image's tlog state and intent log are kept [default: beside "
+                   "the image, IMAGE.tlog-state; needed for a block device]. A Redis block "
+                   "store keeps them in two keys of its own.")
+@click.option("--checkpoint-bytes", type=SIZE, default=DEFAULT_CHECKPOINT_BYTES,
+              metavar="SIZE", show_default=True,
+              help="Written between two background checkpoints (a FLUSH is one too): a "
+                   "recovery after a crash looks at about twice this at most.")
+@click.option("--metrics-address", default="", metavar="HOST:PORT",
+              help="Serve the export's metrics for Prometheus at http://HOST:PORT/metrics "
+                   "(recoveries, checkpoints, written blocks, failed requests...).")
+@click.option("--adopt", is_flag=True,
+              help="Take a device that has no tlog state (served by a tlog nbd of an older "
+                   "version) as holding what the vdisk's log does. Nothing can check it.")
 @click.option("--verbose", is_flag=True,
               help="Print the nbdkit command, and nbdkit's debug output.")
 def nbd_command(socket_path: str | None, listen: str | None, verbose: bool, threads: int,
@@ -185,6 +216,8 @@ def nbd_command(socket_path: str | None, listen: str | None, verbose: bool, thre
     nbdkit = _check_nbdkit()
     if socket_path is not None:
         claim_socket(socket_path)
+    if not settings.readonly:
+        _converge(settings)
     argv = nbdkit_argv(settings, socket=socket_path, listen=listen, verbose=verbose,
                        nbdkit=nbdkit, threads=threads)
     if verbose:

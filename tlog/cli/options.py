@@ -26,7 +26,6 @@ from tlog.storage import (
     parse_addresses,
     parse_storage_config,
 )
-from tlog.units import parse_size
 
 T = TypeVar("T")
 F = TypeVar("F", bound=Callable[..., Any])
@@ -35,23 +34,6 @@ F = TypeVar("F", bound=Callable[..., Any])
 EXIT_FAILED = 1
 
 
-class SizeParam(click.ParamType):
-    """A size in bytes as every command takes it (`tlog.units.parse_size`): 4096, 64M, 10GiB,
-    500MB."""
-
-    name = "size"
-
-    def convert(self, value: Any, param: click.Parameter | None,
-                ctx: click.Context | None) -> int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        try:
-            return parse_size(value)
-        except ValueError as exc:
-            self.fail(str(exc), param, ctx)
-
-
-SIZE = SizeParam()
 
 
 

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import sys
 import time
 from typing import Any
 
 import click
+import redis
 
 from tlog.allocator import tune_allocator
+from tlog.nbd.backend import default_state_path
+from tlog.nbd.intent import FileIntentLog, IntentError, IntentLog, RedisIntentLog, record_agreement
 from tlog.read.chain import ChainReader
 from tlog.read.fetch import DecodeError
 from tlog.read.head import NoLog
@@ -30,7 +35,6 @@ from tlog.storage import (
 )
 
 from .options import (
-    SIZE,
     fail_with,
     limit_options,
     limiter_from,
@@ -39,6 +43,7 @@ from .options import (
     read_setup,
     run_async,
 )
+from .params import SIZE
 
 
 class _Progress:
@@ -131,6 +136,10 @@ def _summary(vdisk: str, result: PlayResult, target: str, reader: ChainReader) -
                    "does). Their AES-GCM tag already proves each record is what tlogserver "
                    "sealed after checking the hashes itself; legacy records are always "
                    "checked.")
+@click.option("--state-file", default=None, metavar="FILE",
+              help="Where to record the image's tlog state (the point of the log it holds, "
+                   "for tlog nbd) [default: beside the image, IMAGE.tlog-state; a block "
+                   "device gets none unless given; a Redis block store keeps it in a key].")
 @click.option("--pin", default=None, metavar="NAME",
               help="Restore the named restore point (tlog pin) instead of the newest state.")
 @click.pass_context
@@ -203,3 +212,50 @@ def restore_command(ctx: click.Context, **values: Any) -> None:
         fail_with(str(exc))
         return
     click.echo(_summary(setup.vdisk, result, storage.describe(), reader))
+    if (limiter.start_seq or limiter.start_ts) and not values["keep_existing"]:
+        return  # part of the log only: the image is no point of it
+    try:
+        note = _record_state(setup.vdisk, values, result)
+    except (IntentError, OSError, redis.RedisError) as exc:
+        fail_with(f"the image is restored, but its tlog state could not be recorded: {exc}")
+        return
+    if note:
+        click.echo(note, err=True)
+
+
+def _record_state(vdisk: str, values: dict[str, Any], result: PlayResult) -> str:
+    """Record in the output the point of the log it holds now (`tlog.nbd.intent`), so that
+    `tlog nbd` can serve it; what to tell the operator ("" for nothing)."""
+    if result.last_sequence is not None:
+        epoch, sequence = result.epoch, result.last_sequence
+    elif result.checkpoint is not None:
+        epoch, sequence = result.checkpoint.epoch, result.checkpoint.sequence
+    else:
+        return ""
+    block_size = values["block_size"]
+    intent: IntentLog
+    if values["output"] is not None:
+        output = values["output"]
+        path = values["state_file"]
+        if path is None:
+            if not os.path.isfile(output):
+                return (f"{output} is not a regular file: no tlog state recorded (give "
+                        "--state-file to serve it with tlog nbd)")
+            path = default_state_path(output)
+        size = os.path.getsize(output)
+        size -= size % block_size
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)  # whatever it recorded is not this image any more
+        intent = FileIntentLog(path, block_size, size)
+    else:
+        address = ServerAddress.parse(values["output_redis"])
+        prefix = values["redis_key_prefix"]
+        prefix = f"{vdisk}:" if prefix is None else prefix
+        client = redis.Redis(**address.redis_kwargs(), socket_timeout=values["timeout"])
+        intent = RedisIntentLog(client, prefix.encode(), block_size, values["size"],
+                                f"redis {address}")
+    try:
+        record_agreement(intent, vdisk, epoch, sequence)
+    finally:
+        intent.close()
+    return ""

@@ -14,8 +14,15 @@ from typing import cast
 
 import redis
 
-from tlog.read.player import punch_hole
+from tlog.holes import punch_hole
 from tlog.storage import ServerAddress
+
+from .intent import FileIntentLog, IntentLog, RedisIntentLog
+
+
+def default_state_path(image: str) -> str:
+    """Where the state of an image is kept unless told: beside it."""
+    return image + ".tlog-state"
 
 
 class BackendError(Exception):
@@ -53,6 +60,10 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def describe(self) -> str:
         """For log lines."""
+
+    @abc.abstractmethod
+    def intent_log(self, state_path: str | None = None) -> IntentLog:
+        """The export's state and intent log, kept with these blocks (`tlog.nbd.intent`)."""
 
 
 class FileBackend(Backend):
@@ -114,6 +125,11 @@ class FileBackend(Backend):
 
     def describe(self) -> str:
         return f"image {self.path}"
+
+    def intent_log(self, state_path: str | None = None) -> IntentLog:
+        """In a file beside the image (``<image>.tlog-state``), or at ``state_path``."""
+        path = state_path or default_state_path(self.path)
+        return FileIntentLog(path, self.block_size, self.size)
 
 
 class RedisBackend(Backend):
@@ -181,3 +197,8 @@ class RedisBackend(Backend):
 
     def describe(self) -> str:
         return f"redis {self.address} (keys {self.prefix.decode(errors='replace')}<index>)"
+
+    def intent_log(self, state_path: str | None = None) -> IntentLog:
+        """In two keys of the block store, beside the blocks (``state_path`` is unused)."""
+        return RedisIntentLog(self._redis, self.prefix, self.block_size, self.size,
+                              self.describe())

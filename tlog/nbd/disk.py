@@ -16,6 +16,12 @@ Rules (docs/nbd.md says why):
   the backend; FUA does the same for the request's blocks. A wait longer than
   ``flush_timeout``, or a write that cannot be handed to the client within
   ``write_timeout``, is an `OSError` (EIO), never a silent success.
+- Crash convergence (`tlog.nbd.intent`, `tlog.nbd.convergence`): every write is marked in
+  the export's intent log before it is logged. A FLUSH is also a checkpoint: the writes
+  it made safe (in the log, synced on the device) lose their marks; so does a background
+  checkpoint every ``checkpoint_blocks`` blocks written. A write the log took but the
+  device did not (its backend failed) keeps the marks for good: the next start logs the
+  device's blocks again. A clean stop leaves no mark and the state clean.
 - Failover: with a standby (the block store tlogserver's slave sync keeps in step), a
   backend that fails is replaced by it, once: every block logged is flushed, the server
   confirms that the standby holds them (WaitNbdSlaveSync), then the request that failed
@@ -37,6 +43,7 @@ from tlog.client import ThreadedClient, TlogClientError
 from tlog.protocol import Operation
 
 from .backend import Backend, BackendError
+from .intent import ExportState, IntentError, IntentLog
 
 log = logging.getLogger("tlog.nbd")
 T = TypeVar("T")
@@ -48,6 +55,9 @@ DEFAULT_FLUSH_TIMEOUT = 30.0
 DEFAULT_FAILOVER_TIMEOUT = 60.0
 #: Blocks deleted (logged, then applied) per step of a trim or zero.
 CLEAR_STEP = 8192
+#: Bytes written between two background checkpoints (a FLUSH is one too): what a
+#: recovery after a crash of the process looks at is at most about twice this.
+DEFAULT_CHECKPOINT_BYTES = 64 * 1024 * 1024
 
 
 def _delete(backend: Backend, first: int, count: int) -> None:
@@ -68,7 +78,9 @@ class LoggedDisk:
                  flush_timeout: float = DEFAULT_FLUSH_TIMEOUT,
                  clock: Callable[[], int] = time.time_ns,
                  standby: Callable[[], Backend] | None = None,
-                 failover_timeout: float = DEFAULT_FAILOVER_TIMEOUT) -> None:
+                 failover_timeout: float = DEFAULT_FAILOVER_TIMEOUT,
+                 intent: IntentLog | None = None, state: ExportState | None = None,
+                 checkpoint_bytes: int = DEFAULT_CHECKPOINT_BYTES) -> None:
         self.backend = backend
         self.size = size
         self.block_size = backend.block_size
@@ -77,8 +89,24 @@ class LoggedDisk:
         self.write_timeout = write_timeout
         self.flush_timeout = flush_timeout
         self._clock = clock
-        self._write_lock = threading.Lock()
+        # Reentrant: a failover taken during a write runs under it too.
+        self._write_lock = threading.RLock()
         self._zeros = bytes(self.block_size)
+        #: The export's intent log and state (None: nothing recorded, e.g. read-only).
+        self.intent = intent
+        self.state = state
+        self.checkpoint_blocks = max(1, checkpoint_bytes // self.block_size)
+        self._since_checkpoint = 0  # blocks marked since the last checkpoint began
+        self._checkpoint_lock = threading.Lock()
+        self._checkpointer: threading.Thread | None = None
+        self._checkpoint_due = threading.Event()
+        self._closing = False
+        #: A write the log took and the device did not: the marks stay until a restart.
+        self.diverged = False
+        # counters, for metrics
+        self.checkpoints = 0
+        self.written_blocks = 0
+        self.failed_requests = 0
         #: Opens the standby backend (None: no standby, or switched to it already).
         self._open_standby = standby
         self.failover_timeout = failover_timeout
@@ -126,25 +154,103 @@ class LoggedDisk:
             self._on_backend(lambda b: b.flush())
 
     def flush(self) -> None:
-        """Every write so far durable in the log, then the backend synced."""
-        if self.client is not None:
-            self._wait_flushed(None, "flush")
-        self._on_backend(lambda b: b.flush())
+        """Every write so far durable in the log, then the backend synced (a checkpoint)."""
+        if self.client is None:
+            self._on_backend(lambda b: b.flush())
+            return
+        self.checkpoint("flush")
 
-    def close(self) -> None:
-        """A final flush (errors logged, not raised: nbdkit is going away), then release."""
+    def checkpoint(self, what: str = "checkpoint") -> None:
+        """Every write so far stored in the log and synced on the device, then their marks
+        cleared and the state's position moved there. When another checkpoint is running,
+        only the waits (a FLUSH must not wait for a second one). Raises EIO like FLUSH."""
+        assert self.client is not None
+        if self.intent is None or not self._checkpoint_lock.acquire(blocking=False):
+            self._wait_flushed(None, what)
+            self._on_backend(lambda b: b.flush())
+            return
+        try:
+            with self._write_lock:
+                intent = self.intent
+                token = intent.begin_checkpoint()
+                target = self.client.next_sequence - 1
+                self._since_checkpoint = 0
+            self._wait_flushed(target, what)
+            self._on_backend(lambda b: b.flush())
+            with self._write_lock:
+                if self.diverged or self.intent is not intent:
+                    return  # the marks stay (a failed write; or a failover moved them)
+                intent.end_checkpoint(token)
+            state = self.state
+            if state is not None:
+                state.sequence, state.epoch = target, self.client.epoch
+                intent.save(state)
+            self.checkpoints += 1
+        except (IntentError, OSError) as exc:
+            if isinstance(exc, OSError) and exc.errno == errno.EIO:
+                raise
+            raise io_error(f"vdisk {self.vdisk}: {what} failed: {exc}") from None
+        finally:
+            self._checkpoint_lock.release()
+
+    def _start_checkpointer(self) -> None:
+        if self._checkpointer is None:
+            self._checkpointer = threading.Thread(target=self._run_checkpoints, daemon=True,
+                                                  name=f"tlog checkpoints {self.vdisk}")
+            self._checkpointer.start()
+
+    def _run_checkpoints(self) -> None:
+        """The background checkpoints (a thread: they wait for FlushOK and sync)."""
+        while True:
+            self._checkpoint_due.wait()
+            self._checkpoint_due.clear()
+            if self._closing:
+                return
+            try:
+                self.checkpoint("background checkpoint")
+            except OSError:
+                pass  # logged; the marks stay, the next one tries again
+
+    def close(self, quiet: bool = False) -> None:
+        """A final flush (errors logged, not raised: nbdkit is going away), then release.
+        When the device and the log agree, the state is left clean: the next start needs no
+        recovery. ``quiet``: no "stopped" line."""
         try:
             if self.client is not None:
+                clean = False
                 try:
-                    self.flush()
+                    self.checkpoint("final flush")
+                    clean = not self.diverged
                 except OSError:
                     pass  # already logged
+                self._stop_checkpointer()
+                if clean and self.intent is not None and self.state is not None:
+                    try:
+                        self.intent.clear()
+                        self.state.clean = True
+                        self.intent.save(self.state)
+                    except IntentError as exc:
+                        log.error("vdisk %s: cannot record the clean stop: %s", self.vdisk, exc)
                 stats = self.client.stats()
-                log.info("vdisk %s: stopped; %d block(s) logged, %d unflushed", self.vdisk,
-                         stats.sent_blocks, stats.unflushed_blocks)
+                if not quiet:
+                    log.info("vdisk %s: stopped%s; %d block(s) logged, %d unflushed",
+                             self.vdisk, " cleanly, device and log agree at "
+                             + self.state.describe() if clean and self.state is not None
+                             else "", stats.sent_blocks, stats.unflushed_blocks)
                 self.client.close()
         finally:
+            self._stop_checkpointer()
             self.backend.close()
+            if self.intent is not None:
+                self.intent.close()
+
+    def _stop_checkpointer(self) -> None:
+        self._closing = True
+        thread = self._checkpointer
+        if thread is not None:
+            self._checkpoint_due.set()
+            thread.join(timeout=self.flush_timeout + 10)
+            self._checkpointer = None
 
     # -- the work --
     def _check_range(self, offset: int, length: int) -> None:
@@ -175,8 +281,9 @@ class LoggedDisk:
         bs = self.block_size
         view = memoryview(data)
         blocks = [view[at:at + bs] for at in range(0, len(data), bs)]
+        self._mark(first, len(blocks))
         high = self._log(Operation.SET, first, blocks, "write")
-        self._on_backend(lambda b: b.write(first, data))
+        self._applied(lambda b: b.write(first, data))
         return high
 
     def _log(self, operation: Operation, first: int, blocks: Sequence[bytes | memoryview],
@@ -209,9 +316,41 @@ class LoggedDisk:
         # at a time, and waits for room in the client's buffer between steps.
         for start in range(whole_first, whole_end, CLEAR_STEP):
             n = min(CLEAR_STEP, whole_end - start)
+            self._mark(start, n)
             high = self._log(Operation.DELETE, start, [b""] * n, "delete")
-            self._on_backend(functools.partial(_delete, first=start, count=n))
+            self._applied(functools.partial(_delete, first=start, count=n))
         return high
+
+    def _mark(self, first: int, count: int) -> None:
+        """Before blocks are logged (write lock held): marked in the intent log; a
+        background checkpoint is due every `checkpoint_blocks`."""
+        if self.intent is None:
+            self.written_blocks += count
+            return
+        try:
+            self.intent.mark(first, count)
+        except (IntentError, OSError) as exc:
+            raise io_error(f"vdisk {self.vdisk}: write of blocks {first}..{first + count - 1} "
+                           f"refused: cannot mark them in the intent log: {exc}") from None
+        self.written_blocks += count
+        self._since_checkpoint += count
+        if self._since_checkpoint >= self.checkpoint_blocks:
+            self._since_checkpoint = 0
+            self._start_checkpointer()
+            self._checkpoint_due.set()
+
+    def _applied(self, op: Callable[[Backend], object]) -> None:
+        """``op`` on the device, after its blocks were logged: if it fails, the log holds
+        what the device does not, and its marks stay until a restart logs the device's
+        blocks again (docs/nbd.md, "After a crash")."""
+        try:
+            self._on_backend(op)
+        except OSError:
+            if not self.diverged:
+                log.error("vdisk %s: the device failed a write the log took: the next start "
+                          "logs the device's blocks again", self.vdisk)
+            self.diverged = True
+            raise
 
     def _edges(self, offset: int, end: int, whole_first: int, whole_end: int
                ) -> list[tuple[int, int, int]]:
@@ -244,8 +383,11 @@ class LoggedDisk:
             raise io_error(f"vdisk {self.vdisk}: {exc}") from None
 
     def _failover(self, failed: Backend, exc: Exception) -> Backend:
-        """Switch to the standby once it holds every logged block; the backend to use."""
-        with self._failover_lock:
+        """Switch to the standby once it holds every logged block; the backend to use. No
+        write runs meanwhile (the write lock), and the log starts a new epoch with the
+        standby: the failed device, whose state names the old one, is never taken for the
+        vdisk again (`tlog.nbd.convergence`)."""
+        with self._write_lock, self._failover_lock:
             if self.backend is not failed:
                 return self.backend  # another request switched already
             open_standby = self._open_standby
@@ -266,6 +408,13 @@ class LoggedDisk:
             except BackendError as err:
                 raise io_error(f"vdisk {self.vdisk}: cannot switch to the standby: "
                                f"{err}") from None
+            try:
+                self._move_state(standby)
+            except (IntentError, TlogClientError, TimeoutError, ValueError) as err:
+                with contextlib.suppress(Exception):
+                    standby.close()
+                raise io_error(f"vdisk {self.vdisk}: cannot switch to the standby: "
+                               f"{err}") from None
             self.backend = standby
             self._open_standby = None
             with contextlib.suppress(Exception):
@@ -274,6 +423,23 @@ class LoggedDisk:
                         "write; slave sync of the vdisk has ended)", self.vdisk,
                         standby.describe())
             return standby
+
+    def _move_state(self, standby: Backend) -> None:
+        """At a failover: the log into a new epoch, and the export's state onto the standby
+        (which holds exactly the log: no marks)."""
+        if self.client is None or self.intent is None or self.state is None:
+            return
+        epoch = self.client.new_epoch(self.failover_timeout)
+        intent = standby.intent_log()
+        state = self.state
+        state.epoch, state.sequence = epoch, self.client.next_sequence - 1
+        state.clean = False
+        intent.clear()
+        intent.save(state)
+        with contextlib.suppress(Exception):
+            self.intent.close()
+        self.intent = intent
+        self.diverged = False  # the standby holds the log; the failed writes run again
 
     def _wait_flushed(self, sequence: int | None, what: str) -> None:
         assert self.client is not None

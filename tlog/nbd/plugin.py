@@ -10,7 +10,8 @@ child.
 
 Keys: vdisk, server (repeatable), image, size, block-size, backend (file | redis), redis,
 redis-key-prefix, readonly, write-timeout, flush-timeout, connect-timeout, tls, tls-ca,
-tls-cert, tls-key, token-file, standby, standby-key-prefix, failover-timeout.
+tls-cert, tls-key, token-file, standby, standby-key-prefix, failover-timeout, state-file,
+checkpoint-bytes, adopt, metrics-address.
 """
 
 # ruff: noqa: E402  (the path set-up must run before anything of tlog is imported)
@@ -39,8 +40,11 @@ from typing import Any
 
 import nbdkit  # type: ignore[import-not-found]  # provided by nbdkit's embedded Python
 
+from tlog.client import parse_address
 from tlog.nbd import threadstate
-from tlog.nbd.settings import NbdSettings, SettingsError, open_disk
+from tlog.nbd.export import LOG_FORMAT, open_disk
+from tlog.nbd.metrics import serve_metrics
+from tlog.nbd.settings import NbdSettings, SettingsError
 
 API_VERSION = 2
 
@@ -57,8 +61,7 @@ def config(key: str, value: str) -> None:
 
 
 def config_complete() -> None:
-    logging.basicConfig(stream=sys.stderr, level=logging.INFO,
-                        format="tlog nbd: %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(stream=sys.stderr, level=logging.INFO, format=LOG_FORMAT)
     try:
         _settings.check()
     except SettingsError as exc:
@@ -73,6 +76,10 @@ def thread_model() -> int:
 def after_fork() -> None:
     global _disk
     _disk = open_disk(_settings)
+    if _settings.metrics_address:
+        host, port = parse_address(_settings.metrics_address)
+        serve_metrics(host, port, lambda: _disk)
+        logging.getLogger("tlog.nbd").info("metrics on http://%s:%d/metrics", host, port)
     logging.getLogger("tlog.nbd").info("serving %s", _settings.describe(_disk))
 
 
@@ -127,7 +134,12 @@ def can_multi_conn(h: Any) -> bool:
 
 def pread(h: Any, buf: Any, offset: int, flags: int) -> None:
     threadstate.keep()
-    buf[:] = h.pread(offset, len(buf))
+    try:
+        buf[:] = h.pread(offset, len(buf))
+    except OSError as exc:
+        h.failed_requests += 1
+        nbdkit.set_error(exc.errno or errno.EIO)
+        raise
 
 
 def pwrite(h: Any, buf: Any, offset: int, flags: int) -> None:
@@ -154,5 +166,6 @@ def _call(func: Any, *args: Any) -> None:
     try:
         func(*args)
     except OSError as exc:
+        _disk.failed_requests += 1
         nbdkit.set_error(exc.errno or errno.EIO)
         raise

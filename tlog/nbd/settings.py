@@ -7,12 +7,13 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-from tlog.client import ThreadedClient, parse_address, security_options
+from tlog.client import parse_address
 from tlog.storage import ServerAddress
 from tlog.units import parse_size
 
-from .backend import Backend, BackendError, FileBackend, RedisBackend
+from .backend import Backend, FileBackend, RedisBackend
 from .disk import (
+    DEFAULT_CHECKPOINT_BYTES,
     DEFAULT_FAILOVER_TIMEOUT,
     DEFAULT_FLUSH_TIMEOUT,
     DEFAULT_WRITE_TIMEOUT,
@@ -49,6 +50,14 @@ class NbdSettings:
     standby: str = ""
     standby_key_prefix: str = ""
     failover_timeout: float = DEFAULT_FAILOVER_TIMEOUT
+    #: where the image's state and intent log are kept ("": beside the image)
+    state_file: str = ""
+    #: take a device with no state for the vdisk as its log is (once, by the operator's word)
+    adopt: bool = False
+    #: bytes written between two background checkpoints
+    checkpoint_bytes: int = DEFAULT_CHECKPOINT_BYTES
+    #: host:port of the export's /metrics ("": none)
+    metrics_address: str = ""
 
     def set(self, key: str, value: str) -> None:
         """One nbdkit ``key=value`` argument."""
@@ -56,21 +65,21 @@ class NbdSettings:
         try:
             if name == "server":
                 self.servers.append(value)
-            elif name in ("size",):
+            elif name in ("size", "checkpoint_bytes"):
                 try:
-                    self.size = parse_size(value)
+                    setattr(self, name, parse_size(value))
                 except ValueError as exc:
-                    raise SettingsError(f"size: {exc}") from None
+                    raise SettingsError(f"{key}: {exc}") from None
             elif name == "block_size":
                 self.block_size = int(value)
             elif name in ("write_timeout", "flush_timeout", "connect_timeout",
                           "failover_timeout"):
                 setattr(self, name, float(value))
-            elif name in ("readonly", "tls"):
+            elif name in ("readonly", "tls", "adopt"):
                 setattr(self, name, value.lower() in ("1", "true", "yes", "on"))
             elif name in ("vdisk", "image", "backend", "redis", "redis_key_prefix", "tls_ca",
                           "tls_cert", "tls_key", "token_file", "standby",
-                          "standby_key_prefix"):
+                          "standby_key_prefix", "state_file", "metrics_address"):
                 setattr(self, name, value)
             else:
                 raise SettingsError(f"unknown key {key!r}")
@@ -86,9 +95,11 @@ class NbdSettings:
                f"readonly={int(self.readonly)}", f"write-timeout={self.write_timeout}",
                f"flush-timeout={self.flush_timeout}",
                f"connect-timeout={self.connect_timeout}", f"tls={int(self.tls)}",
-               f"failover-timeout={self.failover_timeout}"]
+               f"failover-timeout={self.failover_timeout}", f"adopt={int(self.adopt)}",
+               f"checkpoint-bytes={self.checkpoint_bytes}"]
         for key in ("image", "redis", "redis_key_prefix", "tls_ca", "tls_cert", "tls_key",
-                    "token_file", "standby", "standby_key_prefix"):
+                    "token_file", "standby", "standby_key_prefix", "state_file",
+                    "metrics_address"):
             value = getattr(self, key)
             if value:
                 out.append(f"{key.replace('_', '-')}={value}")
@@ -106,6 +117,13 @@ class NbdSettings:
         for name in ("write_timeout", "flush_timeout", "connect_timeout", "failover_timeout"):
             if getattr(self, name) <= 0:
                 raise SettingsError(f"{name.replace('_', '-')}: must be > 0 seconds")
+        if self.metrics_address:
+            try:
+                parse_address(self.metrics_address)
+            except ValueError as exc:
+                raise SettingsError(f"metrics-address: {exc}") from None
+        if self.checkpoint_bytes < self.block_size:
+            raise SettingsError(f"checkpoint-bytes: at least a block ({self.block_size})")
         if not self.readonly:
             if not self.servers:
                 raise SettingsError("server: at least one tlogserver address is needed "
@@ -122,6 +140,10 @@ class NbdSettings:
                 raise SettingsError(f"image: {self.image} does not exist")
             if not self.size and not os.path.exists(self.image):
                 raise SettingsError("size: a new image needs its size")
+            if (not self.readonly and not self.state_file and os.path.exists(self.image)
+                    and not os.path.isfile(self.image)):
+                raise SettingsError(f"state-file: {self.image} is not a regular file: say "
+                                    "where to keep its tlog state (--state-file)")
         elif self.backend == "redis":
             if not self.redis:
                 raise SettingsError("redis: the block store's address is needed with the "
@@ -168,35 +190,3 @@ def open_standby(settings: NbdSettings, size: int) -> Backend:
     prefix = settings.standby_key_prefix or f"{settings.vdisk}:"
     return RedisBackend(ServerAddress.parse(settings.standby), prefix, settings.block_size,
                         size)
-
-
-def open_disk(settings: NbdSettings) -> LoggedDisk:
-    """The backend opened and, unless read-only, the tlog client connected (continuing the
-    vdisk's log where it ends). Raises BackendError or the client's errors."""
-    settings.check()
-    backend = open_backend(settings)
-    size = settings.size or backend.size
-    if size % settings.block_size:
-        backend.close()
-        raise BackendError(f"{backend.describe()}: its size {size} is not a multiple of the "
-                           f"block size {settings.block_size} (give --size)")
-    client = None
-    if not settings.readonly:
-        security = security_options(tls=settings.tls, ca_file=settings.tls_ca or None,
-                                    cert_file=settings.tls_cert or None,
-                                    key_file=settings.tls_key or None,
-                                    token_file=settings.token_file or None)
-        try:
-            client = ThreadedClient(settings.servers, settings.vdisk, None,
-                                    connect_timeout=settings.connect_timeout, **security)
-        except BaseException:
-            backend.close()
-            raise
-    standby = None
-    if settings.standby:
-        def standby() -> Backend:
-            return open_standby(settings, size)
-    return LoggedDisk(backend, size, client, vdisk=settings.vdisk,
-                      write_timeout=settings.write_timeout,
-                      flush_timeout=settings.flush_timeout, standby=standby,
-                      failover_timeout=settings.failover_timeout)
