@@ -5,13 +5,9 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 if ! command -v capnp >/dev/null 2>&1; then
-  SUDO=""
-  if [ "$(id -u)" != "0" ]; then SUDO="sudo"; fi
-  export DEBIAN_FRONTEND=noninteractive
-  $SUDO apt-get update -qq
-  $SUDO apt-get install -y -qq capnproto >/dev/null
+  scripts/apt_install.sh capnproto
 fi
-if [ ! -x .venv/bin/python ]; then
+if [ ! -x .venv/bin/pip ]; then
   python3 -m venv .venv
 fi
 .venv/bin/python -c 'import capnp' 2>/dev/null || .venv/bin/pip install -q pycapnp

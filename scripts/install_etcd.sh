@@ -5,9 +5,7 @@ set -euo pipefail
 if command -v etcd >/dev/null 2>&1; then
   exit 0
 fi
-SUDO=""
-if [ "$(id -u)" != "0" ]; then SUDO="sudo"; fi
-export DEBIAN_FRONTEND=noninteractive
-$SUDO apt-get update -qq
-$SUDO apt-get install -y -qq --no-install-recommends etcd-server >/dev/null
-etcd --version | head -1
+"$(dirname "$0")/apt_install.sh" --no-install-recommends etcd-server
+# sed, not head: head exits after the first line and etcd, still writing, would die of SIGPIPE,
+# which pipefail turns into this script's failure (exit 141), depending on timing.
+etcd --version | sed -n 1p

@@ -12,9 +12,5 @@ command -v fio >/dev/null 2>&1 || missing+=(fio)
 if [ ${#missing[@]} -eq 0 ]; then
   exit 0
 fi
-SUDO=""
-if [ "$(id -u)" != "0" ]; then SUDO="sudo"; fi
-export DEBIAN_FRONTEND=noninteractive
-$SUDO apt-get update -qq
-$SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
+"$(dirname "$0")/apt_install.sh" "${missing[@]}"
 nbdkit python --version
