@@ -6,8 +6,9 @@ ADDRESS ?= 127.0.0.1:11211
 
 .PHONY: install redis nbd etcd run test lint typecheck check bench soak clean
 
+# pip, not python: a venv made without Debian's python3-venv has python but no pip, and is made again.
 $(BIN)/tlogserver: pyproject.toml
-	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	test -x $(BIN)/pip || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[test]'
 	touch $(BIN)/tlogserver
