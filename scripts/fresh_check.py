@@ -53,6 +53,8 @@ PIP_PATH_KEYS = {"index-url", "extra-index-url", "find-links", "constraint", "re
                  "cert", "client-cert"}
 CHROOT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 TAIL_LINES = 40
+#: Suffix of the tree debootstrap fills; renamed to the pristine one when complete.
+BUILDING = ".building"
 
 
 class Interrupted(Exception):
@@ -211,14 +213,16 @@ def run_logged(cmd: list[str], log: Log, what: str, timeout: float = 1800) -> No
     """Runs a host command with its output in the log; StepFailed on a non-zero exit."""
     log.output(f"$ {' '.join(cmd)}")
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            stdin=subprocess.DEVNULL)
+                            stdin=subprocess.DEVNULL, start_new_session=True)
     reader = Reader(proc, log)
     try:
         rc = proc.wait(timeout)
     except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
         raise StepFailed(f"{what}: no end after {timeout:.0f} s", list(reader.tail)) from None
+    finally:
+        if proc.poll() is None:  # timed out or interrupted: it and what it started
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
     reader.done.wait(10)
     if rc != 0:
         raise StepFailed(f"{what}: exit status {rc}", list(reader.tail))
@@ -248,7 +252,7 @@ def build_pristine(pristine: Path, mirror: str, log: Log) -> None:
         run_logged(["apt-get", "update", "-qq"], log, "apt-get update")
         run_logged(["apt-get", "install", "-y", "-qq", "debootstrap"], log,
                    "apt-get install debootstrap")
-    building = pristine.with_name(pristine.name + ".building")
+    building = pristine.with_name(pristine.name + BUILDING)
     remove_tree(building, log)
     log.say(f"debootstrap --variant=minbase {SUITE} from {mirror}, with {', '.join(PACKAGES)}")
     try:
@@ -454,6 +458,9 @@ class Check:
         start = time.monotonic()
         try:
             note = work() or "ok"
+        except (KeyboardInterrupt, Interrupted):
+            self.results.append((name, time.monotonic() - start, "interrupted"))
+            raise
         except StepFailed as failed:
             took = time.monotonic() - start
             self.results.append((name, took, f"FAILED: {failed}"))
@@ -506,7 +513,7 @@ class Check:
         dirty = git("status", "--porcelain", "--untracked-files=no")
         self.log.say(f"checking commit {git('log', '-1', '--format=%h %s')[:90]}")
         self.log.say(f"  of {SRC}, from a git clone: uncommitted changes are NOT included"
-                     + (f" ({len(dirty.splitlines())} files have some)" if dirty else ""))
+                     + (f" (files with some: {len(dirty.splitlines())})" if dirty else ""))
         self.log.say(f"full log: {self.log.path}")
         if self.args.rebuild or not self.pristine.is_dir():
             self.step("debootstrap", lambda: build_pristine(self.pristine, apt_mirror(),
@@ -526,17 +533,23 @@ class Check:
 
     def copy(self) -> str:
         """A new copy of the pristine tree (the last run's copy removed first)."""
+        start = time.monotonic()
         remove_tree(self.root, self.log)
+        removed = time.monotonic() - start
         subprocess.run(["cp", "-a", "--reflink=auto", str(self.pristine), str(self.root)],
                        check=True)
-        return f"copied to {self.root}"
+        copied = time.monotonic() - start - removed
+        return f"{self.root} (last run's copy removed in {removed:.1f} s, copied in {copied:.1f} s)"
 
     def cleanup(self) -> bool:
         """Ends what runs inside and unmounts everything; False when either was needed late or
         failed."""
         start = time.monotonic()
-        left = kill_chroot(self.root)
-        stuck = unmount_all(self.root, self.log)
+        building = self.pristine.with_name(self.pristine.name + BUILDING)
+        left, stuck = [], []
+        for tree in (self.root, building):  # an interrupted debootstrap leaves its mounts
+            left += kill_chroot(tree)
+            stuck += unmount_all(tree, self.log)
         took = time.monotonic() - start
         if left:
             self.log.say(f"still running inside the chroot at the end, killed: {'; '.join(left)}")
@@ -551,8 +564,9 @@ class Check:
         self.log.say("summary:")
         for name, took, note in self.results:
             self.log.say(f"  {name:<12} {took:7.1f} s  {note}")
-        self.log.say(f"full log: {self.log.path}; the chroot stays at {self.root} until the "
-                     "next run")
+        self.log.say(f"full log: {self.log.path}")
+        if self.root.is_dir():
+            self.log.say(f"the chroot stays at {self.root} until the next run")
 
 
 def interrupt(signum: int, _frame: object) -> None:
@@ -596,7 +610,7 @@ def main() -> int:
     except StepFailed:
         pass  # reported by step()
     except (KeyboardInterrupt, Interrupted) as stop:
-        log.say(f"interrupted ({stop or 'SIGINT'}); cleaning up")
+        log.say(f"interrupted ({str(stop) or 'SIGINT'}); cleaning up")
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             signal.signal(sig, signal.SIG_IGN)  # a second Ctrl-C must not stop the unmounting
