@@ -30,6 +30,9 @@ struct HandshakeResponse {
   lastSequence @2 :UInt64;
   hasLog       @3 :Bool;
   epoch        @4 :UInt64;
+  # Ours: the server keeps a standby of the vdisk in step (slave sync), so a
+  # WaitNbdSlaveSync can succeed.
+  slaveSync    @5 :Bool;
 }
 
 # Every later server-to-client message.

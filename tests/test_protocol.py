@@ -293,3 +293,26 @@ def test_recv_ok_is_the_general_encoding() -> None:
               + b"".join(wire.recv_ok(seq) for seq in seqs))
     assert conn.receive_data(stream)[1:] == [BlockResponse(BlockStatus.RECV_OK, (seq,))
                                              for seq in seqs]
+
+
+@pytest.mark.parametrize(("last", "has_log", "epoch", "slave_sync"), [
+    (0, False, 0, False), (41, True, 0, False), (7, True, 3, False), (0, False, 0, True),
+    (2**63 + 5, True, 2**40, True)])
+def test_our_handshake_response_fields_are_pycapnps_layout(last: int, has_log: bool,
+                                                           epoch: int,
+                                                           slave_sync: bool) -> None:
+    """The hand-laid HandshakeResponse with our fields (@2 lastSequence, @3 hasLog, @4 epoch,
+    @5 slaveSync) is the bytes pycapnp lays out for the same values, and reads back."""
+    ours = ServerConnection.send_handshake_response(
+        HandshakeStatus.OK, last_sequence=last, has_log=has_log, epoch=epoch,
+        slave_sync=slave_sync)
+    msg = schema.HandshakeResponse.new_message()
+    msg.version, msg.status = CURRENT_VERSION.to_uint32(), int(HandshakeStatus.OK)
+    if last or has_log or epoch or slave_sync:  # else: the reference's one-word struct
+        msg.lastSequence, msg.hasLog, msg.epoch, msg.slaveSync = last, has_log, epoch, \
+            slave_sync
+        assert ours == msg.to_bytes()
+    (event,) = ClientConnection().receive_data(ours)
+    assert isinstance(event, HandshakeResponse)
+    assert (event.last_sequence, event.has_log, event.epoch, event.slave_sync) == (
+        last, has_log, epoch, slave_sync)

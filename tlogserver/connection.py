@@ -74,6 +74,8 @@ class ConnectionHost(Protocol):
 
     def slave_sync_unavailable(self, vdisk: Vdisk) -> str | None: ...
 
+    def keeps_standby(self, vdisk_id: str) -> bool: ...
+
     async def wait_slave_sync(self, vdisk: Vdisk) -> str | None: ...
 
 
@@ -329,7 +331,8 @@ class TlogConnection(asyncio.BufferedProtocol):
         status = result.status
         self.send(ServerConnection.send_handshake_response(
             status, last_sequence=result.last_sequence, has_log=result.has_log,
-            epoch=result.epoch))
+            epoch=result.epoch,
+            slave_sync=self.vdisk is not None and self.server.keeps_standby(self.vdisk.id)))
         if status != HandshakeStatus.OK:
             if self._backlog is not None:
                 self._backlog.clear()  # what it sent after the handshake is never looked at

@@ -198,6 +198,12 @@ class TlogServer:
         for vdisk in list(self.vdisks.values()):
             vdisk.abandon(reason)
 
+    def keeps_standby(self, vdisk_id: str) -> bool:
+        """Whether slave sync keeps a standby of ``vdisk_id`` in step (a WaitNbdSlaveSync can
+        succeed): told to the client in the handshake (``slaveSync``)."""
+        syncer = self.syncers.get(vdisk_id)
+        return syncer is not None and not syncer.ended
+
     def slave_sync_unavailable(self, vdisk: Vdisk) -> str | None:
         """Why a WaitNbdSlaveSync for ``vdisk`` fails at once (None: it is waited for)."""
         if vdisk.id in self.syncers:

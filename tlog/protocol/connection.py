@@ -83,9 +83,10 @@ class WaitNbdSlaveSync:
 class HandshakeResponse:
     """The server's answer to the handshake.
 
-    Ours (fields @2-@4; a reference server leaves them unset): where the vdisk's log stood
-    when the client connected, in its current ``epoch``. ``last_sequence`` is the highest
-    sequence stored or received in order; ``has_log`` is False for a vdisk with nothing.
+    Ours (fields @2-@5; a reference server leaves them unset): where the vdisk's log stood
+    when the client connected, and the ``epoch`` its blocks go to. ``last_sequence`` is the
+    highest sequence stored or received in order; ``has_log`` is False for a vdisk with
+    nothing. ``slave_sync``: the server keeps a standby of the vdisk in step.
     """
 
     version: int
@@ -93,6 +94,7 @@ class HandshakeResponse:
     last_sequence: int = 0
     has_log: bool = False
     epoch: int = 0
+    slave_sync: bool = False
 
     @property
     def next_sequence(self) -> int:
@@ -334,10 +336,10 @@ class ServerConnection:
     @staticmethod
     def send_handshake_response(status: HandshakeStatus, version: int | None = None, *,
                                 last_sequence: int = 0, has_log: bool = False,
-                                epoch: int = 0) -> bytes:
+                                epoch: int = 0, slave_sync: bool = False) -> bytes:
         return wire.encode_handshake_response(
             CURRENT_VERSION.to_uint32() if version is None else version, int(status),
-            last_sequence, has_log, epoch)
+            last_sequence, has_log, epoch, slave_sync)
 
     @staticmethod
     def send_response(status: BlockStatus, sequences: Sequence[int] = ()) -> bytes:
@@ -392,7 +394,7 @@ class ClientConnection:
                     try:
                         event = HandshakeResponse(
                             resp.version, _status(HandshakeStatus, resp.status),
-                            resp.lastSequence, resp.hasLog, resp.epoch)
+                            resp.lastSequence, resp.hasLog, resp.epoch, resp.slaveSync)
                     except Exception as exc:
                         raise ProtocolError(f"malformed HandshakeResponse: {exc}") from None
                     self._state = _State.MESSAGES
