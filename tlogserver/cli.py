@@ -10,10 +10,12 @@ from typing import Any
 import click
 
 from tlog.allocator import tune_allocator
+from tlog.configsource import EtcdUrl, is_etcd, load_etcd, load_yaml_file
 
 from . import config as config_mod
-from . import etcdsource, logs
+from . import logs
 from .config import ConfigError, ServerConfig
+from .etcdsource import EtcdSource
 
 _D = ServerConfig()
 
@@ -168,12 +170,13 @@ def command(ctx: click.Context, **values: Any) -> None:
                                                       click.core.ParameterSource.ENVIRONMENT)}
     source = None
     try:
-        if etcdsource.is_etcd(values.get("config")):
-            url = etcdsource.EtcdUrl.parse(values["config"])
-            cfg = config_mod.from_sources(values, explicit, etcdsource.load_at_start(url))
-            source = etcdsource.EtcdSource(url)
+        if is_etcd(values.get("config")):
+            url = EtcdUrl.parse(values["config"])
+            data = load_etcd(url)
+            source = EtcdSource(url)
         else:
-            cfg = config_mod.from_sources(values, explicit)
+            data = load_yaml_file(values["config"]) if values.get("config") else {}
+        cfg = config_mod.from_sources(values, explicit, data)
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from None
     logs.setup(cfg.effective_log_level, cfg.log_format, cfg.log_file)

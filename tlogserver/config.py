@@ -17,8 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import yaml
-
+from tlog.configsource import ConfigError, load_yaml_file
 from tlog.protocol import DEFAULT_MAX_MESSAGE_SIZE
 from tlog.read.standby import StandbyTarget, parse_slave_targets
 from tlog.record import crypto
@@ -52,10 +51,6 @@ RELOADABLE = frozenset({"flush_size", "flush_time", "max_buffered_blocks", "max_
 #: Options whose values are never logged, not even when they change (storage addresses may
 #: hold passwords: they are logged without them).
 SECRET = frozenset({"priv_key", "nonce"})
-
-
-class ConfigError(ValueError):
-    """An invalid setting; the message names it."""
 
 
 @dataclass
@@ -396,29 +391,13 @@ def _positive_int(name: str, value: Any) -> None:
         raise ConfigError(f"{name.replace('_', '-')}: must be a whole number >= 1, got {value!r}")
 
 
-def load_yaml(path: str) -> dict[str, Any]:
-    """Read the YAML config file; a ConfigError names the file on any problem."""
-    try:
-        with open(path, encoding="utf-8") as fh:
-            data = yaml.safe_load(fh)
-    except OSError as exc:
-        raise ConfigError(f"config {path}: {exc.strerror}") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"config {path}: not valid YAML: {exc}".splitlines()[0]) from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"config {path}: the top level must be a mapping")
-    return data
-
-
 def from_sources(cli_values: Mapping[str, Any], explicit: set[str],
                  file_data: dict[str, Any] | None = None) -> ServerConfig:
     """Merge flag/env values (``explicit`` = names the user set) over the YAML file, or
     over ``file_data`` (the same content read from etcd, `tlogserver.etcdsource`)."""
     values = dict(cli_values)
     if file_data is None:
-        file_data = load_yaml(values["config"]) if values.get("config") else {}
+        file_data = load_yaml_file(values["config"]) if values.get("config") else {}
     known = set(ServerConfig.option_names()) - {"config"}
     for name, value in file_options(file_data, values["config"]).items():
         if name not in explicit:
@@ -570,4 +549,4 @@ def storage_description(cfg: ServerConfig) -> str:
     return f"storage map from {cfg.config}"
 
 
-__all__ = ["ConfigError", "ServerConfig", "ServerAddress", "from_sources", "load_yaml"]
+__all__ = ["ConfigError", "ServerConfig", "ServerAddress", "from_sources"]

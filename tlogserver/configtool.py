@@ -1,5 +1,5 @@
 """`tlog config`: read, check and write the configuration keys of an etcd config source
-(`tlogserver.etcdsource` has the key layout). A value is written only if the whole
+(`tlog.configsource` has the key layout). A value is written only if the whole
 configuration, with it, passes `tlogserver.config.check_file_data`.
 
 It is a command of the `tlog` tool, registered through the ``tlog.commands`` entry point
@@ -15,18 +15,19 @@ import aetcd
 import click
 import yaml
 
-from .config import ConfigError, check_file_data
-from .etcdsource import EtcdSource, EtcdUrl, assemble, key_path
+from tlog.configsource import ConfigError, EtcdStore, EtcdUrl, assemble, key_path
+
+from .config import check_file_data
 
 
-def _source(url: str) -> EtcdSource:
+def _source(url: str) -> EtcdStore:
     try:
-        return EtcdSource(EtcdUrl.parse(url))
+        return EtcdStore(EtcdUrl.parse(url))
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from None
 
 
-async def _items(source: EtcdSource) -> list[tuple[bytes, bytes]]:
+async def _items(source: EtcdStore) -> list[tuple[bytes, bytes]]:
     client = await source.client()
     found = await client.get_prefix(key_path(source.url.prefix, ""))
     return [(bytes(kv.key), bytes(kv.value)) for kv in found]

@@ -23,7 +23,9 @@ from typing import Any
 
 import aetcd.exceptions
 
-from .etcdsource import EtcdSource, key_path
+from tlog.configsource import key_path
+
+from .etcdsource import EtcdSource
 from .tasks import cancel_and_wait
 
 log = logging.getLogger("tlogserver")

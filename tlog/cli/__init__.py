@@ -4,8 +4,8 @@ pin restore points in it; send blocks to a server; serve a vdisk over NBD.
 `restore`, `inspect`, `verify`, `repair` and `rekey` read the storage the way tlogserver
 writes it, so they take the server's storage and key options (``--storage-addresses`` or
 ``--config``, ``-k``, ``-m``, ``--priv-key`` or ``--key-file``, ``--nonce``), also from the
-same ``TLOG_*`` environment variables and from the same YAML config file
-(`tlog.cli.options`). One module per command.
+same ``TLOG_*`` environment variables and from the same config, a YAML file or a fleet's etcd
+keys (`tlog.cli.options`, `tlog.configsource`). One module per command.
 """
 
 from __future__ import annotations

@@ -6,14 +6,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import sys
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import click
-import yaml
 
+from tlog.configsource import ConfigError, describe_empty, load_config
 from tlog.read.limiter import Limiter
 from tlog.record import crypto
 from tlog.record.aggregation import Keyring, RecordOpener
@@ -51,11 +52,11 @@ def read_options(func: F) -> F:
                           "tlogserver; missing ones are filled in with sequential ports. "
                           "Passwords: in TLOG_STORAGE_ADDRESSES, the config file or "
                           "?password_file=FILE, not on the command line."),
-        click.option("--config", type=click.Path(dir_okay=False, exists=True),
-                     envvar="TLOG_CONFIG",
-                     help="tlogserver's YAML config: its storage clusters and vdisk map, and "
-                          "k, m, priv_key, key_file, old_key_files, nonce, storage_format "
-                          "when not given as options."),
+        click.option("--config", envvar="TLOG_CONFIG",
+                     metavar="FILE|etcd://HOST:PORT[,...]/PREFIX",
+                     help="tlogserver's config, its YAML file or its etcd keys (a fleet's): "
+                          "the storage clusters and vdisk map, and k, m, priv_key, key_file, "
+                          "old_key_files, nonce, storage_format when not given as options."),
         click.option("-k", "--k", type=click.IntRange(1, 254), default=4, show_default=True,
                      envvar="TLOG_K", help="Data pieces per aggregation."),
         click.option("-m", "--m", type=click.IntRange(0, 254), default=2, show_default=True,
@@ -143,19 +144,22 @@ def _explicit(ctx: click.Context, name: str) -> bool:
                                               click.core.ParameterSource.ENVIRONMENT)
 
 
-def _load_config(path: str) -> dict[str, Any]:
+def _load_config(source: str) -> dict[str, Any]:
     try:
-        with open(path, encoding="utf-8") as stream:
-            data = yaml.safe_load(stream)
-    except OSError as exc:
-        raise click.UsageError(f"config {path}: {exc.strerror or exc}") from None
-    except yaml.YAMLError as exc:
-        raise click.UsageError(f"config {path}: not valid YAML: {exc}".splitlines()[0]) from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise click.UsageError(f"config {path}: the top level must be a mapping")
-    return data
+        return load_config(source)
+    except ConfigError as exc:
+        raise click.UsageError(str(exc)) from None
+
+
+def _config_key_files_here(source: str, name: str, paths: list[str]) -> None:
+    """The config's key files are paths on the servers' machines: say so when one is not
+    here, and how to give this machine's copy."""
+    for path in paths:
+        if not os.path.exists(path):
+            option = "--key-file" if name == "key_file" else "--old-key-file"
+            raise click.UsageError(f"config {source}: {name} {path}: no such file here (a "
+                                   f"path on the servers): give this machine's copy with "
+                                   f"{option}")
 
 
 def read_setup(ctx: click.Context, values: dict[str, Any]) -> ReadSetup:
@@ -179,6 +183,7 @@ def read_setup(ctx: click.Context, values: dict[str, Any]) -> ReadSetup:
                 if name in ("key_file", "old_key_files"):
                     items = data[name] if isinstance(data[name], list) else [data[name]]
                     value = [str(v) for v in items]
+                    _config_key_files_here(values["config"], name, value)
                 values[option] = value
     k, m = values["k"], values["m"]
     if k + m > 255:
@@ -196,6 +201,9 @@ def read_setup(ctx: click.Context, values: dict[str, Any]) -> ReadSetup:
             storage = parse_storage_config(data, k + m)
             factory = ClusterPoolFactory(storage, k, m, source=values["config"],
                                          socket_timeout=timeout)
+        elif values["config"] and not data:
+            raise click.UsageError(f"config {values['config']}: "
+                                   f"{describe_empty(values['config'])}")
         else:
             raise click.UsageError("no storage given: pass --storage-addresses or a --config "
                                    "with storage_clusters")
