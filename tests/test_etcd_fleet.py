@@ -27,6 +27,7 @@ from .etcd_fixture import EtcdProcess, etcd  # noqa: F401  (the fixture)
 from .redis_fixture import RedisProcess
 from .serverproc import ServerProcess, pick_port
 from .test_cli_read import KEY, tlog_cli
+from .test_etcd_config import put_yaml
 
 WAIT = 30.0
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,6 +57,94 @@ def metric(port: int, name: str) -> float | None:
         text = resp.read().decode()
     found = re.search(rf"^{name} (\S+)$", text, re.MULTILINE)
     return float(found.group(1)) if found else None
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. put merges; the log layout stays; get, export and import
+
+
+def test_tlog_config_put_merges_and_keeps_the_log_layout(etcd: EtcdProcess,  # noqa: F811
+                                                         tmp_path: Path) -> None:
+    servers = [f"127.0.0.1:{6400 + i}" for i in range(6)]
+    path = tmp_path / "tlogserver.yaml"
+    path.write_text(yaml.safe_dump({
+        "flush_size": 25, "flush_time": 10, "k": 4, "m": 2,
+        "storage_clusters": {"a": {"servers": servers}},
+        "vdisks": {"vd1": {"storage_cluster": "a"}}}))
+    url = etcd.url()
+    tlog_cli("config", "import", "--etcd", url, str(path))
+
+    def server_key() -> dict[str, object]:
+        return yaml.safe_load(etcd.get("/tlog/server") or b"")
+
+    # A value that drops fields is refused...
+    bad = tlog_cli("config", "put", "--etcd", url, "server", "flush_size: 50", check=False)
+    assert bad.returncode == 2 and "would drop flush_time, k, m" in bad.stderr, bad.stderr
+    assert server_key()["flush_size"] == 25
+    # ...--merge sets only the fields given...
+    out = tlog_cli("config", "put", "--etcd", url, "server", "flush_size: 50", "--merge").stdout
+    assert server_key() == {"flush_size": 50, "flush_time": 10, "k": 4, "m": 2}
+    assert "flush_size 25 -> 50 (at once)" in out
+    # ...and --replace replaces it all (k and m keep their values: the defaults).
+    tlog_cli("config", "put", "--etcd", url, "server", "flush_size: 40", "--replace")
+    assert server_key() == {"flush_size": 40}
+
+    # What a live log is written with does not change: k, m, block size, format.
+    bad = tlog_cli("config", "put", "--etcd", url, "server", "--merge",
+                   "block_size: 512\nstorage_format: legacy", check=False)
+    assert bad.returncode == 1, bad.stderr
+    assert "block_size 4096 -> 512, storage_format 'v2' -> 'legacy': refused" in bad.stderr
+    assert "a live log cannot change it" in bad.stderr
+    (tmp_path / "k3.yaml").write_text(yaml.safe_dump({"k": 3, "m": 3}))
+    bad = tlog_cli("config", "import", "--etcd", url, str(tmp_path / "k3.yaml"), check=False)
+    assert bad.returncode == 1 and "k 4 -> 3, m 2 -> 3: refused" in bad.stderr, bad.stderr
+    assert server_key() == {"flush_size": 40}
+    # A restart-only setting is written, and said to be one.
+    out = tlog_cli("config", "put", "--etcd", url, "server", "max_message_size: 8000000",
+                   "--merge").stdout
+    assert re.search(r"max_message_size \d+ -> 8000000 \(after each server's restart\)", out)
+
+    # get prints YAML that loads.
+    listing = yaml.safe_load(tlog_cli("config", "get", "--etcd", url).stdout)
+    assert listing["server"]["flush_size"] == 40
+    assert listing["clusters/a"] == {"servers": servers}
+    assert listing["vdisks/vd1"] == {"storage_cluster": "a"}
+
+
+def test_export_is_what_import_takes_back_and_import_says_what_it_keeps(
+        etcd: EtcdProcess, tmp_path: Path) -> None:  # noqa: F811
+    servers = [f"127.0.0.1:{6400 + i}" for i in range(6)]
+    url = etcd.url()
+    put_yaml(etcd, "server", {"flush_size": 30, "access": "token"})
+    put_yaml(etcd, "clusters/a", {"servers": servers})
+    put_yaml(etcd, "vdisks/vd1", {"storage_cluster": "a"})
+    put_yaml(etcd, "vdisks/vd2", {"storage_cluster": "a", "access": "plain"})
+    put_yaml(etcd, "default_storage_cluster", "a")
+    exported = tmp_path / "fleet.yaml"
+    tlog_cli("config", "export", "--etcd", url, str(exported))
+    assert exported.stat().st_mode & 0o077 == 0  # it may hold secrets
+
+    # Into another prefix, and out again: the same.
+    other = etcd.url("/copy")
+    assert "5 key(s) written" in tlog_cli("config", "import", "--etcd", other,
+                                          str(exported)).stdout
+    again = tlog_cli("config", "export", "--etcd", other).stdout
+    assert yaml.safe_load(again) == yaml.safe_load(exported.read_text())
+
+    # A file without vd2: the import says it keeps it, --prune deletes it.
+    data = yaml.safe_load(exported.read_text())
+    del data["vdisks"]["vd2"]
+    exported.write_text(yaml.safe_dump(data))
+    out = tlog_cli("config", "import", "--etcd", url, str(exported)).stdout
+    assert "kept 1 key(s) not in the file: vdisks/vd2 (--prune deletes them)" in out
+    assert etcd.get("/tlog/vdisks/vd2") is not None
+    out = tlog_cli("config", "import", "--etcd", url, "--prune", "--dry-run",
+                   str(exported)).stdout
+    assert "would delete 1 key(s) not in the file: vdisks/vd2" in out
+    assert etcd.get("/tlog/vdisks/vd2") is not None
+    out = tlog_cli("config", "import", "--etcd", url, "--prune", str(exported)).stdout
+    assert "deleted 1 key(s) not in the file: vdisks/vd2" in out
+    assert etcd.get("/tlog/vdisks/vd2") is None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -48,6 +48,9 @@ RELOADABLE = frozenset({"flush_size", "flush_time", "max_buffered_blocks", "max_
                         "log_format", "access", "old_key_files", "tls_cert", "tls_key",
                         "retention_keep_since", "retention_keep_sequences",
                         "retention_keep_bytes", "retention_interval"})
+#: Settings a stored log is written and read with: they cannot change once a log exists
+#: (`tlog config` refuses to change them in a fleet's keys; a server only reports them).
+LOG_LAYOUT = ("k", "m", "block_size", "storage_format", "nonce")
 #: Options whose values are never logged, not even when they change (storage addresses may
 #: hold passwords: they are logged without them).
 SECRET = frozenset({"priv_key", "nonce"})
