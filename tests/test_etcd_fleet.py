@@ -60,6 +60,38 @@ def metric(port: int, name: str) -> float | None:
 
 
 # ---------------------------------------------------------------------------------------------
+# 1. A config source that defines no storage
+
+
+def test_a_config_source_without_storage_refuses_to_start(etcd: EtcdProcess,  # noqa: F811
+                                                          tmp_path: Path) -> None:
+    # A typo in the prefix: nothing under it.
+    proc = tlogserver("--config", etcd.url("/tlgo"), "--priv-key", KEY)
+    assert proc.returncode == 2, proc.stderr
+    assert "no configuration keys under /tlgo (is the prefix right?)" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    check = tlog_cli("config", "check", "--etcd", etcd.url("/tlgo"), check=False)
+    assert check.returncode == 1 and "no configuration keys under /tlgo" in check.stderr
+
+    # Options, but no storage.
+    put_yaml(etcd, "server", {"flush_size": 5})
+    proc = tlogserver("--config", etcd.url(), "--priv-key", KEY)
+    assert proc.returncode == 2 and "it defines no storage" in proc.stderr, proc.stderr
+    check = tlog_cli("config", "check", "--etcd", etcd.url())
+    assert "1 key(s), valid" in check.stdout and "defines no storage" in check.stdout
+
+    # The same for a YAML file.
+    path = tmp_path / "tlog.yaml"
+    path.write_text("flush_size: 5\n")
+    proc = tlogserver("--config", str(path), "--priv-key", KEY)
+    assert proc.returncode == 2 and "it defines no storage" in proc.stderr, proc.stderr
+
+    # Asked for, in-memory storage is still there.
+    with ServerProcess("--config", etcd.url(), "--memory-storage") as server:
+        server.wait_for_log("storage: in-memory")
+
+
+# ---------------------------------------------------------------------------------------------
 # 4. put merges; the log layout stays; get, export and import
 
 

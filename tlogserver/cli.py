@@ -31,8 +31,8 @@ _D = ServerConfig()
                    "passwords in the config file, TLOG_STORAGE_ADDRESSES or "
                    "?password_file=FILE: not on the command line.")
 @click.option("--memory-storage", is_flag=True,
-              help="Use the embedded in-memory storage (the default when no storage is given); "
-                   "nothing survives a restart.")
+              help="Use the embedded in-memory storage (the default when neither storage nor "
+                   "--config is given); nothing survives a restart.")
 @click.option("--config",
               help="YAML file with any of these options (underscored names) and the vdisk -> "
                    "storage cluster map; or etcd://HOST:PORT[,HOST:PORT...]/PREFIX to read "
@@ -177,6 +177,7 @@ def command(ctx: click.Context, **values: Any) -> None:
         else:
             data = load_yaml_file(values["config"]) if values.get("config") else {}
         cfg = config_mod.from_sources(values, explicit, data)
+        config_mod.require_storage(cfg, data)  # a config source never means in-memory
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from None
     logs.setup(cfg.effective_log_level, cfg.log_format, cfg.log_file)

@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from tlog.configsource import ConfigError, load_yaml_file
+from tlog.configsource import ConfigError, describe_empty, load_yaml_file
 from tlog.protocol import DEFAULT_MAX_MESSAGE_SIZE
 from tlog.read.standby import StandbyTarget, parse_slave_targets
 from tlog.record import crypto
@@ -419,6 +419,19 @@ def from_sources(cli_values: Mapping[str, Any], explicit: set[str],
                           "certificate name -> vdisk patterns")
     cfg.tls_clients = dict(clients or {})
     return cfg.validate()
+
+
+def require_storage(cfg: ServerConfig, data: Mapping[str, Any]) -> None:
+    """A server given a config source (``data`` is what it holds) stores where that source,
+    or a flag, says: never on the in-memory storage by default, which is for a server
+    started with no config at all (or with --memory-storage). ConfigError says why."""
+    if not cfg.config or cfg.memory_storage or cfg.storage_addresses or cfg.storage is not None:
+        return
+    why = describe_empty(cfg.config) if not data else "it defines no storage"
+    raise ConfigError(f"config {cfg.config}: {why}: no storage_clusters (with vdisks or a "
+                      "default_storage_cluster) and no storage_addresses; give "
+                      "--storage-addresses, or --memory-storage for a server whose data does "
+                      "not survive it")
 
 
 def file_options(data: Mapping[str, Any], source: str | None) -> dict[str, Any]:
