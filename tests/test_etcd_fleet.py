@@ -11,23 +11,28 @@ logs one error line, not one per handshake.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import subprocess
 import sys
+import time
 import urllib.request
 from pathlib import Path
 
+import aetcd
 import yaml
 
 from tlog.client import ThreadedClient
 from tlog.protocol import Operation
+from tlog.protocol.status import HandshakeStatus
 
 from .etcd_fixture import EtcdProcess, etcd  # noqa: F401  (the fixture)
 from .redis_fixture import RedisProcess
 from .serverproc import ServerProcess, pick_port
 from .test_cli_read import KEY, tlog_cli
-from .test_etcd_config import put_yaml
+from .test_etcd_config import clusters, put_yaml, readyz, wait_until
+from .wireclient import WireClient
 
 WAIT = 30.0
 ROOT = Path(__file__).resolve().parents[1]
@@ -89,6 +94,115 @@ def test_a_config_source_without_storage_refuses_to_start(etcd: EtcdProcess,  # 
     # Asked for, in-memory storage is still there.
     with ServerProcess("--config", etcd.url(), "--memory-storage") as server:
         server.wait_for_log("storage: in-memory")
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. A repeated server id
+
+
+def test_a_server_id_in_use_refuses_to_start(etcd: EtcdProcess,  # noqa: F811
+                                             redis6: list[RedisProcess]) -> None:
+    clusters(etcd, redis6)
+    put_yaml(etcd, "default_storage_cluster", "a")
+    first = fleet_server(etcd, "--server-id", "srv-x", "--owner-lease-ttl", "2")
+    try:
+        write(first, "vd1")
+        registered = yaml.safe_load(etcd.get("/tlog/servers/srv-x") or b"")
+        assert registered["address"] == first.address and registered["pid"] == first.pid
+
+        started = time.monotonic()
+        proc = tlogserver("--config", etcd.url(), "--priv-key", KEY, "--server-id", "srv-x",
+                          "--owner-lease-ttl", "2")
+        assert proc.returncode == 2, proc.stderr
+        assert "server id srv-x is in use by a live server" in proc.stderr
+        assert time.monotonic() - started < 15
+        assert yaml.safe_load(etcd.get("/tlog/servers/srv-x") or b"")["pid"] == first.pid
+        write(first, "vd1", first=10)  # the first one never noticed
+
+        # The shared server key cannot give every server the same id.
+        bad = tlog_cli("config", "put", "--etcd", etcd.url(), "server", "server_id: srv-x",
+                       check=False)
+        assert bad.returncode == 1 and "server_id: each server's own" in bad.stderr
+        assert etcd.get("/tlog/server") is None
+    finally:
+        first.kill()
+
+    # A crashed run's registration on this host is taken over at once, though its lease
+    # has 30 s to run, and its vdisks with it.
+    again = fleet_server(etcd, "--server-id", "srv-z", "--owner-lease-ttl", "30")
+    try:
+        write(again, "vd3")
+        again.kill()
+        started = time.monotonic()
+        again.start()
+        write(again, "vd3", first=10)
+        assert time.monotonic() - started < 15
+        assert yaml.safe_load(etcd.get("/tlog/servers/srv-z") or b"")["pid"] == again.pid
+        again.wait_for_log("server id srv-z: taking over the registration of a previous run")
+    finally:
+        again.kill()
+
+
+def test_a_registration_left_on_another_host_is_taken_once_its_lease_expires(
+        etcd: EtcdProcess, redis6: list[RedisProcess]) -> None:  # noqa: F811
+    clusters(etcd, redis6)
+    put_yaml(etcd, "default_storage_cluster", "a")
+
+    async def left_behind() -> None:  # a server elsewhere that died: its lease runs out
+        host, port = etcd.address.split(":")
+        async with aetcd.Client(host=host, port=int(port), timeout=5) as client:
+            lease = await client.lease(3)
+            await client.put(b"/tlog/servers/srv-y", yaml.safe_dump(
+                {"address": "10.9.9.9:11211", "host": "elsewhere", "pid": 1}).encode(),
+                lease=lease)
+    asyncio.run(left_behind())
+    started = time.monotonic()
+    server = fleet_server(etcd, "--server-id", "srv-y")
+    try:
+        server.wait_for_log("server id srv-y is registered by 10.9.9.9:11211 on elsewhere")
+        assert 1 < time.monotonic() - started < 15
+        write(server, "vd1")
+    finally:
+        server.kill()
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. The servers' own keys
+
+
+def test_tlog_config_never_writes_the_servers_lease_keys(etcd: EtcdProcess,  # noqa: F811
+                                                         redis6: list[RedisProcess],
+                                                         tmp_path: Path) -> None:
+    clusters(etcd, redis6)
+    put_yaml(etcd, "default_storage_cluster", "a")
+    server = fleet_server(etcd, "--server-id", "srv-a")
+    try:
+        with ThreadedClient([server.address], "vd1", None) as client:
+            client.send_next(Operation.SET, 0, None, b"\1" * 4096)
+            client.wait_flushed(timeout=WAIT)
+            url = etcd.url()
+            for args in (["put", "owners/vd1", "other:1"], ["delete", "owners/vd1"],
+                         ["put", "servers/srv-b", "address: x:1"], ["delete", "servers/srv-a"]):
+                bad = tlog_cli("config", args[0], "--etcd", url, *args[1:], check=False)
+                assert bad.returncode == 2, (args, bad.stdout, bad.stderr)
+                assert "a server's own key, on its lease" in bad.stderr
+            assert etcd.get("/tlog/owners/vd1") == b"srv-a"
+            assert etcd.get("/tlog/servers/srv-b") is None
+            # An import that prunes leaves them alone too, and so does an export.
+            exported = tmp_path / "fleet.yaml"
+            tlog_cli("config", "export", "--etcd", url, str(exported))
+            assert "owners" not in exported.read_text() and "srv-a" not in exported.read_text()
+            tlog_cli("config", "import", "--etcd", url, "--prune", str(exported))
+            assert etcd.get("/tlog/owners/vd1") == b"srv-a"
+            assert etcd.get("/tlog/servers/srv-a") is not None
+            # They are there to read.
+            owners = yaml.safe_load(tlog_cli("config", "owners", "--etcd", url).stdout)
+            assert owners["owners"] == {"vd1": "srv-a"}
+            assert owners["servers"]["srv-a"]["address"] == server.address
+            client.send_next(Operation.SET, 1, None, b"\2" * 4096)
+            client.wait_flushed(timeout=WAIT)
+    finally:
+        server.kill()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -242,3 +356,79 @@ def test_a_new_operator_restores_a_fleet_vdisk_from_etcd(etcd: EtcdProcess,  # n
     bad = tlog_cli("verify", "--config", etcd.url("/tlgo"), "--key-file", str(copy),
                    "--vdisk", "vm-1", check=False)
     assert bad.returncode == 2 and "no configuration keys under /tlgo" in bad.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. What an operator watches
+
+
+def test_owner_keys_do_not_reload_the_config(etcd: EtcdProcess,  # noqa: F811
+                                             redis6: list[RedisProcess]) -> None:
+    clusters(etcd, redis6)
+    put_yaml(etcd, "vdisks/vd1", {"storage_cluster": "a"})
+    server = fleet_server(etcd)
+    try:
+        write(server, "vd1")  # its owner key written
+        for i in range(5):  # other servers claiming and releasing vdisks
+            etcd.put(f"/tlog/owners/other{i}", "elsewhere:1")
+            etcd.delete(f"/tlog/owners/other{i}")
+        put_yaml(etcd, "vdisks/vd2", {"storage_cluster": "b"})
+        server.wait_for_log("config reloaded")
+        write(server, "vd2")
+        output = server.output(current_run=True)
+        assert output.count("config reloaded") == 1, output
+        assert "nothing changed" not in output
+    finally:
+        server.kill()
+
+
+def test_an_etcd_outage_longer_than_the_lease(etcd: EtcdProcess,  # noqa: F811
+                                              redis6: list[RedisProcess]) -> None:
+    clusters(etcd, redis6)
+    put_yaml(etcd, "default_storage_cluster", "a")
+    port = pick_port()
+    server = fleet_server(etcd, "--owner-lease-ttl", "2", metrics=port)
+    try:
+        assert metric(port, "tlog_config_source_up") == 1
+        assert metric(port, "tlog_ownership_lease_held") == 1
+        with ThreadedClient([server.address], "vd1", None) as client:
+            client.send_next(Operation.SET, 0, None, b"\1" * 4096)
+            client.wait_flushed(timeout=WAIT)
+            assert metric(port, "tlog_vdisks_owned") == 1
+            etcd.stop()
+            wait_until(lambda: metric(port, "tlog_config_source_up") == 0, "source down")
+            # The lease is not renewed for its TTL: the open vdisk is given up.
+            server.wait_for_log(r"ownership lease not renewed for 2 s.*giving up 1 vdisk\(s\)"
+                                r": vd1", timeout=WAIT)
+            assert metric(port, "tlog_ownership_lease_held") == 0
+            assert metric(port, "tlog_ownership_leases_lost_total") == 1
+            assert readyz(port)[0] == 503
+
+            # Handshakes retried meanwhile are refused, with one error line for them all.
+            async def handshakes() -> list[int]:
+                statuses = []
+                for _ in range(6):
+                    c = await WireClient.connect(server.port, vdisk="vd2")
+                    statuses.append(c.handshake.status)
+                    await c.close()
+                return statuses
+            assert set(asyncio.run(handshakes())) == {HandshakeStatus.INTERNAL_SERVER_ERROR}
+            errors = [line for line in server.output(current_run=True).splitlines()
+                      if " ERROR " in line and ("claim" in line or "open the vdisk" in line)]
+            assert len(errors) == 1, errors
+
+            etcd.start()
+            wait_until(lambda: metric(port, "tlog_ownership_lease_held") == 1, "lease again")
+            wait_until(lambda: metric(port, "tlog_config_source_up") == 1, "source up")
+            # The client reconnects and claims its vdisk again.
+            client.send_next(Operation.SET, 1, None, b"\2" * 4096)
+            client.wait_flushed(timeout=WAIT)
+        server.wait_for_log(r"vdisks can be claimed again \(\d+ handshake\(s\) refused")
+        write(server, "vd2")
+    finally:
+        server.kill()
+    # Each metric shown here is in the operator's documentation.
+    docs = (ROOT / "docs" / "operations.md").read_text()
+    for name in ("tlog_config_source_up", "tlog_ownership_lease_held",
+                 "tlog_ownership_leases_lost_total", "tlog_vdisks_owned"):
+        assert f"`{name}`" in docs, name

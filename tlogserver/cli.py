@@ -133,7 +133,8 @@ _D = ServerConfig()
               help="Per vdisk: bytes of stored blocks kept for a standby that is behind; "
                    "beyond them it catches up from the log.")
 @click.option("--server-id", default=None,
-              help="With an etcd config: this server's name in the vdisk ownership keys "
+              help="With an etcd config: this server's name in the vdisk ownership keys, "
+                   "registered on its lease: a second live server with it refuses to start "
                    "[default: hostname:port].")
 @click.option("--owner-lease-ttl", type=int, default=_D.owner_lease_ttl, show_default=True,
               help="With an etcd config: seconds a vdisk stays owned by this server after "
@@ -199,11 +200,14 @@ def command(ctx: click.Context, **values: Any) -> None:
     main = (run(cfg, reload=reload) if source is None
             else run(cfg, source=source, rebuild=rebuild))
     try:
-        import uvloop
-    except ImportError:  # pragma: no cover - uvloop is a dependency
-        code = asyncio.run(main)
-    else:
-        code = uvloop.run(main)
+        try:
+            import uvloop
+        except ImportError:  # pragma: no cover - uvloop is a dependency
+            code = asyncio.run(main)
+        else:
+            code = uvloop.run(main)
+    except ConfigError as exc:  # found at start, e.g. this server id is in use already
+        raise click.UsageError(str(exc)) from None
     sys.exit(code)
 
 

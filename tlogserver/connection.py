@@ -32,7 +32,7 @@ from .config import (
     ServerConfig,
 )
 from .logs import ContextLogger
-from .ownership import NotOwner
+from .ownership import NotOwner, OwnershipUnavailable
 from .stats import ServerStats
 from .tasks import BackgroundTasks
 from .vdisk import HandshakeResult, StoredWritesReader, Vdisk
@@ -371,6 +371,9 @@ class TlogConnection(asyncio.BufferedProtocol):
             except NotOwner as exc:
                 self.log.info("handshake refused: %s", exc, extra=context)
                 return HandshakeResult(HandshakeStatus.NOT_OWNER)
+            except OwnershipUnavailable as exc:  # etcd out of reach: logged once, by Ownership
+                self.log.debug("handshake refused: %s", exc, extra=context)
+                return HandshakeResult(HandshakeStatus.INTERNAL_SERVER_ERROR)
             except Exception as exc:  # storage down, unreadable chain: the client retries
                 self.log.error("cannot open the vdisk: %s", exc, extra=context)
                 return HandshakeResult(HandshakeStatus.INTERNAL_SERVER_ERROR)

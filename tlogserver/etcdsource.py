@@ -3,7 +3,9 @@ the keys are read as `tlog.configsource` lays them out, and watched.
 
 `EtcdSource.watch` follows changes, so a change applies to new handshakes at once. A
 change that does not validate is logged and ignored (the running config stays); while
-etcd cannot be reached the last good config stays and `/readyz` says why.
+etcd cannot be reached the last good config stays, `/readyz` says why and
+``tlog_config_source_up`` is 0. Writes to the servers' lease keys (vdisk owners, server
+ids) are not configuration: they do not make the server read its config again.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from tlog.configsource import ConfigError, EtcdStore, EtcdUrl, key_path
+from tlog.configsource import ConfigError, EtcdStore, EtcdUrl, is_lease_key, key_name, key_path
 
 log = logging.getLogger("tlogserver")
 
@@ -35,8 +37,10 @@ class EtcdSource(EtcdStore):
         """Read everything again at once (SIGHUP)."""
         self._wake.set()
 
-    async def watch(self, apply: Callable[[dict[str, Any]], None]) -> None:
-        """Forever: wait for a change under the prefix, read everything, ``apply`` it.
+    async def watch(self, apply: Callable[[dict[str, Any]], None],
+                    rejected: Callable[[str], Any] | None = None) -> None:
+        """Forever: wait for a change of a configuration key, read everything, ``apply`` it
+        (keys that cannot be read as configuration go to ``rejected``, or are logged).
         While etcd is unreachable, retry with backoff; when it is back, read everything
         (changes made meanwhile are not missed)."""
         delay = 0.1
@@ -49,7 +53,7 @@ class EtcdSource(EtcdStore):
                     self.error = ""
                     apply(await self.load())  # what changed while it was away
                 delay = 0.1
-                await self._follow(watch, apply)
+                await self._follow(watch, apply, rejected)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # etcd gone (or a bug): keep the last good config
@@ -62,7 +66,12 @@ class EtcdSource(EtcdStore):
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, RETRY_MAX)
 
-    async def _follow(self, watch: Any, apply: Callable[[dict[str, Any]], None]) -> None:
+    def _is_config_event(self, event: Any) -> bool:
+        name = key_name(self.url.prefix, getattr(getattr(event, "kv", None), "key", b""))
+        return name is None or not is_lease_key(name)
+
+    async def _follow(self, watch: Any, apply: Callable[[dict[str, Any]], None],
+                      rejected: Callable[[str], Any] | None) -> None:
         events = watch.__aiter__()
         waiter: asyncio.Future[Any] | None = None
         try:
@@ -75,8 +84,10 @@ class EtcdSource(EtcdStore):
                 finally:
                     woken.cancel()
                 if waiter.done():
-                    waiter.result()  # raises when the stream broke
+                    event = waiter.result()  # raises when the stream broke
                     waiter = None
+                    if not self._wake.is_set() and not self._is_config_event(event):
+                        continue  # a vdisk claimed or released, a server id registered
                     await asyncio.sleep(SETTLE)  # a burst of changes: one reload
                 self._wake.clear()
                 try:
@@ -84,7 +95,11 @@ class EtcdSource(EtcdStore):
                 except ConfigError as exc:
                     if "unreachable" in str(exc):
                         raise
-                    log.error("config reload rejected, keeping the running config: %s", exc)
+                    if rejected is not None:
+                        rejected(str(exc))
+                    else:
+                        log.error("config reload rejected, keeping the running config: %s",
+                                  exc)
                     continue
                 apply(data)
         finally:

@@ -57,13 +57,15 @@ class ServerCollector(Collector):
                  buffered_bytes: Callable[[], int],
                  vdisks: Callable[[], Mapping[str, VdiskGauges]],
                  slaves: Callable[[], Mapping[str, VdiskGauges]] = dict,
-                 logs: Callable[[], Mapping[str, VdiskGauges]] = dict) -> None:
+                 logs: Callable[[], Mapping[str, VdiskGauges]] = dict,
+                 fleet: Callable[[], Mapping[str, float]] = dict) -> None:
         self.stats = stats
         self.connections = connections
         self.buffered_bytes = buffered_bytes
         self.vdisks = vdisks
         self.slaves = slaves
         self.logs = logs
+        self.fleet = fleet
 
     def collect(self) -> Iterator[Metric]:
         s = self.stats
@@ -156,6 +158,24 @@ class ServerCollector(Collector):
                      "applied (or none happened), 0 if it was rejected.", int(s.last_reload_ok))
         yield _gauge("tlog_config_last_reload_timestamp_seconds", "When the last config reload "
                      "was tried, seconds since the epoch (0: never).", s.last_reload_time)
+        yield from self._fleet()
+
+    def _fleet(self) -> Iterator[Metric]:
+        """With an etcd config source: etcd and the ownership lease."""
+        fleet = self.fleet()
+        if "config_source_up" in fleet:
+            yield _gauge("tlog_config_source_up", "1 while the etcd config source answers; 0 "
+                         "while it cannot be reached (the last good config runs).",
+                         fleet["config_source_up"])
+        if "ownership_lease_held" in fleet:
+            yield _gauge("tlog_ownership_lease_held", "1 while this server holds its etcd "
+                         "lease (renewed within --owner-lease-ttl); 0: it owns no vdisk and "
+                         "takes none on.", fleet["ownership_lease_held"])
+            yield _counter("tlog_ownership_leases_lost", "Leases given up because they could "
+                           "not be renewed for a TTL (every open vdisk was given up).",
+                           fleet["ownership_leases_lost"])
+            yield _gauge("tlog_vdisks_owned", "Vdisks whose etcd ownership key this server "
+                         "holds.", fleet["vdisks_owned"])
 
     def _vdisks(self) -> Iterator[Metric]:
         names = ("pending_blocks", "out_of_order_blocks", "out_of_order_bytes",

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-import socket
 import ssl
 import time
 from collections.abc import Awaitable, Callable
@@ -43,6 +42,7 @@ from .config import (
 )
 from .connection import TlogConnection
 from .etcdsource import EtcdSource
+from .fleet import fleet_gauges, fleet_unready, join_fleet
 from .flusher import Batch, Flusher
 from .http import OpsServer
 from .metrics import ServerCollector, make_registry
@@ -95,7 +95,8 @@ class TlogServer:
             lambda: min(SURVEY_SECONDS, parse_duration(self.config.retention_interval)))
         self.registry = make_registry(ServerCollector(
             self.stats, lambda: len(self.connections), lambda: self.budget.used,
-            lambda: self.vdisks, lambda: self.syncers, self.keeper.gauges))
+            lambda: self.vdisks, lambda: self.syncers, self.keeper.gauges,
+            lambda: fleet_gauges(self.config_source, self.ownership)))
         self._ops: OpsServer | None = None
         self._probe: asyncio.Task[tuple[bool, str]] | None = None
         self._probed: tuple[float, bool, str] | None = None  # (loop time, ready, reason)
@@ -414,10 +415,9 @@ class TlogServer:
         """
         if self._stopping.is_set():
             return False, "shutting down"
-        source = self.config_source
-        if source is not None and source.error:
-            return False, f"config source unreachable (running on the last good config): " \
-                f"{source.error}"
+        unready = fleet_unready(self.config_source, self.ownership)
+        if unready is not None:
+            return False, unready
         if self._server is None or not self._server.is_serving():
             return False, "not listening yet"
         loop = asyncio.get_running_loop()
@@ -447,7 +447,7 @@ class TlogServer:
         try:
             new = load()
         except Exception as exc:  # a ConfigError names the bad key; anything else is logged too
-            return self._reload_failed(str(exc))
+            return self.reload_failed(str(exc))
         return self.reload(new)
 
     def reload(self, new: ServerConfig) -> bool:
@@ -473,7 +473,7 @@ class TlogServer:
                 try:
                     self.factory.update(new.storage)  # checked before it is swapped in
                 except StorageConfigError as exc:
-                    return self._reload_failed(f"storage map: {exc}")
+                    return self.reload_failed(f"storage map: {exc}")
                 self._note_moved_vdisks(cur, new)
                 cur.storage = new.storage
                 applied.append(f"storage map ({self.factory.describe()})")
@@ -505,7 +505,8 @@ class TlogServer:
             log.warning("config reload: %s: takes effect only after a restart", what)
         return True
 
-    def _reload_failed(self, reason: str) -> bool:
+    def reload_failed(self, reason: str) -> bool:
+        """Count and log a config that could not be applied; the running one stays."""
         log.error("config reload rejected, keeping the running config: %s", reason)
         self.stats.reloads_failed += 1
         self.stats.last_reload_ok = False
@@ -599,15 +600,17 @@ async def run(config: ServerConfig, ready: asyncio.Event | None = None,
     server = TlogServer(config)
     server.config_source = source
     if source is not None:
-        server.ownership = Ownership(
-            source, config.server_id or f"{socket.gethostname()}:{config.port}",
-            config.owner_lease_ttl, on_lost=server.ownership_lost)
-        server.ownership.start()
+        try:
+            server.ownership = await join_fleet(source, config, server.ownership_lost)
+        except BaseException:  # ServerIdInUse: another server has this id; etcd gone
+            await server.factory.close()
+            await source.close()
+            raise
     if source is not None and rebuild is not None:
         def apply(data: dict[str, Any]) -> None:
             server.reload_from(lambda: rebuild(data))
-        watcher = asyncio.get_running_loop().create_task(source.watch(apply),
-                                                         name="config watch")
+        watcher = asyncio.get_running_loop().create_task(
+            source.watch(apply, server.reload_failed), name="config watch")
     loop = asyncio.get_running_loop()
     signals = 0
 
