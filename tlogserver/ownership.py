@@ -39,6 +39,9 @@ log = logging.getLogger("tlogserver")
 DEFAULT_TTL = 10
 #: Seconds between two looks at the lease of another holder of this server's id.
 REGISTER_POLL = 0.2
+#: Seconds beyond the time left on another holder's lease after which, its key still
+#: there, the holder is taken to be alive (it renewed the lease).
+EXPIRY_MARGIN = 3.0
 #: What etcd may raise while it is out of reach.
 _ETCD_ERRORS = (ConfigError, aetcd.exceptions.ClientError, OSError, TimeoutError)
 
@@ -160,7 +163,9 @@ class Ownership:
                 raise ServerIdInUse(f"server id {name} is in use by a live server ({holder}): "
                                     "give each server its own --server-id")
             if expires_by is None:
-                expires_by = now + max(remaining, 0) + 1.5
+                # The time left is in whole seconds, and etcd looks for expired leases
+                # every half second: a dead holder's key is gone well within this.
+                expires_by = now + max(remaining, 0) + EXPIRY_MARGIN
                 if remaining > 0:
                     log.warning("server id %s is registered by %s, %d s left on its lease: "
                                 "waiting to see whether it is alive", name, holder, remaining)
