@@ -1,8 +1,8 @@
 """`make bench`: every benchmark, one after the other, into one JSON report.
 
 Runs micro, ingest, restore (random and compressible blocks, flush size 25 and 250), the
-server alone (batched and one block per write), compact, memory, nbd and nbd_recovery with their defaults
-(``--quick``: small sizes, one run each, to check that they work), passing each script's
+server alone (batched and one block per write), compact, memory, nbd and nbd_recovery with
+their defaults (``--quick``: small sizes, one run each, to check that they work), passing each script's
 JSON lines through to stdout as they come and writing them all to ``--output`` (default
 ``benchmarks/results/latest.json``: ``{"machine": ..., "benchmarks": {"micro": [...],
 ...}}``). Each script prints its own table on stderr.

@@ -187,7 +187,7 @@ def command(ctx: click.Context, **values: Any) -> None:
             "--priv-key: the master key is on the command line, where every local user can "
             "read it (ps); use --key-file or TLOG_PRIV_KEY")
     tune_allocator()
-    from .server import run
+    from .main import run
 
     def reload() -> ServerConfig:
         # The same flags and environment as at start; only the file is read again.

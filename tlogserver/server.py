@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 import ssl
 import time
 from collections.abc import Awaitable, Callable
@@ -42,7 +41,7 @@ from .config import (
 )
 from .connection import TlogConnection
 from .etcdsource import EtcdSource
-from .fleet import fleet_gauges, fleet_unready, join_fleet
+from .fleet import fleet_gauges, fleet_unready
 from .flusher import Batch, Flusher
 from .http import OpsServer
 from .metrics import ServerCollector, make_registry
@@ -50,7 +49,7 @@ from .ownership import Ownership
 from .retention import SURVEY_SECONDS, RetentionKeeper, standby_holds
 from .slavesync import SlaveSyncer, start_syncers, stop_syncers
 from .stats import ServerStats
-from .tasks import BackgroundTasks, cancel_and_wait
+from .tasks import BackgroundTasks
 from .vdisk import BufferBudget, StoredWritesReader, Vdisk
 
 log = logging.getLogger("tlogserver")
@@ -584,69 +583,3 @@ async def _ping(server: StorageServer) -> str | None:
         text = str(exc)
         return text if server.address in text else f"{server.address}: {text}"
     return None
-
-
-async def run(config: ServerConfig, ready: asyncio.Event | None = None,
-              reload: Callable[[], ServerConfig] | None = None, *,
-              source: EtcdSource | None = None,
-              rebuild: Callable[[dict[str, Any]], ServerConfig] | None = None) -> int:
-    """Run until SIGTERM/SIGINT, then drain; returns the exit code.
-
-    SIGHUP builds the config again with ``reload`` (the file re-read, the same flags) and
-    applies what can change while running. With an etcd ``source``, every change of its
-    keys is applied so (``rebuild`` turns what it holds into a config), and SIGHUP reads
-    them again.
-    """
-    server = TlogServer(config)
-    server.config_source = source
-    if source is not None:
-        try:
-            server.ownership = await join_fleet(source, config, server.ownership_lost)
-        except BaseException:  # ServerIdInUse: another server has this id; etcd gone
-            await server.factory.close()
-            await source.close()
-            raise
-    if source is not None and rebuild is not None:
-        def apply(data: dict[str, Any]) -> None:
-            server.reload_from(lambda: rebuild(data))
-        watcher = asyncio.get_running_loop().create_task(
-            source.watch(apply, server.reload_failed), name="config watch")
-    loop = asyncio.get_running_loop()
-    signals = 0
-
-    def on_signal(signame: str) -> None:
-        nonlocal signals
-        signals += 1
-        if signals == 1:
-            log.info("%s received: draining (send it again to exit at once)", signame)
-            server.request_stop()
-        else:
-            log.warning("second %s: exiting without waiting", signame)
-            raise SystemExit(1)
-
-    def on_hangup() -> None:
-        if source is not None:
-            log.info("SIGHUP received: reading the config from %s again", source.url)
-            source.reload_now()
-            return
-        if reload is None:
-            log.warning("SIGHUP received: no config to reload")
-            return
-        log.info("SIGHUP received: reloading the config%s",
-                 f" from {config.config}" if config.config else "")
-        server.reload_from(reload)
-
-    # Handlers first: a signal that arrives as soon as "listening" is logged must drain too.
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, on_signal, sig.name)
-    loop.add_signal_handler(signal.SIGHUP, on_hangup)
-    await server.start()
-    if ready is not None:
-        ready.set()
-    await server.serve_forever()
-    clean = await server.shutdown()
-    if source is not None:
-        await cancel_and_wait(watcher)
-        await source.close()
-    log.info("stopped%s", "" if clean else " (drain incomplete)")
-    return 0 if clean else 1
