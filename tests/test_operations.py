@@ -172,6 +172,29 @@ def test_metrics_count_blocks_and_the_histograms_move(redis6: list[Any]) -> None
     run(scenario())
 
 
+def test_a_stall_of_the_event_loop_shows_in_the_lag_histogram() -> None:
+    """``tlog_event_loop_lag_seconds``: the server's probe wakes every 100 ms and observes
+    how late it woke. The loop held for 300 ms (here, on purpose) makes one wake-up at
+    least 200 ms late: its timer was due within 100 ms of the stall's start and could only
+    fire after the stall."""
+    async def scenario() -> None:
+        async with running_server(memory_storage=True, metrics_address="127.0.0.1:0") as server:
+            mport = metrics_port(server)
+            await eventually(
+                lambda: scrape(mport), lambda s: value(s, "tlog_event_loop_lag_seconds_count") >= 2,
+                "the probe's first wake-ups")
+            time.sleep(0.3)  # the stall: the loop runs nothing meanwhile
+            after = await eventually(
+                lambda: scrape(mport),
+                lambda s: value(s, "tlog_event_loop_lag_seconds_count") > value(
+                    s, "tlog_event_loop_lag_seconds_bucket", le="0.1"),
+                "a wake-up later than 100 ms")
+            assert value(after, "tlog_event_loop_lag_seconds_sum") >= 0.2
+            assert server.lag_probe.max >= 0.2
+
+    run(scenario())
+
+
 def test_storage_errors_are_counted_per_server(redis6: list[Any]) -> None:
     addresses = [r.address for r in redis6]
     down, down2 = redis6[2], redis6[3]  # two down: fewer than the k+1 pieces a flush needs

@@ -138,6 +138,9 @@ class ServerCollector(Collector):
                          "to 64 aggregations written to every server.", s.flush_round)
         yield _histogram("tlog_flush_latency_seconds", "From an aggregation being cut to it "
                          "being stored (queueing and retries included).", s.flush_latency)
+        yield _histogram("tlog_event_loop_lag_seconds", "How late a timer on the server's "
+                         "event loop fires (sampled every 100 ms): CPU work holding the loop "
+                         "delays every client's answers by as much.", s.loop_lag)
         yield from self._vdisks()
         compactions = CounterMetricFamily("tlog_compactions", "Compaction runs of the vdisks' "
                                           "retention policies, by result: ok, nothing (to "

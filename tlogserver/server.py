@@ -44,6 +44,7 @@ from .etcdsource import EtcdSource
 from .fleet import fleet_gauges, fleet_unready
 from .flusher import Batch, Flusher
 from .http import OpsServer
+from .looplag import LoopLagProbe
 from .metrics import ServerCollector, make_registry
 from .ownership import Ownership
 from .retention import SURVEY_SECONDS, RetentionKeeper, standby_holds
@@ -96,6 +97,8 @@ class TlogServer:
             self.stats, lambda: len(self.connections), lambda: self.budget.used,
             lambda: self.vdisks, lambda: self.syncers, self.keeper.gauges,
             lambda: fleet_gauges(self.config_source, self.ownership)))
+        #: How late the event loop runs (``tlog_event_loop_lag_seconds``).
+        self.lag_probe = LoopLagProbe(self.stats.loop_lag)
         self._ops: OpsServer | None = None
         self._probe: asyncio.Task[tuple[bool, str]] | None = None
         self._probed: tuple[float, bool, str] | None = None  # (loop time, ready, reason)
@@ -148,6 +151,7 @@ class TlogServer:
         self.syncers.update(start_syncers(cfg, self.factory, self.opener))
         if cfg.storage_format == "v2":  # legacy logs are neither measured nor compacted
             self.keeper.start()
+        self.lag_probe.start()
         if cfg.metrics_host is not None:
             # First, so that it is up once "listening on" is logged.
             self._ops = OpsServer(cfg.metrics_host, cfg.metrics_port, self.registry,
@@ -393,6 +397,7 @@ class TlogServer:
         await self.tasks.close(TASKS_STOP_WAIT)
         await stop_syncers(list(self.syncers.values()), SLAVE_STOP_WAIT)
         await self.keeper.stop()
+        await self.lag_probe.stop()
         if self.ownership is not None:
             await self.ownership.close()
         for listener in (self._server, self._plain_server):

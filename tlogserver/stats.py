@@ -14,6 +14,10 @@ RECV_BUCKETS = (0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.00
 #: One pipelined storage round, or an aggregation's wait from cut to stored.
 FLUSH_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
                  5.0, 10.0, 30.0, 60.0)
+#: How late the event loop's lateness probe woke (`tlogserver.looplag`): well under a
+#: millisecond when nothing holds the loop.
+LAG_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+               5.0)
 
 
 class Histogram:
@@ -53,7 +57,7 @@ class ServerStats:
                  "recv_failed_server", "epochs_started",
                  "flushed_blocks", "flushed_bytes",
                  "aggregations_stored", "flush_failed_blocks", "storage_errors",
-                 "degraded_pieces", "recv_latency", "flush_round", "flush_latency",
+                 "degraded_pieces", "recv_latency", "flush_round", "flush_latency", "loop_lag",
                  "reloads_ok", "reloads_failed", "last_reload_ok", "last_reload_time",
                  "handshakes_refused", "compactions", "compacted_records", "compacted_bytes")
 
@@ -82,6 +86,8 @@ class ServerStats:
         self.recv_latency = Histogram(RECV_BUCKETS)
         self.flush_round = Histogram(FLUSH_BUCKETS)
         self.flush_latency = Histogram(FLUSH_BUCKETS)
+        #: how late each wake-up of the event loop's lateness probe came
+        self.loop_lag = Histogram(LAG_BUCKETS)
         self.reloads_ok = 0
         self.reloads_failed = 0
         self.last_reload_ok = True
