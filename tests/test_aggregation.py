@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import os
 import random
-from typing import Any
+import threading
+from collections.abc import Awaitable
+from typing import Any, TypeVar
 
 import pytest
 
@@ -13,21 +15,28 @@ from tlog.protocol import block_hash, wire
 from tlog.protocol.wire import Block
 from tlog.read.fetch import fetch_record
 from tlog.record.aggregation import (
+    NONCE_SIZE,
+    SEAL_STEP,
+    CheckpointMark,
     Keyring,
     MissingKeyError,
     RecordError,
     RecordOpener,
+    SealedRecord,
     V2Writer,
     open_v2,
     parse_v2_header,
     record_hash,
 )
+from tlog.record.crypto import VdiskCipher
 from tlog.record.erasure import ErasureCoder
+from tlog.record.steps import OFFLOAD_BYTES, Steps, Work, off_loop, run_now, run_stepped
 from tlog.storage import RedisStorageServer, ServerAddress, StoragePool
 
 from .wireclient import capnp_aggregation
 
 KEY = b"k" * 32
+T = TypeVar("T")
 
 
 def blocks(n: int, seed: int = 0) -> list[Block]:
@@ -52,32 +61,112 @@ def test_v2_roundtrip_and_header() -> None:
     assert (agg.prev, agg.vdisk_id, agg.timestamp) == (bytes(32), "vd", 123)
 
 
-def test_sealing_in_steps_gives_the_record_seal_gives() -> None:
-    """A large aggregation sealed in steps (the event loop runs between them) is the same
-    record as one sealed at once, but for its random nonce: same header, same plaintext,
-    a hash that is its key; a small one takes a single step."""
+def _content(record: bytes, cipher: VdiskCipher) -> tuple[Any, bytes]:
+    """A v2 record's header and the compressed plaintext it seals: all of it but the random
+    nonce (and the ciphertext and tag, which follow from the nonce and these)."""
+    head = parse_v2_header(record)
+    view = memoryview(record)
+    nonce = bytes(view[head.size:head.size + NONCE_SIZE])
+    return head, bytes(cipher.open(nonce, view[head.size + NONCE_SIZE:], view[:head.size]))
+
+
+async def _turns_while(job: Awaitable[T]) -> tuple[T, int]:
+    """``job``'s result and how many turns a task scheduled next to it got meanwhile."""
+    turns = 0
+    done = False
+
+    async def probe() -> None:
+        nonlocal turns
+        while not done:
+            turns += 1
+            await asyncio.sleep(0)
+
+    task = asyncio.create_task(probe())
+    await asyncio.sleep(0)  # the probe is running
+    turns = 0
+    try:
+        result = await job
+    finally:
+        done = True
+        await task
+    return result, turns
+
+
+def random_blocks(n: int, size: int) -> list[Block]:
+    out = []
+    for seq in range(n):
+        data = os.urandom(size)
+        out.append(Block(seq, seq * 7, 1_700_000_000_000_000_000 + seq, 1, block_hash(data),
+                         data))
+    return out
+
+
+@pytest.mark.parametrize(("count", "size"), [(200, 4096), (40, 65536)])
+@pytest.mark.parametrize("checkpoint", [False, True], ids=["aggregation", "checkpoint"])
+def test_sealing_in_steps_lets_the_loop_run_and_gives_the_record_seal_gives(
+        count: int, size: int, checkpoint: bool) -> None:
+    """A large aggregation or checkpoint part sealed in steps lets a task next to it run
+    between the steps (the copy of the plaintext alone takes one per `SEAL_STEP`), and is
+    the record sealed in one go, byte for byte but for its random nonce: same header, same
+    compressed plaintext under the tag, same length, a hash that is its key. 2.6 MB of
+    64 KiB blocks also has its biggest steps run in a thread (`OFFLOAD_BYTES`)."""
     writer = V2Writer(KEY, "vd")
-    bs = [Block(b.sequence, b.index, b.timestamp, 1, block_hash(data), data)
-          for b, data in ((b, os.urandom(4096)) for b in blocks(200))]
-    steps = writer.seal_in_steps(bytes(32), bs, timestamp=7, epoch=2)
-    yields = 0
-    while True:
-        try:
-            next(steps)
-            yields += 1
-        except StopIteration as done:
-            stepped = done.value
-            break
-    assert yields >= 4  # encode, compress, encryption and hash in parts
-    whole = writer.seal(bytes(32), bs, timestamp=7, epoch=2)
-    head, other = parse_v2_header(stepped.record), parse_v2_header(whole.record)
-    assert head == other and len(stepped.record) == len(whole.record)
-    assert stepped.hash == record_hash(stepped.record)
+    bs = random_blocks(count, size)
+    mark = CheckpointMark(1, 3, os.urandom(32), ((0, 99),))
+
+    def steps() -> Steps[SealedRecord]:
+        if checkpoint:
+            return writer.seal_checkpoint_in_steps(bytes(32), mark, bs, 99, 7, epoch=2)
+        return writer.seal_in_steps(bytes(32), bs, timestamp=7, epoch=2)
+
+    stepped, turns = asyncio.run(_turns_while(run_stepped(steps())))
+    assert turns >= count * size // SEAL_STEP
+    whole = (writer.seal_checkpoint(bytes(32), mark, bs, 99, 7, epoch=2) if checkpoint
+             else writer.seal(bytes(32), bs, timestamp=7, epoch=2))
+    here = run_now(steps())  # the same steps, all at once
+    cipher = VdiskCipher(KEY, "vd")
+    expected = _content(whole.record, cipher)
+    for sealed in (stepped, here):
+        assert _content(sealed.record, cipher) == expected
+        assert len(sealed.record) == len(whole.record)
+        assert sealed.hash == record_hash(sealed.record)
+        assert (sealed.first_sequence, sealed.last_sequence, sealed.sequences) == (
+            whole.first_sequence, whole.last_sequence, whole.sequences)
     agg = open_v2(stepped.record, Keyring.of(KEY), stepped.hash)
-    assert agg.blocks == bs and agg.epoch == 2
-    small = writer.seal_in_steps(bytes(32), blocks(5), timestamp=7)
+    assert agg.blocks == bs and agg.epoch == 2 and agg.checkpoint == (
+        mark if checkpoint else None)
+
+
+def test_a_small_aggregation_is_sealed_in_a_single_step() -> None:
+    small = V2Writer(KEY, "vd").seal_in_steps(bytes(32), blocks(5), timestamp=7)
     with pytest.raises(StopIteration):
         next(small)
+
+
+def test_stepped_work_runs_large_pieces_in_a_thread_and_small_ones_on_the_loop() -> None:
+    """`run_stepped` and `off_loop` hand work over `OFFLOAD_BYTES` to a worker thread (the
+    loop goes on meanwhile) and do smaller work at once; `run_now` does all of it here."""
+    here = threading.get_ident()
+
+    def where(tag: str) -> tuple[str, int]:
+        return tag, threading.get_ident()
+
+    def job() -> Steps[list[tuple[str, int]]]:
+        seen = [(yield Work(where, ("small",), OFFLOAD_BYTES))]
+        yield None
+        seen.append((yield Work(where, ("large",), OFFLOAD_BYTES + 1)))
+        return seen
+
+    async def scenario() -> tuple[list[tuple[str, int]], int, int]:
+        stepped = await run_stepped(job())
+        small = await off_loop(threading.get_ident, size=10)
+        large = await off_loop(threading.get_ident, size=OFFLOAD_BYTES + 1)
+        return stepped, small, large
+
+    stepped, small, large = asyncio.run(scenario())
+    assert stepped[0] == ("small", here) and stepped[1][0] == "large"
+    assert stepped[1][1] != here and large != here and small == here
+    assert run_now(job()) == [("small", here), ("large", here)]
 
 
 def test_identical_content_gets_different_nonce_and_ciphertext() -> None:

@@ -16,6 +16,8 @@ import socket
 import time
 from typing import Any
 
+import pytest
+
 from tlog.protocol import BlockResponse, ClientConnection, ServerConnection
 from tlog.protocol.status import BlockStatus, HandshakeStatus
 from tlogserver.config import ServerConfig
@@ -247,15 +249,18 @@ def test_a_server_that_lost_its_script_cache_is_stored_again_in_the_same_round(
     assert proc.returncode == 0 and "warning" not in proc.stderr, proc.stdout + proc.stderr
 
 
+@pytest.mark.parametrize("block_size", [4096, 65536])
 def test_large_aggregations_sealed_in_steps_are_stored_and_read_back(
-        redis6: list[RedisProcess]) -> None:
-    """Aggregations of 100 random 4 KiB blocks (400 KB: sealed in steps, the event loop
-    running between them, and written a server at a time) read back exactly."""
+        redis6: list[RedisProcess], block_size: int) -> None:
+    """Aggregations of 100 random 4 KiB blocks (400 KB: sealed and erasure-coded in steps,
+    the event loop running between them, and written a server at a time) read back
+    exactly; so do aggregations of 100 blocks of 64 KiB (6.6 MB: their biggest steps run
+    in a thread)."""
     addresses = [r.address for r in redis6]
-    payload = {seq: os.urandom(4096) for seq in range(300)}
+    payload = {seq: os.urandom(block_size) for seq in range(300)}
 
     async def scenario() -> None:
-        async with running_server(addresses, flush_size=100) as server:
+        async with running_server(addresses, flush_size=100, block_size=block_size) as server:
             client = await WireClient.connect(port_of(server))
             for seq in range(300):
                 client.send(seq, payload[seq])

@@ -44,7 +44,7 @@ import itertools
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Generator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from tlog.protocol.wire import BlockFields
@@ -58,6 +58,7 @@ from tlog.record.aggregation import (
     parse_v2_header,
 )
 from tlog.record.erasure import ErasureCoder
+from tlog.record.steps import Steps, run_stepped
 from tlog.storage import (
     HeadMoved,
     ScriptMissing,
@@ -97,8 +98,7 @@ class RecordWriter(Protocol):
              timestamp: int | None = None, epoch: int = 0) -> SealedRecord: ...
 
     def seal_in_steps(self, prev: bytes, blocks: Sequence[BlockFields],
-                      timestamp: int | None = None, epoch: int = 0
-                      ) -> Generator[None, None, SealedRecord]: ...
+                      timestamp: int | None = None, epoch: int = 0) -> Steps[SealedRecord]: ...
 
 
 class Batch:
@@ -404,24 +404,21 @@ class Flusher:
     # -- sealing and storing --
 
     async def _seal(self, batch: Batch) -> None:
-        """Seal and erasure-code ``batch``, letting the event loop run between the steps of
-        a large aggregation (reads and their RecvOK do not wait for a whole seal)."""
+        """Seal and erasure-code ``batch``. A large aggregation is sealed and coded in
+        steps, the biggest single calls of its sealing in a thread (`tlog.record.steps`),
+        so that the event loop keeps answering reads meanwhile; a small one in one go, as
+        that costs less."""
         blocks = batch.blocks
-        if len(blocks) * len(blocks[0].data) <= SEAL_STEP:  # small: in one go
+        size = len(blocks) * max(len(blocks[0].data), len(blocks[-1].data))  # (cheap)
+        if size <= SEAL_STEP:  # small: in one go
             record = self._writer.seal(self.prev, blocks, time.time_ns(), batch.epoch)
+            batch.pieces = self._coder.encode_views(record.record)
         else:
-            steps = self._writer.seal_in_steps(self.prev, blocks, time.time_ns(), batch.epoch)
-            while True:
-                try:
-                    next(steps)
-                except StopIteration as done:
-                    record = done.value
-                    break
-                await asyncio.sleep(0)
-            await asyncio.sleep(0)
+            record = await run_stepped(self._writer.seal_in_steps(
+                self.prev, blocks, time.time_ns(), batch.epoch))
+            batch.pieces = await run_stepped(self._coder.encode_in_steps(record.record))
         batch.record = record
         batch.prev = self.prev
-        batch.pieces = self._coder.encode_views(record.record)
         self.prev = record.hash
         self._remember(record.hash)
 

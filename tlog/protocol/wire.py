@@ -363,6 +363,14 @@ def encode_aggregation(name: str, timestamp: int, vdisk_id: str, prev: bytes,
     hash before its data): so the legacy writer is byte-identical to the Go one.
     A non-zero ``epoch`` (our field @6) adds a third data word.
     """
+    return b"".join(aggregation_parts(name, timestamp, vdisk_id, prev, blocks, epoch))
+
+
+def aggregation_parts(name: str, timestamp: int, vdisk_id: str, prev: bytes,
+                      blocks: Sequence[BlockFields] | Iterable[BlockFields],
+                      epoch: int = 0) -> list[Buffer]:
+    """The pieces `encode_aggregation` joins, in order (the blocks' data among them, not
+    copied): for a caller that copies a large aggregation together in steps."""
     blocks = list(blocks)
     name_b = name.encode()
     vdisk_b = vdisk_id.encode()
@@ -426,7 +434,7 @@ def encode_aggregation(name: str, timestamp: int, vdisk_id: str, prev: bytes,
         at = data_at + (data_len + 7) // 8
     parts.extend(elems)
     parts.extend(tail)
-    return b"".join([_U32X2.pack(0, at), *parts])
+    return [_U32X2.pack(0, at), *parts]
 
 
 class RawAggregation(NamedTuple):

@@ -74,12 +74,14 @@ from .checkpoints import (
 )
 from .fetch import (
     FIRST_HEADER_RUN,
+    HEADER_STEP,
     MAX_HEADER_RUN,
     SCRIPT_MISSES,
     DecodeError,
     Fetched,
     PieceReader,
     open_checked,
+    open_fetched,
     piece_header,
 )
 from .head import Head, find_head
@@ -252,12 +254,14 @@ class ChainReader:
             return
         self._script_misses = 0
         self._run_size = min(self._run_size * 2, MAX_HEADER_RUN)
-        for prefix in run:
+        for i, prefix in enumerate(run, 1):
             got = piece_header(prefix)
             self._ahead[key] = got
             if got is None:
                 break
             key = got[0].prev
+            if not i % HEADER_STEP:
+                await asyncio.sleep(0)  # (2,048 headers are 10 ms and more of parsing)
 
     async def _step(self, key: bytes) -> ChainLink:
         """The link of ``key``: from piece 0's v2 header when that suffices, else verified."""
@@ -308,7 +312,8 @@ class ChainReader:
     async def _walk(self) -> list[ChainLink]:
         if self.head_key is not None:
             fetched = await self._reader.fetch(self.head_key)
-            agg: Aggregation | None = open_checked(self.opener, fetched.record, self.head_key)
+            agg: Aggregation | None = await open_fetched(self.opener, fetched.record,
+                                                         self.head_key)
             assert agg is not None
             self._check_vdisk(self.head_key, agg.vdisk_id)
             fetched_head: Fetched | None = fetched

@@ -29,6 +29,7 @@ from tlog.record.aggregation import (
 )
 from tlog.record.crypto import TAG_SIZE
 from tlog.record.erasure import ErasureCoder, ErasureError
+from tlog.record.steps import off_loop
 from tlog.storage import ServerAddress, StorageError, StoragePool
 
 log = logging.getLogger(__name__)
@@ -37,6 +38,8 @@ log = logging.getLogger(__name__)
 #: so a walk that a start limit stops early reads little more than it needs.
 FIRST_HEADER_RUN = 64
 MAX_HEADER_RUN = 2048
+#: Headers of a run parsed between two turns of the event loop (under a millisecond).
+HEADER_STEP = 128
 #: Script runs in a row that find no v2 header before the walk stops asking for them.
 SCRIPT_MISSES = 3
 
@@ -237,19 +240,15 @@ class PieceReader:
         """
         coder = self.coder
         k, n = coder.k, coder.n
-
-        def matches(record: bytes) -> bool:
-            return record_hash(record) == key
-
         if not all_pieces:
             data = await self.pieces(key, range(k), known)
             if all(p is not None for p in data):
-                try:
-                    record = coder.decode(data + [None] * coder.m)
-                except ErasureError:
-                    record = None
-                if record is not None and matches(record):
-                    return Fetched(record, [])
+                # (a large record is joined and hashed in a thread: an event loop that
+                # reads a 16 MB one goes on meanwhile)
+                joined = await off_loop(_joined, coder, data, key,
+                                        size=sum(len(p) for p in data if p is not None))
+                if joined is not None:
+                    return Fetched(joined, [])
             pieces = data + await self.pieces(key, range(k, n))
         else:
             pieces = await self.pieces(key, range(n), known)
@@ -260,16 +259,33 @@ class PieceReader:
                                   f"(servers down: {sorted(self.down)})", key)
             raise DecodeError(f"aggregation {key.hex()} is not stored on any server", key)
         try:
-            record = coder.decode_verified(pieces, matches)
+            record, corrupt = await off_loop(
+                _rebuilt, coder, pieces, key,
+                size=k * max(len(p) for p in pieces if p is not None))
         except ErasureError as exc:
             kind = (TooFewPieces if n - len(missing) < k and not self.down.intersection(missing)
                     else DecodeError)
             raise kind(f"aggregation {key.hex()}: cannot rebuild a record that hashes "
                        f"to its key: {exc} (missing pieces: {missing})", key) from None
-        # Name the damaged pieces: the ones that differ from a fresh encoding of the record.
-        expected = coder.encode(record)
-        corrupt = [i for i, p in enumerate(pieces) if p is not None and p != expected[i]]
         return Fetched(record, missing, corrupt, parity_read=True)
+
+
+def _joined(coder: ErasureCoder, data: list[bytes | None], key: bytes) -> bytes | None:
+    """The record of the k data pieces ``data``; None unless it hashes to ``key``."""
+    try:
+        record = coder.decode(data + [None] * coder.m)
+    except ErasureError:
+        return None
+    return record if record_hash(record) == key else None
+
+
+def _rebuilt(coder: ErasureCoder, pieces: list[bytes | None],
+             key: bytes) -> tuple[bytes, list[int]]:
+    """The record that hashes to ``key``, rebuilt from any k of ``pieces``, and the
+    damaged pieces: those that differ from a fresh encoding of it. ErasureError if none."""
+    record = coder.decode_verified(pieces, lambda found: record_hash(found) == key)
+    expected = coder.encode(record)
+    return record, [i for i, p in enumerate(pieces) if p is not None and p != expected[i]]
 
 
 async def fetch_record(pool: StoragePool, key: bytes, coder: ErasureCoder | None = None) -> Fetched:
@@ -286,11 +302,17 @@ def open_checked(opener: RecordOpener, record: bytes, key: bytes) -> Aggregation
         raise DecodeError(f"aggregation {key.hex()}: {exc}", key) from None
 
 
+async def open_fetched(opener: RecordOpener, record: bytes, key: bytes) -> Aggregation:
+    """`open_checked`, in a thread when the record is large (decrypting and decompressing
+    16 MB takes an event loop's milliseconds)."""
+    return await off_loop(open_checked, opener, record, key, size=len(record))
+
+
 async def read_aggregation(pool: StoragePool, key: bytes, opener: RecordOpener,
                            coder: ErasureCoder | None = None) -> Aggregation:
     """Fetch, check and open one aggregation."""
     fetched = await fetch_record(pool, key, coder)
-    return open_checked(opener, fetched.record, key)
+    return await open_fetched(opener, fetched.record, key)
 
 
 def write_identity(index: int, operation: int, timestamp: int,

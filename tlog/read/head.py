@@ -14,7 +14,7 @@ from tlog.record.aggregation import (
 from tlog.record.erasure import ErasureCoder
 from tlog.storage import StorageError, StoragePool, last_hash_key
 
-from .fetch import DecodeError, Fetched, PieceReader, TooFewPieces, open_checked
+from .fetch import DecodeError, Fetched, PieceReader, TooFewPieces, open_fetched
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ async def find_head(pool: StoragePool, vdisk_id: str, opener: RecordOpener,
             if key not in tried:
                 try:
                     fetched[key] = await reader.fetch(key)
-                    agg = open_checked(opener, fetched[key].record, key)
+                    agg = await open_fetched(opener, fetched[key].record, key)
                     if agg.vdisk_id != vdisk_id:
                         raise DecodeError(f"aggregation {key.hex()} belongs to vdisk "
                                           f"{agg.vdisk_id!r}, not {vdisk_id!r}", key)

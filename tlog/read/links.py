@@ -81,13 +81,16 @@ class ChainItem:
 
 def cut_batches(links: list[ChainLink], size: int) -> list[list[ChainLink]]:
     """The links in batches of at most ``size`` records and about `BATCH_BYTES` of
-    plaintext (by their block counts): aggregations of 250 blocks come 6 to a batch, so a
-    batch still fits a worker's shared slot and the read-ahead stays a few batches."""
+    plaintext (by their block counts, or their records' sizes when larger: blocks of
+    64 KiB): aggregations of 250 blocks of 4 KiB come 6 to a batch, so a batch still fits a
+    worker's shared slot and the read-ahead stays a few batches; one of 250 blocks of
+    64 KiB (16 MB) comes alone (the pieces of one batch come in one reply per server, which
+    the event loop copies in one go)."""
     out: list[list[ChainLink]] = []
     batch: list[ChainLink] = []
     held = 0
     for link in links:
-        estimate = max(1, link.count) * BLOCK_ESTIMATE
+        estimate = max(max(1, link.count) * BLOCK_ESTIMATE, link.size)
         if batch and (len(batch) >= size or held + estimate > BATCH_BYTES):
             out.append(batch)
             batch, held = [], 0

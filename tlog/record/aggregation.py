@@ -18,7 +18,7 @@ import hashlib
 import logging
 import struct
 import time
-from collections.abc import Generator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import cramjam
@@ -27,6 +27,7 @@ from tlog.protocol import schema, wire
 from tlog.protocol.wire import Block, BlockFields
 
 from . import crypto
+from .steps import Steps, Work, run_now
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +52,8 @@ _U64 = struct.Struct("<Q")
 _MARK = struct.Struct("<II32sI")
 _RANGE = struct.Struct("<QQ")
 NONCE_SIZE = 12
-#: Bytes of work per step of `V2Writer.seal_in_steps` (about 0.1-0.3 ms of CPU).
+#: Bytes of plaintext copied per step of `V2Writer.seal_in_steps` (a tenth of a
+#: millisecond), and the size under which it seals in a single step.
 SEAL_STEP = 256 * 1024
 
 
@@ -224,7 +226,7 @@ class V2Writer:
     def seal(self, prev: bytes, blocks: Sequence[BlockFields],
              timestamp: int | None = None, epoch: int = 0) -> SealedRecord:
         sequences = [b.sequence for b in blocks]
-        return _finish(self._steps(prev, blocks, timestamp, epoch, min(sequences),
+        return run_now(self._steps(prev, blocks, timestamp, epoch, min(sequences),
                                    max(sequences)))
 
     def seal_checkpoint(self, prev: bytes, mark: CheckpointMark,
@@ -233,29 +235,34 @@ class V2Writer:
         """One part of a checkpoint at ``sequence`` (its header's first and last sequence).
         ``prev``: the part before it, or ``mark.covered`` for part 0; ``blocks`` may be
         empty (a vdisk with no live block)."""
-        return _finish(self._steps(prev, blocks, timestamp, epoch, sequence, sequence, mark))
+        return run_now(self.seal_checkpoint_in_steps(prev, mark, blocks, sequence, timestamp,
+                                                     epoch))
 
     def seal_in_steps(self, prev: bytes, blocks: Sequence[BlockFields],
-                      timestamp: int | None = None, epoch: int = 0
-                      ) -> Generator[None, None, SealedRecord]:
-        """`seal` as a generator that yields between steps of about `SEAL_STEP` bytes of
-        work (encoding, compressing, each part of the encryption and of the hash), for an
-        event loop that must not stall while a large aggregation is sealed. Small ones
-        (under `SEAL_STEP` compressed) are sealed in one go."""
+                      timestamp: int | None = None, epoch: int = 0) -> Steps[SealedRecord]:
+        """`seal` as a stepped job (`tlog.record.steps`) for an event loop that must not
+        stall while a large aggregation is sealed: the plaintext is copied together
+        `SEAL_STEP` bytes at a time, then joined, compressed, encrypted, joined to its
+        header and hashed by one `Work` each. One under `SEAL_STEP` of plaintext is sealed
+        in a single step."""
         sequences = [b.sequence for b in blocks]
         return self._steps(prev, blocks, timestamp, epoch, min(sequences), max(sequences),
                            step=SEAL_STEP)
 
+    def seal_checkpoint_in_steps(self, prev: bytes, mark: CheckpointMark,
+                                 blocks: Sequence[BlockFields], sequence: int,
+                                 timestamp: int, epoch: int = 0) -> Steps[SealedRecord]:
+        """`seal_checkpoint` as a stepped job, as `seal_in_steps`."""
+        return self._steps(prev, blocks, timestamp, epoch, sequence, sequence, mark,
+                           step=SEAL_STEP)
+
     def _steps(self, prev: bytes, blocks: Sequence[BlockFields], timestamp: int | None,
                epoch: int, first: int, last: int, mark: CheckpointMark | None = None,
-               step: int | None = None) -> Generator[None, None, SealedRecord]:
-        """The sealing, yielding between steps of ``step`` bytes of work (None: never)."""
+               step: int | None = None) -> Steps[SealedRecord]:
+        """The sealing, in steps of ``step`` bytes of plaintext (None: in one go)."""
         ts = time.time_ns() if timestamp is None else timestamp
         sequences = tuple(b.sequence for b in blocks)
-        plain = _plain_aggregation(V2_NAME, ts, self.vdisk_id, prev, blocks, epoch)
-        if step is not None and len(plain) > step:
-            yield
-        compressed = cramjam.snappy.compress_raw(plain)
+        parts = wire.aggregation_parts(V2_NAME, ts, self.vdisk_id, prev, blocks, epoch)
         flags = (FLAG_EPOCH if epoch else 0) | (FLAG_CHECKPOINT if mark is not None else 0)
         head = _V2_HEAD.pack(V2_MAGIC, V2_VERSION, COMPRESSION_SNAPPY, flags,
                              self._cipher.key_id, first, last, len(blocks), ts, prev,
@@ -264,29 +271,40 @@ class V2Writer:
             head += _U64.pack(epoch)
         if mark is not None:
             head += mark.pack()
-        if step is None or len(compressed) <= step:
+        if step is None or sum(map(len, parts)) <= step:
+            compressed = cramjam.snappy.compress_raw(b"".join(parts))
             nonce, sealed = self._cipher.seal(bytes(compressed), head)
             record = b"".join((head, nonce, sealed))
             return SealedRecord(record_hash(record), record, first, last, sequences)
-        yield
-        nonce, parts = yield from self._cipher.seal_in_steps(memoryview(compressed), head, step)
-        record = b"".join((head, nonce, *parts))
-        digest = hashlib.blake2b(digest_size=HASH_SIZE)
-        view = memoryview(record)
-        for at in range(0, len(record), step):
-            digest.update(view[at:at + step])  # (hashlib lets other threads run here)
-            yield
-        return SealedRecord(digest.digest(), record, first, last, sequences)
+        plain = yield from _joined(parts, step)
+        compressed = yield Work(cramjam.snappy.compress_raw, (plain,), len(plain))
+        del plain
+        nonce, sealed = yield Work(self._cipher.seal, (memoryview(compressed), head),
+                                   len(compressed))
+        del compressed
+        record = yield Work(b"".join, ((head, nonce, sealed),), len(sealed))
+        del sealed
+        digest = yield Work(record_hash, (record,), len(record))
+        return SealedRecord(digest, record, first, last, sequences)
 
 
-def _finish(steps: Generator[None, None, SealedRecord]) -> SealedRecord:
-    """Run a sealing that does not yield (no step size) to its record."""
-    try:
-        next(steps)
-    except StopIteration as done:
-        record: SealedRecord = done.value
-        return record
-    raise AssertionError("a sealing without steps yielded")
+def _joined(parts: Sequence[wire.Buffer], step: int) -> Steps[bytes]:
+    """``parts`` joined: a step at a time into chunks of about ``step`` bytes, then the
+    chunks by one `Work` (a join of bytes objects lets other threads run; a copy of a
+    16 MB aggregation at once would take milliseconds, a fresh 16 MB buffer more)."""
+    chunks: list[bytes] = []
+    group: list[wire.Buffer] = []
+    size = 0
+    for part in parts:
+        group.append(part)
+        size += len(part)
+        if size >= step:
+            chunks.append(b"".join(group))
+            group, size = [], 0
+            yield None
+    chunks.append(b"".join(group))
+    joined: bytes = yield Work(b"".join, (chunks,), sum(map(len, chunks)))
+    return joined
 
 
 @dataclass(frozen=True)
@@ -422,11 +440,12 @@ class LegacyWriter:
                             sequences)
 
     def seal_in_steps(self, prev: bytes, blocks: Sequence[BlockFields],
-                      timestamp: int | None = None, epoch: int = 0
-                      ) -> Generator[None, None, SealedRecord]:
-        """`seal` in one step (the legacy format is kept for compatibility, not speed)."""
-        return self.seal(prev, blocks, timestamp, epoch)
-        yield  # a generator
+                      timestamp: int | None = None, epoch: int = 0) -> Steps[SealedRecord]:
+        """`seal` as one `Work` (the legacy format is kept for compatibility, not speed:
+        a large one is sealed in a thread, its Python parts holding the GIL)."""
+        size = sum(len(b.data) for b in blocks)
+        record: SealedRecord = yield Work(self.seal, (prev, blocks, timestamp, epoch), size)
+        return record
 
 
 def open_legacy(record: bytes, cipher: crypto.LegacyCipher,

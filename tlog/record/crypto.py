@@ -14,11 +14,9 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Generator
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
@@ -146,27 +144,10 @@ class VdiskCipher:
         self._key = derive_vdisk_key(master_key, vdisk_id)
         self._aead = AESGCM(self._key)
 
-    def seal(self, plaintext: bytes, aad: bytes) -> tuple[bytes, bytes]:
+    def seal(self, plaintext: bytes | memoryview, aad: bytes) -> tuple[bytes, bytes]:
         """Encrypt and authenticate; return (nonce, ciphertext + 16-byte tag)."""
         nonce = os.urandom(NONCE_SIZE)
         return nonce, self._aead.encrypt(nonce, plaintext, aad)
-
-    def seal_in_steps(self, plaintext: bytes | memoryview, aad: bytes, step: int
-                      ) -> Generator[None, None, tuple[bytes, list[bytes]]]:
-        """`seal`, ``step`` bytes of plaintext at a time (a generator that yields between
-        steps, for a caller that lets other work run meanwhile); returns (nonce, parts of
-        ciphertext + tag), the same bytes `seal` gives in one piece."""
-        nonce = os.urandom(NONCE_SIZE)
-        encryptor = Cipher(algorithms.AES(self._key), modes.GCM(nonce)).encryptor()
-        encryptor.authenticate_additional_data(aad)
-        view = memoryview(plaintext)
-        parts = []
-        for at in range(0, len(view), step):
-            parts.append(encryptor.update(view[at:at + step]))
-            yield
-        parts.append(encryptor.finalize())
-        parts.append(encryptor.tag)
-        return nonce, parts
 
     def open(self, nonce: bytes, ciphertext: bytes | memoryview,
              aad: bytes | memoryview) -> bytes:

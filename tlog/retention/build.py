@@ -24,17 +24,25 @@ from tlog.protocol.status import Operation
 from tlog.protocol.wire import Block
 from tlog.read.chain import ChainReader
 from tlog.read.checkpoints import CheckpointRef
-from tlog.read.fetch import DecodeError, read_aggregation
+from tlog.read.fetch import DecodeError, Fetched, fetch_record, open_fetched
 from tlog.read.links import ChainLink
-from tlog.record.aggregation import Aggregation, CheckpointMark, RecordOpener, V2Writer
+from tlog.record.aggregation import CheckpointMark, RecordOpener, V2Writer
+from tlog.record.steps import run_stepped
 from tlog.storage import StoragePool
 
 log = logging.getLogger(__name__)
 
 #: Blocks per checkpoint part (about 1 MiB of 4 KiB blocks).
 PART_BLOCKS = 256
-#: Aggregations read ahead during the second pass.
+#: Aggregations read ahead during the second pass, and the bytes of records they may hold
+#: (8 of 100 KB, but two of 16 MB: all their pieces arriving at once would keep the event
+#: loop copying replies for tens of milliseconds).
 READ_AHEAD = 8
+READ_AHEAD_BYTES = 32 * 1024 * 1024
+#: Last writes grouped per step between the passes (about a millisecond of CPU).
+GROUP_STEP = 4096
+#: Blocks replayed in the first pass between two turns of the event loop (a millisecond).
+REPLAY_STEP = 256
 _DELETE = int(Operation.DELETE)
 # A last write's place: aggregation number << _SHIFT | block number within it.
 _SHIFT = 32
@@ -71,15 +79,24 @@ async def build_checkpoint(pool: StoragePool, vdisk_id: str, opener: RecordOpene
     reader = ChainReader(pool, vdisk_id, opener, head_key=cut.key, timeout=timeout,
                          processes=processes)
     keys: list[bytes] = []  # aggregation number -> its hash (checkpoint parts included)
+    sizes: list[int] = []  # aggregation number -> bytes of its record
     last: dict[int, int] = {}  # block index -> where its last write is
     newest_ts = base.timestamp if base is not None else 0
     position = (base.epoch, base.sequence) if base is not None else (0, 0)
     replayed: list[bytes] = []
+    since_pause = 0  # blocks replayed since the loop last ran something else
     try:
         async for item in reader.items():
             agg = item.aggregation
+            since_pause += len(agg.blocks)
+            if since_pause >= REPLAY_STEP:
+                # The items of a batch come without a pause of their own: milliseconds of
+                # work for 32 aggregations, held on the event loop.
+                since_pause = 0
+                await asyncio.sleep(0)
             number = len(keys) << _SHIFT
             keys.append(agg.hash)
+            sizes.append(agg.record_size)
             if item.checkpoint is None:
                 replayed.append(agg.hash)
                 if agg.blocks:
@@ -103,11 +120,7 @@ async def build_checkpoint(pool: StoragePool, vdisk_id: str, opener: RecordOpene
     applied = tuple(reader.applied.ranges) if reader.epoch == epoch else ()
     total = len(last)
     parts = max(1, -(-total // PART_BLOCKS))
-    # Which blocks of which aggregation, in chain order.
-    wanted: dict[int, list[int]] = {}
-    for place in sorted(last.values()):
-        wanted.setdefault(place >> _SHIFT, []).append(place & ((1 << _SHIFT) - 1))
-    del last
+    wanted, order = await grouped_last_writes(last, len(keys))
     prev = cut.key
     part: list[Block] = []
     sealed_parts = 0
@@ -118,23 +131,31 @@ async def build_checkpoint(pool: StoragePool, vdisk_id: str, opener: RecordOpene
         check()
         chunk.sort(key=lambda b: b.index)  # adjacent blocks: fewer writes in a restore
         mark = CheckpointMark(sealed_parts, parts, cut.key, applied)
-        record = writer.seal_checkpoint(prev, mark, chunk, sequence, newest_ts, epoch)
+        # In steps: a part of 256 blocks of 64 KiB is 16 MB to seal, and tlogserver
+        # compacts on the event loop that serves its clients.
+        record = await run_stepped(writer.seal_checkpoint_in_steps(
+            prev, mark, chunk, sequence, newest_ts, epoch))
         await store(record.hash, record.record)
         prev = record.hash
         sealed_parts += 1
 
-    async def fetch(number: int) -> Aggregation:
-        return await read_aggregation(pool, keys[number], opener, reader.coder)
+    async def fetch(number: int) -> Fetched:
+        return await fetch_record(pool, keys[number], reader.coder)
 
-    order = sorted(wanted)
-    pending: dict[int, asyncio.Task[Aggregation]] = {}
+    # Read ahead, opened one at a time here: the read-ahead's replies tend to come in the
+    # same turn of the event loop, and opening them all there would hold it that long.
+    pending: dict[int, asyncio.Task[Fetched]] = {}
     try:
         for at, number in enumerate(order):
             for ahead in order[at:at + READ_AHEAD]:
-                if ahead not in pending:
-                    pending[ahead] = asyncio.create_task(fetch(ahead))
+                if ahead in pending:
+                    continue
+                if pending and sum(sizes[n] for n in pending) + sizes[ahead] > READ_AHEAD_BYTES:
+                    break  # (the one needed now is always read: it was asked for first)
+                pending[ahead] = asyncio.create_task(fetch(ahead))
             try:
-                agg = await pending.pop(number)
+                agg = await open_fetched(opener, (await pending.pop(number)).record,
+                                         keys[number])
             except DecodeError as exc:
                 raise BuildError(f"vdisk {vdisk_id}: an aggregation to compact no longer "
                                  f"reads back (another compaction?): {exc}") from None
@@ -156,3 +177,34 @@ async def build_checkpoint(pool: StoragePool, vdisk_id: str, opener: RecordOpene
         await asyncio.gather(*pending.values(), return_exceptions=True)
     assert sealed_parts == parts
     return Built(prev, parts, sets, deletes, epoch, sequence, newest_ts)
+
+
+async def grouped_last_writes(last: dict[int, int],
+                              count: int) -> tuple[dict[int, list[int]], list[int]]:
+    """Which blocks of which aggregation hold the last writes (emptying ``last``), and the
+    aggregations that hold any, in chain order. In steps of `GROUP_STEP`: a vdisk of a
+    million blocks has a million places to group and sort, over a second of the event
+    loop's time in one go."""
+    wanted: dict[int, list[int]] = {}
+    mask = (1 << _SHIFT) - 1
+    while last:
+        for _ in range(min(GROUP_STEP, len(last))):
+            place = last.popitem()[1]
+            found = wanted.get(place >> _SHIFT)
+            if found is None:
+                wanted[place >> _SHIFT] = [place & mask]
+            else:
+                found.append(place & mask)
+        await asyncio.sleep(0)
+    done = 0
+    for blocks in wanted.values():
+        blocks.sort()
+        done += len(blocks)
+        if done >= GROUP_STEP:
+            done = 0
+            await asyncio.sleep(0)
+    order: list[int] = []
+    for start in range(0, count, GROUP_STEP):
+        order.extend(n for n in range(start, min(start + GROUP_STEP, count)) if n in wanted)
+        await asyncio.sleep(0)
+    return wanted, order

@@ -46,11 +46,13 @@ from tlog.read.fetch import DecodeError, PieceReader
 from tlog.read.links import ChainLink
 from tlog.read.repair import marker_key
 from tlog.record.aggregation import (
+    SEAL_STEP,
     ZERO_HASH,
     RecordOpener,
     V2Writer,
 )
 from tlog.record.erasure import ErasureCoder
+from tlog.record.steps import run_stepped
 from tlog.storage import (
     StorageError,
     StoragePool,
@@ -338,10 +340,20 @@ class Compactor:
         await self._everywhere("journalling a checkpoint part", [
             server.list_push(compaction_parts_key(self.vdisk_id), key)
             for server in self._servers])
-        pieces = self.coder.encode(record)
-        await self._everywhere("storing the checkpoint", [
-            server.set_many([(key, piece)])
-            for server, piece in zip(self._servers, pieces, strict=True)])
+        pieces = await run_stepped(self.coder.encode_in_steps(record))
+        stores: list[asyncio.Future[None]] = []
+        try:
+            for server, piece in zip(self._servers, pieces, strict=True):
+                stores.append(asyncio.ensure_future(server.set_many([(key, piece)])))
+                if len(piece) > SEAL_STEP:
+                    # Each server's request is packed and written as its task starts: one
+                    # in each turn of the event loop, not six pieces of 4 MB at once.
+                    await asyncio.sleep(0)
+        except BaseException:
+            for store in stores:
+                store.cancel()
+            raise
+        await self._everywhere("storing the checkpoint", stores)
 
     async def _delete(self, keys: Sequence[bytes]) -> int:
         """Delete aggregations (and their missing-piece markers), oldest first; in each

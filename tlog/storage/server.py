@@ -150,7 +150,7 @@ class StorageServer(abc.ABC):
         """The whole list under ``list_key``, head first (empty when missing)."""
 
     @abc.abstractmethod
-    async def set_many(self, items: Sequence[tuple[bytes, bytes]]) -> None:
+    async def set_many(self, items: Sequence[tuple[bytes, Value]]) -> None:
         """SET every (key, value): for repair tools that rewrite lost pieces."""
 
     async def delete_many(self, keys: Sequence[bytes]) -> None:
@@ -446,7 +446,7 @@ class RedisStorageServer(StorageServer):
         reply: list[bytes] = (await self._execute([(b"LRANGE", list_key, 0, -1)]))[0]
         return reply
 
-    async def set_many(self, items: Sequence[tuple[bytes, bytes]]) -> None:
+    async def set_many(self, items: Sequence[tuple[bytes, Value]]) -> None:
         if items:
             await self._execute([_mset(items)])
 
@@ -553,7 +553,7 @@ class MemoryStorageServer(StorageServer):
             raise self._wrongtype(list_key)
         return list(value)
 
-    async def set_many(self, items: Sequence[tuple[bytes, bytes]]) -> None:
+    async def set_many(self, items: Sequence[tuple[bytes, Value]]) -> None:
         for key, value in items:
             self._data[bytes(key)] = bytes(value)
 
