@@ -31,6 +31,7 @@ from tlog.storage import (
     parse_addresses,
     parse_storage_config,
 )
+from tlog.storage.resp import BIG_ARG, pack_command_parts, pack_commands
 
 from .redis_fixture import RedisFactory, RedisProcess
 
@@ -354,15 +355,40 @@ def test_store_trims_to_keep(make_server: ServerMaker) -> None:
 
 
 def test_set_many_and_big_values(make_server: ServerMaker) -> None:
+    """Values small and big (written as buffers of their own, views too) read back."""
     async def scenario() -> None:
         server = make_server()
         blobs = [(os.urandom(32), os.urandom(25_000 + i)) for i in range(5)]
         await server.set_many(blobs)
         await server.set_many([])
         assert await server.get_many([k for k, _ in blobs]) == [v for _, v in blobs]
+        big = os.urandom(3 * BIG_ARG)
+        views: list[tuple[bytes, bytes | memoryview]] = [
+            (b"big", big), (b"view", memoryview(big)[BIG_ARG:]), (b"small", b"s")]
+        await server.set_many(views)
+        assert await server.get_many([b"big", b"view", b"small"]) == [
+            big, big[BIG_ARG:], b"s"]
+        await server.store(views[:2], last_hash_key("big"), [b"big", b"view"])
+        await server.store([(b"one", memoryview(big))], last_hash_key("big"), [b"one"])
+        assert await server.get(b"one") == big
+        assert await server.list_range(last_hash_key("big")) == [b"one", b"view", b"big"]
         await server.close()
 
     run(scenario())
+
+
+def test_big_arguments_are_packed_as_buffers_of_their_own() -> None:
+    big = os.urandom(BIG_ARG)
+    view = memoryview(bytearray(os.urandom(BIG_ARG + 1)))
+    commands = [(b"MSET", b"k1", big, b"k2", b"v2", b"k3", view), (b"LPUSH", b"l", 7)]
+    parts = pack_command_parts(commands)
+    assert len(parts) == 5 and parts[1] is big and bytes(parts[3]) == bytes(view)
+    expected = (b"*7\r\n$4\r\nMSET\r\n$2\r\nk1\r\n$%d\r\n" % BIG_ARG + big
+                + b"\r\n$2\r\nk2\r\n$2\r\nv2\r\n$2\r\nk3\r\n$%d\r\n" % (BIG_ARG + 1)
+                + bytes(view) + b"\r\n*3\r\n$5\r\nLPUSH\r\n$1\r\nl\r\n$1\r\n7\r\n")
+    assert b"".join(parts) == expected == pack_commands(commands)
+    small = [(b"SET", b"k", b"v" * (BIG_ARG - 1))]
+    assert pack_command_parts(small) == [pack_commands(small)]
 
 
 def test_wrong_type_is_a_storage_error(make_server: ServerMaker) -> None:

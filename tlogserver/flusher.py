@@ -77,6 +77,11 @@ log = logging.getLogger(__name__)
 
 #: Most aggregations stored in one round; bounds the size of one pipeline.
 MAX_ROUND = 64
+#: Bytes of records after which a round takes no more aggregations: each server's request
+#: is packed into one buffer on the event loop, and packing 64 aggregations of 1 MB
+#: (flush-size 250 of 4 KiB blocks) or a few of 16 MB takes milliseconds per server.
+#: Aggregations of flush-size 25 (100 KB) fill whole rounds under it.
+MAX_ROUND_BYTES = 8 * 1024 * 1024
 RETRY_MIN = 0.05
 RETRY_MAX = 5.0
 #: Pieces beyond k a round needs by default (k + 1: an acknowledged record survives the
@@ -274,12 +279,14 @@ class Flusher:
             self._wake.clear()
             while self._queue or sealed:
                 try:
-                    while self._queue and len(sealed) < MAX_ROUND:
+                    size = sum(len(b.record.record) for b in sealed if b.record is not None)
+                    while self._queue and len(sealed) < MAX_ROUND and size < MAX_ROUND_BYTES:
                         batch = self._queue[0]
                         await self._seal(batch)
                         if not self._queue or self._queue[0] is not batch:
                             break  # discarded while it was being sealed
                         sealed.append(self._queue.popleft())
+                        size += len(batch.record.record) if batch.record is not None else 0
                     if not sealed:
                         continue
                     await self._store(sealed)

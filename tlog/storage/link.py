@@ -20,6 +20,10 @@ from .address import ServerAddress
 from .resp import pack_commands
 
 ReplyError = hiredis.ReplyError
+#: Bytes of replies read after which reading pauses until the event loop's next turn: the
+#: pieces of a large record come from every server at once, and libuv reads a ready socket
+#: up to 32 times in a row, megabytes, before the loop runs anything else.
+READ_TURN_BYTES = 1 << 20
 
 
 class LinkError(Exception):
@@ -44,6 +48,7 @@ class RespLink(asyncio.Protocol):
         self._reader = hiredis.Reader()
         self._pending: deque[_Request] = deque()
         self._loop = asyncio.get_running_loop()
+        self._turn_bytes = 0  # read since reading last paused for the loop's next turn
 
     # -- asyncio callbacks --
 
@@ -54,6 +59,10 @@ class RespLink(asyncio.Protocol):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def data_received(self, data: bytes) -> None:
+        self._turn_bytes += len(data)
+        if self._turn_bytes >= READ_TURN_BYTES:
+            self._turn_bytes = 0
+            self._pause_for_a_turn()
         reader = self._reader
         reader.feed(data)
         pending = self._pending
@@ -80,16 +89,34 @@ class RespLink(asyncio.Protocol):
             self.reason = f"connection lost: {exc}" if exc else "connection closed by the server"
         self._fail_pending()
 
+    def _pause_for_a_turn(self) -> None:
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            transport.pause_reading()
+            self._loop.call_soon(self._read_on)
+
+    def _read_on(self) -> None:
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            transport.resume_reading()
+
     # -- use --
 
-    def submit(self, data: bytes, count: int) -> asyncio.Future[list[Any]]:
-        """Write ``data`` (``count`` commands); the future of their replies, in order."""
+    def submit(self, data: bytes | list[bytes | memoryview],
+               count: int) -> asyncio.Future[list[Any]]:
+        """Write ``data`` (``count`` commands; one buffer, or buffers to write one after
+        the other); the future of their replies, in order."""
         future: asyncio.Future[list[Any]] = self._loop.create_future()
         if self.reason is not None or self.transport is None:
             future.set_exception(LinkError(self.reason or "not connected"))
             return future
         self._pending.append(_Request(count, future))
-        self.transport.write(data)
+        if isinstance(data, bytes):
+            self.transport.write(data)
+        elif len(data) == 1:
+            self.transport.write(data[0])
+        else:
+            self.transport.writelines(data)  # (uvloop writes them in one writev)
         return future
 
     def close(self, reason: str) -> None:

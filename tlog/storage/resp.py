@@ -1,8 +1,9 @@
 """RESP, the Redis protocol, by hand where it is hot: packing the commands of a storage round
 (`pack_commands`: 4 us for a round of MSET, LPUSH and LTRIM with a 25 KiB piece, against 14 us
-for redis-py 8's ``Connection.pack_commands``), and the blocking connection the bulk reader's
-worker processes use for MGET (`RespConnection`, TLS included). Replies on the asyncio side
-are parsed by hiredis (`tlog.storage.link`).
+for redis-py 8's ``Connection.pack_commands``; pieces of 256 KiB and more are not copied,
+`pack_command_parts`), and the blocking connection the bulk reader's worker processes use
+for MGET (`RespConnection`, TLS included). Replies on the asyncio side are parsed by hiredis
+(`tlog.storage.link`).
 """
 
 from __future__ import annotations
@@ -13,11 +14,24 @@ from typing import Any
 
 from .address import ServerAddress
 
+#: Arguments of at least this many bytes are left out of the copy `pack_command_parts`
+#: makes of everything else: written as they are, after it (a 4 MB piece copied once more
+#: holds the event loop for a millisecond and more).
+BIG_ARG = 256 * 1024
+
 
 def pack_commands(commands: Sequence[tuple[Any, ...]]) -> bytes:
     """RESP-encode commands of bytes, str and int arguments into one buffer (one write);
     joining copies a 25 KB value once, as the transport would anyway."""
-    parts: list[bytes] = []
+    parts = pack_command_parts(commands)
+    return b"".join(parts)  # (one bytes object joined is itself: no copy)
+
+
+def pack_command_parts(commands: Sequence[tuple[Any, ...]]) -> list[bytes | memoryview]:
+    """`pack_commands` as buffers to write one after the other: one buffer, unless an
+    argument has `BIG_ARG` bytes or more, which is a buffer of its own (not copied)."""
+    out: list[bytes | memoryview] = []
+    parts: list[bytes | memoryview] = []
     append = parts.append
     for command in commands:
         append(b"*%d\r\n" % len(command))
@@ -32,9 +46,16 @@ def pack_commands(commands: Sequence[tuple[Any, ...]]) -> bytes:
                 else:
                     arg = bytes(arg)
             append(b"$%d\r\n" % len(arg))
+            if len(arg) >= BIG_ARG:
+                out.append(b"".join(parts))
+                out.append(arg)
+                parts.clear()
+                append(b"\r\n")
+                continue
             append(arg)
             append(b"\r\n")
-    return b"".join(parts)
+    out.append(b"".join(parts))
+    return out
 
 
 def pack_command(*args: bytes | str | int) -> bytes:

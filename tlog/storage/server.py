@@ -20,7 +20,7 @@ from typing import Any
 
 from .address import ServerAddress
 from .link import LinkError, ReplyError, RespLink, open_link
-from .resp import pack_commands
+from .resp import pack_command_parts
 
 #: How many hashes each server keeps in ``last_hash_<vdiskID>`` (the reference trims to 0..5).
 LAST_HASH_KEEP = 6
@@ -312,7 +312,7 @@ class RedisStorageServer(StorageServer):
         """
         if self._closed:
             raise self._error("closed")
-        data = pack_commands(commands)
+        data = pack_command_parts(commands)
         link: RespLink | None = None
         try:
             async with asyncio.timeout(self.timeout):
@@ -342,7 +342,7 @@ class RedisStorageServer(StorageServer):
         if link is None or self._closed or not self._script_cached or self._no_scripts:
             return None
         commands = self._cas_commands(items, list_key, push, keep, expect_head)
-        sent = link.submit(pack_commands(commands), len(commands))
+        sent = link.submit(pack_command_parts(commands), len(commands))
         outcome: asyncio.Future[None] = sent.get_loop().create_future()
         sent.add_done_callback(lambda done: self._stored(done, outcome))
         return outcome
