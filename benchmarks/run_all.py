@@ -1,8 +1,9 @@
 """`make bench`: every benchmark, one after the other, into one JSON report.
 
 Runs micro, ingest, restore (random and compressible blocks, flush size 25 and 250), the
-server alone (batched and one block per write), compact, memory, nbd and nbd_recovery with
-their defaults (``--quick``: small sizes, one run each, to check that they work), passing each script's
+server alone (batched and one block per write), compact, the event loop's stalls
+(loop_stall), memory, nbd and nbd_recovery with their defaults (``--quick``: small sizes,
+one run each, to check that they work), passing each script's
 JSON lines through to stdout as they come and writing them all to ``--output`` (default
 ``benchmarks/results/latest.json``: ``{"machine": ..., "benchmarks": {"micro": [...],
 ...}}``). Each script prints its own table on stderr.
@@ -54,6 +55,9 @@ BENCHMARKS: dict[str, tuple[str, list[str], list[str]]] = {
                                "--rate", "12500"]),
     "compact": ("compact.py", ["--runs", "3"],
                 ["--runs", "1", "--blocks", "2000", "--indexes", "300", "--keep", "500"]),
+    "loop_stall": ("loop_stall.py", ["--runs", "3"],
+                   ["--runs", "1", "--flush-blocks", "100", "--flush-size", "10",
+                    "--compact-blocks", "2000", "--indexes", "300"]),
     "memory": ("memory.py", [], ["--vdisks", "20", "--flood-blocks", "2000"]),
     "nbd": ("nbd.py", ["--runs", "3", "--mib", "256"],
             ["--runs", "1", "--mib", "4", "--writes", "500", "--fio-seconds", "1"]),

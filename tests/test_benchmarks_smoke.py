@@ -126,3 +126,14 @@ def test_nbd_recovery() -> None:
                                                                              "machine")
                                       for when in ("crash", "clean")}
     assert objects[0]["process_crash_blocks"] == objects[0]["machine_crash_blocks"] == 2048
+
+
+def test_loop_stall() -> None:
+    *runs, final = bench("loop_stall.py", "--runs", "1", "--flush-blocks", "100",
+                         "--flush-size", "10", "--compact-blocks", "2000", "--indexes", "300")
+    assert final["runs"] == 1
+    for case in ("flush", "compact_64k", "compact_4k"):
+        assert runs[0][case]["wakeups"] > 0, case
+        assert set(final["summary"][case]["max_ms"]) == {"median", "min", "max"}, case
+        assert "control_p99_ms" in runs[0][case] and "cpu_max_ms" in runs[0][case], case
+
