@@ -249,6 +249,32 @@ def test_a_server_that_lost_its_script_cache_is_stored_again_in_the_same_round(
     assert proc.returncode == 0 and "warning" not in proc.stderr, proc.stdout + proc.stderr
 
 
+def test_reading_pauses_for_a_turn_of_the_loop_after_its_time(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Reads that took `READ_TURN_SECONDS` (here any read) pause reading until the event
+    loop's next turn, when it resumes, unless it is paused for another reason."""
+    import tlogserver.connection as connection
+
+    monkeypatch.setattr(connection, "READ_TURN_SECONDS", 0.0)
+
+    async def scenario() -> None:
+        conn, transport = await connected(ack_delay=0.0)
+        feed(conn, block(0))
+        assert transport.paused  # the loop runs timers and other connections first
+        await asyncio.sleep(0)
+        assert not transport.paused
+        feed(conn, block(1))
+        conn.pause_writing()  # the client does not read its answers meanwhile
+        await asyncio.sleep(0)
+        assert transport.paused  # still: for that other reason
+        conn.resume_writing()
+        assert not transport.paused
+        assert answers(transport.writes) == [(BlockStatus.RECV_OK, [0]),
+                                             (BlockStatus.RECV_OK, [1])]
+        conn.close("done")
+    asyncio.run(scenario())
+
+
 @pytest.mark.parametrize("block_size", [4096, 65536])
 def test_large_aggregations_sealed_in_steps_are_stored_and_read_back(
         redis6: list[RedisProcess], block_size: int) -> None:

@@ -52,10 +52,10 @@ HOLD_BELOW_BLOCKS = 4
 STREAMING_BLOCKS = 64
 #: Held answers are written at once when they reach this many bytes.
 HOLD_MAX_BYTES = 16 * 1024
-#: Bytes read from one client after which reading pauses until the event loop's next turn:
-#: libuv reads a ready socket up to 32 times in a row, and checking and taking 8 MB of 64 KiB
-#: blocks at once would hold the loop for tens of milliseconds.
-READ_TURN_BYTES = 256 * 1024
+#: Seconds of handling one client's reads after which reading pauses until the event loop's
+#: next turn: libuv reads a ready socket up to 32 times in a row, and checking and taking
+#: 8 MB of 64 KiB blocks at once would hold the loop for tens of milliseconds.
+READ_TURN_SECONDS = 0.002
 _ids = itertools.count(1)
 
 
@@ -112,7 +112,7 @@ class TlogConnection(asyncio.BufferedProtocol):
         self._held_timer: asyncio.TimerHandle | None = None
         self._last_write = 0.0  # perf_counter of the last write to the client
         self._unflushed = 0  # blocks since the client last asked for a flush
-        self._turn_bytes = 0  # read since reading last paused for the loop's next turn
+        self._turn_time = 0.0  # spent on reads since reading last paused for a turn
 
     # -- asyncio callbacks --
     def connection_made(self, transport: Any) -> None:
@@ -158,10 +158,10 @@ class TlogConnection(asyncio.BufferedProtocol):
                 self.core.buffer_updated(0)
             except ProtocolError as exc:
                 self._protocol_error(exc)
-        self._turn_bytes += nbytes
-        if self._turn_bytes >= READ_TURN_BYTES:
+        self._turn_time += perf_counter() - started
+        if self._turn_time >= READ_TURN_SECONDS:
             # Let the loop run timers and other connections before reading on.
-            self._turn_bytes = 0
+            self._turn_time = 0.0
             self._pause("turn")
             asyncio.get_running_loop().call_soon(self._resume, "turn")
 

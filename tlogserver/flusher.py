@@ -82,6 +82,8 @@ MAX_ROUND = 64
 #: (flush-size 250 of 4 KiB blocks) or a few of 16 MB takes milliseconds per server.
 #: Aggregations of flush-size 25 (100 KB) fill whole rounds under it.
 MAX_ROUND_BYTES = 8 * 1024 * 1024
+#: Seconds of sealing small aggregations for a round between two turns of the event loop.
+SEAL_TURN_SECONDS = 0.002
 RETRY_MIN = 0.05
 RETRY_MAX = 5.0
 #: Pieces beyond k a round needs by default (k + 1: an acknowledged record survives the
@@ -280,6 +282,7 @@ class Flusher:
             while self._queue or sealed:
                 try:
                     size = sum(len(b.record.record) for b in sealed if b.record is not None)
+                    turn = time.perf_counter()
                     while self._queue and len(sealed) < MAX_ROUND and size < MAX_ROUND_BYTES:
                         batch = self._queue[0]
                         await self._seal(batch)
@@ -287,6 +290,14 @@ class Flusher:
                             break  # discarded while it was being sealed
                         sealed.append(self._queue.popleft())
                         size += len(batch.record.record) if batch.record is not None else 0
+                        if time.perf_counter() - turn > SEAL_TURN_SECONDS:
+                            # A round of 64 small aggregations is sealed in 30 ms and more:
+                            # not in one go, while the clients' reads wait.
+                            await asyncio.sleep(0)
+                            turn = time.perf_counter()
+                    if self.abandoned:  # discarded between two seals
+                        sealed.clear()
+                        break
                     if not sealed:
                         continue
                     await self._store(sealed)
