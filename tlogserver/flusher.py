@@ -283,7 +283,10 @@ class Flusher:
                 try:
                     size = sum(len(b.record.record) for b in sealed if b.record is not None)
                     turn = time.perf_counter()
-                    while self._queue and len(sealed) < MAX_ROUND and size < MAX_ROUND_BYTES:
+                    # What is queued now: batches handed over while it is sealed (the loop
+                    # runs between seals) wait for the next round, not delay this one.
+                    limit = min(MAX_ROUND, len(sealed) + len(self._queue))
+                    while self._queue and len(sealed) < limit and size < MAX_ROUND_BYTES:
                         batch = self._queue[0]
                         await self._seal(batch)
                         if not self._queue or self._queue[0] is not batch:
