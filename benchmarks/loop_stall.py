@@ -155,7 +155,8 @@ class Probe:
 
 async def _server(addresses: list[str], **options: Any) -> Any:
     from tlogserver.config import ServerConfig
-    from tlogserver.server import TlogServer, freeze_heap
+    from tlogserver.main import freeze_heap
+    from tlogserver.server import TlogServer
 
     config = ServerConfig(address="127.0.0.1:0", storage_addresses=list(addresses),
                           priv_key=KEY, flush_time=30.0, log_level="warning",
