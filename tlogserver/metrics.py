@@ -232,7 +232,14 @@ class ServerCollector(Collector):
                              "(retrying).",
             "slave_ended": "1 once WaitNbdSlaveSync ended slave sync of the vdisk.",
         }
-        yield from _per_vdisk(docs, self.slaves(), now)
+        slaves = self.slaves()
+        yield from _per_vdisk(docs, slaves, now)
+        lost = CounterMetricFamily("tlog_slave_data_lost", "Times the vdisk's standby was "
+                                   "found to have lost what it held (its redis restarted "
+                                   "empty): it is rebuilt from the log.", labels=["vdisk"])
+        for vdisk_id, source in sorted(slaves.items()):
+            lost.add_metric([vdisk_id], source.gauges(now).get("slave_data_lost", 0))
+        yield lost
 
 
 def _per_vdisk(docs: Mapping[str, str], sources: Mapping[str, VdiskGauges],

@@ -24,6 +24,7 @@ from tlog.record.crypto import LegacyCipher
 from tlog.storage import (
     ClusterPoolFactory,
     StorageConfigError,
+    StorageError,
     StoragePool,
     StoragePoolFactory,
     StorageServer,
@@ -218,7 +219,9 @@ class TlogServer:
 
     async def wait_slave_sync(self, vdisk: Vdisk) -> str | None:
         """WaitNbdSlaveSync: flush what the vdisk holds, wait until its standby holds every
-        stored aggregation, then end its slave sync. None on success, else why not."""
+        stored aggregation (as the standby's own position key says, read back at that
+        moment: a standby that lost its data is rebuilt first), then end its slave sync.
+        None on success, else why not."""
         syncer = self.syncers.get(vdisk.id)
         if syncer is None:
             return self.slave_sync_unavailable(vdisk)
@@ -233,11 +236,18 @@ class TlogServer:
         except TimeoutError:
             return f"the blocks received were not stored within {timeout:g} s"
         target = vdisk.flusher.stored_head
-        if not await syncer.wait_applied(target, max(0.0, deadline - loop.time())):
-            why = f": {syncer.error}" if syncer.error else ""
-            return f"the standby was not in step within {timeout:g} s{why}"
-        await syncer.end("WaitNbdSlaveSync")
-        return None
+        while True:
+            if not await syncer.wait_applied(target, max(0.0, deadline - loop.time())):
+                why = f": {syncer.error}" if syncer.error else ""
+                return f"the standby was not in step within {timeout:g} s{why}"
+            try:
+                async with asyncio.timeout(max(0.001, deadline - loop.time())):
+                    if await syncer.holds(target):
+                        break
+            except (TimeoutError, StorageError) as exc:
+                return f"the standby cannot be read: {exc or 'no answer'}"
+            # It lost what it held (rebuilt now), or another writer moved it: wait again.
+        return await syncer.end("WaitNbdSlaveSync")
 
     def _log_access(self) -> None:
         """Say how vdisks are guarded, and warn about what is open."""

@@ -11,9 +11,12 @@ bounded to start after the position, which also proves that the position lies on
 vdisk's chain (otherwise the standby is cleared and rebuilt from the whole log). So memory
 stays bounded and no aggregation is applied twice, out of order, or skipped.
 
-WaitNbdSlaveSync (`wait_applied`, then `end`): once the standby holds everything flushed,
+WaitNbdSlaveSync (`verify`, `wait_applied`, then `end`): once the standby itself holds
+everything flushed (its position key read back from it, not this syncer's memory of it),
 sync of the vdisk ends for good, recorded in the standby's position, because the NBD server
-now writes to the standby itself.
+now writes to the standby itself. A standby that lost its data (its redis restarted empty)
+is noticed by that check, and by one every `PROBE_SECONDS` while nothing is written, and is
+rebuilt from the log at once.
 """
 
 from __future__ import annotations
@@ -47,6 +50,9 @@ RETRY_MIN = 0.1
 RETRY_MAX = 5.0
 #: Hashes of aggregations applied, remembered for `wait_applied` and to drop queued copies.
 RECENT = 4096
+#: Seconds between two looks at an idle standby's position (one GET): a standby that lost
+#: its data is rebuilt without waiting for the next write or WaitNbdSlaveSync.
+PROBE_SECONDS = 5.0
 
 
 @dataclass
@@ -80,6 +86,7 @@ class SlaveSyncer:
         self.error = ""  # why the standby is behind, while it is failing
         self.applied_blocks = 0
         self.caught_up_from_log = 0  # aggregations applied from the log, not the queue
+        self.data_lost = 0  # times the standby was found to have lost what it held
         self._queue: deque[_Pending] = deque()
         self._queued = 0
         self._overflowed = False
@@ -160,25 +167,67 @@ class SlaveSyncer:
                 return False
         return True
 
-    async def end(self, reason: str) -> None:
-        """Stop syncing for good and record why in the standby (it is the primary now)."""
-        self.ended = reason
+    async def holds(self, key: bytes) -> bool:
+        """Whether the standby itself holds aggregation ``key``: its position read back from
+        it (what WaitNbdSlaveSync trusts, not this syncer's memory of it). When it lost its
+        data, the rebuild from the log starts. Raises StorageError (unreachable)."""
+        return await self.verify() and self.position is not None and self.position.hash == key
+
+    async def verify(self) -> bool:
+        """Read the standby's position back from it: whether it still holds what this
+        syncer last applied. When it does not (its redis restarted empty, or something else
+        wrote it), nothing of what was applied counts any more: it is read again and, when
+        gone, rebuilt from the log. Raises StorageError when the standby cannot be read."""
+        if self.ended or self.position is None:
+            return self.position is not None
+        found = await self.store.position()
+        expected = self.position  # (after the read: a group applied meanwhile counts)
+        if expected is None or found == expected:
+            return expected is not None
+        if found is None:
+            self.data_lost += 1
+            self.log.warning("slave sync: standby %s lost its data (no position recorded, "
+                             "it held %s): rebuilding it from the log", self.store.describe(),
+                             expected.describe())
+            self.error = "the standby lost its data: rebuilding it from the log"
+        else:
+            self.log.warning("slave sync: standby %s is at %s, not %s: reading it again",
+                             self.store.describe(), found.describe(), expected.describe())
+        self.position = None
+        self._recent.clear()
+        self._recent_set.clear()
+        if self._behind_since is None:
+            self._behind_since = time.monotonic()
+        self._wake.set()
+        return False
+
+    async def end(self, reason: str) -> str | None:
+        """Stop syncing for good and record why in the standby (it is the primary now).
+        None when it is recorded; else why not, and syncing goes on."""
         await cancel_and_wait(self._task)
         self._task = None
         pos = self.position or SyncPosition(vdisk=self.vdisk_id)
-        self._queue.clear()
-        self._queued = 0
         try:
             await self.store.record(replace(pos, ended=reason, applied_at=time.time_ns()))
-        except StorageError as exc:
-            self.log.warning("slave sync ended, but the standby could not record it: %s", exc)
+        except (StorageError, StandbyError) as exc:
+            self.log.warning("slave sync could not be ended: the standby %s: %s",
+                             self.store.describe(), exc)
+            self.position = None  # read it again
+            self.start()
+            return f"the standby could not record that it is the primary now: {exc}"
+        self.ended = reason
+        self._queue.clear()
+        self._queued = 0
         self.log.info("slave sync ended (%s): the standby %s holds %s and is not synced any "
                       "more", reason, self.store.describe(), pos.describe())
+        return None
 
     def gauges(self, now: float) -> dict[str, float]:
         """Applied position and lag, for /metrics."""
         pos = self.position
-        if pos is None:
+        if pos is None and self.error:
+            lag_blocks = self.log_sequence + 1  # unknown, or being rebuilt: all of it
+        elif pos is None:
             lag_blocks = sum(len(p.blocks) for p in self._queue)
         elif self.log_head is None or pos.hash == self.log_head:
             lag_blocks = 0
@@ -196,13 +245,22 @@ class SlaveSyncer:
             "slave_lag_seconds": 0.0 if oldest is None else max(0.0, now - oldest),
             "slave_failing": int(bool(self.error)),
             "slave_ended": int(bool(self.ended)),
+            "slave_data_lost": self.data_lost,
         }
 
     # -- the task --
     async def _run(self) -> None:
         delay = RETRY_MIN
         while True:
-            await self._wake.wait()
+            try:  # (asyncio.timeout: 3.11's wait_for may swallow a cancellation)
+                async with asyncio.timeout(PROBE_SECONDS):
+                    await self._wake.wait()
+            except TimeoutError:  # nothing to do for a while: is the standby still there?
+                try:
+                    await self.verify()
+                except (StorageError, StandbyError):
+                    pass  # unreachable: found out at the next write, or the next look
+                continue
             self._wake.clear()
             try:
                 while await self._step():

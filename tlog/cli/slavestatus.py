@@ -74,15 +74,26 @@ def slave_status_command(ctx: click.Context, **values: Any) -> None:
     async def run() -> dict[str, Any]:
         store = StandbyStore(target, values["block_size"], timeout=values["timeout"])
         try:
-            if values["reset"]:
-                return {"reset": await store.clear()}
-            position = await store.position()
+            try:
+                if values["reset"]:
+                    return {"reset": await store.clear()}
+                position = await store.position()
+                served = await store.served_state()
+            except StorageError as exc:  # (its message calls any redis a storage server)
+                raise StorageError(f"standby {target.describe()}: "
+                                   f"{str(exc).split(': ', 1)[-1]}") from None
             last = await find_last(setup.pool, setup.vdisk, setup.opener)
         finally:
             await store.close()
             await setup.factory.close()
         info: dict[str, Any] = {"vdisk": setup.vdisk, "standby": target.describe(),
                                 "synced": position is not None}
+        if served is not None:  # tlog nbd serves it: the vdisk failed over to it
+            try:
+                state = json.loads(served)
+                info["live"] = {"epoch": state["epoch"], "sequence": state["sequence"]}
+            except (ValueError, KeyError, TypeError):
+                info["live"] = {}
         log_hash = last.hash.hex() if last is not None else None
         info["log"] = {"hash": log_hash, "epoch": last.epoch if last else 0,
                        "last_sequence": last.last_sequence if last else None}
@@ -121,6 +132,14 @@ def _summary(info: dict[str, Any]) -> str:
                 f"the log ends at {info['log']['hash'][:16]} (epoch {info['log']['epoch']}, "
                 f"sequence {info['log']['last_sequence']})")
     head = f"vdisk {info['vdisk']}: standby {info['standby']}"
+    live = info.get("live")
+    if live is not None:
+        since = (f" since epoch {live['epoch']} (sequence {live['sequence']})"
+                 if live else "")
+        ended = f"; slave sync ended ({info['ended']})" if info.get("ended") else ""
+        return (f"vdisk {info['vdisk']}: {info['standby']} is the live disk: the vdisk failed "
+                f"over to it and tlog nbd serves it{since}; the log goes on from it{ended}; "
+                f"{log_part}")
     if not info["synced"]:
         return f"{head}: never synced; {log_part}"
     applied = info["applied"]

@@ -10,12 +10,15 @@ from __future__ import annotations
 import abc
 import os
 import stat
-from typing import cast
+from collections.abc import Callable
+from typing import Any, cast
 
 import redis
+from redis.backoff import ConstantBackoff
+from redis.retry import Retry
 
 from tlog.holes import punch_hole
-from tlog.storage import ServerAddress
+from tlog.storage import ServerAddress, nbd_state_key
 
 from .intent import FileIntentLog, IntentLog, RedisIntentLog
 
@@ -132,9 +135,35 @@ class FileBackend(Backend):
         return FileIntentLog(path, self.block_size, self.size)
 
 
+class _StateGuard:
+    """On every connection to a block store whose state was recorded, before any command:
+    is the state still there? A redis that restarted without persistence lost every block,
+    and redis-py would reconnect to it without a word: the device would then read as
+    zeroes. The hook is what redis-py runs after each (re)connection, its login
+    (``on_connect_check_health`` in redis-py 6 and later, ``on_connect`` before)."""
+
+    guard: Callable[[Any], None]
+
+    def on_connect_check_health(self, *args: Any, **kwargs: Any) -> None:
+        super().on_connect_check_health(*args, **kwargs)  # type: ignore[misc]
+        self.guard(self)
+
+
+class _OldStateGuard:
+    """`_StateGuard` for redis-py 5, whose connections call ``on_connect``."""
+
+    guard: Callable[[Any], None]
+
+    def on_connect(self) -> None:
+        super().on_connect()  # type: ignore[misc]
+        self.guard(self)
+
+
 class RedisBackend(Backend):
     """The Redis block store `tlog restore --output-redis` writes: one key per block,
-    ``<prefix><index>`` (decimal), holding the block's bytes; no key for a deleted block."""
+    ``<prefix><index>`` (decimal), holding the block's bytes; no key for a deleted block.
+    Once the export's state is recorded in it, a store that lost it (a restart without
+    persistence) is a failed device, not an empty one."""
 
     def __init__(self, address: ServerAddress, prefix: str, block_size: int, size: int) -> None:
         if size <= 0:
@@ -143,14 +172,30 @@ class RedisBackend(Backend):
         self.prefix = prefix.encode()
         self.block_size = block_size
         self.size = size
-        # Login and TLS as the address says (`ServerAddress.redis_kwargs`).
+        self._state_recorded = False
+        # Login and TLS as the address says (`ServerAddress.redis_kwargs`). Two quick
+        # retries ride out a dropped connection; a server that is down fails the request at
+        # once (redis-py's default backoff took about 4.5 s), so a failover starts at once.
         self._redis = redis.Redis(**address.redis_kwargs(), socket_timeout=30,
-                                  socket_connect_timeout=10,
-                                  health_check_interval=30)
+                                  socket_connect_timeout=10, health_check_interval=30,
+                                  retry=Retry(ConstantBackoff(0.05), 2))
+        pool = self._redis.connection_pool
+        base = pool.connection_class
+        mixin = _StateGuard if hasattr(base, "on_connect_check_health") else _OldStateGuard
+        pool.connection_class = type(f"Guarded{base.__name__}", (mixin, base),
+                                     {"guard": self._check_state})
         try:
             self._redis.ping()
         except redis.RedisError as exc:
             raise BackendError(f"cannot reach the block store {address}: {exc}") from None
+
+    def _check_state(self, connection: Any) -> None:
+        if not self._state_recorded:
+            return
+        connection.send_command("EXISTS", nbd_state_key(self.prefix))
+        if not connection.read_response():
+            raise redis.ConnectionError(f"{self.describe()} lost its data: its tlog state is "
+                                        "gone (the redis restarted without persistence?)")
 
     def _keys(self, first: int, count: int) -> list[bytes]:
         return [b"%s%d" % (self.prefix, i) for i in range(first, first + count)]
@@ -201,4 +246,7 @@ class RedisBackend(Backend):
     def intent_log(self, state_path: str | None = None) -> IntentLog:
         """In two keys of the block store, beside the blocks (``state_path`` is unused)."""
         return RedisIntentLog(self._redis, self.prefix, self.block_size, self.size,
-                              self.describe())
+                              self.describe(), on_save=self._recorded)
+
+    def _recorded(self) -> None:
+        self._state_recorded = True

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from tlog.client import ThreadedClient
-from tlog.protocol import HandshakeResponse, Operation
+from tlog.protocol import Operation
 
 from .backend import Backend
 from .intent import ExportState, IntentLog, boot_id
@@ -57,19 +57,19 @@ class Recovery:
                 f"log agree at {state.describe()}")
 
 
-def _position(response: HandshakeResponse | None) -> tuple[int, int]:
-    """(epoch, last sequence, -1 without a log) of a handshake's answer."""
-    if response is None or not response.has_log:
-        return (response.epoch if response is not None else 0), -1
-    return response.epoch, response.last_sequence
+def log_position(client: ThreadedClient) -> tuple[int, int]:
+    """(epoch, last sequence; -1 without a log) of the log, as the client connected to it
+    knows it: what the handshake said, and what it logged since (all of it flushed)."""
+    return client.epoch, client.next_sequence - 1
 
 
-def verdict(state: ExportState | None, response: HandshakeResponse | None, vdisk: str,
+def verdict(state: ExportState | None, position: tuple[int, int], vdisk: str,
             where: str, *, adopt: bool = False) -> str:
     """``fresh`` (no state, no log), ``clean`` (the device is the log), ``adopt`` (no state,
-    taken as the log by the operator's word) or ``recover``; raises `ExportRefused` for a
-    device that cannot be known to hold what the log does."""
-    epoch, last = _position(response)
+    taken as the log by the operator's word) or ``recover``, given the log's (epoch, last
+    sequence); raises `ExportRefused` for a device that cannot be known to hold what the
+    log does."""
+    epoch, last = position
     log_at = (f"epoch {epoch}, sequence {last}" if last >= 0
               else f"epoch {epoch}, no write yet")
     if state is None:

@@ -43,6 +43,7 @@ from tlog.client import ThreadedClient, TlogClientError
 from tlog.protocol import Operation
 
 from .backend import Backend, BackendError
+from .failover import promote
 from .intent import ExportState, IntentError, IntentLog
 
 log = logging.getLogger("tlog.nbd")
@@ -330,8 +331,20 @@ class LoggedDisk:
         try:
             self.intent.mark(first, count)
         except (IntentError, OSError) as exc:
-            raise io_error(f"vdisk {self.vdisk}: write of blocks {first}..{first + count - 1} "
-                           f"refused: cannot mark them in the intent log: {exc}") from None
+            # The device's own record cannot be written: the device is failing. Nothing is
+            # logged yet: fail over to the standby if there is one, else refuse the write.
+            if self._open_standby is None:
+                raise io_error(f"vdisk {self.vdisk}: write of blocks {first}.."
+                               f"{first + count - 1} refused: cannot mark them in the intent "
+                               f"log: {exc}") from None
+            self._failover(self.backend, exc)
+            assert self.intent is not None
+            try:
+                self.intent.mark(first, count)
+            except (IntentError, OSError) as err:
+                raise io_error(f"vdisk {self.vdisk}: write of blocks {first}.."
+                               f"{first + count - 1} refused: cannot mark them in the "
+                               f"standby's intent log: {err}") from None
         self.written_blocks += count
         self._since_checkpoint += count
         if self._since_checkpoint >= self.checkpoint_blocks:
@@ -410,7 +423,8 @@ class LoggedDisk:
                                f"{err}") from None
             try:
                 self._move_state(standby)
-            except (IntentError, TlogClientError, TimeoutError, ValueError) as err:
+            except (IntentError, BackendError, TlogClientError, TimeoutError,
+                    ValueError) as err:
                 with contextlib.suppress(Exception):
                     standby.close()
                 raise io_error(f"vdisk {self.vdisk}: cannot switch to the standby: "
@@ -425,17 +439,12 @@ class LoggedDisk:
             return standby
 
     def _move_state(self, standby: Backend) -> None:
-        """At a failover: the log into a new epoch, and the export's state onto the standby
-        (which holds exactly the log: no marks)."""
+        """At a failover: the standby made the vdisk's device (`tlog.nbd.failover`), the
+        export's state and intent log moved onto it."""
         if self.client is None or self.intent is None or self.state is None:
             return
-        epoch = self.client.new_epoch(self.failover_timeout)
-        intent = standby.intent_log()
-        state = self.state
-        state.epoch, state.sequence = epoch, self.client.next_sequence - 1
-        state.clean = False
-        intent.clear()
-        intent.save(state)
+        intent = promote(standby, self.client, self.state, timeout=self.failover_timeout,
+                         clock=self._clock)
         with contextlib.suppress(Exception):
             self.intent.close()
         self.intent = intent

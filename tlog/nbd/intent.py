@@ -28,13 +28,14 @@ import mmap
 import os
 import struct
 import zlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import redis
 
 from tlog.holes import punch_hole
+from tlog.storage import nbd_regions_key, nbd_state_key
 
 if TYPE_CHECKING:
     import numpy as np
@@ -463,12 +464,13 @@ class RedisIntentLog(IntentLog):
     server keeps commands in order, so its persistence keeps marks with the writes."""
 
     def __init__(self, client: redis.Redis, prefix: bytes, block_size: int, size: int,
-                 where: str) -> None:
+                 where: str, on_save: Callable[[], None] | None = None) -> None:
         super().__init__(block_size, size)
         self._redis = client
-        self._state_key = prefix + b"tlog:nbd"
-        self._regions_key = prefix + b"tlog:nbd-regions"
+        self._state_key = nbd_state_key(prefix)
+        self._regions_key = nbd_regions_key(prefix)
         self._where = where
+        self._on_save = on_save  # the backend learns that its state exists from now on
 
     def describe(self) -> str:
         return f"{self._where}, key {self._state_key.decode(errors='replace')}"
@@ -487,6 +489,8 @@ class RedisIntentLog(IntentLog):
 
     def save(self, state: ExportState) -> None:
         self._call("writing", self._redis.set, self._state_key, state.to_json())
+        if self._on_save is not None:
+            self._on_save()
 
     def _mark_regions(self, regions: list[int]) -> None:
         self._call("marking", self._redis.sadd, self._regions_key, *regions)

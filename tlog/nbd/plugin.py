@@ -36,17 +36,41 @@ _add_paths()
 
 import errno
 import logging
+import traceback
 from typing import Any
 
 import nbdkit  # type: ignore[import-not-found]  # provided by nbdkit's embedded Python
 
-from tlog.client import parse_address
+from tlog.client import TlogClientError, parse_address
 from tlog.nbd import threadstate
+from tlog.nbd.backend import BackendError
+from tlog.nbd.convergence import ExportRefused
 from tlog.nbd.export import LOG_FORMAT, open_disk
+from tlog.nbd.intent import IntentError
 from tlog.nbd.metrics import serve_metrics
 from tlog.nbd.settings import NbdSettings, SettingsError
 
 API_VERSION = 2
+_OPERATOR_ERRORS = (ExportRefused, BackendError, IntentError, TlogClientError)
+
+_format_exception = traceback.format_exception
+
+
+def _answer_in_one_line(exc: Any, *args: Any, **kwargs: Any) -> list[str]:
+    """nbdkit's Python plugin prints what a callback raises through
+    ``traceback.format_exception``: an OSError is the NBD error answer itself (EIO, EROFS,
+    EINVAL), whose reason tlog logged already, and the others of `_OPERATOR_ERRORS` say
+    what an operator must fix (after_fork: the export cannot be opened): one line, not a
+    traceback. Anything else is a bug, printed whole."""
+    value = args[0] if args else kwargs.get("value", exc)
+    if isinstance(value, OSError):
+        return [f"{value.strerror or value}\n"]
+    if isinstance(value, _OPERATOR_ERRORS):
+        return [f"{value}\n"]
+    return _format_exception(exc, *args, **kwargs)
+
+
+traceback.format_exception = _answer_in_one_line  # type: ignore[assignment]
 
 _settings = NbdSettings()
 _disk: Any = None

@@ -20,7 +20,7 @@ from typing import Any
 from tlog.protocol.status import Operation
 from tlog.protocol.wire import Block
 from tlog.record.aggregation import ZERO_HASH
-from tlog.storage import RedisStorageServer, ServerAddress
+from tlog.storage import RedisStorageServer, ServerAddress, nbd_state_key
 from tlog.storage.address import StorageConfigError
 
 STATE_SUFFIX = b"tlog:slave-sync"
@@ -182,6 +182,11 @@ class StandbyStore:
 
     def key(self, index: int) -> bytes:
         return b"%s%d" % (self.prefix, index)
+
+    async def served_state(self) -> bytes | None:
+        """The state `tlog nbd` records in the standby once the vdisk failed over to it
+        (JSON, `tlog.nbd.intent.ExportState`); None while it is a standby."""
+        return await self._server.get(nbd_state_key(self.prefix))
 
     async def position(self) -> SyncPosition | None:
         """The recorded position; None when the standby was never synced."""

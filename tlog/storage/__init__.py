@@ -31,6 +31,8 @@ from .server import (
     compaction_lock_key,
     compaction_parts_key,
     last_hash_key,
+    nbd_regions_key,
+    nbd_state_key,
     pin_list_key,
 )
 from .storagemap import (
@@ -49,6 +51,6 @@ __all__ = [
     "StorageConfig", "StorageConfigError", "StorageError", "StoragePool", "StoragePoolFactory",
     "StorageServer", "Value", "any_pool_factory", "checkpoint_list_key", "compaction_key",
     "compaction_lock_key", "compaction_parts_key",
-    "last_hash_key", "pin_list_key", "load_storage_config",
+    "last_hash_key", "nbd_regions_key", "nbd_state_key", "pin_list_key", "load_storage_config",
     "parse_addresses", "parse_storage_config",
 ]

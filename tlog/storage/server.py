@@ -90,6 +90,16 @@ def compaction_parts_key(vdisk_id: str) -> bytes:
     return b"tlog_compact_parts_" + vdisk_id.encode()
 
 
+def nbd_state_key(prefix: bytes) -> bytes:
+    """The state of a served block store (`tlog.nbd.intent`), beside its blocks."""
+    return prefix + b"tlog:nbd"
+
+
+def nbd_regions_key(prefix: bytes) -> bytes:
+    """The regions marked in a served block store's intent log (`tlog.nbd.intent`)."""
+    return prefix + b"tlog:nbd-regions"
+
+
 def compaction_lock_key(vdisk_id: str) -> bytes:
     """The lease held by the one compaction of a vdisk that may run."""
     return b"tlog_compact_lock_" + vdisk_id.encode()
