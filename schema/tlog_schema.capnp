@@ -17,6 +17,9 @@ struct HandshakeRequest {
   # Ours: start after the vdisk's last sequence, which the response reports
   # (firstSequence is then ignored). Old clients do not send it (reads false).
   continueSequence   @5 :Bool;
+  # Ours: the client may send range operations (TlogBlock.operation 3) if the server
+  # answers rangeOps; old clients do not ask (reads false).
+  rangeOps           @6 :Bool;
 }
 
 # The server's answer to a HandshakeRequest.
@@ -33,6 +36,8 @@ struct HandshakeResponse {
   # Ours: the server keeps a standby of the vdisk in step (slave sync), so a
   # WaitNbdSlaveSync can succeed.
   slaveSync    @5 :Bool;
+  # Ours, answered to a client that asked: the server takes range operations.
+  rangeOps     @6 :Bool;
 }
 
 # Every later server-to-client message.
@@ -48,7 +53,8 @@ struct TlogBlock {
   hash      @2 :Data;    # BLAKE2b-256 of data
   data      @3 :Data;
   timestamp @4 :UInt64;  # nanoseconds since the Unix epoch (set by the client)
-  operation @5 :UInt8;   # 1 = set, 2 = delete
+  operation @5 :UInt8;   # 1 = set, 2 = delete; ours: 3 = delete the range
+                         # [index, index + count), count in data (8 bytes, little endian)
 }
 
 # The unit stored in the storage pool: blocks flushed together.

@@ -22,7 +22,8 @@ from tlog.protocol import (
     schema,
     wire,
 )
-from tlog.protocol.status import BlockStatus, HandshakeStatus, MessageType
+from tlog.protocol.ranges import RangeError, range_count, range_data
+from tlog.protocol.status import BlockStatus, HandshakeStatus, MessageType, Operation
 from tlog.protocol.version import CURRENT_VERSION, MIN_SUPPORTED_VERSION, Stage, Version
 
 from .vectors import WIRE_CAPTURES
@@ -295,24 +296,61 @@ def test_recv_ok_is_the_general_encoding() -> None:
                                              for seq in seqs]
 
 
-@pytest.mark.parametrize(("last", "has_log", "epoch", "slave_sync"), [
-    (0, False, 0, False), (41, True, 0, False), (7, True, 3, False), (0, False, 0, True),
-    (2**63 + 5, True, 2**40, True)])
+@pytest.mark.parametrize(("last", "has_log", "epoch", "slave_sync", "range_ops"), [
+    (0, False, 0, False, False), (41, True, 0, False, False), (7, True, 3, False, False),
+    (0, False, 0, True, False), (0, False, 0, False, True), (2**63 + 5, True, 2**40, True, True)])
 def test_our_handshake_response_fields_are_pycapnps_layout(last: int, has_log: bool,
-                                                           epoch: int,
-                                                           slave_sync: bool) -> None:
+                                                           epoch: int, slave_sync: bool,
+                                                           range_ops: bool) -> None:
     """The hand-laid HandshakeResponse with our fields (@2 lastSequence, @3 hasLog, @4 epoch,
-    @5 slaveSync) is the bytes pycapnp lays out for the same values, and reads back."""
+    @5 slaveSync, @6 rangeOps) is the bytes pycapnp lays out for the same values, and reads
+    back."""
     ours = ServerConnection.send_handshake_response(
         HandshakeStatus.OK, last_sequence=last, has_log=has_log, epoch=epoch,
-        slave_sync=slave_sync)
+        slave_sync=slave_sync, range_ops=range_ops)
     msg = schema.HandshakeResponse.new_message()
     msg.version, msg.status = CURRENT_VERSION.to_uint32(), int(HandshakeStatus.OK)
-    if last or has_log or epoch or slave_sync:  # else: the reference's one-word struct
+    if last or has_log or epoch or slave_sync or range_ops:  # else: the reference's struct
         msg.lastSequence, msg.hasLog, msg.epoch, msg.slaveSync = last, has_log, epoch, \
             slave_sync
+        msg.rangeOps = range_ops
         assert ours == msg.to_bytes()
     (event,) = ClientConnection().receive_data(ours)
     assert isinstance(event, HandshakeResponse)
-    assert (event.last_sequence, event.has_log, event.epoch, event.slave_sync) == (
-        last, has_log, epoch, slave_sync)
+    assert (event.last_sequence, event.has_log, event.epoch, event.slave_sync,
+            event.range_ops) == (last, has_log, epoch, slave_sync, range_ops)
+
+
+@pytest.mark.parametrize(("reset", "cont", "range_ops", "token"), [
+    (False, False, False, None), (True, True, True, None), (False, False, True, b"tok"),
+    (True, False, False, b"t")])
+def test_our_handshake_request_bits_are_pycapnps_layout(reset: bool, cont: bool,
+                                                        range_ops: bool,
+                                                        token: bytes | None) -> None:
+    """resetFirstSequence, continueSequence (@5) and rangeOps (@6) where pycapnp reads them;
+    without our fields, the reference's bytes."""
+    ours = ClientConnection.send_handshake("vd", 77, reset, token=token,
+                                           continue_sequence=cont, range_ops=range_ops)
+    with schema.HandshakeRequest.from_bytes(ours) as msg:
+        assert (msg.vdiskID, msg.firstSequence, msg.resetFirstSequence, msg.continueSequence,
+                msg.rangeOps, bytes(msg.token)) == ("vd", 77, reset, cont, range_ops,
+                                                    token or b"")
+    (event,) = ServerConnection().receive_data(ours)
+    assert isinstance(event, Handshake)
+    assert (event.continue_sequence, event.range_ops) == (cont, range_ops)
+
+
+def test_a_range_block_round_trips_and_bad_ranges_are_named() -> None:
+    data = range_data(10, 2**40)
+    frame = ClientConnection.send_block(5, 10, 99, data, Operation.DELETE_RANGE)
+    (block,) = handshaken().receive_data(frame)
+    assert isinstance(block, Block) and block.operation == 3 and block.hash_ok()
+    assert range_count(block.index, block.data) == 2**40
+    for first, count, why in ((0, 0, "at least one"), (-1, 5, ">= 0"),
+                              (2**63 - 1, 2, "past the last index")):
+        with pytest.raises(RangeError, match=why):
+            range_data(first, count)
+    with pytest.raises(RangeError, match="7 bytes of data, not 8"):
+        range_count(3, b"1234567")
+    with pytest.raises(RangeError, match="at least one"):
+        range_count(3, bytes(8))

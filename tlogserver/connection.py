@@ -343,7 +343,9 @@ class TlogConnection(asyncio.BufferedProtocol):
         self.send(ServerConnection.send_handshake_response(
             status, last_sequence=result.last_sequence, has_log=result.has_log,
             epoch=result.epoch,
-            slave_sync=self.vdisk is not None and self.server.keeps_standby(self.vdisk.id)))
+            slave_sync=self.vdisk is not None and self.server.keeps_standby(self.vdisk.id),
+            range_ops=request.range_ops and self.vdisk is not None
+            and self.vdisk.takes_ranges))
         if status != HandshakeStatus.OK:
             if self._backlog is not None:
                 self._backlog.clear()  # what it sent after the handshake is never looked at

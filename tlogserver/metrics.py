@@ -104,10 +104,12 @@ class ServerCollector(Collector):
         yield _counter("tlog_duplicate_blocks", "Blocks received again (client resends): "
                        "already stored, pending, or buffered.", s.duplicate_blocks)
         failed = CounterMetricFamily("tlog_recv_failed_blocks", "Blocks answered RecvFailed "
-                                     "and not kept: bad hash, beyond the out-of-order window, "
+                                     "and not kept: bad hash, an unknown operation or a range "
+                                     "that cannot be, beyond the out-of-order window, "
                                      "too much not stored yet (storage behind), or the "
                                      "server's buffers full.", labels=["reason"])
         failed.add_metric(["hash"], s.recv_failed_hash)
+        failed.add_metric(["operation"], s.recv_failed_operation)
         failed.add_metric(["window"], s.recv_failed_window)
         failed.add_metric(["pending"], s.recv_failed_pending)
         failed.add_metric(["server_buffer"], s.recv_failed_server)

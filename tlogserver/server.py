@@ -361,6 +361,7 @@ class TlogServer:
                       epoch=last.epoch if last is not None else 0,
                       last_sequence=last.last_sequence if last is not None else None,
                       has_chain=last is not None, budget=self.budget)
+        vdisk.takes_ranges = cfg.storage_format == "v2"
         holder.append(vdisk)
         flusher.start()
         self.keeper.opened(vdisk_id)

@@ -54,7 +54,7 @@ class ServerStats:
     __slots__ = ("connections_accepted", "connections_refused", "received_blocks",
                  "received_bytes", "duplicate_blocks",
                  "recv_failed_hash", "recv_failed_window", "recv_failed_pending",
-                 "recv_failed_server", "epochs_started",
+                 "recv_failed_server", "recv_failed_operation", "epochs_started",
                  "flushed_blocks", "flushed_bytes",
                  "aggregations_stored", "flush_failed_blocks", "storage_errors",
                  "degraded_pieces", "recv_latency", "flush_round", "flush_latency", "loop_lag",
@@ -69,6 +69,7 @@ class ServerStats:
         self.received_bytes = 0
         self.duplicate_blocks = 0
         self.recv_failed_hash = 0
+        self.recv_failed_operation = 0  # an unknown operation, or a range that cannot be
         self.recv_failed_window = 0
         self.recv_failed_pending = 0
         #: refused because the whole server holds --max-server-buffered-bytes

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from tlog.protocol import Block, wire
+from tlog.protocol.ranges import DELETE_RANGE, RangeError, range_count
 from tlog.protocol.status import BlockStatus, HandshakeStatus
 from tlog.read.fetch import write_identity
 from tlog.read.resends import StoredWrites
@@ -148,6 +149,8 @@ class Vdisk:
         # (what they wrote is unknown)
         self._compacted_below = 0
         self.retired = False
+        #: Whether range deletes can be stored (v2 records; the legacy format cannot).
+        self.takes_ranges = True
         #: Why the vdisk was given up (see `abandon`), None while it is in use.
         self.abandoned: str | None = None
         flusher.bind(keep_retrying=lambda: bool(self.peers), on_abandon=self.abandon)
@@ -286,6 +289,14 @@ class Vdisk:
             self.stats.recv_failed_hash += 1
             out.append(_response(BlockStatus.RECV_FAILED, (seq,)))
             return
+        if block.operation > 2 or block.operation < 1:  # (not a set or a delete: rare)
+            refused = self._refused_operation(block)
+            if refused is not None:
+                (self.sender or self).log.warning("block %d refused, answered RecvFailed: %s",
+                                                  seq, refused)
+                self.stats.recv_failed_operation += 1
+                out.append(_response(BlockStatus.RECV_FAILED, (seq,)))
+                return
         expected = self.expected
         assert expected is not None
         if seq == expected:
@@ -362,6 +373,19 @@ class Vdisk:
             # otherwise it is pending or being stored: its FlushOK will come
         else:
             self._new_write(block, out)
+
+    def _refused_operation(self, block: Block) -> str | None:
+        """Why a block whose operation is neither a set nor a delete is not taken; None for
+        a range delete this server can store (`tlog.protocol.ranges`)."""
+        if block.operation != DELETE_RANGE:
+            return f"unknown operation {block.operation}"
+        if not self.takes_ranges:
+            return "range operations cannot be stored in the legacy (0-Disk) record format"
+        try:
+            range_count(block.index, block.data)
+        except RangeError as exc:
+            return str(exc)
+        return None
 
     def _same_write(self, block: Block) -> bool:
         """Whether ``block``, below ``expected``, is the write received before under its

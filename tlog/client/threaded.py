@@ -11,7 +11,8 @@ import time
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any, TypeVar
 
-from tlog.protocol import HandshakeResponse
+from tlog.protocol import HandshakeResponse, Operation
+from tlog.protocol.ranges import check_range, range_data
 
 from .stats import ClientStats
 from .tlogclient import BLOCK_MESSAGE_OVERHEAD, HASH_SIZE, TlogClient, encode_block
@@ -21,6 +22,8 @@ T = TypeVar("T")
 #: Seconds between two hand-overs of queued blocks to the loop thread while writes keep
 #: coming (the first write after a quiet moment is handed over at once).
 DEFAULT_BATCH_INTERVAL = 0.002
+#: Deletes per hand-over when a range is logged block by block (a server without ranges).
+DELETE_STEP = 8192
 
 
 # -- the threaded facade ---------------------------------------------------------------
@@ -65,6 +68,7 @@ class ThreadedClient:
                                         name=f"tlog client {vdisk_id}")
         self._cond = threading.Condition()
         self._inbox: list[tuple[int, bytes]] = []
+        self._inbox_ranges: list[int] = []  # the range operations among them
         self._inbox_bytes = 0
         self._wake_pending = False
         self._waiting = 0
@@ -126,6 +130,7 @@ class ThreadedClient:
         loop meanwhile); when there was not, the next write wakes it."""
         with self._cond:
             items, self._inbox = self._inbox, []
+            ranges, self._inbox_ranges = self._inbox_ranges, []
             self._inbox_bytes = 0
             if items and self._batch_interval:
                 if self._tick is None:  # one look-again pending at most
@@ -134,6 +139,8 @@ class ThreadedClient:
                 self._wake_pending = False
             client = self._client
             if client.failure() is None:
+                if ranges:
+                    client.note_ranges(ranges)
                 put = client.put_frame
                 for sequence, frame in items:
                     put(sequence, frame)
@@ -144,7 +151,7 @@ class ThreadedClient:
         self._drain()
 
     def _enqueue(self, frames_for: Callable[[], list[tuple[int, bytes]]], size: int,
-                 timeout: float | None) -> int:
+                 timeout: float | None, is_range: bool = False) -> int:
         """Hand ``frames_for()`` (called under the lock: sequences are allocated there) to
         the loop once the buffer has room for ``size`` bytes; the last sequence."""
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -166,6 +173,8 @@ class ThreadedClient:
                 finally:
                     self._waiting -= 1
             frames = frames_for()
+            if is_range:
+                self._inbox_ranges.extend(seq for seq, _ in frames)
             self._inbox.extend(frames)
             self._inbox_bytes += sum(len(frame) for _, frame in frames)
             sequence = max(seq for seq, _ in frames)
@@ -219,6 +228,37 @@ class ThreadedClient:
             return [(first + i, encode_block(first + i, first_index + i, ts, b, operation, d))
                     for i, (b, d) in enumerate(zip(blocks, digests, strict=True))]
         return self._enqueue(frames_for, size, timeout)
+
+    @property
+    def range_ops(self) -> bool:
+        """Whether the server connected to takes range operations (`delete_range`)."""
+        return self._client.range_ops
+
+    def delete_range(self, first: int, count: int, timestamp: int | None = None,
+                     timeout: float | None = None, step: int = DELETE_STEP) -> int:
+        """Log the deletion of blocks ``[first, first + count)`` (a trim or a zero of a
+        range); the last sequence. One operation with one sequence when the server takes
+        them (the client was made with ``range_ops=True``, and the server said so);
+        otherwise a delete per block, handed over ``step`` at a time (a whole device's
+        trim would hold every block's frame at once). RangeError (a ValueError) for a range
+        that cannot be."""
+        check_range(first, count)
+        ts = time.time_ns() if timestamp is None else timestamp
+        if not self._client.range_ops:
+            last = -1
+            for start in range(first, first + count, step):
+                n = min(step, first + count - start)
+                last = self.send_many(Operation.DELETE, start, [b""] * n, ts, timeout)
+            return last
+        data = range_data(first, count)
+        digest = hashlib.blake2b(data, digest_size=HASH_SIZE).digest()
+
+        def frames_for() -> list[tuple[int, bytes]]:
+            sequence = self._next_sequence
+            return [(sequence, encode_block(sequence, first, ts, data,
+                                            Operation.DELETE_RANGE, digest))]
+        return self._enqueue(frames_for, BLOCK_MESSAGE_OVERHEAD + len(data), timeout,
+                             is_range=True)
 
     def force_flush_at(self, sequence: int) -> None:
         """See `TlogClient.force_flush_at`."""

@@ -36,6 +36,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from tlog.protocol import BlockResponse, ClientConnection, HandshakeResponse, wire
+from tlog.protocol.ranges import range_data
 from tlog.protocol.status import BlockStatus, HandshakeStatus, Operation
 
 from .buffer import UnflushedBuffer
@@ -116,6 +117,7 @@ class TlogClient:
                  on_response: ResponseCallback | None = None,
                  max_response_size: int = DEFAULT_MAX_RESPONSE_SIZE,
                  version: int | None = None,
+                 range_ops: bool = False,
                  tls: ssl.SSLContext | None = None,
                  server_hostname: str | None = None,
                  token: bytes | str | None = None) -> None:
@@ -148,6 +150,11 @@ class TlogClient:
         self.reconnect_on_flush_failed = reconnect_on_flush_failed
         self.max_response_size = max_response_size
         self.version = version
+        #: Ask every server whether it takes range operations (`delete_range`); whether the
+        #: one connected to does (False until a handshake says so).
+        self.ask_range_ops = range_ops
+        self.range_ops = False
+        self._ranges: set[int] = set()  # unflushed range operations' sequences
         #: TLS for every connection (see `client_tls_context`); None: plain TCP.
         self.tls = tls
         #: The name the server certificates must carry; default: the host of each address.
@@ -311,7 +318,8 @@ class TlogClient:
                 reset = self.reset_first_sequence and not self._handshaken_once
                 cont = self._continue and not self._handshaken_once
                 link.write(ClientConnection.send_handshake(self.vdisk_id, first, reset,
-                                                           self.version, self._token, cont))
+                                                           self.version, self._token, cont,
+                                                           self.ask_range_ops))
                 response = await asyncio.shield(link.handshake)
         except BaseException:
             link.abort()
@@ -321,7 +329,12 @@ class TlogClient:
             raise handshake_error(response.status, address)
         if link.lost:
             raise ConnectionError(f"{address}: connection lost right after the handshake")
+        if self._ranges and not response.range_ops:
+            link.abort()
+            raise ConnectionError(f"{address} does not take range operations, and "
+                                  f"{len(self._ranges)} unflushed one(s) must be sent again")
         self.epoch = response.epoch
+        self.range_ops = response.range_ops
         if self._closed:
             link.abort()
             raise ClientClosedError("client closed")
@@ -419,6 +432,21 @@ class TlogClient:
         if self._out_bytes >= WRITE_BATCH:
             self._write_out()
             await asyncio.sleep(0)  # let the loop read the answers
+
+    async def delete_range(self, sequence: int, first: int, count: int,
+                           timestamp: int | None = None) -> int:
+        """Log the deletion of blocks ``[first, first + count)`` (a trim) from ``sequence``:
+        one entry where the server takes ranges (`range_ops`), else a delete per block
+        under consecutive sequences; the last sequence used. RangeError: nothing sent."""
+        data = range_data(first, count)
+        ts = time.time_ns() if timestamp is None else timestamp
+        if not self.range_ops:
+            for i in range(count):
+                await self.send(Operation.DELETE, sequence + i, first + i, ts, b"")
+            return sequence + count - 1
+        self._ranges.add(sequence)
+        await self.send(Operation.DELETE_RANGE, sequence, first, ts, data)
+        return sequence
 
     def _put(self, sequence: int, frame: bytes) -> None:
         """Buffer an encoded block and queue its write (loop thread; never blocks)."""
@@ -595,6 +623,11 @@ class TlogClient:
         the caller keeps the buffer bound itself)."""
         self._put(sequence, frame)
 
+    def note_ranges(self, sequences: Sequence[int]) -> None:
+        """Loop thread: these sequences (put with `put_frame`) are range operations, which
+        only a server that takes them may be sent again."""
+        self._ranges.update(sequences)
+
     def write_queued(self) -> None:
         """Loop thread: write what `put_frame` queued, now."""
         self._write_out()
@@ -636,6 +669,8 @@ class TlogClient:
                 buf.received(seqs)
             elif status == FLUSH_OK:
                 flushed += buf.flushed(seqs)[0]
+                if self._ranges:
+                    self._ranges.difference_update(seqs)
                 if seqs:
                     high = max(seqs)
                     if self.last_flushed is None or high > self.last_flushed:

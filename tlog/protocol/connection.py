@@ -55,6 +55,7 @@ class Handshake:
     ``token`` is our addition (field @4): the vdisk's access token, empty when the client
     sent none (every 0-Disk client). Kept out of ``repr`` so that it never reaches a log.
     ``continue_sequence`` (ours, @5): the client starts after the vdisk's last sequence.
+    ``range_ops`` (ours, @6): the client may send range operations if the server takes them.
     """
 
     version: int
@@ -63,6 +64,7 @@ class Handshake:
     reset_first_sequence: bool
     token: bytes = field(default=b"", repr=False)
     continue_sequence: bool = False
+    range_ops: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,7 +88,8 @@ class HandshakeResponse:
     Ours (fields @2-@5; a reference server leaves them unset): where the vdisk's log stood
     when the client connected, and the ``epoch`` its blocks go to. ``last_sequence`` is the
     highest sequence stored or received in order; ``has_log`` is False for a vdisk with
-    nothing. ``slave_sync``: the server keeps a standby of the vdisk in step.
+    nothing. ``slave_sync``: the server keeps a standby of the vdisk in step. ``range_ops``:
+    the server takes range operations (answered only to a client that asked).
     """
 
     version: int
@@ -95,6 +98,7 @@ class HandshakeResponse:
     has_log: bool = False
     epoch: int = 0
     slave_sync: bool = False
+    range_ops: bool = False
 
     @property
     def next_sequence(self) -> int:
@@ -309,7 +313,7 @@ class ServerConnection:
             try:
                 handshake = Handshake(req.version, req.vdiskID, req.firstSequence,
                                       req.resetFirstSequence, bytes(req.token),
-                                      req.continueSequence)
+                                      req.continueSequence, req.rangeOps)
             except Exception as exc:  # pycapnp reads lazily: bad pointers surface here
                 raise ProtocolError(f"malformed HandshakeRequest: {exc}") from None
             self._state = _State.MESSAGES
@@ -336,10 +340,11 @@ class ServerConnection:
     @staticmethod
     def send_handshake_response(status: HandshakeStatus, version: int | None = None, *,
                                 last_sequence: int = 0, has_log: bool = False,
-                                epoch: int = 0, slave_sync: bool = False) -> bytes:
+                                epoch: int = 0, slave_sync: bool = False,
+                                range_ops: bool = False) -> bytes:
         return wire.encode_handshake_response(
             CURRENT_VERSION.to_uint32() if version is None else version, int(status),
-            last_sequence, has_log, epoch, slave_sync)
+            last_sequence, has_log, epoch, slave_sync, range_ops)
 
     @staticmethod
     def send_response(status: BlockStatus, sequences: Sequence[int] = ()) -> bytes:
@@ -394,7 +399,8 @@ class ClientConnection:
                     try:
                         event = HandshakeResponse(
                             resp.version, _status(HandshakeStatus, resp.status),
-                            resp.lastSequence, resp.hasLog, resp.epoch, resp.slaveSync)
+                            resp.lastSequence, resp.hasLog, resp.epoch, resp.slaveSync,
+                            resp.rangeOps)
                     except Exception as exc:
                         raise ProtocolError(f"malformed HandshakeResponse: {exc}") from None
                     self._state = _State.MESSAGES
@@ -413,18 +419,18 @@ class ClientConnection:
     @staticmethod
     def send_handshake(vdisk_id: str, first_sequence: int, reset_first_sequence: bool = False,
                        version: int | None = None, token: bytes | None = None,
-                       continue_sequence: bool = False) -> bytes:
+                       continue_sequence: bool = False, range_ops: bool = False) -> bytes:
         """A HandshakeRequest frame; ``token`` (our field @4) only when given.
 
         Laid out by hand: without a token the bytes are exactly the Go client's (a struct
         with one pointer, as the reference schema has), so a server that predates the
         token field cannot tell us apart; with one, the struct has a second pointer, which
-        such a server ignores. ``continue_sequence`` (@5) is one more bit of the data
-        section, which such a server does not read either.
+        such a server ignores. ``continue_sequence`` (@5) and ``range_ops`` (@6) are more
+        bits of the data section, which such a server does not read either.
         """
         return encode_handshake(CURRENT_VERSION.to_uint32() if version is None else version,
                                 vdisk_id, first_sequence, reset_first_sequence, token,
-                                continue_sequence)
+                                continue_sequence, range_ops)
 
     @staticmethod
     def send_block(sequence: int, index: int, timestamp: int, data: bytes | memoryview,
@@ -479,7 +485,8 @@ def _take_responses(buf: bytearray, at: int, end: int, events: list[ClientEvent]
     return at
 
 
-#: version u32, resetFirstSequence (bit 32), continueSequence (bit 33); firstSequence u64
+#: version u32, resetFirstSequence (bit 32), continueSequence (bit 33), rangeOps (bit 34);
+#: firstSequence u64
 _HANDSHAKE_DATA_WORDS = 2
 
 
@@ -490,7 +497,7 @@ def _byte_list_ptr(ptr_word: int, target_word: int, count: int) -> int:
 
 def encode_handshake(version: int, vdisk_id: str, first_sequence: int,
                      reset_first_sequence: bool = False, token: bytes | None = None,
-                     continue_sequence: bool = False) -> bytes:
+                     continue_sequence: bool = False, range_ops: bool = False) -> bytes:
     """A framed HandshakeRequest: the vdisk id as NUL-terminated text, then the token."""
     text = vdisk_id.encode("utf-8") + b"\0"
     ptrs = 2 if token else 1
@@ -499,7 +506,7 @@ def encode_handshake(version: int, vdisk_id: str, first_sequence: int,
     words = [
         (_HANDSHAKE_DATA_WORDS << 32) | (ptrs << 48),  # root: struct right after it
         (version & 0xFFFFFFFF) | ((1 << 32) if reset_first_sequence else 0)
-        | ((1 << 33) if continue_sequence else 0),
+        | ((1 << 33) if continue_sequence else 0) | ((1 << 34) if range_ops else 0),
         first_sequence,
         _byte_list_ptr(3, text_at, len(text)),
     ]

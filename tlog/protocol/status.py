@@ -50,6 +50,10 @@ class Operation(enum.IntEnum):
 
     SET = 1
     DELETE = 2
+    #: Ours: the blocks ``[index, index + count)`` deleted (a trim or a zero of a range), the
+    #: count in the data (`tlog.protocol.ranges`). One entry, one sequence. Sent only to a
+    #: server that says it takes them (HandshakeResponse.rangeOps).
+    DELETE_RANGE = 3
 
 
 class MessageType(enum.IntEnum):

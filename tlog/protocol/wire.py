@@ -310,12 +310,13 @@ def encode_response(status: int, sequences: Sequence[int]) -> bytes:
 
 def encode_handshake_response(version: int, status: int, last_sequence: int = 0,
                               has_log: bool = False, epoch: int = 0,
-                              slave_sync: bool = False) -> bytes:
+                              slave_sync: bool = False, range_ops: bool = False) -> bytes:
     """A framed HandshakeResponse: the reference's bytes when our fields are all unset.
-    hasLog (@3) and slaveSync (@5) are bits 0 and 1 of byte 5 of the first data word."""
-    if not (last_sequence or has_log or epoch or slave_sync):
+    hasLog (@3), slaveSync (@5) and rangeOps (@6) are bits 0, 1 and 2 of byte 5 of the
+    first data word."""
+    if not (last_sequence or has_log or epoch or slave_sync or range_ops):
         return struct.pack("<IIQIbxxx", 0, 2, 1 << 32, version, status)
-    bits = (1 if has_log else 0) | (2 if slave_sync else 0)
+    bits = (1 if has_log else 0) | (2 if slave_sync else 0) | (4 if range_ops else 0)
     return struct.pack("<IIQIbBxxQQ", 0, 4, 3 << 32, version, status, bits, last_sequence,
                        epoch)
 
