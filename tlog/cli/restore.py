@@ -89,7 +89,9 @@ def _summary(vdisk: str, result: PlayResult, target: str, reader: ChainReader) -
         base = (f"the checkpoint at {result.checkpoint.describe()} "
                 f"({result.checkpoint_blocks} blocks) and ")
     parts = [f"restored vdisk {vdisk} into {target}: {result.blocks} blocks "
-             f"({result.sets} set, {result.deletes} deleted) from {base}"
+             f"({result.sets} set, {result.deletes} deleted"
+             + (f", {result.ranges} range deletes" if result.ranges else "")
+             + f") from {base}"
              f"{result.aggregations} aggregations"]
     if result.epochs > 1:
         parts.append(f"{result.epochs} epochs, the last ({result.epoch}) with sequences "

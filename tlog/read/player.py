@@ -24,7 +24,17 @@ import redis.asyncio
 from redis.asyncio.retry import Retry
 from redis.backoff import ConstantBackoff
 
+from tlog.blockstore import (
+    DELETE_BATCH,
+    RANGE_KEYS_MAX,
+    batches,
+    block_key,
+    block_keys,
+    in_range,
+    scan_pattern,
+)
 from tlog.holes import can_punch, punch_hole
+from tlog.protocol.ranges import RangeError, range_count
 from tlog.protocol.status import Operation
 from tlog.protocol.wire import Block, Buffer
 from tlog.record.aggregation import RecordOpener
@@ -49,8 +59,11 @@ __all__ = [
 DEFAULT_BLOCK_SIZE = 4096
 #: Most buffers handed to one pwritev (Linux's IOV_MAX is 1024).
 _MAX_IOV = 512
+#: Bytes of zeroes written at a time where holes cannot be punched.
+_ZERO_STEP = 1 << 20
 _SET = int(Operation.SET)
 _DELETE = int(Operation.DELETE)
+_DELETE_RANGE = int(Operation.DELETE_RANGE)
 
 
 class PlayerError(Exception):
@@ -64,14 +77,22 @@ class BlockStorage(abc.ABC):
 
     block_size: int
 
-    def _check(self, block: Block) -> None:
+    def _check(self, block: Block) -> int:
+        """The blocks ``block`` touches (a range's count, else 1); PlayerError for one that
+        cannot be applied."""
         if block.index < 0:
             raise PlayerError(f"sequence {block.sequence}: negative block index {block.index}")
         if block.operation == Operation.SET and len(block.data) > self.block_size:
             raise PlayerError(f"sequence {block.sequence}: {len(block.data)} bytes of data do not "
                               f"fit a block of {self.block_size} bytes (wrong --block-size?)")
+        if block.operation == _DELETE_RANGE:
+            try:
+                return range_count(block.index, block.data)
+            except RangeError as exc:
+                raise PlayerError(f"sequence {block.sequence}: {exc}") from None
         if block.operation not in (Operation.SET, Operation.DELETE):
             raise PlayerError(f"sequence {block.sequence}: unknown operation {block.operation}")
+        return 1
 
     def _padded(self, data: bytes | bytearray | memoryview) -> bytes | bytearray | memoryview:
         """Data shorter than a block is completed with zeroes."""
@@ -112,6 +133,14 @@ def _is_plain_file(path: str) -> bool:
         return False
 
 
+def _device_size(fd: int) -> int:
+    """The bytes of a block device (0 for a character device such as /dev/null)."""
+    try:
+        return os.lseek(fd, 0, os.SEEK_END)
+    except OSError:
+        return 0
+
+
 class FileBlockStorage(BlockStorage):
     """A raw disk image. Writes go straight to their offset (pwrite, adjacent blocks in one
     pwritev); blocks never written stay holes. A deleted block becomes a hole too when the
@@ -141,10 +170,10 @@ class FileBlockStorage(BlockStorage):
         except OSError as exc:
             raise PlayerError(f"cannot open {self.path}: {exc.strerror or exc}") from None
         info = os.fstat(self._fd)
-        # A block device (or /dev/null) has no size to track and cannot be truncated or
-        # punched: deleted blocks are written as zeroes there.
+        # A block device (or /dev/null) cannot be truncated or punched: deleted blocks are
+        # written as zeroes there, up to its end (a range may reach past it).
         self._regular = stat.S_ISREG(info.st_mode)
-        self._size = info.st_size if self._regular else 1 << 62  # current file size
+        self._size = info.st_size if self._regular else _device_size(self._fd)
         self._extent = max(info.st_size, size)  # size to end with
         self._zero = bytes(block_size)
         self._punch = can_punch() and self._regular
@@ -154,15 +183,20 @@ class FileBlockStorage(BlockStorage):
     def describe(self) -> str:
         return self.path
 
-    def _zero_block(self, offset: int) -> None:
-        if offset >= self._size:
+    def _zero_blocks(self, offset: int, count: int = 1) -> None:
+        """``count`` blocks from ``offset`` read as zeroes: a hole where the file system can
+        punch one, zeroes written (a MiB at a time) where it cannot."""
+        length = min(count * self.block_size, self._size - offset)
+        if length <= 0:
             return  # beyond the end of the file: already reads as zeroes
         if self._punch:
-            if punch_hole(self._fd, offset, min(self.block_size, self._size - offset)):
+            if punch_hole(self._fd, offset, length):
                 return
             # Not on this file system (EOPNOTSUPP and friends): write zeroes from now on.
             self._punch = False
-        os.pwrite(self._fd, self._zero, offset)
+        zeroes = bytes(min(length, _ZERO_STEP))
+        for at in range(offset, offset + length, _ZERO_STEP):
+            os.pwrite(self._fd, zeroes[:min(_ZERO_STEP, offset + length - at)], at)
 
     def _write_run(self, offset: int, buffers: list[Buffer]) -> None:
         size = len(buffers) * self.block_size
@@ -210,7 +244,7 @@ class FileBlockStorage(BlockStorage):
                 run = [data]
                 run_start, run_next = index, index + 1
                 continue
-            self._check(block)
+            count = self._check(block)
             if block.operation == _SET:  # shorter than a block
                 if run and index == run_next and len(run) < _MAX_IOV:
                     run.append(self._padded(data))
@@ -225,8 +259,11 @@ class FileBlockStorage(BlockStorage):
                     self._write_run(run_start * bs, run)
                     run = []
                     run_next = -1
-                self._zero_block(index * bs)
-                self._extent = max(self._extent, (index + 1) * bs)
+                self._zero_blocks(index * bs, count)
+                if block.operation == _DELETE:
+                    # A delete makes the image as long as a write there would; a range
+                    # does not (it may name far more blocks than the vdisk has).
+                    self._extent = max(self._extent, (index + 1) * bs)
         if run:
             self._write_run(run_start * bs, run)
 
@@ -278,22 +315,40 @@ class RedisBlockStorage(BlockStorage):
 
     def key(self, index: int) -> bytes:
         """The key of block ``index``."""
-        return b"%s%d" % (self.prefix, index)
+        return block_key(self.prefix, index)
 
     async def apply(self, blocks: Sequence[Block]) -> None:
         if not blocks:
             return
-        pipe = self._client.pipeline(transaction=False)
-        for block in blocks:
-            self._check(block)
-            if block.operation == Operation.SET:
-                pipe.set(self.key(block.index), bytes(self._padded(block.data)))
-            else:
-                pipe.delete(self.key(block.index))
         try:
+            pipe = self._client.pipeline(transaction=False)
+            for block in blocks:
+                count = self._check(block)
+                if block.operation == Operation.SET:
+                    pipe.set(self.key(block.index), bytes(self._padded(block.data)))
+                elif count <= RANGE_KEYS_MAX:
+                    for keys in batches(block_keys(self.prefix, block.index, count)):
+                        pipe.delete(*keys)
+                else:  # a large range: what the store holds of it, in order
+                    await pipe.execute()
+                    await self._delete_stored(block.index, count)
+                    pipe = self._client.pipeline(transaction=False)
             await pipe.execute()
         except (redis.RedisError, OSError) as exc:
             raise PlayerError(f"block store {self.address}: {exc}") from None
+
+    async def _delete_stored(self, first: int, count: int) -> None:
+        """Delete the blocks of ``[first, first + count)`` the store holds (SCAN)."""
+        doomed: list[bytes] = []
+        async for key in self._client.scan_iter(match=scan_pattern(self.prefix),
+                                                count=DELETE_BATCH):
+            if in_range(self.prefix, key, first, count):
+                doomed.append(key)
+                if len(doomed) == DELETE_BATCH:
+                    await self._client.delete(*doomed)
+                    doomed = []
+        if doomed:
+            await self._client.delete(*doomed)
 
     async def read(self, index: int) -> bytes:
         try:
@@ -323,6 +378,7 @@ class PlayResult:
     blocks: int = 0  # applied
     sets: int = 0
     deletes: int = 0
+    ranges: int = 0  # range deletes (each one entry of the log)
     duplicates: int = 0  # skipped: sequence replayed before, in the same epoch
     outside: int = 0  # skipped: outside the limits
     data_bytes: int = 0  # bytes of block data applied
@@ -377,10 +433,13 @@ class Player:
             result.epoch = item.aggregation.epoch
             if blocks:
                 # Whole-list passes (C loops), not a Python loop per block.
-                deletes = [b.operation for b in blocks].count(_DELETE)
+                operations = [b.operation for b in blocks]
+                deletes = operations.count(_DELETE)
+                ranges = operations.count(_DELETE_RANGE)
                 result.blocks += len(blocks)
                 result.deletes += deletes
-                result.sets += len(blocks) - deletes
+                result.ranges += ranges
+                result.sets += len(blocks) - deletes - ranges
                 result.data_bytes += sum([len(b.data) for b in blocks])
             mark = item.checkpoint
             if mark is not None:

@@ -17,6 +17,14 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
+from tlog.blockstore import (
+    RANGE_KEYS_MAX,
+    block_index,
+    block_key,
+    keys_in_range,
+    scan_pattern,
+)
+from tlog.protocol.ranges import RangeError, range_count
 from tlog.protocol.status import Operation
 from tlog.protocol.wire import Block
 from tlog.record.aggregation import ZERO_HASH
@@ -27,14 +35,24 @@ STATE_SUFFIX = b"tlog:slave-sync"
 #: Keys deleted per DEL while clearing a standby.
 _CLEAR_BATCH = 1000
 #: Blocks and position at once, if the position is still ARGV[1] ('' for none): MSET the
-#: ARGV[3] (key, value) pairs after it, DEL the rest, SET the position to ARGV[2].
+#: ARGV[3] (key, value) pairs after it, DEL the rest, SET the position to ARGV[2]. In chunks:
+#: Lua's unpack takes a few thousand values at most, and a range names up to 65,536 keys.
 _APPLY_SCRIPT = b"""
 local cur = redis.call('GET', KEYS[1]) or ''
 if cur ~= ARGV[1] then return {'moved', cur} end
 local n = tonumber(ARGV[3])
-if n > 0 then redis.call('MSET', unpack(ARGV, 4, 3 + 2 * n)) end
-if #ARGV >= 4 + 2 * n then redis.call('DEL', unpack(ARGV, 4 + 2 * n, #ARGV)) end
+local last = 3 + 2 * n
+for i = 4, last, 1000 do redis.call('MSET', unpack(ARGV, i, math.min(i + 999, last))) end
+for i = last + 1, #ARGV, 1000 do redis.call('DEL', unpack(ARGV, i, math.min(i + 999, #ARGV))) end
 redis.call('SET', KEYS[1], ARGV[2])
+return 'OK'
+"""
+#: DEL the keys after ARGV[1] if the position is still ARGV[1] (a large range's blocks,
+#: deleted before the group's `_APPLY_SCRIPT`).
+_DELETE_SCRIPT = b"""
+local cur = redis.call('GET', KEYS[1]) or ''
+if cur ~= ARGV[1] then return {'moved', cur} end
+for i = 2, #ARGV, 1000 do redis.call('DEL', unpack(ARGV, i, math.min(i + 999, #ARGV))) end
 return 'OK'
 """
 
@@ -181,7 +199,7 @@ class StandbyStore:
         return self.target.describe()
 
     def key(self, index: int) -> bytes:
-        return b"%s%d" % (self.prefix, index)
+        return block_key(self.prefix, index)
 
     async def served_state(self) -> bytes | None:
         """The state `tlog nbd` records in the standby once the vdisk failed over to it
@@ -200,8 +218,19 @@ class StandbyStore:
         this store last read or wrote: two syncers (two tlogservers of a fleet) cannot
         undo each other's work. `StandbyError` when it moved; read `position` again."""
         final: dict[int, Block] = {}
+        ranges: list[tuple[int, int]] = []
         for b in blocks:
-            final[b.index] = b
+            if b.operation == Operation.DELETE_RANGE:
+                try:
+                    count = range_count(b.index, b.data)
+                except RangeError as exc:
+                    raise StandbyError(f"sequence {b.sequence}: {exc}") from None
+                end = b.index + count
+                for index in [i for i in final if b.index <= i < end]:
+                    del final[index]  # earlier writes the range undoes
+                ranges.append((b.index, count))
+            else:
+                final[b.index] = b
         sets: list[Any] = []
         deletes: list[Any] = []
         bs = self.block_size
@@ -213,7 +242,45 @@ class StandbyStore:
                 sets += (self.key(index), data)
             else:
                 deletes.append(self.key(index))
+        # A range's keys, but for the blocks written after it (in ``final``): the script
+        # sets, then deletes. A large range: the keys the standby holds, deleted before the
+        # script, each batch on the same condition. A crash in between is harmless: the
+        # position has not moved, and the group is applied again from it before anyone
+        # reads the standby (it is not in step).
+        for first, count in ranges:
+            if count <= RANGE_KEYS_MAX:
+                deletes += [block_key(self.prefix, i) for i in range(first, first + count)
+                            if i not in final]
+            else:
+                await self._delete_stored(first, count, final)
         await self._record_if(position, sets, deletes)
+
+    async def _delete_stored(self, first: int, count: int, keep: Mapping[int, Block]) -> None:
+        """Delete the blocks of ``[first, first + count)`` the standby holds, but those of
+        ``keep`` (SCAN, then DEL in batches)."""
+        cursor: bytes | int = 0
+        while True:  # (keys deleted during a SCAN do not disturb it)
+            reply = (await self._server.execute(
+                [(b"SCAN", cursor, b"MATCH", scan_pattern(self.prefix), b"COUNT",
+                  _CLEAR_BATCH)]))[0]
+            cursor = reply[0]
+            doomed = [k for k in keys_in_range(self.prefix, reply[1], first, count)
+                      if block_index(self.prefix, k) not in keep]
+            if doomed:
+                await self._delete_if(doomed)
+            if cursor in (0, b"0"):
+                break
+
+    async def _delete_if(self, keys: list[bytes]) -> None:
+        if self._recorded is None:
+            await self.position()
+        assert self._recorded is not None
+        reply = (await self._server.execute([
+            (b"EVAL", _DELETE_SCRIPT, 1, self.state_key, self._recorded, *keys)]))[0]
+        if isinstance(reply, list) and reply and reply[0] == b"moved":
+            self._recorded = None
+            raise StandbyError(f"standby {self.describe()}: its position moved under us "
+                               "(another tlogserver syncing it?)")
 
     async def record(self, position: SyncPosition) -> None:
         """Record ``position`` alone (e.g. that sync ended), on the same condition."""
@@ -239,13 +306,12 @@ class StandbyStore:
         the number of keys deleted. Only keys ``<prefix><decimal>`` are blocks."""
         deleted = 0
         cursor: bytes | int = 0
-        pattern = self.prefix.replace(b"\\", b"\\\\").replace(b"*", b"\\*").replace(
-            b"?", b"\\?").replace(b"[", b"\\[") + b"*"
+        pattern = scan_pattern(self.prefix)
         while True:
             reply = (await self._server.execute(
                 [(b"SCAN", cursor, b"MATCH", pattern, b"COUNT", _CLEAR_BATCH)]))[0]
             cursor, keys = reply[0], reply[1]
-            mine = [k for k in keys if k[len(self.prefix):].isdigit()]
+            mine = [k for k in keys if block_index(self.prefix, k) is not None]
             if mine:
                 await self._server.execute([(b"DEL", *mine)])
                 deleted += len(mine)

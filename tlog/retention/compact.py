@@ -121,6 +121,7 @@ class CompactionSummary:
     checkpoint: CheckpointRef | None = None
     checkpoint_blocks: int = 0
     checkpoint_deleted: int = 0
+    checkpoint_ranges: int = 0  # range blocks (each a run of deleted blocks)
     checkpoints_retired: int = 0
     resumed: str | None = None  # what finishing an interrupted compaction did
     held_by: str | None = None
@@ -137,8 +138,10 @@ class CompactionSummary:
             parts.append(f"compacted vdisk {self.vdisk_id}: {self.records_deleted} "
                          f"aggregations deleted, {self.bytes_freed / 1e6:.1f} MB freed; "
                          f"checkpoint of {self.checkpoint_blocks} live blocks "
-                         f"({self.checkpoint_deleted} deleted) at "
-                         f"{self.checkpoint.describe()} is the oldest restorable point")
+                         f"({self.checkpoint_deleted} deleted"
+                         + (f", {self.checkpoint_ranges} deleted ranges"
+                            if self.checkpoint_ranges else "")
+                         + f") at {self.checkpoint.describe()} is the oldest restorable point")
             if self.checkpoints_retired:
                 parts.append(f"{self.checkpoints_retired} older checkpoint(s) retired")
             if self.held_by:
@@ -325,6 +328,7 @@ class Compactor:
                                            built.timestamp, built.parts)
         summary.checkpoint_blocks = built.blocks
         summary.checkpoint_deleted = built.deleted
+        summary.checkpoint_ranges = built.ranges
         self._step("delete")
         summary.records_deleted = await self._delete([link.key for link in plan.records])
         summary.bytes_freed = plan.bytes_freed
