@@ -312,10 +312,10 @@ def test_flush_fails_with_eio_when_the_tlog_servers_are_gone(
         server.kill()
 
 
-def test_a_trim_of_the_whole_device_is_logged_in_steps(redis6: list[RedisProcess],
-                                                        tmp_path: Path) -> None:
-    # 64 MiB is 16,384 blocks: a whole-device discard (mkfs does one) and a large zero take
-    # more than one step (tlog.nbd.disk.CLEAR_STEP), the last one partial.
+def test_a_trim_of_the_whole_device_and_large_zeroes(redis6: list[RedisProcess],
+                                                     tmp_path: Path) -> None:
+    # 64 MiB is 16,384 blocks: a whole-device discard (mkfs does one) and large zeroes,
+    # each one range entry of the log, with writes over them.
     image = tmp_path / "served.img"
     size = 64 << 20
     with start_tlogserver(redis6, KEY) as server:

@@ -37,9 +37,10 @@ from .test_nbd import NbdServer, nbdcopy, qemu_io, restore
 from .test_security import ACL_COMMANDS
 
 #: What a block store's user needs: the player's SET/DEL/GET, the nbd backend's
-#: MGET/MSET/DEL/PING, its state and intent log's SADD/SREM/SMEMBERS/EXISTS, and the login.
-STORE_ACL = ("~*", "-@all", "+get", "+set", "+del", "+mget", "+mset", "+ping", "+select",
-             "+auth", "+sadd", "+srem", "+smembers", "+exists")
+#: MGET/MSET/DEL/PING, its state and intent log's SADD/SREM/SMEMBERS/EXISTS, SCAN for
+#: large range deletes, and the login.
+STORE_ACL = ("~*", "-@all", "+get", "+set", "+del", "+scan", "+mget", "+mset", "+ping",
+             "+select", "+auth", "+sadd", "+srem", "+smembers", "+exists")
 BS = 4096
 
 

@@ -16,7 +16,7 @@ from .serverproc import ServerProcess, pick_port, storage_args, stored_blocks
 KEYS = {"blocks", "block_size", "random_data", "seconds", "blocks_per_second", "mb_per_second",
         "recv_ok_p50_ms", "recv_ok_p99_ms", "flush_ok_p50_ms", "flush_ok_p99_ms", "resends",
         "resent_on_reconnect", "reconnects", "cpu_seconds", "cpu_us_per_block", "server",
-        "first_sequence", "epoch"}
+        "first_sequence", "epoch", "delete_ranges", "range_ops", "last_sequence"}
 
 
 def tlog_send(*args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
@@ -62,6 +62,25 @@ def test_send_stores_what_it_says(redis6: list[Any]) -> None:
     assert [b.sequence for b in blocks] == list(range(100, 700))
     assert all(b.index == b.sequence and len(b.data) == 512 for b in blocks)
     assert len({bytes(b.data) for b in blocks}) == 600  # random, not one repeated block
+
+
+def test_send_logs_range_deletes(redis6: list[Any]) -> None:
+    """--delete-range after the blocks: one entry each, with a server that takes them."""
+    addresses = [r.address for r in redis6]
+    server = ServerProcess(*storage_args(addresses)).start()
+    try:
+        result = result_of(tlog_send("--server", server.address, "--vdisk", "ranged",
+                                     "--blocks", "50", "--delete-range", "10:20",
+                                     "--delete-range", "0:1099511627776"))
+        bad = tlog_send("--server", server.address, "--delete-range", "5:0")
+        worse = tlog_send("--server", server.address, "--delete-range", "5")
+    finally:
+        server.kill()
+    assert (result["delete_ranges"], result["range_ops"], result["last_sequence"]) == (2, True, 51)
+    blocks = asyncio.run(stored_blocks(addresses, "ranged"))
+    assert [(b.sequence, b.index, b.operation) for b in blocks[50:]] == [(50, 10, 3), (51, 0, 3)]
+    assert bad.returncode == 2 and "at least one" in bad.stderr, bad.stderr
+    assert worse.returncode == 2 and "is not FIRST:COUNT" in worse.stderr, worse.stderr
 
 
 def test_send_fails_over_to_the_next_server_in_order(mem_server: ServerProcess) -> None:

@@ -28,6 +28,7 @@ from tlog.client import (
     parse_address,
     security_options,
 )
+from tlog.protocol.ranges import RangeError, check_range
 from tlog.protocol.status import BlockStatus, Operation
 
 #: How far ahead of its schedule a paced sender (--rate) may run before it sleeps.
@@ -71,7 +72,8 @@ async def run_send(servers: Sequence[str], vdisk_id: str, blocks: int, block_siz
                    first_sequence: int | None, random_data: bool, reset: bool, timeout: float,
                    connect_timeout: float, max_unflushed: int,
                    resend_timeout: float, rate: float = 0.0,
-                   security: dict[str, Any] | None = None) -> dict[str, Any]:
+                   security: dict[str, Any] | None = None,
+                   delete_ranges: Sequence[tuple[int, int]] = ()) -> dict[str, Any]:
     """Send the blocks, wait until all are flushed; the figures of the run.
 
     ``rate`` > 0 paces the sender to that many blocks per second (0: as fast as the client
@@ -79,7 +81,8 @@ async def run_send(servers: Sequence[str], vdisk_id: str, blocks: int, block_siz
     ``i / rate`` seconds after the start; the sender sleeps only when it is at least
     `PACE_SLACK` ahead (event-loop timers have millisecond resolution), so blocks leave in
     small bursts that keep the average exact. ``first_sequence`` None continues the vdisk's
-    log where it ends.
+    log where it ends. ``delete_ranges`` (first, count) are logged after the blocks, each
+    one range delete where the server takes them (a delete per block otherwise).
     """
     n = blocks
     first = first_sequence or 0  # known once connected when continuing
@@ -107,7 +110,8 @@ async def run_send(servers: Sequence[str], vdisk_id: str, blocks: int, block_siz
     client = await TlogClient.open(servers, vdisk_id, first_sequence, timeout=connect_timeout,
                                    reset_first_sequence=reset, on_response=on_response,
                                    max_unflushed_bytes=max_unflushed,
-                                   resend_timeout=resend_timeout, **(security or {}))
+                                   resend_timeout=resend_timeout, range_ops=True,
+                                   **(security or {}))
     first = client.next_sequence
     position = client.log_position
     try:
@@ -125,8 +129,11 @@ async def run_send(servers: Sequence[str], vdisk_id: str, blocks: int, block_siz
                     await asyncio.sleep(ahead)
             sent_at[i] = clock()
             await send(op, seq, seq, time_ns(), data)
-        if n:
-            await client.wait_flushed(first + n - 1, timeout=timeout)
+        last = first + n - 1
+        for range_first, range_count in delete_ranges:
+            last = await client.delete_range(last + 1, range_first, range_count)
+        if last >= first:
+            await client.wait_flushed(last, timeout=timeout)
         seconds = clock() - t0
         cpu = time.process_time() - cpu0
         stats = client.stats()
@@ -139,6 +146,9 @@ async def run_send(servers: Sequence[str], vdisk_id: str, blocks: int, block_siz
         "first_sequence": first,
         "epoch": position.epoch if position is not None else 0,
         "block_size": block_size,
+        "delete_ranges": len(delete_ranges),
+        "range_ops": client.range_ops,
+        "last_sequence": last,
         "random_data": random_data,
         "seconds": round(seconds, 4),
         "blocks_per_second": round(n / seconds, 1) if seconds > 0 else None,
@@ -154,6 +164,21 @@ async def run_send(servers: Sequence[str], vdisk_id: str, blocks: int, block_siz
         "cpu_us_per_block": round(cpu / n * 1e6, 2) if n else None,
         "server": stats.server,
     }
+
+
+def _parse_ranges(ctx: click.Context, param: click.Parameter,
+                  value: tuple[str, ...]) -> list[tuple[int, int]]:
+    out = []
+    for text in value:
+        first, sep, count = text.partition(":")
+        if not sep or not first.isdigit() or not count.isdigit():
+            raise click.BadParameter(f"{text!r} is not FIRST:COUNT (block index and count)")
+        try:
+            check_range(int(first), int(count))
+        except RangeError as exc:
+            raise click.BadParameter(str(exc)) from None
+        out.append((int(first), int(count)))
+    return out
 
 
 def _check_server(ctx: click.Context, param: click.Parameter,
@@ -195,6 +220,11 @@ def _check_server(ctx: click.Context, param: click.Parameter,
 @click.option("--rate", type=click.FloatRange(min=0), default=0.0,
               help="Blocks per second to send at (default 0: as fast as possible); for "
                    "latencies below saturation.")
+@click.option("--delete-range", "delete_ranges", multiple=True, metavar="FIRST:COUNT",
+              callback=_parse_ranges,
+              help="After the blocks, log the deletion of COUNT blocks from index FIRST (a "
+                   "trim) as one range entry, or a delete per block with a server that "
+                   "does not take ranges; repeatable.")
 @click.option("--tls", is_flag=True,
               help="Connect with TLS, trusting the system's CAs (or --tls-ca).")
 @click.option("--tls-ca", type=click.Path(dir_okay=False, exists=True),
@@ -209,11 +239,13 @@ def send_command(servers: tuple[str, ...], vdisk: str, blocks: int, block_size: 
                  first_sequence: int | None, continue_log: bool, random_data: bool,
                  reset: bool, timeout: float,
                  connect_timeout: float, max_unflushed: int, resend_timeout: float,
-                 rate: float, tls: bool, tls_ca: str | None, tls_cert: str | None,
-                 tls_key: str | None, token_file: str | None) -> None:
+                 rate: float, delete_ranges: list[tuple[int, int]], tls: bool,
+                 tls_ca: str | None, tls_cert: str | None, tls_key: str | None,
+                 token_file: str | None) -> None:
     """Send N blocks (sequence i at index i) to a tlogserver, wait until all are flushed,
     and print one JSON line: throughput, RecvOK/FlushOK latency percentiles, resends,
-    reconnects and the client's CPU time per block. --rate paces the sending.
+    reconnects and the client's CPU time per block. --rate paces the sending;
+    --delete-range logs range deletes (trims) after the blocks.
     """
     if continue_log and first_sequence is not None:
         raise click.UsageError("--continue: cannot be combined with --first-sequence")
@@ -231,7 +263,7 @@ def send_command(servers: tuple[str, ...], vdisk: str, blocks: int, block_size: 
                                     key_file=tls_key, token_file=token_file)
         result = runner(run_send(list(servers), vdisk, blocks, block_size, first_sequence,
                                  random_data, reset, timeout, connect_timeout, max_unflushed,
-                                 resend_timeout, rate, security))
+                                 resend_timeout, rate, security, delete_ranges))
     except (OSError, TimeoutError, TlogClientError, ValueError) as exc:
         raise click.ClickException(f"{type(exc).__name__}: {exc}") from None
     sys.stdout.write(json.dumps(result) + "\n")

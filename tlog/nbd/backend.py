@@ -8,6 +8,7 @@ read-modify-write of unaligned requests; a backend only reads, writes, deletes a
 from __future__ import annotations
 
 import abc
+import errno
 import os
 import stat
 from collections.abc import Callable
@@ -17,6 +18,14 @@ import redis
 from redis.backoff import ConstantBackoff
 from redis.retry import Retry
 
+from tlog.blockstore import (
+    DELETE_BATCH,
+    RANGE_KEYS_MAX,
+    batches,
+    block_keys,
+    in_range,
+    scan_pattern,
+)
 from tlog.holes import punch_hole
 from tlog.storage import ServerAddress, nbd_state_key
 
@@ -51,6 +60,11 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def delete(self, first: int, count: int) -> None:
         """``count`` blocks from ``first`` read as zeroes from now on (the log's delete)."""
+
+    def allocated(self, first: int, count: int) -> list[tuple[int, int]]:
+        """The parts of ``[first, first + count)`` that may hold data, as ``(first, count)``;
+        the rest reads as zeroes for sure. By default all of it."""
+        return [(first, count)]
 
     @abc.abstractmethod
     def flush(self) -> None:
@@ -119,6 +133,36 @@ class FileBackend(Backend):
         step = max(1, (1 << 20) // self.block_size)  # a MiB of zeroes at a time
         for at in range(first, first + count, step):
             self.write(at, self._zeros * min(step, first + count - at))
+
+    def allocated(self, first: int, count: int) -> list[tuple[int, int]]:
+        """The file's data in the range, whole blocks (SEEK_DATA / SEEK_HOLE): a recovery
+        after a whole-device trim need not read the holes."""
+        bs = self.block_size
+        start, end = first * bs, (first + count) * bs
+        if not self._regular:
+            return [(first, count)]
+        out: list[tuple[int, int]] = []
+        at = start
+        try:
+            while at < end:
+                try:
+                    data = os.lseek(self._fd, at, os.SEEK_DATA)
+                except OSError as exc:
+                    if exc.errno == errno.ENXIO:
+                        break  # only a hole from here to the end of the file
+                    raise
+                if data >= end:
+                    break
+                hole = min(os.lseek(self._fd, data, os.SEEK_HOLE), end)
+                lo, hi = max(data // bs, first), min(-(-hole // bs), first + count)
+                if out and lo <= out[-1][0] + out[-1][1]:
+                    out[-1] = (out[-1][0], hi - out[-1][0])
+                else:
+                    out.append((lo, hi - lo))
+                at = hole
+        except OSError:
+            return [(first, count)]  # no SEEK_DATA here: look at all of it
+        return out
 
     def flush(self) -> None:
         os.fdatasync(self._fd) if self._regular else os.fsync(self._fd)
@@ -198,7 +242,7 @@ class RedisBackend(Backend):
                                         "gone (the redis restarted without persistence?)")
 
     def _keys(self, first: int, count: int) -> list[bytes]:
-        return [b"%s%d" % (self.prefix, i) for i in range(first, first + count)]
+        return block_keys(self.prefix, first, count)
 
     def _failed(self, what: str, exc: redis.RedisError) -> BackendError:
         return BackendError(f"{self.describe()}: {what} failed: {exc}")
@@ -226,8 +270,24 @@ class RedisBackend(Backend):
             raise self._failed("write", exc) from None
 
     def delete(self, first: int, count: int) -> None:
+        """Small ranges by naming their keys; a large one (a whole device's trim) by
+        looking at the keys the store holds (SCAN): it costs what is stored, not the size."""
         try:
-            self._redis.delete(*self._keys(first, count))
+            if count <= RANGE_KEYS_MAX:
+                for keys in batches(block_keys(self.prefix, first, count)):
+                    self._redis.delete(*keys)
+                return
+            # (keys deleted during a SCAN do not disturb it)
+            doomed: list[bytes] = []
+            for key in self._redis.scan_iter(match=scan_pattern(self.prefix),
+                                             count=DELETE_BATCH):
+                if in_range(self.prefix, key, first, count):
+                    doomed.append(key)
+                    if len(doomed) == DELETE_BATCH:
+                        self._redis.delete(*doomed)
+                        doomed = []
+            if doomed:
+                self._redis.delete(*doomed)
         except redis.RedisError as exc:
             raise self._failed("delete", exc) from None
 

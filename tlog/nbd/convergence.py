@@ -43,6 +43,7 @@ class Recovery:
 
     ranges: int = 0
     blocks: int = 0  # looked at
+    read: int = 0  # of them, read back from the device (the rest holds no data: holes)
     logged: int = 0  # logged again with their data
     deleted: int = 0  # logged again as deletes (zeroes)
     seconds: float = 0.0
@@ -52,7 +53,8 @@ class Recovery:
         grain = ("whole 4 MiB regions: the machine crashed" if self.whole_regions
                  else "the blocks written: the process stopped")
         return (f"vdisk {vdisk}: recovered after an unclean stop ({grain}): looked at "
-                f"{self.blocks} block(s) in {self.ranges} range(s), logged {self.logged} "
+                f"{self.blocks} block(s) in {self.ranges} range(s) ({self.read} read back), "
+                f"logged {self.logged} "
                 f"again and {self.deleted} as deletes, in {self.seconds:.2f} s; device and "
                 f"log agree at {state.describe()}")
 
@@ -119,32 +121,48 @@ def recover(backend: Backend, intent: IntentLog, client: ThreadedClient, state: 
     done = Recovery(ranges=len(ranges), whole_regions=whole or not intent.block_marks)
     if ranges:
         new_epoch()
-    bs = backend.block_size
-    zero = bytes(bs)
     for first, count in ranges:
-        for start in range(first, first + count, RELOG_STEP):
-            n = min(RELOG_STEP, first + count - start)
-            view = memoryview(backend.read(start, n))
-            blocks = [view[i * bs:(i + 1) * bs] for i in range(n)]
-            done.blocks += n
-            # runs of blocks of data, and of zeroes (logged as deletes, as a trim is)
-            i = 0
-            while i < n:
-                empty = blocks[i] == zero
-                j = i + 1
-                while j < n and (blocks[j] == zero) == empty:
-                    j += 1
-                if empty:
-                    client.send_many(Operation.DELETE, start + i, [b""] * (j - i), clock(),
-                                     timeout=timeout)
-                    done.deleted += j - i
-                else:
-                    client.send_many(Operation.SET, start + i, blocks[i:j], clock(),
-                                     timeout=timeout)
-                    done.logged += j - i
-                i = j
+        # What the device holds no data in (holes of an image) is one range delete; only
+        # the rest is read back.
+        at = first
+        for data_first, data_count in [*backend.allocated(first, count),
+                                       (first + count, 0)]:
+            if data_first > at:
+                client.delete_range(at, data_first - at, clock(), timeout=timeout)
+                done.blocks += data_first - at
+                done.deleted += data_first - at
+            _relog(backend, client, data_first, data_count, done, clock, timeout)
+            at = data_first + data_count
     client.wait_flushed(None, timeout=timeout)
     backend.flush()
     intent.clear()
     done.seconds = time.monotonic() - started
     return done
+
+
+def _relog(backend: Backend, client: ThreadedClient, first: int, count: int, done: Recovery,
+           clock: Callable[[], int], timeout: float) -> None:
+    """Read blocks ``[first, first + count)`` back and log them again: runs of blocks of
+    data as sets, runs of zeroes as range deletes (as a trim is)."""
+    bs = backend.block_size
+    zero = bytes(bs)
+    for start in range(first, first + count, RELOG_STEP):
+        n = min(RELOG_STEP, first + count - start)
+        view = memoryview(backend.read(start, n))
+        blocks = [view[i * bs:(i + 1) * bs] for i in range(n)]
+        done.blocks += n
+        done.read += n
+        i = 0
+        while i < n:
+            empty = blocks[i] == zero
+            j = i + 1
+            while j < n and (blocks[j] == zero) == empty:
+                j += 1
+            if empty:
+                client.delete_range(start + i, j - i, clock(), timeout=timeout)
+                done.deleted += j - i
+            else:
+                client.send_many(Operation.SET, start + i, blocks[i:j], clock(),
+                                 timeout=timeout)
+                done.logged += j - i
+            i = j

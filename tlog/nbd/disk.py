@@ -8,10 +8,11 @@ Rules (docs/nbd.md says why):
 - A request's blocks are logged (handed to the client in one go, all or none) before they
   are written to the backend, under one lock, so the log holds the writes in the order the
   image received them and a write the log refused (timeout) never reaches the image.
-- Trim and zero of whole blocks log the *delete* operation and deallocate the blocks; a
-  restore leaves deleted blocks as holes, so both read back as zeroes. The partial blocks
-  at the edges of a zero are written (logged) as zeroes; those of a trim are left alone
-  (trim is advisory).
+- Trim and zero of whole blocks log one *range delete* (one entry, one sequence, however
+  many blocks; a delete per block with a server that does not take ranges) and deallocate
+  the blocks; a restore leaves deleted blocks as holes, so both read back as zeroes. The
+  partial blocks at the edges of a zero are written (logged) as zeroes; those of a trim
+  are left alone (trim is advisory).
 - FLUSH waits until every block logged so far has FlushOK from the tlog server, then syncs
   the backend; FUA does the same for the request's blocks. A wait longer than
   ``flush_timeout``, or a write that cannot be handed to the client within
@@ -54,8 +55,6 @@ DEFAULT_WRITE_TIMEOUT = 30.0
 DEFAULT_FLUSH_TIMEOUT = 30.0
 #: Seconds a failover may wait for the log to be flushed and the standby to hold it.
 DEFAULT_FAILOVER_TIMEOUT = 60.0
-#: Blocks deleted (logged, then applied) per step of a trim or zero.
-CLEAR_STEP = 8192
 #: Bytes written between two background checkpoints (a FLUSH is one too): what a
 #: recovery after a crash of the process looks at is at most about twice this.
 DEFAULT_CHECKPOINT_BYTES = 64 * 1024 * 1024
@@ -313,14 +312,28 @@ class LoggedDisk:
             for edge_first, lo, hi in self._edges(offset, end, whole_first, whole_end):
                 high = self._log_and_write(
                     edge_first, self._merged(edge_first, edge_first, lo, bytes(hi - lo)))
-        # In steps, so that a trim of a whole device (mkfs does one) holds a step's frames
-        # at a time, and waits for room in the client's buffer between steps.
-        for start in range(whole_first, whole_end, CLEAR_STEP):
-            n = min(CLEAR_STEP, whole_end - start)
-            self._mark(start, n)
-            high = self._log(Operation.DELETE, start, [b""] * n, "delete")
-            self._applied(functools.partial(_delete, first=start, count=n))
+        if whole_end > whole_first:
+            # One entry of the log for the whole blocks, however many (a server without
+            # range operations gets a delete per block, handed over in steps).
+            n = whole_end - whole_first
+            self._mark(whole_first, n)
+            high = self._log_range(whole_first, n)
+            self._applied(functools.partial(_delete, first=whole_first, count=n))
         return high
+
+    def _log_range(self, first: int, count: int) -> int:
+        assert self.client is not None
+        try:
+            return self.client.delete_range(first, count, self._clock(),
+                                            timeout=self.write_timeout)
+        except TimeoutError:
+            raise io_error(
+                f"vdisk {self.vdisk}: delete of blocks {first}..{first + count - 1} refused: "
+                f"the tlog client's buffer stayed full for {self.write_timeout:g} s "
+                "(tlog servers down or too slow)") from None
+        except TlogClientError as exc:
+            raise io_error(f"vdisk {self.vdisk}: delete of blocks {first}.."
+                           f"{first + count - 1} refused: {exc}") from None
 
     def _mark(self, first: int, count: int) -> None:
         """Before blocks are logged (write lock held): marked in the intent log; a

@@ -30,8 +30,10 @@ def connect(settings: NbdSettings) -> ThreadedClient:
                                 cert_file=settings.tls_cert or None,
                                 key_file=settings.tls_key or None,
                                 token_file=settings.token_file or None)
+    # range_ops: a trim or zero is one entry of the log where the server takes ranges
     return ThreadedClient(settings.servers, settings.vdisk, None,
-                          connect_timeout=settings.connect_timeout, **security)
+                          connect_timeout=settings.connect_timeout, range_ops=True,
+                          **security)
 
 
 def open_disk(settings: NbdSettings) -> LoggedDisk:
