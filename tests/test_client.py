@@ -543,7 +543,7 @@ def test_full_buffer_makes_send_wait_until_flushed() -> None:
             await fake.until(lambda: len(fake.received) == 10)
             await fake.until(lambda: client.unflushed_bytes == 10 * frame_size)
             assert not sender.done()
-            assert client.stats().sent_blocks == 10 and len(client._space_waiters) == 1
+            assert client.stats().sent_blocks == 10 and client._waiters.want_room
             fake.release()  # flushes the 10; room for 10 more, and so on
             async with asyncio.timeout(10):
                 while not sender.done():
@@ -652,7 +652,7 @@ def test_close_fails_waiters_and_later_calls(mem_server: ServerProcess) -> None:
         await send_range(client, 0, 3)  # 3 < flush-size: stays pending on the server
         waiter = asyncio.create_task(client.wait_flushed(force=False))
         await asyncio.sleep(0)  # one loop turn: the waiter registers
-        assert len(client._flush_waiters) == 1
+        assert client._waiters.want_flushed
         await client.close()
         with pytest.raises(ClientClosedError):
             await waiter

@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+import ssl
+from collections.abc import Awaitable, Callable, Sequence
 from typing import cast
 
 from tlog.protocol import BlockResponse, ClientConnection, HandshakeResponse, ProtocolError
+from tlog.protocol.status import HandshakeStatus
 
-from .errors import HandshakeError
+from .errors import HandshakeError, handshake_error
+from .settings import check_servers, parse_address
 
 log = logging.getLogger("tlog.client")
 
@@ -86,6 +89,39 @@ class ServerLink(asyncio.Protocol):
             self.transport.abort()
 
 
+async def open_link(address: str, handshake: Callable[[], bytes], timeout: float, *,
+                    max_response_size: int,
+                    on_responses: Callable[[ServerLink, list[BlockResponse]], None],
+                    on_lost: Callable[[ServerLink, str], None],
+                    tls: ssl.SSLContext | None = None,
+                    server_hostname: str | None = None) -> tuple[ServerLink, HandshakeResponse]:
+    """Connect to ``address`` (TCP, or TLS checked against ``server_hostname``, default the
+    address's host), send ``handshake()`` and wait for the answer, all within ``timeout``:
+    the link and the accepting answer. A refusal is its `HandshakeError`; the link is
+    closed on every failure."""
+    loop = asyncio.get_running_loop()
+    host, port = parse_address(address)
+    link = ServerLink(loop, address, max_response_size, on_responses, on_lost)
+    try:
+        async with asyncio.timeout(timeout):
+            if tls is not None:
+                await loop.create_connection(lambda: link, host, port, ssl=tls,
+                                             server_hostname=server_hostname or host)
+            else:
+                await loop.create_connection(lambda: link, host, port)
+            link.write(handshake())
+            response = await asyncio.shield(link.handshake)
+    except BaseException:
+        link.abort()
+        raise
+    if response.status != HandshakeStatus.OK:
+        link.abort()
+        raise handshake_error(response.status, address)
+    if link.lost:
+        raise ConnectionError(f"{address}: connection lost right after the handshake")
+    return link, response
+
+
 async def dial(servers: Callable[[], list[str]], start: int, deadline: float | None,
                connect_once: Callable[[str, float], Awaitable[ServerLink]], *,
                connect_timeout: float, delay: float, max_delay: float, kick: asyncio.Event,
@@ -138,3 +174,55 @@ async def dial(servers: Callable[[], list[str]], start: int, deadline: float | N
                 await kick.wait()
         except TimeoutError:
             pass
+
+
+class Failover:
+    """Which tlogserver a client uses and tries next: the list in failover order, the
+    index of the one in use, the event that cuts a pause between rounds short (a new list,
+    closing), and the growing pause before reconnecting after a FlushFailed."""
+
+    def __init__(self, servers: Sequence[str], *, connect_timeout: float, delay: float,
+                 max_delay: float, what: str) -> None:
+        self.servers = check_servers(servers)
+        self.index = 0
+        self.kick = asyncio.Event()
+        self.connect_timeout = connect_timeout
+        self.delay, self.max_delay = delay, max_delay
+        self._flush_failed_delay = delay
+        self.what = what
+
+    async def dial(self, start: int, deadline: float | None,
+                   connect_once: Callable[[str, float], Awaitable[ServerLink]],
+                   check_closed: Callable[[], None]) -> ServerLink:
+        """`dial` from the server at ``start``; remembers which one accepted."""
+        self.index, link = await dial(
+            lambda: self.servers, start, deadline, connect_once,
+            connect_timeout=self.connect_timeout, delay=self.delay, max_delay=self.max_delay,
+            kick=self.kick, check_closed=check_closed, what=self.what)
+        return link
+
+    def change(self, servers: Sequence[str], current: str | None) -> bool:
+        """Use ``servers`` from now on; whether the server in use (``current``) is no
+        longer among them, and must be left."""
+        self.servers = check_servers(servers)
+        self.kick.set()
+        if current is not None and current in self.servers:
+            self.index = self.servers.index(current)
+            return False
+        self.index = -1  # the next round starts at the new list's first
+        return current is not None
+
+    async def pause_after_flush_failed(self) -> None:
+        """Before reconnecting to a server that failed to flush: a pause doubling up to the
+        largest one, until a FlushOK (`flushed`) shows that storing works again, or a kick."""
+        pause = self._flush_failed_delay
+        self._flush_failed_delay = min(2 * pause, self.max_delay)
+        self.kick.clear()
+        try:
+            async with asyncio.timeout(pause):
+                await self.kick.wait()
+        except TimeoutError:
+            pass
+
+    def flushed(self) -> None:
+        self._flush_failed_delay = self.delay

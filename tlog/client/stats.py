@@ -1,8 +1,10 @@
-"""What a client reports: its counters, and the stream of the server's answers."""
+"""What a client reports: its counters, and the server's answers handed to the user (a
+callback, async iterators)."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -26,6 +28,55 @@ class ClientStats:
 
 
 ResponseCallback = Callable[[BlockStatus | int, Sequence[int]], None]
+
+log = logging.getLogger("tlog.client")
+
+
+class ResponseFanout:
+    """Hands every server answer to the user: ``callback(status, sequences)`` and every
+    open `ResponseStream`. After the client's own bookkeeping, so that nothing the user's
+    code does can upset it; what the callback raises is logged (with its traceback the
+    first time) and counted in ``callback_errors``, not propagated."""
+
+    def __init__(self, callback: ResponseCallback | None, what: str) -> None:
+        self.callback = callback
+        self.subscribers: list[asyncio.Queue[BlockResponse | None]] = []
+        self.callback_errors = 0
+        self.what = what
+
+    @property
+    def wanted(self) -> bool:
+        return self.callback is not None or bool(self.subscribers)
+
+    def stream(self) -> ResponseStream:
+        return ResponseStream(self.subscribers)
+
+    def deliver(self, responses: list[BlockResponse]) -> None:
+        if self.subscribers:
+            for event in responses:
+                for queue in self.subscribers:
+                    queue.put_nowait(event)
+        callback = self.callback
+        if callback is not None:
+            for status, seqs in responses:
+                try:
+                    callback(status, seqs)
+                except Exception:
+                    self._failed()
+
+    def end(self) -> None:
+        """The client closed or failed: every stream ends."""
+        for queue in self.subscribers:
+            queue.put_nowait(None)
+
+    def _failed(self) -> None:
+        self.callback_errors += 1
+        if self.callback_errors == 1:
+            log.exception("%s: on_response raised (logged once; the client goes on)",
+                          self.what)
+        else:
+            log.debug("%s: on_response raised again (%d times)", self.what,
+                      self.callback_errors, exc_info=True)
 
 
 class ResponseStream:

@@ -26,9 +26,6 @@ writes are batched per event-loop iteration.
 from __future__ import annotations
 
 import asyncio
-import collections
-import heapq
-import itertools
 import logging
 import ssl
 import time
@@ -37,13 +34,13 @@ from typing import Any
 
 from tlog.protocol import BlockResponse, ClientConnection, HandshakeResponse, wire
 from tlog.protocol.ranges import range_data
-from tlog.protocol.status import BlockStatus, HandshakeStatus, Operation
+from tlog.protocol.status import BlockStatus, Operation
 
 from .buffer import UnflushedBuffer
-from .errors import ClientClosedError, HandshakeError, SlaveSyncError, handshake_error
-from .link import ServerLink, dial
-from .settings import check_servers, parse_address
-from .stats import ClientStats, ResponseCallback, ResponseStream
+from .errors import ClientClosedError, HandshakeError, SlaveSyncError
+from .link import Failover, ServerLink, open_link
+from .stats import ClientStats, ResponseCallback, ResponseFanout, ResponseStream
+from .waiters import Waiters
 
 log = logging.getLogger("tlog.client")
 
@@ -125,7 +122,9 @@ class TlogClient:
             raise ValueError("timeouts and max_unflushed_bytes must be > 0")
         if not 0 < reconnect_delay <= reconnect_max_delay:
             raise ValueError("need 0 < reconnect_delay <= reconnect_max_delay")
-        self._servers = check_servers(servers)
+        self._failover = Failover(servers, connect_timeout=connect_timeout,
+                                  delay=reconnect_delay, max_delay=reconnect_max_delay,
+                                  what=f"vdisk {vdisk_id}")
         self.vdisk_id = vdisk_id
         #: None until the first handshake when the client continues the vdisk's log
         #: (``first_sequence=None``); then the sequence it continues at.
@@ -142,9 +141,6 @@ class TlogClient:
         self.reset_first_sequence = reset_first_sequence
         self.resend_timeout = resend_timeout
         self.max_unflushed_bytes = max_unflushed_bytes
-        self.reconnect_delay = reconnect_delay
-        self.reconnect_max_delay = reconnect_max_delay
-        self.connect_timeout = connect_timeout
         #: No byte from the server for this long while blocks wait for RecvOK: reconnect.
         self.stall_timeout = 5 * resend_timeout if stall_timeout is None else stall_timeout
         self.reconnect_on_flush_failed = reconnect_on_flush_failed
@@ -161,8 +157,7 @@ class TlogClient:
         self.server_hostname = server_hostname
         # The vdisk's access token, sent in every handshake; private so that no repr shows it.
         self._token = token.encode() if isinstance(token, str) else token
-        self._on_response = on_response
-        self._subscribers: list[asyncio.Queue[BlockResponse | None]] = []
+        self._answers = ResponseFanout(on_response, f"vdisk {vdisk_id}")
         self._release_hooks: list[Callable[[], None]] = []
 
         self._loop = asyncio.get_running_loop()
@@ -172,17 +167,10 @@ class TlogClient:
         self._out_bytes = 0
         self._out_scheduled = False
         self._link: ServerLink | None = None
-        self._server_index = 0
         self._handshaken_once = False
         self._reconnect_task: asyncio.Task[None] | None = None
-        self._kick = asyncio.Event()
-        self._space_waiters: collections.deque[tuple[int, bytes, asyncio.Future[None]]] = (
-            collections.deque())
-        self._flush_waiters: list[tuple[int, int, asyncio.Future[None]]] = []
-        self._sync_waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+        self._waiters = Waiters(self._loop)
         self._force_target: int | None = None
-        self._flush_failed_delay = reconnect_delay
-        self._ids = itertools.count()
         self._error: BaseException | None = None
         self._closed = False
         self._tick_interval = max(0.01, min(0.5, resend_timeout / 4))
@@ -194,8 +182,6 @@ class TlogClient:
         self.reconnect_resends = 0
         self.reconnects = 0
         self.last_flushed: int | None = None
-        #: Times ``on_response`` raised (each logged, not propagated).
-        self.callback_errors = 0
 
     # -- facts --
     @property
@@ -205,7 +191,7 @@ class TlogClient:
 
     @property
     def servers(self) -> list[str]:
-        return list(self._servers)
+        return list(self._failover.servers)
 
     @property
     def server(self) -> str | None:
@@ -285,50 +271,27 @@ class TlogClient:
             except asyncio.CancelledError:
                 pass
         deadline = None if timeout is None else self._loop.time() + timeout
-        self._activate(await self._dial(max(0, self._server_index), deadline))
+        self._activate(await self._dial(max(0, self._failover.index), deadline))
         return self.epoch
 
     async def _dial(self, start: int, deadline: float | None) -> ServerLink:
-        """Cycle through the servers from ``start`` with capped backoff between rounds."""
-        index, link = await dial(
-            lambda: self._servers, start, deadline, self._connect_once,
-            connect_timeout=self.connect_timeout, delay=self.reconnect_delay,
-            max_delay=self.reconnect_max_delay, kick=self._kick,
-            check_closed=self._check_open, what=f"vdisk {self.vdisk_id}")
-        self._server_index = index
-        return link
+        return await self._failover.dial(start, deadline, self._connect_once, self._check_open)
 
     def _check_open(self) -> None:
         if self._closed:
             raise ClientClosedError("client closed")
 
     async def _connect_once(self, address: str, timeout: float) -> ServerLink:
-        host, port = parse_address(address)
-        link = ServerLink(self._loop, address, self.max_response_size, self._on_responses,
-                          self._lose)
-        try:
-            async with asyncio.timeout(timeout):
-                if self.tls is not None:
-                    await self._loop.create_connection(
-                        lambda: link, host, port, ssl=self.tls,
-                        server_hostname=self.server_hostname or host)
-                else:
-                    await self._loop.create_connection(lambda: link, host, port)
-                first = self._handshake_sequence()
-                reset = self.reset_first_sequence and not self._handshaken_once
-                cont = self._continue and not self._handshaken_once
-                link.write(ClientConnection.send_handshake(self.vdisk_id, first, reset,
-                                                           self.version, self._token, cont,
-                                                           self.ask_range_ops))
-                response = await asyncio.shield(link.handshake)
-        except BaseException:
-            link.abort()
-            raise
-        if response.status != HandshakeStatus.OK:
-            link.abort()
-            raise handshake_error(response.status, address)
-        if link.lost:
-            raise ConnectionError(f"{address}: connection lost right after the handshake")
+        def handshake() -> bytes:
+            first = self._handshake_sequence()
+            reset = self.reset_first_sequence and not self._handshaken_once
+            cont = self._continue and not self._handshaken_once
+            return ClientConnection.send_handshake(self.vdisk_id, first, reset, self.version,
+                                                   self._token, cont, self.ask_range_ops)
+        link, response = await open_link(
+            address, handshake, timeout, max_response_size=self.max_response_size,
+            on_responses=self._on_responses, on_lost=self._lose, tls=self.tls,
+            server_hostname=self.server_hostname)
         if self._ranges and not response.range_ops:
             link.abort()
             raise ConnectionError(f"{address} does not take range operations, and "
@@ -364,9 +327,7 @@ class TlogClient:
         target = self._force_target
         if target is not None and low is not None and low <= target:
             self._out.append(ClientConnection.send_force_flush(target))
-        pending = [f for f in self._sync_waiters if not f.done()]
-        self._sync_waiters = collections.deque(pending)
-        for _ in pending:
+        for _ in range(self._waiters.pending_syncs()):
             self._out.append(ClientConnection.send_wait_nbd_slave_sync())
         self._write_out()
         log.info("vdisk %s: connected to %s (%d unflushed block(s) sent)", self.vdisk_id,
@@ -392,17 +353,9 @@ class TlogClient:
         try:
             if flush_failed:
                 # A server that keeps failing to flush would otherwise be reconnected to,
-                # and sent the whole buffer, at the pace of its retries: back off until a
-                # FlushOK shows that storing works again.
-                pause, self._flush_failed_delay = self._flush_failed_delay, min(
-                    2 * self._flush_failed_delay, self.reconnect_max_delay)
-                self._kick.clear()
-                try:
-                    async with asyncio.timeout(pause):
-                        await self._kick.wait()
-                except TimeoutError:
-                    pass
-            link = await self._dial(self._server_index + 1, None)
+                # and sent the whole buffer, at the pace of its retries.
+                await self._failover.pause_after_flush_failed()
+            link = await self._dial(self._failover.index + 1, None)
         except ClientClosedError:
             return
         except HandshakeError as exc:
@@ -423,10 +376,8 @@ class TlogClient:
             raise self._reraise()
         frame = encode_block(sequence, index, time.time_ns() if timestamp is None else timestamp,
                              data, operation)
-        if self._space_waiters or not self._buf.room_for(len(frame), self.max_unflushed_bytes):
-            future: asyncio.Future[None] = self._loop.create_future()
-            self._space_waiters.append((sequence, frame, future))
-            await future  # _release puts the frame, in FIFO order
+        if self._waiters.want_room or not self._room_for(len(frame)):
+            await self._waiters.wait_room(sequence, frame)  # _release puts the frame
         else:
             self._put(sequence, frame)
         if self._out_bytes >= WRITE_BATCH:
@@ -471,19 +422,12 @@ class TlogClient:
             if self._link is not None:
                 self._link.writelines(out)
 
+    def _room_for(self, size: int) -> bool:
+        return self._buf.room_for(size, self.max_unflushed_bytes)
+
     def _release(self) -> None:
         """Buffer room came back: admit waiting sends, first come first served."""
-        waiters = self._space_waiters
-        while waiters:
-            sequence, frame, future = waiters[0]
-            if future.done():
-                waiters.popleft()
-                continue
-            if not self._buf.room_for(len(frame), self.max_unflushed_bytes):
-                break
-            waiters.popleft()
-            self._put(sequence, frame)
-            future.set_result(None)
+        self._waiters.admit(self._room_for, self._put)
         for hook in self._release_hooks:
             hook()
 
@@ -518,8 +462,7 @@ class TlogClient:
             return
         if force:
             self.force_flush_at(min(target, self._next - 1))
-        future: asyncio.Future[None] = self._loop.create_future()
-        heapq.heappush(self._flush_waiters, (target, next(self._ids), future))
+        future = self._waiters.wait_flushed(target)
         try:
             await asyncio.wait_for(future, timeout)
         except TimeoutError:
@@ -528,21 +471,12 @@ class TlogClient:
                 f"{timeout} s ({len(self._buf)} unflushed, lowest "
                 f"{self.lowest_unflushed()})") from None
 
-    def _check_flush_waiters(self) -> None:
-        low = self.lowest_unflushed()
-        waiters = self._flush_waiters
-        while waiters and (low is None or waiters[0][0] < low):
-            future = heapq.heappop(waiters)[2]
-            if not future.done():
-                future.set_result(None)
-
     async def wait_nbd_slave_sync(self, timeout: float | None = None) -> None:
         """Send WaitNbdSlaveSync and wait for the server's WaitNbdSlaveSyncReceived: the
         vdisk's standby holds every block the server flushed. Raises `SlaveSyncError` when
         the server says it cannot (no standby, or not in step within its timeout)."""
         self._check_usable()
-        future: asyncio.Future[None] = self._loop.create_future()
-        self._sync_waiters.append(future)
+        future = self._waiters.wait_sync()
         self._command(ClientConnection.send_wait_nbd_slave_sync())
         try:
             await asyncio.wait_for(future, timeout)
@@ -553,21 +487,14 @@ class TlogClient:
     def change_servers(self, servers: Sequence[str]) -> None:
         """Use another server list; leaves the current server if it is not in it."""
         self._check_usable()
-        self._servers = check_servers(servers)
         link = self._link
-        if link is not None:
-            if link.address in self._servers:
-                self._server_index = self._servers.index(link.address)
-            else:
-                self._server_index = -1  # the reconnect starts at the new list's first
-                self._lose(link, "no longer in the server list")
-        else:
-            self._server_index = -1
-        self._kick.set()
+        if self._failover.change(servers, link.address if link is not None else None):
+            assert link is not None
+            self._lose(link, "no longer in the server list")
 
     def responses(self) -> ResponseStream:
         """An async iterator over every response from now on (see `ResponseStream`)."""
-        return ResponseStream(self._subscribers)
+        return self._answers.stream()
 
     async def close(self) -> None:
         """Stop: pending writes go out, the connection closes, waiters get ClientClosedError.
@@ -577,7 +504,7 @@ class TlogClient:
         if self._closed:
             return
         self._closed = True
-        self._kick.set()
+        self._failover.kick.set()
         if self._tick_handle is not None:
             self._tick_handle.cancel()
             self._tick_handle = None
@@ -643,20 +570,8 @@ class TlogClient:
         """No way forward (closed, or refused for good): wake every waiter with ``exc``."""
         if self._error is None:
             self._error = exc
-        for _, _, future in self._space_waiters:
-            if not future.done():
-                future.set_exception(self._reraise())
-        self._space_waiters.clear()
-        for _, _, future in self._flush_waiters:
-            if not future.done():
-                future.set_exception(self._reraise())
-        self._flush_waiters.clear()
-        for future in self._sync_waiters:
-            if not future.done():
-                future.set_exception(self._reraise())
-        self._sync_waiters.clear()
-        for queue in self._subscribers:
-            queue.put_nowait(None)
+        self._waiters.fail(self._reraise)
+        self._answers.end()
         for hook in self._release_hooks:
             hook()
 
@@ -683,46 +598,25 @@ class TlogClient:
                 if self.reconnect_on_flush_failed and link is self._link:
                     self._lose(link, "the server failed to flush", flush_failed=True)
             elif status == SLAVE_SYNC_OK or status == SLAVE_SYNC_FAILED:
-                if link is self._link and self._sync_waiters:
-                    future = self._sync_waiters.popleft()
-                    if future.done():
-                        pass
-                    elif status == SLAVE_SYNC_OK:
-                        future.set_result(None)
-                    else:
-                        future.set_exception(SlaveSyncError(
-                            f"vdisk {self.vdisk_id}: {link.address} cannot sync the standby "
-                            "(no standby, or not in step in time: see its log)"))
+                if link is self._link:
+                    self._waiters.answer_sync(None if status == SLAVE_SYNC_OK else SlaveSyncError(
+                        f"vdisk {self.vdisk_id}: {link.address} cannot sync the standby "
+                        "(no standby, or not in step in time: see its log)"))
         if flushed:
-            self._flush_failed_delay = self.reconnect_delay
+            self._failover.flushed()
             self.flushed_blocks += flushed
-            if self._space_waiters or self._release_hooks:
+            if self._waiters.want_room or self._release_hooks:
                 self._release()
-            if self._flush_waiters:
-                self._check_flush_waiters()
+            if self._waiters.want_flushed:
+                self._waiters.flushed_below(self.lowest_unflushed())
         # The user's side last: the client's own books are right whatever it does.
-        if self._subscribers:
-            for event in responses:
-                for queue in self._subscribers:
-                    queue.put_nowait(event)
-        callback = self._on_response
-        if callback is not None:
-            for status, seqs in responses:
-                try:
-                    callback(status, seqs)
-                except Exception:
-                    self._callback_failed()
+        if self._answers.wanted:
+            self._answers.deliver(responses)
 
-    def _callback_failed(self) -> None:
-        """``on_response`` raised: logged (with its traceback the first time), not
-        propagated, so that one bad callback cannot stop the client's bookkeeping."""
-        self.callback_errors += 1
-        if self.callback_errors == 1:
-            log.exception("vdisk %s: on_response raised (logged once; the client goes on)",
-                          self.vdisk_id)
-        else:
-            log.debug("vdisk %s: on_response raised again (%d times)", self.vdisk_id,
-                      self.callback_errors, exc_info=True)
+    @property
+    def callback_errors(self) -> int:
+        """Times ``on_response`` raised (each logged, not propagated)."""
+        return self._answers.callback_errors
 
     def _tick(self) -> None:
         """The periodic check: resend blocks without RecvOK; give up on a silent server."""
