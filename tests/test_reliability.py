@@ -28,10 +28,10 @@ import tlogserver.flusher as flusher_mod
 from tlog.client import TlogClient
 from tlog.protocol import ClientConnection
 from tlog.protocol.status import BlockStatus, Operation
-from tlog.read.repair import MARKER_PREFIX, parse_marker_value
 from tlog.read.verify import VerifyReport, verify_chain
 from tlog.record.aggregation import Keyring, RecordOpener
 from tlog.storage import any_pool_factory
+from tlog.storage.keys import MARKER_PREFIX, parse_marker_value
 
 from .redis_fixture import RedisFactory, RedisProcess
 from .serverproc import ServerProcess, storage_args, stored_sequences

@@ -26,11 +26,13 @@ from tlog.storage import (
     StoragePool,
     StorageServer,
     any_pool_factory,
+    keys,
     last_hash_key,
     load_storage_config,
     parse_addresses,
     parse_storage_config,
 )
+from tlog.storage.blockstore import block_index, block_key, scan_pattern
 from tlog.storage.resp import BIG_ARG, pack_command_parts, pack_commands
 
 from .redis_fixture import RedisFactory, RedisProcess
@@ -138,6 +140,49 @@ def test_parse_addresses_errors() -> None:
 
 def test_last_hash_key() -> None:
     assert last_hash_key("myimg") == b"last_hash_myimg"
+
+
+def test_the_storage_keys_keep_their_names() -> None:
+    """The names are the storage format: a stored log must be found by the next version."""
+    assert keys.checkpoint_list_key("v") == b"tlog_checkpoints_v"
+    assert keys.pin_list_key("v") == b"tlog_pins_v"
+    assert keys.compaction_key("v") == b"tlog_compact_v"
+    assert keys.compaction_parts_key("v") == b"tlog_compact_parts_v"
+    assert keys.compaction_lock_key("v") == b"tlog_compact_lock_v"
+    assert keys.marker_key("v", bytes(range(32))) == b"tlog_missing_v:" + bytes(range(32)).hex(
+    ).encode()
+    assert keys.marker_value([2, 5]) == b"2,5"
+    assert keys.parse_marker_value(b"2,5,x, 7") == [2, 5, 7]
+    assert keys.standby_position_key(b"vd:") == b"vd:tlog:slave-sync"
+    assert keys.nbd_state_key(b"vd:") == b"vd:tlog:nbd"
+    assert keys.nbd_regions_key(b"vd:") == b"vd:tlog:nbd-regions"
+    assert block_key(b"vd:", 42) == b"vd:42"
+    # the keys beside the blocks are no block's
+    for other in (keys.standby_position_key(b"vd:"), keys.nbd_state_key(b"vd:"),
+                  keys.nbd_regions_key(b"vd:")):
+        assert block_index(b"vd:", other) is None
+
+
+def test_markers_and_block_keys_are_found_by_scan_whatever_the_name(
+        redis_factory: RedisFactory) -> None:
+    """A vdisk id or prefix with glob characters matches itself alone in a SCAN."""
+    (proc,) = redis_factory(1)
+    client = proc.client()
+    vdisk, other = "a*[b]?\\", "a-[b]x\\"
+    key = bytes(range(32))
+    client.set(keys.marker_key(vdisk, key), b"1")
+    client.set(keys.marker_key(other, key), b"1")
+    client.set(keys.marker_key(vdisk, key)[:-2], b"1")  # garbled: no hash
+    found = sorted(client.scan_iter(match=keys.marker_pattern(vdisk)))
+    assert len(found) == 2
+    assert sorted(keys.marker_hash(vdisk, name) for name in found
+                  if keys.marker_hash(vdisk, name)) == [key]
+    assert keys.marker_hash(other, keys.marker_key(vdisk, key)) is None
+    prefix = vdisk.encode()
+    client.set(block_key(prefix, 7), b"x")
+    client.set(block_key(other.encode(), 7), b"x")
+    assert {k for k in client.scan_iter(match=scan_pattern(prefix))
+            if block_index(prefix, k) is not None} == {block_key(prefix, 7)}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -49,7 +49,6 @@ from typing import Protocol
 
 from tlog.protocol.wire import BlockFields
 from tlog.read.fetch import DecodeError, fetch_record
-from tlog.read.repair import marker_key, marker_value
 from tlog.record.aggregation import (
     SEAL_STEP,
     RecordError,
@@ -68,6 +67,7 @@ from tlog.storage import (
     Value,
     last_hash_key,
 )
+from tlog.storage.keys import marker_key, marker_value
 
 from .logs import ContextLogger
 from .stats import ServerStats

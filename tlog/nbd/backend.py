@@ -18,7 +18,9 @@ import redis
 from redis.backoff import ConstantBackoff
 from redis.retry import Retry
 
-from tlog.blockstore import (
+from tlog.holes import punch_hole
+from tlog.storage import ServerAddress
+from tlog.storage.blockstore import (
     DELETE_BATCH,
     RANGE_KEYS_MAX,
     batches,
@@ -26,8 +28,7 @@ from tlog.blockstore import (
     in_range,
     scan_pattern,
 )
-from tlog.holes import punch_hole
-from tlog.storage import ServerAddress, nbd_state_key
+from tlog.storage.keys import nbd_state_key
 
 from .intent import FileIntentLog, IntentLog, RedisIntentLog
 

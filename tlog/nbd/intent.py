@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 import redis
 
 from tlog.holes import punch_hole
-from tlog.storage import nbd_regions_key, nbd_state_key
+from tlog.storage.keys import nbd_regions_key, nbd_state_key
 
 if TYPE_CHECKING:
     import numpy as np

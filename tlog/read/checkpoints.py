@@ -15,7 +15,8 @@ import datetime
 import logging
 from dataclasses import dataclass
 
-from tlog.storage import StorageError, StoragePool, checkpoint_list_key
+from tlog.storage import StorageError, StoragePool
+from tlog.storage.keys import checkpoint_list_key
 
 from .fetch import DecodeError, PieceReader
 from .limiter import Limiter

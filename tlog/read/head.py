@@ -12,7 +12,8 @@ from tlog.record.aggregation import (
     RecordOpener,
 )
 from tlog.record.erasure import ErasureCoder
-from tlog.storage import StorageError, StoragePool, last_hash_key
+from tlog.storage import StorageError, StoragePool
+from tlog.storage.keys import last_hash_key
 
 from .fetch import DecodeError, Fetched, PieceReader, TooFewPieces, open_fetched
 

@@ -24,7 +24,13 @@ import redis.asyncio
 from redis.asyncio.retry import Retry
 from redis.backoff import ConstantBackoff
 
-from tlog.blockstore import (
+from tlog.holes import can_punch, punch_hole
+from tlog.protocol.ranges import RangeError, range_count
+from tlog.protocol.status import Operation
+from tlog.protocol.wire import Block, Buffer
+from tlog.record.aggregation import RecordOpener
+from tlog.storage import ServerAddress, StoragePool
+from tlog.storage.blockstore import (
     DELETE_BATCH,
     RANGE_KEYS_MAX,
     batches,
@@ -33,12 +39,6 @@ from tlog.blockstore import (
     in_range,
     scan_pattern,
 )
-from tlog.holes import can_punch, punch_hole
-from tlog.protocol.ranges import RangeError, range_count
-from tlog.protocol.status import Operation
-from tlog.protocol.wire import Block, Buffer
-from tlog.record.aggregation import RecordOpener
-from tlog.storage import ServerAddress, StoragePool
 
 from .chain import ChainReader
 from .checkpoints import CheckpointRef

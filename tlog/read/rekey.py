@@ -36,7 +36,8 @@ from dataclasses import dataclass, field
 
 from tlog.record.aggregation import Aggregation, Keyring, RecordOpener, V2Writer
 from tlog.record.erasure import ErasureCoder
-from tlog.storage import LAST_HASH_KEEP, StorageError, StoragePool, last_hash_key
+from tlog.storage import StorageError, StoragePool
+from tlog.storage.keys import LAST_HASH_KEEP, last_hash_key
 
 from .chain import ChainReader
 from .head import NoLog

@@ -15,14 +15,14 @@ between two writes) are found by scanning the chain. A marker is deleted once ev
 of its aggregation is in place.
 
 Markers are found with ``SCAN`` on each Redis server (no index key to keep consistent);
-the pieces are read and written through the storage pool like everything else.
+the pieces are read and written through the storage pool like everything else. The marker's
+key and value are laid out in `tlog.storage.keys`, which tlogserver's flusher writes them by.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import redis.asyncio
@@ -31,12 +31,13 @@ from redis.backoff import NoBackoff
 
 from tlog.record.aggregation import RecordOpener, record_hash
 from tlog.record.erasure import ErasureCoder, ErasureError
-from tlog.storage import (
+from tlog.storage import RedisStorageServer, StorageError, StoragePool
+from tlog.storage.keys import (
     LAST_HASH_KEEP,
-    RedisStorageServer,
-    StorageError,
-    StoragePool,
     last_hash_key,
+    marker_hash,
+    marker_key,
+    marker_pattern,
 )
 
 from .chain import ChainReader
@@ -44,46 +45,10 @@ from .fetch import DecodeError
 
 log = logging.getLogger(__name__)
 
-__all__ = [
-    "MARKER_PREFIX",
-    "RepairReport",
-    "find_markers",
-    "marker_key",
-    "marker_value",
-    "parse_marker_value",
-    "repair_vdisk",
-]
+__all__ = ["RepairReport", "find_markers", "repair_vdisk"]
 
-MARKER_PREFIX = b"tlog_missing_"
 #: Aggregations read and written together (one MGET / MSET per server).
 BATCH = 64
-_GLOB_SPECIAL = b"*?[]\\"
-
-
-def marker_key(vdisk_id: str, key: bytes) -> bytes:
-    """The marker that says aggregation ``key`` of ``vdisk_id`` misses pieces."""
-    return MARKER_PREFIX + vdisk_id.encode() + b":" + key.hex().encode()
-
-
-def marker_value(indexes: Sequence[int]) -> bytes:
-    """The servers that missed the aggregation: ``b"2,5"``."""
-    return ",".join(str(i) for i in indexes).encode()
-
-
-def parse_marker_value(value: bytes) -> list[int]:
-    """The server indexes of a marker value; unreadable parts are skipped."""
-    return [int(part) for part in value.split(b",") if part.strip().isdigit()]
-
-
-def _marker_hash(vdisk_id: str, name: bytes) -> bytes | None:
-    prefix = MARKER_PREFIX + vdisk_id.encode() + b":"
-    if not name.startswith(prefix):
-        return None
-    try:
-        key = bytes.fromhex(name[len(prefix):].decode("ascii"))
-    except (UnicodeDecodeError, ValueError):
-        return None
-    return key if len(key) == 32 else None
 
 
 def _client(server: RedisStorageServer, timeout: float = 10.0) -> redis.asyncio.Redis:
@@ -94,15 +59,11 @@ def _client(server: RedisStorageServer, timeout: float = 10.0) -> redis.asyncio.
                                retry=Retry(NoBackoff(), 0))
 
 
-def _glob_escape(text: bytes) -> bytes:
-    return b"".join(b"\\" + bytes((c,)) if c in _GLOB_SPECIAL else bytes((c,)) for c in text)
-
-
 async def find_markers(pool: StoragePool, vdisk_id: str) -> tuple[dict[bytes, set[int]],
                                                                    list[int]]:
     """The aggregations the markers name (hash -> servers holding a marker for it), and the
     servers that could not be searched (down, or not Redis)."""
-    pattern = _glob_escape(MARKER_PREFIX + vdisk_id.encode() + b":") + b"*"
+    pattern = marker_pattern(vdisk_id)
     found: dict[bytes, set[int]] = {}
     unsearched: list[int] = []
 
@@ -125,7 +86,7 @@ async def find_markers(pool: StoragePool, vdisk_id: str) -> tuple[dict[bytes, se
             unsearched.append(index)
             continue
         for name in names:
-            key = _marker_hash(vdisk_id, name)
+            key = marker_hash(vdisk_id, name)
             if key is not None:
                 found.setdefault(key, set()).add(index)
     return found, unsearched

@@ -17,21 +17,21 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
-from tlog.blockstore import (
+from tlog.protocol.ranges import RangeError, range_count
+from tlog.protocol.status import Operation
+from tlog.protocol.wire import Block
+from tlog.record.aggregation import ZERO_HASH
+from tlog.storage import RedisStorageServer, ServerAddress
+from tlog.storage.address import StorageConfigError
+from tlog.storage.blockstore import (
     RANGE_KEYS_MAX,
     block_index,
     block_key,
     keys_in_range,
     scan_pattern,
 )
-from tlog.protocol.ranges import RangeError, range_count
-from tlog.protocol.status import Operation
-from tlog.protocol.wire import Block
-from tlog.record.aggregation import ZERO_HASH
-from tlog.storage import RedisStorageServer, ServerAddress, nbd_state_key
-from tlog.storage.address import StorageConfigError
+from tlog.storage.keys import nbd_state_key, standby_position_key
 
-STATE_SUFFIX = b"tlog:slave-sync"
 #: Keys deleted per DEL while clearing a standby.
 _CLEAR_BATCH = 1000
 #: Blocks and position at once, if the position is still ARGV[1] ('' for none): MSET the
@@ -189,7 +189,7 @@ class StandbyStore:
         self.target = target
         self.block_size = block_size
         self.prefix = target.prefix.encode()
-        self.state_key = self.prefix + STATE_SUFFIX
+        self.state_key = standby_position_key(self.prefix)
         self._server = RedisStorageServer(target.address, socket_timeout=timeout)
         #: The position value as this store last read or wrote it (b"": none; None: not
         #: known), which the next write compares against.

@@ -44,7 +44,6 @@ from tlog.read.checkpoints import (
 )
 from tlog.read.fetch import DecodeError, PieceReader
 from tlog.read.links import ChainLink
-from tlog.read.repair import marker_key
 from tlog.record.aggregation import (
     SEAL_STEP,
     ZERO_HASH,
@@ -53,13 +52,12 @@ from tlog.record.aggregation import (
 )
 from tlog.record.erasure import ErasureCoder
 from tlog.record.steps import run_stepped
-from tlog.storage import (
-    StorageError,
-    StoragePool,
-    StorageServer,
+from tlog.storage import StorageError, StoragePool, StorageServer
+from tlog.storage.keys import (
     checkpoint_list_key,
     compaction_key,
     compaction_parts_key,
+    marker_key,
 )
 
 from .build import BuildError, build_checkpoint

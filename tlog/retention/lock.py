@@ -18,7 +18,8 @@ import socket
 import time
 import uuid
 
-from tlog.storage import StorageError, StoragePool, compaction_lock_key
+from tlog.storage import StorageError, StoragePool
+from tlog.storage.keys import compaction_lock_key
 
 log = logging.getLogger(__name__)
 

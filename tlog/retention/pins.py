@@ -14,7 +14,8 @@ import re
 import time
 from dataclasses import asdict, dataclass
 
-from tlog.storage import StorageError, StoragePool, pin_list_key
+from tlog.storage import StorageError, StoragePool
+from tlog.storage.keys import pin_list_key
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}$")
 

@@ -24,7 +24,8 @@ from tlog.read.fetch import MAX_HEADER_RUN, PieceReader, piece_header
 from tlog.read.head import find_head
 from tlog.record.aggregation import ZERO_HASH, RecordOpener
 from tlog.record.erasure import ErasureCoder
-from tlog.storage import StorageError, StoragePool, compaction_key
+from tlog.storage import StorageError, StoragePool
+from tlog.storage.keys import compaction_key
 
 
 @dataclass

@@ -1,13 +1,28 @@
 """The storage pool: the k data + m parity Redis-protocol servers that hold a vdisk's log.
 
+- `tlog.storage.keys`: every key name tlog gives the storage (and the marker values).
+- `tlog.storage.blockstore`: the ``<prefix><index>`` keys of a Redis block store, and
+  deleting a range of blocks.
 - `tlog.storage.address`: server addresses, URLs, credentials and TLS settings.
-- `tlog.storage.resp`: RESP packing and the blocking connection of bulk reads.
+- `tlog.storage.resp`, `tlog.storage.link`: RESP packing, the blocking connection of bulk
+  reads, the pipelined connection of the async servers.
 - `tlog.storage.server`: one storage server, Redis (pipelined) or in memory.
 - `tlog.storage.pool`: a vdisk's pool of servers, and the factories that pick it.
 - `tlog.storage.storagemap`: the YAML map of vdisks to storage clusters.
 """
 
 from .address import ServerAddress, StorageConfigError, parse_addresses
+from .keys import (
+    LAST_HASH_KEEP,
+    checkpoint_list_key,
+    compaction_key,
+    compaction_lock_key,
+    compaction_parts_key,
+    last_hash_key,
+    nbd_regions_key,
+    nbd_state_key,
+    pin_list_key,
+)
 from .pool import (
     ClusterPoolFactory,
     MemoryPoolFactory,
@@ -17,7 +32,6 @@ from .pool import (
     any_pool_factory,
 )
 from .server import (
-    LAST_HASH_KEEP,
     HeadMoved,
     MemoryStorageServer,
     RedisStorageServer,
@@ -26,14 +40,6 @@ from .server import (
     StorageError,
     StorageServer,
     Value,
-    checkpoint_list_key,
-    compaction_key,
-    compaction_lock_key,
-    compaction_parts_key,
-    last_hash_key,
-    nbd_regions_key,
-    nbd_state_key,
-    pin_list_key,
 )
 from .storagemap import (
     VDISK_ACCESS_KEYS,

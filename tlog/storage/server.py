@@ -4,7 +4,7 @@ pieces, run the walk script), over a pipelined Redis connection or in memory.
 Piece ``i`` of an aggregation is stored on server ``i`` under the aggregation's 32-byte
 hash, and every server keeps the list ``last_hash_<vdiskID>`` of the newest hashes (LPUSH,
 trimmed to `LAST_HASH_KEEP`), so a reader finds the head of the chain on any server that
-survived."""
+survived (the key names: `tlog.storage.keys`)."""
 
 from __future__ import annotations
 
@@ -19,12 +19,9 @@ from collections.abc import Sequence
 from typing import Any
 
 from .address import ServerAddress
+from .keys import LAST_HASH_KEEP
 from .link import LinkError, ReplyError, RespLink, open_link
 from .resp import pack_command_parts
-
-#: How many hashes each server keeps in ``last_hash_<vdiskID>`` (the reference trims to 0..5).
-LAST_HASH_KEEP = 6
-
 
 log = logging.getLogger(__name__)
 
@@ -63,46 +60,6 @@ end
 return 'OK'
 """
 _CAS_SHA = hashlib.sha1(_CAS_SCRIPT).hexdigest().encode()
-
-
-def last_hash_key(vdisk_id: str) -> bytes:
-    """The key of the list of a vdisk's newest aggregation hashes (one per server)."""
-    return b"last_hash_" + vdisk_id.encode()
-
-
-def checkpoint_list_key(vdisk_id: str) -> bytes:
-    """The key of the list of a vdisk's checkpoints (the hash of each one's last part)."""
-    return b"tlog_checkpoints_" + vdisk_id.encode()
-
-
-def pin_list_key(vdisk_id: str) -> bytes:
-    """The key of the list of a vdisk's named restore points (JSON values)."""
-    return b"tlog_pins_" + vdisk_id.encode()
-
-
-def compaction_key(vdisk_id: str) -> bytes:
-    """The key of a compaction's journal (JSON), present while one is unfinished."""
-    return b"tlog_compact_" + vdisk_id.encode()
-
-
-def compaction_parts_key(vdisk_id: str) -> bytes:
-    """The list of the checkpoint parts an unfinished compaction may have stored."""
-    return b"tlog_compact_parts_" + vdisk_id.encode()
-
-
-def nbd_state_key(prefix: bytes) -> bytes:
-    """The state of a served block store (`tlog.nbd.intent`), beside its blocks."""
-    return prefix + b"tlog:nbd"
-
-
-def nbd_regions_key(prefix: bytes) -> bytes:
-    """The regions marked in a served block store's intent log (`tlog.nbd.intent`)."""
-    return prefix + b"tlog:nbd-regions"
-
-
-def compaction_lock_key(vdisk_id: str) -> bytes:
-    """The lease held by the one compaction of a vdisk that may run."""
-    return b"tlog_compact_lock_" + vdisk_id.encode()
 
 
 def _ms(seconds: float) -> int:

@@ -1,12 +1,14 @@
 """The layout of a Redis block store (`tlog restore --output-redis`, the standby slave sync
 keeps, the `tlog nbd` redis backend): one key per block, ``<prefix><index>`` with the index
 in decimal, holding the block's bytes; no key for a block never written or deleted. Other
-keys under the prefix (the standby's position, an export's state) never end in a decimal
-index. One place for the layout, and for deleting a range of blocks."""
+keys under the prefix (the standby's position, an export's state: `tlog.storage.keys`) never
+end in a decimal index. One place for the layout, and for deleting a range of blocks."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+
+from .keys import glob_escape
 
 #: A range of up to this many blocks is deleted by naming its keys; a larger one by looking
 #: at the keys the store holds under the prefix (SCAN): a trim of a whole device must cost
@@ -17,24 +19,24 @@ DELETE_BATCH = 1024
 
 
 def block_key(prefix: bytes, index: int) -> bytes:
+    """The key of block ``index``."""
     return b"%s%d" % (prefix, index)
 
 
 def block_keys(prefix: bytes, first: int, count: int) -> list[bytes]:
+    """The keys of blocks ``[first, first + count)``."""
     return [b"%s%d" % (prefix, i) for i in range(first, first + count)]
 
 
 def batches(keys: list[bytes], size: int = DELETE_BATCH) -> Iterable[list[bytes]]:
+    """``keys`` in lists of at most ``size`` (one DEL each)."""
     for at in range(0, len(keys), size):
         yield keys[at:at + size]
 
 
 def scan_pattern(prefix: bytes) -> bytes:
     """The SCAN MATCH pattern of every key under ``prefix`` (its glob characters escaped)."""
-    escaped = prefix.replace(b"\\", b"\\\\")
-    for char in (b"*", b"?", b"["):
-        escaped = escaped.replace(char, b"\\" + char)
-    return escaped + b"*"
+    return glob_escape(prefix) + b"*"
 
 
 def block_index(prefix: bytes, key: bytes) -> int | None:
