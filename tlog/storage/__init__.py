@@ -6,7 +6,8 @@
 - `tlog.storage.address`: server addresses, URLs, credentials and TLS settings.
 - `tlog.storage.resp`, `tlog.storage.link`: RESP packing, the blocking connection of bulk
   reads, the pipelined connection of the async servers.
-- `tlog.storage.server`: one storage server, Redis (pipelined) or in memory.
+- `tlog.storage.server`: what one storage server does (the interface) and its errors;
+  `tlog.storage.redisserver` (pipelined Redis) and `tlog.storage.memoryserver` (in memory).
 - `tlog.storage.pool`: a vdisk's pool of servers, and the factories that pick it.
 - `tlog.storage.storagemap`: the YAML map of vdisks to storage clusters.
 """
@@ -23,6 +24,7 @@ from .keys import (
     nbd_state_key,
     pin_list_key,
 )
+from .memoryserver import MemoryStorageServer
 from .pool import (
     ClusterPoolFactory,
     MemoryPoolFactory,
@@ -31,10 +33,9 @@ from .pool import (
     StoragePoolFactory,
     any_pool_factory,
 )
+from .redisserver import RedisStorageServer
 from .server import (
     HeadMoved,
-    MemoryStorageServer,
-    RedisStorageServer,
     ScriptMissing,
     ScriptRefused,
     StorageError,

@@ -16,7 +16,9 @@ from .address import (
     parse_addresses,
     split_items,
 )
-from .server import MemoryStorageServer, RedisStorageServer, StorageError, StorageServer
+from .memoryserver import MemoryStorageServer
+from .redisserver import RedisStorageServer
+from .server import StorageError, StorageServer
 from .storagemap import StorageConfig, load_storage_config
 
 
