@@ -13,7 +13,6 @@ import pytest
 
 from tlog.protocol import block_hash, wire
 from tlog.protocol.wire import Block
-from tlog.read.fetch import fetch_record
 from tlog.record.aggregation import (
     NONCE_SIZE,
     SEAL_STEP,
@@ -30,6 +29,7 @@ from tlog.record.aggregation import (
 )
 from tlog.record.crypto import VdiskCipher
 from tlog.record.erasure import ErasureCoder
+from tlog.record.pieces import fetch_record
 from tlog.record.steps import OFFLOAD_BYTES, Steps, Work, off_loop, run_now, run_stepped
 from tlog.storage import RedisStorageServer, ServerAddress, StoragePool
 

@@ -19,7 +19,6 @@ import pytest
 from tlog.protocol import block_hash
 from tlog.protocol.wire import Block
 from tlog.read.chain import ChainReader, aggregations
-from tlog.read.fetch import DecodeError, fetch_record
 from tlog.read.head import find_last
 from tlog.read.limiter import Limiter, SequenceSet
 from tlog.read.verify import verify_chain
@@ -33,6 +32,7 @@ from tlog.record.aggregation import (
 )
 from tlog.record.crypto import LegacyCipher
 from tlog.record.erasure import ErasureCoder
+from tlog.record.pieces import DecodeError, fetch_record
 from tlog.storage import RedisStorageServer, ServerAddress, StoragePool, last_hash_key
 
 from .redis_fixture import RedisProcess

@@ -18,6 +18,16 @@ MAX_LINES = 650
 #: ...unless it is one concern, said here, within a looser bound.
 ONE_CONCERN: dict[str, str] = {}
 ONE_CONCERN_MAX_LINES = 750
+#: The layers, bottom first: a module imports from its own layer or those below, never above.
+LAYERS = (
+    ("tlog.units", "tlog.holes", "tlog.allocator", "tlog.configsource"),
+    ("tlog.protocol", "tlog.storage"),
+    ("tlog.record", "tlog.client"),
+    ("tlog.read", "tlog.retention", "tlog.nbd"),
+    ("tlog.cli", "tlogserver"),
+)
+#: The daemon's write path: a block from the socket to the storage, and its answers.
+WRITE_PATH = ("tlogserver.connection", "tlogserver.vdisk", "tlogserver.flusher")
 
 
 def _modules() -> dict[str, Path]:
@@ -141,6 +151,36 @@ def test_modules_stay_readable_in_size() -> None:
     sizes = {m: len(p.read_text().splitlines()) for m, p in MODULES.items()}
     limits = {m: ONE_CONCERN_MAX_LINES if m in ONE_CONCERN else MAX_LINES for m in MODULES}
     assert {m: n for m, n in sizes.items() if n > limits[m]} == {}
+
+
+def _layer(module: str) -> int | None:
+    """The layer of ``module``; None for the root package ``tlog`` (its names load lazily)."""
+    for level, packages in enumerate(LAYERS):
+        if any(module == p or module.startswith(p + ".") for p in packages):
+            return level
+    return None
+
+
+def test_the_layers_import_only_downwards() -> None:
+    """Storage and protocol at the bottom, record and client above, read, retention and nbd
+    above those, the cli and the daemon on top."""
+    assert [m for m in MODULES if m != "tlog" and _layer(m) is None] == []
+    offenders = []
+    for module, targets in _graph().items():
+        for target in sorted(targets):
+            low, high = _layer(module), _layer(target)
+            if low is not None and high is not None and high > low:
+                offenders.append(f"{module} imports {target}")
+    assert offenders == []
+
+
+def test_the_daemons_write_path_imports_nothing_from_the_read_side() -> None:
+    """A block on its way to the storage needs nothing of reading a log back: the storage
+    layout is `tlog.storage.keys`', a record read back `tlog.record.pieces`'."""
+    offenders = [f"{module} imports {target}" for module in WRITE_PATH
+                 for target, _ in _imports(module)
+                 if target == "tlog.read" or target.startswith("tlog.read.")]
+    assert offenders == []
 
 
 def test_the_checker_sees_circles() -> None:

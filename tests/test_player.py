@@ -13,7 +13,6 @@ import pytest
 from tlog.protocol import block_hash
 from tlog.protocol.wire import Block
 from tlog.read.chain import ChainReader
-from tlog.read.fetch import DecodeError
 from tlog.read.limiter import Limiter
 from tlog.read.player import (
     BlockStorage,
@@ -23,6 +22,7 @@ from tlog.read.player import (
     RedisBlockStorage,
     restore,
 )
+from tlog.record.pieces import DecodeError
 from tlog.storage import ServerAddress
 
 from .redis_fixture import RedisFactory, RedisProcess

@@ -16,10 +16,11 @@ import redis
 from tlog.protocol import block_hash, wire
 from tlog.protocol.wire import Block
 from tlog.read.chain import ChainReader
-from tlog.read.fetch import FIRST_HEADER_RUN, DecodeError
+from tlog.read.fetch import FIRST_HEADER_RUN
 from tlog.read.limiter import Limiter, SequenceSet
 from tlog.read.player import _MAX_IOV, FileBlockStorage
 from tlog.record.aggregation import LegacyWriter
+from tlog.record.pieces import DecodeError
 from tlog.storage import RedisStorageServer, ServerAddress, StoragePool
 
 from .redis_fixture import RedisFactory, RedisProcess

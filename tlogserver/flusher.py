@@ -48,7 +48,6 @@ from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from tlog.protocol.wire import BlockFields
-from tlog.read.fetch import DecodeError, fetch_record
 from tlog.record.aggregation import (
     SEAL_STEP,
     RecordError,
@@ -57,6 +56,7 @@ from tlog.record.aggregation import (
     parse_v2_header,
 )
 from tlog.record.erasure import ErasureCoder
+from tlog.record.pieces import DecodeError, fetch_record
 from tlog.record.steps import Steps, run_stepped
 from tlog.storage import (
     HeadMoved,

@@ -19,8 +19,8 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-from tlog.read.fetch import DecodeError
 from tlog.record.aggregation import RecordOpener, V2Writer
+from tlog.record.pieces import DecodeError
 from tlog.retention import (
     CompactionError,
     CompactionSummary,

@@ -16,11 +16,12 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from tlog.read.fetch import DecodeError
 from tlog.read.head import find_last_and_heads
-from tlog.read.resends import StoredWrites, stored_writes
+from tlog.read.resends import stored_writes
 from tlog.record.aggregation import Keyring, LegacyWriter, RecordOpener, V2Writer
 from tlog.record.crypto import LegacyCipher
+from tlog.record.identity import StoredWrites
+from tlog.record.pieces import DecodeError
 from tlog.storage import (
     ClusterPoolFactory,
     StorageConfigError,

@@ -31,10 +31,10 @@ from dataclasses import dataclass, replace
 from tlog.protocol.wire import Block
 from tlog.read.chain import ChainReader
 from tlog.read.checkpoints import RetentionError
-from tlog.read.fetch import DecodeError
 from tlog.read.limiter import Limiter
 from tlog.read.standby import StandbyError, StandbyStore, SyncPosition, new_blocks
 from tlog.record.aggregation import ZERO_HASH, RecordOpener
+from tlog.record.pieces import DecodeError
 from tlog.storage import StorageError, StoragePool, StoragePoolFactory
 
 from .config import ServerConfig

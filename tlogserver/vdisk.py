@@ -36,8 +36,7 @@ from typing import Protocol
 from tlog.protocol import Block, wire
 from tlog.protocol.ranges import DELETE_RANGE, RangeError, range_count
 from tlog.protocol.status import BlockStatus, HandshakeStatus
-from tlog.read.fetch import write_identity
-from tlog.read.resends import StoredWrites
+from tlog.record.identity import StoredWrites, write_identity
 
 from .config import ServerConfig
 from .flusher import Batch, Flusher

@@ -7,9 +7,9 @@ from typing import Any
 
 import click
 
-from tlog.read.fetch import DecodeError
 from tlog.read.head import NoLog
 from tlog.record.aggregation import V2Writer
+from tlog.record.pieces import DecodeError
 from tlog.retention import CompactionError, Compactor, RetentionPolicy, parse_duration, parse_size
 
 from .options import fail_with, read_options, read_setup, run_async

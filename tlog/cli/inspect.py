@@ -8,9 +8,9 @@ from typing import Any
 import click
 
 from tlog.read.chain import ChainReader
-from tlog.read.fetch import DecodeError
 from tlog.read.head import NoLog
 from tlog.record.aggregation import describe
+from tlog.record.pieces import DecodeError
 
 from .options import fail_with, read_options, read_setup, run_async
 

@@ -9,9 +9,9 @@ import click
 
 from tlog.read.chain import ChainReader
 from tlog.read.checkpoints import RetentionError, describe_time
-from tlog.read.fetch import DecodeError
 from tlog.read.head import NoLog
 from tlog.read.limiter import Limiter
+from tlog.record.pieces import DecodeError
 from tlog.retention import Pin, PinError, add_pin, read_pins, remove_pin
 from tlog.retention.lock import CompactionBusy, CompactionLock
 

@@ -7,8 +7,8 @@ from typing import Any
 
 import click
 
-from tlog.read.fetch import DecodeError
 from tlog.read.rekey import RekeyError, rekey_vdisk
+from tlog.record.pieces import DecodeError
 
 from .options import EXIT_FAILED, read_options, read_setup
 

@@ -15,7 +15,6 @@ from tlog.allocator import tune_allocator
 from tlog.nbd.backend import default_state_path
 from tlog.nbd.intent import FileIntentLog, IntentError, IntentLog, RedisIntentLog, record_agreement
 from tlog.read.chain import ChainReader
-from tlog.read.fetch import DecodeError
 from tlog.read.head import NoLog
 from tlog.read.limiter import Limiter
 from tlog.read.links import ChainItem
@@ -28,6 +27,7 @@ from tlog.read.player import (
     PlayResult,
     RedisBlockStorage,
 )
+from tlog.record.pieces import DecodeError
 from tlog.retention import PinError, read_pins
 from tlog.storage import (
     ServerAddress,

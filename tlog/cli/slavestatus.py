@@ -8,7 +8,6 @@ from typing import Any
 
 import click
 
-from tlog.read.fetch import DecodeError
 from tlog.read.head import find_last
 from tlog.read.standby import (
     StandbyError,
@@ -17,6 +16,7 @@ from tlog.read.standby import (
     default_prefix,
     parse_slave_targets,
 )
+from tlog.record.pieces import DecodeError
 from tlog.storage import ServerAddress, StorageConfigError, StorageError
 
 from .options import fail_with, read_options, read_setup, run_async

@@ -1,27 +1,22 @@
 """Reading a vdisk's log back: walk the chain, check every record, replay it.
 
 - `tlog.read.head`: where the chain ends (the servers' last-hash lists).
-- `tlog.read.fetch`: one record's pieces, rebuilt from parity if need be, hash-checked,
-  opened.
+- `tlog.read.fetch`: one record opened (its pieces read back by `tlog.record.pieces`).
 - `tlog.read.chain`: `ChainReader`, the walk back and the checked replay forward
   (`tlog.read.links` holds what they pass around, `tlog.read.limiter` the bounds).
 - `tlog.read.bulkread`: worker processes that open records in parallel for big reads.
 - `tlog.read.player`: replaying into an image file or a Redis block store (`restore`).
 - `tlog.read.checkpoints`: the checkpoints a compaction left, where a replay may start.
-- `tlog.read.resends`: what stored sequences wrote, to tell a client's resends from new
-  writes.
+- `tlog.read.resends`: what stored sequences wrote (`tlog.record.identity`), to tell a
+  client's resends from new writes.
 - `tlog.read.verify`, `tlog.read.repair`, `tlog.read.rekey`: checking a chain, rewriting
   missing pieces, re-sealing a chain under a new key.
 """
 
+from tlog.record.pieces import DecodeError, Fetched, fetch_record
+
 from .chain import ChainReader, aggregations
-from .fetch import (
-    DecodeError,
-    Fetched,
-    fetch_record,
-    read_aggregation,
-    write_identity,
-)
+from .fetch import read_aggregation
 from .head import find_last
 from .limiter import Limiter, SequenceSet
 from .links import ChainItem, ChainLink
@@ -35,13 +30,12 @@ from .player import (
     RedisBlockStorage,
     restore,
 )
-from .resends import StoredWrites, stored_writes
+from .resends import stored_writes
 from .verify import Problem, VerifyReport, verify_chain
 
 __all__ = [
     "DEFAULT_BLOCK_SIZE", "BlockStorage", "ChainItem", "ChainLink", "ChainReader", "DecodeError",
     "Fetched", "FileBlockStorage", "Limiter", "PlayResult", "Player", "PlayerError", "Problem",
-    "RedisBlockStorage", "SequenceSet", "StoredWrites", "VerifyReport", "aggregations",
+    "RedisBlockStorage", "SequenceSet", "VerifyReport", "aggregations",
     "fetch_record", "find_last", "read_aggregation", "restore", "stored_writes", "verify_chain",
-    "write_identity",
 ]

@@ -11,7 +11,7 @@ entered at its head:
    limiter says older ones cannot matter. A v2 record's plaintext header holds ``prev``
    and the sequence range, so for v2 this pass reads piece 0's header alone and decrypts
    nothing; storage server 0 follows the chain itself for up to `MAX_HEADER_RUN` records
-   per round trip (`_WALK_SCRIPT`), the walk asks piece by piece where it cannot. Such a
+   per round trip (`PieceReader.header_run`), the walk asks piece by piece where it cannot. Such a
    header is only believed for the walk: one that leads to no stored record, or
    that the walk would stop on, is read whole and hash-checked first. A legacy record
    must be fetched whole (hash = key) and decrypted to learn its ``prev``. What was read
@@ -25,7 +25,7 @@ entered at its head:
    applies the previous aggregation); then select the blocks a limiter lets through,
    skipping sequences already replayed.
 
-Pieces (`tlog.read.fetch`) and limiters (`tlog.read.limiter`) are described where they are
+Pieces (`tlog.record.pieces`) and limiters (`tlog.read.limiter`) are described where they are
 implemented; checkpoints in `tlog.read.checkpoints`.
 
 Duplicates and epochs: a server that crashes after storing an aggregation but before the
@@ -35,7 +35,8 @@ after newer writes would undo them, so within an epoch a sequence is replayed on
 first occurrence in chain order. A client that numbers again from 0 gets a new epoch from
 the server, and a later epoch's blocks are replayed over everything before them (see
 docs/durability.md). Verification of re-flushed copies and reused sequences is in
-`tlog.read.verify`; fetching records in `tlog.read.fetch`, the head in `tlog.read.head`.
+`tlog.read.verify`; fetching records in `tlog.record.pieces` and `tlog.read.fetch`, the
+head in `tlog.read.head`.
 """
 
 from __future__ import annotations
@@ -62,6 +63,7 @@ from tlog.record.aggregation import (
     record_hash,
 )
 from tlog.record.erasure import ErasureCoder, ErasureError
+from tlog.record.pieces import DecodeError, Fetched, PieceReader, piece_header
 from tlog.storage import StoragePool
 
 from .bulkread import WorkerPool, usable_addresses
@@ -77,12 +79,8 @@ from .fetch import (
     HEADER_STEP,
     MAX_HEADER_RUN,
     SCRIPT_MISSES,
-    DecodeError,
-    Fetched,
-    PieceReader,
     open_checked,
     open_fetched,
-    piece_header,
 )
 from .head import Head, find_head
 from .limiter import Limiter, Replayed, SequenceSet

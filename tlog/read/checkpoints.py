@@ -15,10 +15,10 @@ import datetime
 import logging
 from dataclasses import dataclass
 
+from tlog.record.pieces import DecodeError, PieceReader
 from tlog.storage import StorageError, StoragePool
 from tlog.storage.keys import checkpoint_list_key
 
-from .fetch import DecodeError, PieceReader
 from .limiter import Limiter
 from .links import ChainLink
 

@@ -12,10 +12,11 @@ from tlog.record.aggregation import (
     RecordOpener,
 )
 from tlog.record.erasure import ErasureCoder
+from tlog.record.pieces import DecodeError, Fetched, PieceReader, TooFewPieces
 from tlog.storage import StorageError, StoragePool
 from tlog.storage.keys import last_hash_key
 
-from .fetch import DecodeError, Fetched, PieceReader, TooFewPieces, open_fetched
+from .fetch import open_fetched
 
 log = logging.getLogger(__name__)
 

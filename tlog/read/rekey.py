@@ -121,7 +121,7 @@ async def rekey_vdisk(pool: StoragePool, vdisk_id: str, opener: RecordOpener, ne
 
     ``opener`` must hold every key the chain was sealed with (and the legacy key and nonce
     if it holds 0-Disk records, which become v2 records). Raises `RekeyError` or
-    `tlog.read.fetch.DecodeError`.
+    `tlog.record.pieces.DecodeError`.
     """
     started = time.perf_counter()
     writer = V2Writer(new_key, vdisk_id)

@@ -31,6 +31,7 @@ from redis.backoff import NoBackoff
 
 from tlog.record.aggregation import RecordOpener, record_hash
 from tlog.record.erasure import ErasureCoder, ErasureError
+from tlog.record.pieces import DecodeError
 from tlog.storage import RedisStorageServer, StorageError, StoragePool
 from tlog.storage.keys import (
     LAST_HASH_KEEP,
@@ -41,7 +42,6 @@ from tlog.storage.keys import (
 )
 
 from .chain import ChainReader
-from .fetch import DecodeError
 
 log = logging.getLogger(__name__)
 

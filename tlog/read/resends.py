@@ -3,25 +3,14 @@ stored blocks from a new write that reuses their sequences (docs/durability.md).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 from tlog.record.aggregation import ZERO_HASH, RecordOpener
 from tlog.record.erasure import ErasureCoder
+from tlog.record.identity import StoredWrites, write_identity
+from tlog.record.pieces import DecodeError, PieceReader
 from tlog.storage import StoragePool
 
 from .checkpoints import CheckpointRef, find_checkpoints
-from .fetch import DecodeError, PieceReader, read_aggregation, write_identity
-
-
-@dataclass
-class StoredWrites:
-    """`write_identity` by sequence of the stored blocks of one epoch from a sequence on."""
-
-    identities: dict[int, bytes] = field(default_factory=dict)
-    #: Sequences of the epoch below this were compacted into a checkpoint: what they wrote
-    #: is no longer known one by one, so a block under one of them is not taken for a
-    #: resend. 0 when nothing of the range read was compacted.
-    compacted_below: int = 0
+from .fetch import read_aggregation
 
 
 async def stored_writes(pool: StoragePool, vdisk_id: str, key: bytes, opener: RecordOpener,

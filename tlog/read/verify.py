@@ -13,11 +13,13 @@ from tlog.record.aggregation import (
     RecordOpener,
 )
 from tlog.record.erasure import ErasureCoder
+from tlog.record.identity import write_identity
+from tlog.record.pieces import DecodeError
 from tlog.storage import StoragePool
 
 from .chain import ChainReader
 from .checkpoints import CheckpointRef
-from .fetch import DecodeError, open_checked, write_identity
+from .fetch import open_checked
 
 log = logging.getLogger(__name__)
 #: Sequences whose writes verify remembers per epoch (8 bytes each), to tell re-flushed

@@ -33,9 +33,10 @@ from tlog.protocol.status import Operation
 from tlog.protocol.wire import Block
 from tlog.read.chain import ChainReader
 from tlog.read.checkpoints import CheckpointRef
-from tlog.read.fetch import DecodeError, Fetched, fetch_record, open_fetched
+from tlog.read.fetch import open_fetched
 from tlog.read.links import ChainLink
 from tlog.record.aggregation import CheckpointMark, RecordOpener, V2Writer
+from tlog.record.pieces import DecodeError, Fetched, fetch_record
 from tlog.record.steps import run_stepped
 from tlog.storage import StoragePool
 

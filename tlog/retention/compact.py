@@ -42,7 +42,6 @@ from tlog.read.checkpoints import (
     describe_time,
     registered_checkpoints,
 )
-from tlog.read.fetch import DecodeError, PieceReader
 from tlog.read.links import ChainLink
 from tlog.record.aggregation import (
     SEAL_STEP,
@@ -51,6 +50,7 @@ from tlog.record.aggregation import (
     V2Writer,
 )
 from tlog.record.erasure import ErasureCoder
+from tlog.record.pieces import DecodeError, PieceReader
 from tlog.record.steps import run_stepped
 from tlog.storage import StorageError, StoragePool, StorageServer
 from tlog.storage.keys import (

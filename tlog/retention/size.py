@@ -20,10 +20,11 @@ from tlog.read.checkpoints import (
     find_checkpoints,
     registered_checkpoints,
 )
-from tlog.read.fetch import MAX_HEADER_RUN, PieceReader, piece_header
+from tlog.read.fetch import MAX_HEADER_RUN
 from tlog.read.head import find_head
 from tlog.record.aggregation import ZERO_HASH, RecordOpener
 from tlog.record.erasure import ErasureCoder
+from tlog.record.pieces import PieceReader, piece_header
 from tlog.storage import StorageError, StoragePool
 from tlog.storage.keys import compaction_key
 
