@@ -33,6 +33,7 @@ from tlog.storage import (
     ServerAddress,
     StorageConfigError,
 )
+from tlog.storage.blockstore import default_prefix
 
 from .options import (
     fail_with,
@@ -170,7 +171,7 @@ def restore_command(ctx: click.Context, **values: Any) -> None:
         else:
             prefix = values["redis_key_prefix"]
             storage = RedisBlockStorage(ServerAddress.parse(values["output_redis"]),
-                                        f"{setup.vdisk}:" if prefix is None else prefix,
+                                        default_prefix(setup.vdisk) if prefix is None else prefix,
                                         values["block_size"], timeout=values["timeout"])
     except (StorageConfigError, PlayerError) as exc:
         raise click.UsageError(str(exc)) from None
@@ -252,7 +253,7 @@ def _record_state(vdisk: str, values: dict[str, Any], result: PlayResult) -> str
     else:
         address = ServerAddress.parse(values["output_redis"])
         prefix = values["redis_key_prefix"]
-        prefix = f"{vdisk}:" if prefix is None else prefix
+        prefix = default_prefix(vdisk) if prefix is None else prefix
         client = redis.Redis(**address.redis_kwargs(), socket_timeout=values["timeout"])
         intent = RedisIntentLog(client, prefix.encode(), block_size, values["size"],
                                 f"redis {address}")

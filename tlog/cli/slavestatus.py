@@ -13,11 +13,11 @@ from tlog.read.standby import (
     StandbyError,
     StandbyStore,
     StandbyTarget,
-    default_prefix,
     parse_slave_targets,
 )
 from tlog.record.pieces import DecodeError
 from tlog.storage import ServerAddress, StorageConfigError, StorageError
+from tlog.storage.blockstore import default_prefix
 
 from .options import fail_with, read_options, read_setup, run_async
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 from tlog.client import parse_address
 from tlog.storage import ServerAddress
+from tlog.storage.blockstore import default_prefix
 from tlog.units import parse_size
 
 from .backend import Backend, FileBackend, RedisBackend
@@ -178,7 +179,7 @@ class NbdSettings:
 
 def open_backend(settings: NbdSettings) -> Backend:
     if settings.backend == "redis":
-        prefix = settings.redis_key_prefix or f"{settings.vdisk}:"
+        prefix = settings.redis_key_prefix or default_prefix(settings.vdisk)
         return RedisBackend(ServerAddress.parse(settings.redis), prefix, settings.block_size,
                             settings.size)
     return FileBackend(settings.image, settings.block_size, settings.size, settings.readonly)
@@ -187,6 +188,6 @@ def open_backend(settings: NbdSettings) -> Backend:
 def open_standby(settings: NbdSettings, size: int) -> Backend:
     """The standby block store a failover switches to: a redis backend like ``--redis``
     (same address syntax, login and TLS), its keys under ``standby_key_prefix``."""
-    prefix = settings.standby_key_prefix or f"{settings.vdisk}:"
+    prefix = settings.standby_key_prefix or default_prefix(settings.vdisk)
     return RedisBackend(ServerAddress.parse(settings.standby), prefix, settings.block_size,
                         size)

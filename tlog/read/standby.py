@@ -27,6 +27,7 @@ from tlog.storage.blockstore import (
     RANGE_KEYS_MAX,
     block_index,
     block_key,
+    default_prefix,
     keys_in_range,
     scan_pattern,
 )
@@ -70,11 +71,6 @@ class StandbyTarget:
 
     def describe(self) -> str:
         return f"redis {self.address} (keys {self.prefix}<index>)"
-
-
-def default_prefix(vdisk_id: str) -> str:
-    """The key prefix `tlog restore --output-redis` and `tlog nbd` use by default."""
-    return f"{vdisk_id}:"
 
 
 def parse_slave_targets(vdisks: Mapping[Any, Any] | None) -> dict[str, StandbyTarget]:

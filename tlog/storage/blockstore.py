@@ -18,6 +18,12 @@ RANGE_KEYS_MAX = 65536
 DELETE_BATCH = 1024
 
 
+def default_prefix(vdisk_id: str) -> str:
+    """The key prefix of a vdisk's block store when none is given (`tlog restore
+    --output-redis`, `tlog nbd`, a standby): ``<vdisk>:``."""
+    return f"{vdisk_id}:"
+
+
 def block_key(prefix: bytes, index: int) -> bytes:
     """The key of block ``index``."""
     return b"%s%d" % (prefix, index)
