@@ -29,6 +29,7 @@ from benchmarks.common import RedisPool, machine, scratch_dir  # noqa: E402
 from tlog.allocator import tune_allocator  # noqa: E402
 from tlog.protocol import ClientConnection, ServerConnection, wire
 from tlog.read.player import FileBlockStorage  # noqa: E402
+from tlog.record import layout  # noqa: E402
 from tlog.record.aggregation import Keyring, V2Writer, check_blocks, open_v2, record_hash
 from tlog.record.erasure import ErasureCoder  # noqa: E402
 from tlog.storage import MemoryStorageServer, StorageServer, any_pool_factory  # noqa: E402
@@ -111,7 +112,7 @@ def main() -> None:
 
     blocks = [e for e in ServerConnection().receive_data(stream) if isinstance(e, wire.Block)][:25]
     writer = V2Writer(KEY, "vd")
-    plain = wire.encode_aggregation("tlog", 1, "vd", bytes(32), blocks)
+    plain = layout.encode_aggregation("tlog", 1, "vd", bytes(32), blocks)
     sealed = writer.seal(bytes(32), blocks)
     coder = ErasureCoder(4, 2)
     pieces = coder.encode(sealed.record)
@@ -121,7 +122,7 @@ def main() -> None:
         "block_hash_check_us": timed(lambda: blocks[0].hash_ok(), 5000, args.runs),
         "recv_ok_encode_us": timed(lambda: wire.encode_response(1, (7,)), 20000, args.runs),
         "aggregation_encode_us_per_25": timed(
-            lambda: wire.encode_aggregation("tlog", 1, "vd", bytes(32), blocks),
+            lambda: layout.encode_aggregation("tlog", 1, "vd", bytes(32), blocks),
             2000, args.runs),
         "seal_v2_us_per_25": timed(lambda: writer.seal(bytes(32), blocks),
                                    500, args.runs),
@@ -140,7 +141,7 @@ def main() -> None:
             lambda: open_v2(record, keyring, sealed.hash, True), 500, args.runs),
         "block_hash_check_us_per_25": timed(lambda: check_blocks(opened), 500, args.runs),
         "parse_aggregation_us_per_25": timed(
-            lambda: wire.parse_aggregation(memoryview(plain)[8:]), 2000, args.runs),
+            lambda: layout.parse_aggregation(memoryview(plain)[8:]), 2000, args.runs),
     })
     with scratch_dir("tlogbench-micro") as tmp:
         image = FileBlockStorage(tmp / "image")

@@ -11,8 +11,9 @@ from typing import Any, TypeVar
 
 import pytest
 
-from tlog.protocol import block_hash, wire
+from tlog.protocol import block_hash
 from tlog.protocol.wire import Block
+from tlog.record import layout
 from tlog.record.aggregation import (
     NONCE_SIZE,
     SEAL_STEP,
@@ -237,13 +238,13 @@ def test_hand_laid_aggregation_equals_pycapnp(seed: int) -> None:
         b.data = bytes(b.data)[:cut]
         b.hash = block_hash(b.data)
     prev = os.urandom(32)
-    ours = wire.encode_aggregation("The Go Tlog", 77, "vdisk-x", prev, bs)
+    ours = layout.encode_aggregation("The Go Tlog", 77, "vdisk-x", prev, bs)
     assert capnp_aggregation(bs, prev, "The Go Tlog", 77, "vdisk-x") == ours
-    parsed = wire.parse_aggregation(memoryview(ours)[8:])
+    parsed = layout.parse_aggregation(memoryview(ours)[8:])
     assert parsed is not None and parsed.blocks == bs and parsed.prev == prev
     assert parsed.epoch == 0
     # An epoch (our field @6) adds a data word, laid out as pycapnp does with our schema.
-    with_epoch = wire.encode_aggregation("The Go Tlog", 77, "vdisk-x", prev, bs, seed + 3)
+    with_epoch = layout.encode_aggregation("The Go Tlog", 77, "vdisk-x", prev, bs, seed + 3)
     assert capnp_aggregation(bs, prev, "The Go Tlog", 77, "vdisk-x", seed + 3) == with_epoch
-    parsed = wire.parse_aggregation(memoryview(with_epoch)[8:])
+    parsed = layout.parse_aggregation(memoryview(with_epoch)[8:])
     assert parsed is not None and parsed.blocks == bs and parsed.epoch == seed + 3

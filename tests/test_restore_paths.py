@@ -19,6 +19,7 @@ from tlog.read.chain import ChainReader
 from tlog.read.fetch import FIRST_HEADER_RUN
 from tlog.read.limiter import Limiter, SequenceSet
 from tlog.read.player import _MAX_IOV, FileBlockStorage
+from tlog.record import layout
 from tlog.record.aggregation import LegacyWriter
 from tlog.record.pieces import DecodeError
 from tlog.storage import RedisStorageServer, ServerAddress, StoragePool
@@ -135,11 +136,11 @@ def test_canonical_parse_matches_pycapnp_layouts(seed: int) -> None:
     blocks = make_blocks(rng.randrange(1000), rng.randrange(1, 60), seed=seed,
                          block_size=rng.choice([7, 512, 4096]))
     prev = os.urandom(32)
-    for framed in (wire.encode_aggregation("tlog", 5, "v", prev, blocks),
+    for framed in (layout.encode_aggregation("tlog", 5, "v", prev, blocks),
                    capnp_aggregation(blocks, prev)):
         header = wire.parse_frame_header(framed, 0, len(framed), len(framed))
         assert header is not None and len(header.segment_sizes) == 1
-        parsed = wire.parse_aggregation(
+        parsed = layout.parse_aggregation(
             memoryview(framed)[header.header_len:header.header_len + header.body_len])
         assert parsed is not None
         assert parsed.blocks == blocks and parsed.prev == prev and parsed.vdisk_id == "v"
@@ -147,9 +148,9 @@ def test_canonical_parse_matches_pycapnp_layouts(seed: int) -> None:
 
 def test_canonical_parse_refuses_pointers_out_of_the_segment() -> None:
     blocks = make_blocks(0, 3, block_size=64)
-    framed = bytearray(wire.encode_aggregation("tlog", 5, "v", bytes(32), blocks))
+    framed = bytearray(layout.encode_aggregation("tlog", 5, "v", bytes(32), blocks))
     seg = memoryview(framed)[8:]
-    good = wire.parse_aggregation(seg)
+    good = layout.parse_aggregation(seg)
     assert good is not None and good.blocks == blocks
     # The last block's data pointer (word 5 of its element): make it point far beyond.
     tag_words = len(seg) // 8
@@ -160,7 +161,7 @@ def test_canonical_parse_refuses_pointers_out_of_the_segment() -> None:
     value = int.from_bytes(seg[last * 8:last * 8 + 8], "little")
     seg[last * 8:last * 8 + 8] = ((value & ~(0x3FFFFFFF << 2)) | (0x1000 << 2)).to_bytes(
         8, "little")
-    assert wire.parse_aggregation(seg) is None
+    assert layout.parse_aggregation(seg) is None
 
 
 # ---------------------------------------------------------------------------------------------

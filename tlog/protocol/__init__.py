@@ -1,7 +1,8 @@
 """The tlog wire protocol, sans I/O: bytes in, events out, no sockets.
 
-- `tlog.protocol.wire`: the hand-laid Cap'n Proto structs of the hot path (blocks,
-  responses, aggregations), byte-identical to what pycapnp and 0-Disk lay out.
+- `tlog.protocol.wire`: the hand-laid Cap'n Proto messages, both sides (blocks, responses,
+  handshakes), byte-identical to what pycapnp and 0-Disk lay out; `tlog.protocol.pointers`
+  the words and pointers they are made of.
 - `tlog.protocol.connection`: `ServerConnection` and `ClientConnection`, the framing and
   message state machines the server, the client, the tests and the fuzzers share.
 - `tlog.protocol.status`, `tlog.protocol.version`: status codes, operations, versions.
@@ -13,7 +14,6 @@ The names below are the connection API, re-exported for ``from tlog.protocol imp
 from .connection import (
     DEFAULT_MAX_MESSAGE_SIZE,
     HASH_SIZE,
-    BlockResponse,
     ClientConnection,
     ForceFlush,
     Handshake,
@@ -22,11 +22,10 @@ from .connection import (
     ServerConnection,
     WaitNbdSlaveSync,
     block_hash,
-    encode_handshake,
 )
 from .status import BlockStatus, HandshakeStatus, MessageType, Operation
 from .version import CURRENT_VERSION, MIN_SUPPORTED_VERSION, Version
-from .wire import Block
+from .wire import Block, BlockResponse, encode_handshake
 
 __all__ = [
     "CURRENT_VERSION", "DEFAULT_MAX_MESSAGE_SIZE", "HASH_SIZE", "MIN_SUPPORTED_VERSION", "Block",

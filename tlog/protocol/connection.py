@@ -19,15 +19,13 @@ from __future__ import annotations
 
 import enum
 import hashlib
-import struct
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import NamedTuple
 
 from . import schema, wire
 from .status import BlockStatus, HandshakeStatus, MessageType, Operation
 from .version import CURRENT_VERSION
-from .wire import Block
+from .wire import Block, BlockResponse
 
 #: Default bound on one message: a 64 KiB block with its hash and framing fits
 #: with room to spare, while a hostile segment table cannot make us buffer more.
@@ -104,17 +102,6 @@ class HandshakeResponse:
     def next_sequence(self) -> int:
         """The sequence a client that continues the log sends next."""
         return self.last_sequence + 1 if self.has_log else 0
-
-
-class BlockResponse(NamedTuple):
-    """A TlogResponse: a status about some sequences.
-
-    A named tuple: the client receives one per block, and tuples are the cheapest
-    objects Python builds; ``status, sequences = response`` works too.
-    """
-
-    status: BlockStatus | int
-    sequences: tuple[int, ...]
 
 
 ServerEvent = Handshake | Block | ForceFlush | WaitNbdSlaveSync
@@ -389,8 +376,8 @@ class ClientConnection:
             while True:
                 if self._state is _State.MESSAGES:
                     # Responses in the usual layout (one per block at full speed) by hand.
-                    reader._start = _take_responses(reader._buf, reader._start, reader._end,
-                                                    events)
+                    reader._start = wire.take_responses(reader._buf, reader._start,
+                                                        reader._end, events.append)
                 got = reader.next_frame()
                 if got is None:
                     return events
@@ -428,7 +415,7 @@ class ClientConnection:
         such a server ignores. ``continue_sequence`` (@5) and ``range_ops`` (@6) are more
         bits of the data section, which such a server does not read either.
         """
-        return encode_handshake(CURRENT_VERSION.to_uint32() if version is None else version,
+        return wire.encode_handshake(CURRENT_VERSION.to_uint32() if version is None else version,
                                 vdisk_id, first_sequence, reset_first_sequence, token,
                                 continue_sequence, range_ops)
 
@@ -449,74 +436,6 @@ class ClientConnection:
     @staticmethod
     def send_wait_nbd_slave_sync() -> bytes:
         return _command(MessageType.WAIT_NBD_SLAVE_SYNC, 0)
-
-
-_BLOCK_STATUS = {int(s): s for s in BlockStatus}
-_U64 = struct.Struct("<Q")
-_U32X2 = struct.Struct("<II")
-_Q3 = struct.Struct("<QQQ")
-_RESPONSE_ROOT = (1 << 32) | (1 << 48)  # 1 data word, 1 pointer, right after the root
-_SEQ_LIST_LOW = 1 | (5 << 32)  # list pointer, offset 0, 8-byte elements
-_LOW35 = (1 << 35) - 1
-_RECV_OK_HEAD = wire.encode_response(BlockStatus.RECV_OK, [0])[:32]
-
-
-def _take_responses(buf: bytearray, at: int, end: int, events: list[ClientEvent]) -> int:
-    """Decode responses in the usual single-segment layout; returns where it stopped."""
-    append = events.append
-    while end - at >= 40:
-        if buf[at:at + 32] == _RECV_OK_HEAD:
-            append(BlockResponse(BlockStatus.RECV_OK, _U64.unpack_from(buf, at + 32)))
-            at += 40
-            continue
-        nseg, words = _U32X2.unpack_from(buf, at)
-        size = 8 + (words << 3)
-        if nseg != 0 or words < 3 or end - at < size:
-            break
-        root, word, ptr = _Q3.unpack_from(buf, at + 8)
-        count = ptr >> 35
-        if root != _RESPONSE_ROOT or ptr & _LOW35 != _SEQ_LIST_LOW or words != 3 + count:
-            break
-        status = word & 0xFF
-        status = status - 256 if status > 127 else status
-        append(BlockResponse(_BLOCK_STATUS.get(status, status),
-                             struct.unpack_from(f"<{count}Q", buf, at + 32)))
-        at += size
-    return at
-
-
-#: version u32, resetFirstSequence (bit 32), continueSequence (bit 33), rangeOps (bit 34);
-#: firstSequence u64
-_HANDSHAKE_DATA_WORDS = 2
-
-
-def _byte_list_ptr(ptr_word: int, target_word: int, count: int) -> int:
-    """A Cap'n Proto list pointer to ``count`` bytes at ``target_word``."""
-    return 1 | (((target_word - ptr_word - 1) & 0x3FFFFFFF) << 2) | (2 << 32) | (count << 35)
-
-
-def encode_handshake(version: int, vdisk_id: str, first_sequence: int,
-                     reset_first_sequence: bool = False, token: bytes | None = None,
-                     continue_sequence: bool = False, range_ops: bool = False) -> bytes:
-    """A framed HandshakeRequest: the vdisk id as NUL-terminated text, then the token."""
-    text = vdisk_id.encode("utf-8") + b"\0"
-    ptrs = 2 if token else 1
-    text_at = 1 + _HANDSHAKE_DATA_WORDS + ptrs  # word of the text, after root and struct
-    text_words = (len(text) + 7) // 8
-    words = [
-        (_HANDSHAKE_DATA_WORDS << 32) | (ptrs << 48),  # root: struct right after it
-        (version & 0xFFFFFFFF) | ((1 << 32) if reset_first_sequence else 0)
-        | ((1 << 33) if continue_sequence else 0) | ((1 << 34) if range_ops else 0),
-        first_sequence,
-        _byte_list_ptr(3, text_at, len(text)),
-    ]
-    tail = [text, bytes(-len(text) & 7)]
-    if token:
-        token = bytes(token)
-        words.append(_byte_list_ptr(4, text_at + text_words, len(token)))
-        tail += [token, bytes(-len(token) & 7)]
-    body = struct.pack(f"<{len(words)}Q", *words) + b"".join(tail)
-    return struct.pack("<II", 0, len(body) // 8) + body
 
 
 def _command(mtype: MessageType, sequence: int) -> bytes:

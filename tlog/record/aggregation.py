@@ -26,7 +26,7 @@ import cramjam
 from tlog.protocol import schema, wire
 from tlog.protocol.wire import Block, BlockFields
 
-from . import crypto
+from . import crypto, layout
 from .steps import Steps, Work, run_now
 
 log = logging.getLogger(__name__)
@@ -164,17 +164,17 @@ class Aggregation:
 
 def _plain_aggregation(name: str, timestamp: int, vdisk_id: str, prev: bytes,
                        blocks: Sequence[BlockFields], epoch: int = 0) -> bytes:
-    return wire.encode_aggregation(name, timestamp, vdisk_id, prev, blocks, epoch)
+    return layout.encode_aggregation(name, timestamp, vdisk_id, prev, blocks, epoch)
 
 
-def _parse_plain(plain: bytes | memoryview) -> wire.RawAggregation:
+def _parse_plain(plain: bytes | memoryview) -> layout.RawAggregation:
     """Decode a framed aggregation, by hand when possible, else through pycapnp."""
     header = wire.parse_frame_header(plain, 0, len(plain), len(plain))
     if header is None or header.header_len + header.body_len > len(plain):
         raise RecordError("aggregation frame is truncated")
     body = memoryview(plain)[header.header_len:header.header_len + header.body_len]
     if len(header.segment_sizes) == 1:
-        parsed = wire.parse_aggregation(body)
+        parsed = layout.parse_aggregation(body)
         if parsed is not None:
             return parsed
     try:
@@ -185,7 +185,7 @@ def _parse_plain(plain: bytes | memoryview) -> wire.RawAggregation:
         msg = schema.TlogAggregation.from_segments(segs)
         blocks = [Block(b.sequence, b.index, b.timestamp, b.operation,
                            memoryview(b.hash), memoryview(b.data)) for b in msg.blocks]
-        return wire.RawAggregation(msg.name, msg.size, msg.timestamp, msg.vdiskID,
+        return layout.RawAggregation(msg.name, msg.size, msg.timestamp, msg.vdiskID,
                                    bytes(msg.prev), blocks, msg.epoch)
     except Exception as exc:
         raise RecordError(f"malformed aggregation: {exc}") from None
@@ -262,7 +262,7 @@ class V2Writer:
         """The sealing, in steps of ``step`` bytes of plaintext (None: in one go)."""
         ts = time.time_ns() if timestamp is None else timestamp
         sequences = tuple(b.sequence for b in blocks)
-        parts = wire.aggregation_parts(V2_NAME, ts, self.vdisk_id, prev, blocks, epoch)
+        parts = layout.aggregation_parts(V2_NAME, ts, self.vdisk_id, prev, blocks, epoch)
         flags = (FLAG_EPOCH if epoch else 0) | (FLAG_CHECKPOINT if mark is not None else 0)
         head = _V2_HEAD.pack(V2_MAGIC, V2_VERSION, COMPRESSION_SNAPPY, flags,
                              self._cipher.key_id, first, last, len(blocks), ts, prev,
