@@ -153,17 +153,15 @@ class TlogConnection(asyncio.BufferedProtocol):
             return
         if events:
             self._handle(events, started)
-        if self.core.errored and not self._closing:
-            try:
-                self.core.buffer_updated(0)
-            except ProtocolError as exc:
-                self._protocol_error(exc)
+        error = self.core.error  # after the valid events of the read were handled
+        if error is not None and not self._closing:
+            self._protocol_error(error)
         self._turn_time += perf_counter() - started
         if self._turn_time >= READ_TURN_SECONDS:
             # Let the loop run timers and other connections before reading on.
             self._turn_time = 0.0
-            self._pause("turn")
-            asyncio.get_running_loop().call_soon(self._resume, "turn")
+            self.pause("turn")
+            asyncio.get_running_loop().call_soon(self.resume, "turn")
 
     def eof_received(self) -> bool:
         if not self.core.handshaken and self._backlog is None and not self._closing:
@@ -182,7 +180,7 @@ class TlogConnection(asyncio.BufferedProtocol):
     def pause_writing(self) -> None:
         # The client does not read its answers: stop reading its requests, and give up on
         # it if that lasts.
-        self._pause("write")
+        self.pause("write")
         self._cancel_timer()
         self._timer = asyncio.get_running_loop().call_later(
             self.server.config.stalled_writer_timeout, self._drop_stalled)
@@ -196,7 +194,7 @@ class TlogConnection(asyncio.BufferedProtocol):
 
     def resume_writing(self) -> None:
         self._cancel_timer()
-        self._resume("write")
+        self.resume("write")
 
     # -- what the vdisk calls --
     def send(self, data: bytes) -> None:
@@ -239,7 +237,7 @@ class TlogConnection(asyncio.BufferedProtocol):
             elif isinstance(event, Handshake):
                 blocks -= len(events) - i  # the rest is handled after the handshake
                 self._backlog = list(events[i + 1:])
-                self._pause("handshake")
+                self.pause("handshake")
                 self.server.tasks.start(self._handshake(event), f"handshake of {self.name}")
                 break
             elif isinstance(event, ForceFlush):
@@ -274,7 +272,7 @@ class TlogConnection(asyncio.BufferedProtocol):
                 if self._unflushed >= STREAMING_BLOCKS and "streaming" not in self._paused:
                     # A client streaming small writes: read again when the answers go out,
                     # many blocks at once, instead of waking up for every block.
-                    self._pause("streaming")
+                    self.pause("streaming")
             else:
                 self.send(b"".join(out))
                 if started:
@@ -304,7 +302,7 @@ class TlogConnection(asyncio.BufferedProtocol):
             self._held_timer.cancel()
             self._held_timer = None
         if "streaming" in self._paused:
-            self._resume("streaming")
+            self.resume("streaming")
         self.stats.recv_latency.observe(perf_counter() - self._held_since)
         return data
 
@@ -354,7 +352,7 @@ class TlogConnection(asyncio.BufferedProtocol):
             return
         self._cancel_timer()
         backlog, self._backlog = self._backlog or [], None
-        self._resume("handshake")
+        self.resume("handshake")
         if backlog and not self._closing:
             self._handle(backlog)
 
@@ -435,12 +433,14 @@ class TlogConnection(asyncio.BufferedProtocol):
             self._timer.cancel()
             self._timer = None
 
-    def _pause(self, reason: str) -> None:
+    def pause(self, reason: str) -> None:
+        """Stop reading from the client until every ``reason`` given is resumed."""
         if not self._paused and self.transport is not None and not self._closing:
             self.transport.pause_reading()
         self._paused.add(reason)
 
-    def _resume(self, reason: str) -> None:
+    def resume(self, reason: str) -> None:
+        """Take back ``pause(reason)``; reading goes on once no reason is left."""
         self._paused.discard(reason)
         if not self._paused and self.transport is not None and not self._closing:
             self.transport.resume_reading()

@@ -390,7 +390,7 @@ class TlogServer:
             if listener is not None:
                 listener.close()
         for conn in list(self.connections):
-            conn._pause("drain")
+            conn.pause("drain")
         vdisks = list(self.vdisks.values())
         clean = True
         if vdisks:

@@ -248,6 +248,12 @@ class ServerConnection:
         return self._state is _State.ERROR
 
     @property
+    def error(self) -> ProtocolError | None:
+        """Why the connection failed, None while it has not. The events before the error
+        were handed over first; the error itself is raised by the next call, or read here."""
+        return self._error
+
+    @property
     def buffered(self) -> int:
         """Bytes received and not yet part of a whole message."""
         return self._reader.pending
