@@ -20,8 +20,9 @@ import pytest
 
 from tlog.protocol import BlockResponse, ClientConnection, ServerConnection
 from tlog.protocol.status import BlockStatus, HandshakeStatus
+from tlogserver.acks import STREAMING_BLOCKS
 from tlogserver.config import ServerConfig
-from tlogserver.connection import STREAMING_BLOCKS, TlogConnection
+from tlogserver.connection import TlogConnection
 from tlogserver.server import TlogServer
 
 from .redis_fixture import RedisProcess

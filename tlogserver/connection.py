@@ -1,7 +1,8 @@
 """One client connection: a thin `asyncio.BufferedProtocol` around the sans-I/O
 `tlog.protocol.ServerConnection`. The kernel reads straight into the core's buffer, the
 events go to the connection's `Vdisk` by plain calls, and all answers to one read leave in
-one write. The handshake (vdisk id, access, version, where the log stands) is answered here."""
+one write (or are held a moment to go with the next ones: `tlogserver.acks`). The handshake
+(vdisk id, access, version, where the log stands) is answered here."""
 
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ from tlog.storage import (
 )
 
 from .access import AccessPolicy, certificate_identities
+from .acks import AckBatcher
 from .config import (
     ServerConfig,
 )
@@ -43,15 +45,6 @@ _VDISK_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:@-]{0,254}$")
 #: Answers a client has not read yet, per connection, before we stop reading from it (how
 #: long it may leave them unread: --stalled-writer-timeout).
 WRITE_BUFFER_HIGH = 4 * 1024 * 1024
-#: Reads carrying fewer blocks than this have their answers held for ``ack_delay`` (a
-#: client writing one block at a time); bigger reads are answered at once.
-HOLD_BELOW_BLOCKS = 4
-#: Blocks received since the client last asked for a flush (ForceFlush, WaitNbdSlaveSync)
-#: after which it counts as streaming: its small reads then also pause reading until the
-#: held answers are written (`_hold`).
-STREAMING_BLOCKS = 64
-#: Held answers are written at once when they reach this many bytes.
-HOLD_MAX_BYTES = 16 * 1024
 #: Seconds of handling one client's reads after which reading pauses until the event loop's
 #: next turn: libuv reads a ready socket up to 32 times in a row, and checking and taking
 #: 8 MB of 64 KiB blocks at once would hold the loop for tens of milliseconds.
@@ -105,13 +98,8 @@ class TlogConnection(asyncio.BufferedProtocol):
         self._slave_waits = 0  # WaitNbdSlaveSync requests not answered yet
         self._slave_warned = False
         self._slave_task: asyncio.Task[None] | None = None
-        # Answers of small reads held back to be written together (see `_hold`).
-        self._held: list[bytes] = []
-        self._held_bytes = 0
-        self._held_since = 0.0  # perf_counter of the oldest held read
-        self._held_timer: asyncio.TimerHandle | None = None
-        self._last_write = 0.0  # perf_counter of the last write to the client
-        self._unflushed = 0  # blocks since the client last asked for a flush
+        #: Every write to the client: the answers of small reads are held a moment.
+        self.acks = AckBatcher(self._write, self, self.stats.recv_latency)
         self._turn_time = 0.0  # spent on reads since reading last paused for a turn
 
     # -- asyncio callbacks --
@@ -196,23 +184,31 @@ class TlogConnection(asyncio.BufferedProtocol):
         self._cancel_timer()
         self.resume("write")
 
-    # -- what the vdisk calls --
+    # -- what the vdisk and the server call --
     def send(self, data: bytes) -> None:
         """Write ``data`` now, after any held answers (their order is kept)."""
-        if self._held:
-            data = self._take_held() + data
-        if not self._closing and self.transport is not None:
-            self.transport.write(data)
-            self._last_write = perf_counter()
+        self.acks.send(data)
 
     def close(self, reason: str) -> None:
         if self._closing or self.transport is None:
             return
-        self._release()
+        self.acks.release()
         self.log.info("closing: %s", reason)
         self._closing = True
         self._cancel_timer()
         self.transport.close()
+
+    def pause(self, reason: str) -> None:
+        """Stop reading from the client until every ``reason`` given is resumed."""
+        if not self._paused and self.transport is not None and not self._closing:
+            self.transport.pause_reading()
+        self._paused.add(reason)
+
+    def resume(self, reason: str) -> None:
+        """Take back ``pause(reason)``; reading goes on once no reason is left."""
+        self._paused.discard(reason)
+        if not self._paused and self.transport is not None and not self._closing:
+            self.transport.resume_reading()
 
     # -- internals --
     def _handle(self, events: list[ServerEvent], started: float = 0.0) -> None:
@@ -229,6 +225,7 @@ class TlogConnection(asyncio.BufferedProtocol):
             vdisk.sender = self
         out: list[bytes] = []
         blocks = len(events)  # minus the other messages, below
+        flush_asked = False  # the client waits for an answer: its reads are not paused
         for i, event in enumerate(events):
             if type(event) is Block:
                 if vdisk is None:
@@ -243,13 +240,13 @@ class TlogConnection(asyncio.BufferedProtocol):
             elif isinstance(event, ForceFlush):
                 assert vdisk is not None
                 blocks -= 1
-                self._unflushed = -len(events)  # it waits for the answer: no pausing
+                flush_asked = True
                 out.append(ServerConnection.send_response(BlockStatus.FORCE_FLUSH_RECEIVED))
                 vdisk.force_flush(event.sequence)
             elif isinstance(event, WaitNbdSlaveSync):
                 assert vdisk is not None
                 blocks -= 1
-                self._unflushed = -len(events)
+                flush_asked = True
                 failure = self.server.slave_sync_unavailable(vdisk)
                 if failure is not None:  # answered at once: nothing to wait for
                     if not self._slave_warned:  # once per connection: it may send floods
@@ -263,53 +260,14 @@ class TlogConnection(asyncio.BufferedProtocol):
                         self._slave_task = self.server.tasks.start(
                             self._wait_slave_sync(vdisk), f"WaitNbdSlaveSync of {self.name}")
         self.stats.received_blocks += blocks
-        self._unflushed += len(events)
+        self.acks.read(len(events), flush_asked)
         if out:
-            delay = self.server.config.ack_delay
-            if blocks < HOLD_BELOW_BLOCKS and (
-                    self._held or perf_counter() - self._last_write < delay):
-                self._hold(b"".join(out), started, delay)
-                if self._unflushed >= STREAMING_BLOCKS and "streaming" not in self._paused:
-                    # A client streaming small writes: read again when the answers go out,
-                    # many blocks at once, instead of waking up for every block.
-                    self.pause("streaming")
-            else:
-                self.send(b"".join(out))
-                if started:
-                    self.stats.recv_latency.observe(perf_counter() - started)
+            self.acks.answer(b"".join(out), blocks, started, self.server.config.ack_delay)
 
-    def _hold(self, answers: bytes, started: float, delay: float) -> None:
-        """Keep the answers of a small read that comes less than ``ack_delay`` after the
-        last write to the client, to write them ``ack_delay`` after it with those of the
-        next reads: a client that writes one block at a time would otherwise cost a write,
-        and a wake-up of the client, per block; at most one answer write per ``ack_delay``
-        is made for it. Any other write (a FlushOK, a close) takes them along first, so the
-        order of answers never changes."""
-        if not self._held:
-            self._held_since = started or perf_counter()
-            self._held_timer = asyncio.get_running_loop().call_later(
-                max(0.0, self._last_write + delay - perf_counter()), self._release)
-        self._held.append(answers)
-        self._held_bytes += len(answers)
-        if self._held_bytes >= HOLD_MAX_BYTES:
-            self._release()
-
-    def _take_held(self) -> bytes:
-        data = b"".join(self._held)
-        self._held.clear()
-        self._held_bytes = 0
-        if self._held_timer is not None:
-            self._held_timer.cancel()
-            self._held_timer = None
-        if "streaming" in self._paused:
-            self.resume("streaming")
-        self.stats.recv_latency.observe(perf_counter() - self._held_since)
-        return data
-
-    def _release(self) -> None:
-        """Write the held answers now."""
-        if self._held:
-            self.send(b"")
+    def _write(self, data: bytes) -> None:
+        """To the client, now (`acks` calls it; nothing once the connection closes)."""
+        if not self._closing and self.transport is not None:
+            self.transport.write(data)
 
     async def _wait_slave_sync(self, vdisk: Vdisk) -> None:
         """Answer WaitNbdSlaveSync once the standby holds every flushed block (or fail).
@@ -432,15 +390,3 @@ class TlogConnection(asyncio.BufferedProtocol):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-
-    def pause(self, reason: str) -> None:
-        """Stop reading from the client until every ``reason`` given is resumed."""
-        if not self._paused and self.transport is not None and not self._closing:
-            self.transport.pause_reading()
-        self._paused.add(reason)
-
-    def resume(self, reason: str) -> None:
-        """Take back ``pause(reason)``; reading goes on once no reason is left."""
-        self._paused.discard(reason)
-        if not self._paused and self.transport is not None and not self._closing:
-            self.transport.resume_reading()
