@@ -221,8 +221,6 @@ class TlogConnection(asyncio.BufferedProtocol):
             self._backlog.extend(events)
             return
         vdisk = self.vdisk
-        if vdisk is not None:
-            vdisk.sender = self
         out: list[bytes] = []
         blocks = len(events)  # minus the other messages, below
         flush_asked = False  # the client waits for an answer: its reads are not paused
@@ -230,7 +228,7 @@ class TlogConnection(asyncio.BufferedProtocol):
             if type(event) is Block:
                 if vdisk is None:
                     raise AssertionError("block before handshake")
-                vdisk.receive(event, out)
+                vdisk.receive(event, out, self)
             elif isinstance(event, Handshake):
                 blocks -= len(events) - i  # the rest is handled after the handshake
                 self._backlog = list(events[i + 1:])

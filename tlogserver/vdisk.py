@@ -115,9 +115,6 @@ class Vdisk:
         self.flusher = flusher
         self._on_retire = on_retire
         self.peers: set[Peer] = set()
-        #: The connection whose read is being handled (set once per read): its log context
-        #: goes on what receive() logs.
-        self.sender: Peer | None = None
         self.budget = budget if budget is not None else BufferBudget(1 << 62)
         #: Set by the first handshake (until then nothing is received).
         self.expected: int | None = None
@@ -274,25 +271,22 @@ class Vdisk:
 
     def disconnect(self, peer: Peer) -> None:
         self.peers.discard(peer)
-        if self.sender is peer:
-            self.sender = None
         self._maybe_retire()
 
     # -- blocks --
-    def receive(self, block: Block, out: list[bytes]) -> None:
-        """Take one block; appends the bytes of its immediate answers to ``out``."""
+    def receive(self, block: Block, out: list[bytes], sender: Peer) -> None:
+        """Take one block sent by ``sender``; appends the bytes of its immediate answers to
+        ``out``. Who sent it decides whether a reused sequence is its own resend."""
         seq = block.sequence
         if not block.hash_ok():
-            (self.sender or self).log.warning("block %d has a wrong hash, answered RecvFailed",
-                                              seq)
+            sender.log.warning("block %d has a wrong hash, answered RecvFailed", seq)
             self.stats.recv_failed_hash += 1
             out.append(_response(BlockStatus.RECV_FAILED, (seq,)))
             return
         if block.operation > 2 or block.operation < 1:  # (not a set or a delete: rare)
             refused = self._refused_operation(block)
             if refused is not None:
-                (self.sender or self).log.warning("block %d refused, answered RecvFailed: %s",
-                                                  seq, refused)
+                sender.log.warning("block %d refused, answered RecvFailed: %s", seq, refused)
                 self.stats.recv_failed_operation += 1
                 out.append(_response(BlockStatus.RECV_FAILED, (seq,)))
                 return
@@ -364,14 +358,14 @@ class Vdisk:
                 self.ahead_bytes += len(block.data)
                 self.budget.used += len(block.data)
                 out.append(wire.recv_ok(seq))
-        elif self._same_write(block):
+        elif self._same_write(block, sender):
             self.stats.duplicate_blocks += 1
             out.append(wire.recv_ok(seq))
             if seq < self.flushed_next:
                 out.append(_response(BlockStatus.FLUSH_OK, (seq,)))
             # otherwise it is pending or being stored: its FlushOK will come
         else:
-            self._new_write(block, out)
+            self._new_write(block, out, sender)
 
     def _refused_operation(self, block: Block) -> str | None:
         """Why a block whose operation is neither a set nor a delete is not taken; None for
@@ -386,7 +380,7 @@ class Vdisk:
             return str(exc)
         return None
 
-    def _same_write(self, block: Block) -> bool:
+    def _same_write(self, block: Block, sender: Peer) -> bool:
         """Whether ``block``, below ``expected``, is the write received before under its
         sequence (a resend), rather than a new write reusing the sequence."""
         seq = block.sequence
@@ -407,23 +401,18 @@ class Vdisk:
             # replaying it again in a new epoch gives the same state; a new write taken for
             # a resend would be lost.
             return False
-        sender = self.sender
         # Stored after the sender's handshake, at or above its first sequence: its own
         # earlier block, whose answer it has not seen yet.
-        return sender is None or seq >= sender.session_start
+        return seq >= sender.session_start
 
-    def _new_write(self, block: Block, out: list[bytes]) -> None:
+    def _new_write(self, block: Block, out: list[bytes], sender: Peer) -> None:
         """A different write under a sequence the epoch already holds: the client numbers
         anew. Start a new epoch at its sequence, then take it in order."""
-        peer = self.sender
-        if peer is None:  # not from a connection (tests): nothing to attribute it to
-            out.append(_response(BlockStatus.RECV_FAILED, (block.sequence,)))
-            return
-        peer.log.warning("sequence %d of vdisk %s was used before for a different write: "
-                         "the client numbers anew without resetFirstSequence", block.sequence,
-                         self.id)
-        self._reset(peer, block.sequence, "reused_sequence")
-        self.receive(block, out)
+        sender.log.warning("sequence %d of vdisk %s was used before for a different write: "
+                           "the client numbers anew without resetFirstSequence",
+                           block.sequence, self.id)
+        self._reset(sender, block.sequence, "reused_sequence")
+        self.receive(block, out, sender)
 
     def force_flush(self, sequence: int) -> None:
         """ForceFlushAtSeq: flush all pending once ``sequence`` has been received in order."""
@@ -548,7 +537,6 @@ class Vdisk:
         for peer in list(self.peers):
             peer.close(f"vdisk given up: {reason}")
         self.peers.clear()
-        self.sender = None
         self.retired = True
         if self._timer is not None:
             self._timer.cancel()
