@@ -34,6 +34,7 @@ from tlog.storage import (
 from tlog.units import parse_duration
 
 from . import logs
+from .budget import ServerBudget
 from .config import (
     RELOADABLE,
     ServerConfig,
@@ -53,7 +54,7 @@ from .retention import SURVEY_SECONDS, RetentionKeeper, standby_holds
 from .slavesync import SlaveSyncer, start_syncers, stop_syncers
 from .stats import ServerStats
 from .tasks import BackgroundTasks
-from .vdisk import BufferBudget, StoredWritesReader, Vdisk
+from .vdisk import StoredWritesReader, Vdisk
 
 log = logging.getLogger("tlogserver")
 #: /readyz pings every storage server at most this often, each with this timeout.
@@ -107,7 +108,7 @@ class TlogServer:
         self.access = config.access_policy
         self.tls: ssl.SSLContext | None = server_tls_context(config) if config.tls else None
         #: What all vdisks hold together (--max-server-buffered-bytes).
-        self.budget = BufferBudget(config.max_server_buffered_bytes)
+        self.budget = ServerBudget(config.max_server_buffered_bytes)
         self._refused_logged = 0.0  # loop time of the last "connection refused" log line
         self._refused_quiet = 0  # refusals since then, not logged one by one
         #: Handshakes, flusher stops, lease releases: awaited by `shutdown`.
@@ -361,7 +362,7 @@ class TlogServer:
         vdisk = Vdisk(vdisk_id, cfg, flusher, self._retire, self.stats,
                       epoch=last.epoch if last is not None else 0,
                       last_sequence=last.last_sequence if last is not None else None,
-                      has_chain=last is not None, budget=self.budget)
+                      has_chain=last is not None, server_budget=self.budget)
         vdisk.takes_ranges = cfg.storage_format == "v2"
         holder.append(vdisk)
         flusher.start()

@@ -38,6 +38,7 @@ from tlog.protocol.ranges import DELETE_RANGE, RangeError, range_count
 from tlog.protocol.status import BlockStatus, HandshakeStatus
 from tlog.record.identity import StoredWrites, write_identity
 
+from .budget import Refusal, ServerBudget, VdiskBudget
 from .config import ServerConfig
 from .flusher import Batch, Flusher
 from .logs import ContextLogger
@@ -54,17 +55,6 @@ RESEND_CHECK_BLOCKS = 65536
 #: How stored writes are read back: ``read(head, from_sequence, epoch, limit)`` ->
 #: `tlog.read.resends.stored_writes` on the vdisk's pool.
 StoredWritesReader = Callable[[bytes, int, int, int], Awaitable[StoredWrites]]
-
-
-class BufferBudget:
-    """Bytes every vdisk of a server holds together (out of order, or not stored yet), and
-    the bound on them (``--max-server-buffered-bytes``)."""
-
-    __slots__ = ("used", "limit")
-
-    def __init__(self, limit: int) -> None:
-        self.used = 0
-        self.limit = limit
 
 
 class Peer(Protocol):
@@ -108,14 +98,17 @@ class Vdisk:
     def __init__(self, vdisk_id: str, config: ServerConfig, flusher: Flusher,
                  on_retire: Callable[[Vdisk], None], stats: ServerStats | None = None, *,
                  epoch: int = 0, last_sequence: int | None = None, has_chain: bool = False,
-                 budget: BufferBudget | None = None) -> None:
+                 server_budget: ServerBudget | None = None) -> None:
         self.id = vdisk_id
         self.stats = stats if stats is not None else ServerStats()
         self.log = ContextLogger(log, vdisk=vdisk_id)
         self.flusher = flusher
         self._on_retire = on_retire
         self.peers: set[Peer] = set()
-        self.budget = budget if budget is not None else BufferBudget(1 << 62)
+        #: The bytes of the blocks held (``ahead``, ``pending``), within the server's budget.
+        self.budget = VdiskBudget(
+            server_budget if server_budget is not None else ServerBudget(1 << 62),
+            config.max_buffered_bytes, config.max_pending_bytes)
         #: Set by the first handshake (until then nothing is received).
         self.expected: int | None = None
         #: The vdisk's epoch, from the chain's head; each reset starts the next (the
@@ -131,9 +124,6 @@ class Vdisk:
         self._has_chain = has_chain or last_sequence is not None
         self.ready: list[Block] = []
         self.ahead: dict[int, Block] = {}
-        self.ahead_bytes = 0
-        #: Data bytes of the blocks received in order and not stored yet.
-        self.pending_bytes = 0
         self._force_at: list[int] = []
         self._timer: asyncio.TimerHandle | None = None
         self._ready_since = 0.0  # time.monotonic() when the timer was armed: oldest ready block
@@ -161,8 +151,8 @@ class Vdisk:
         self._flush_size = config.flush_size
         self._flush_time = config.flush_time
         self._window = config.max_buffered_blocks
-        self._window_bytes = config.max_buffered_bytes
-        self._max_pending = config.max_pending_bytes
+        self.budget.max_ahead = config.max_buffered_bytes
+        self.budget.max_pending = config.max_pending_bytes
         while len(self.ready) >= self._flush_size:
             self._cut(self._flush_size)
 
@@ -265,9 +255,18 @@ class Vdisk:
         self._has_chain = True
 
     def _drop_ahead(self) -> None:
-        self.budget.used -= self.ahead_bytes
         self.ahead.clear()
-        self.ahead_bytes = 0
+        self.budget.drop_ahead()
+
+    @property
+    def ahead_bytes(self) -> int:
+        """Data bytes of the blocks held ahead of their turn."""
+        return self.budget.ahead
+
+    @property
+    def pending_bytes(self) -> int:
+        """Data bytes of the blocks received in order and not stored yet."""
+        return self.budget.pending
 
     def disconnect(self, peer: Peer) -> None:
         self.peers.discard(peer)
@@ -293,32 +292,23 @@ class Vdisk:
         expected = self.expected
         assert expected is not None
         if seq == expected:
-            budget = self.budget
-            pending_full = self.pending_bytes >= self._max_pending
-            if pending_full or (budget.used >= budget.limit and not self.ahead):
+            ahead = self.ahead
+            refusal = self.budget.refuse_in_order(bool(ahead))
+            if refusal is not None:
                 # Storage is behind (or down), or the server's buffers are full (and this
                 # block unblocks nothing buffered here): not kept, the client resends it.
-                if pending_full:
-                    self.stats.recv_failed_pending += 1
-                else:
-                    self.stats.recv_failed_server += 1
-                out.append(_response(BlockStatus.RECV_FAILED, (seq,)))
+                self._refuse(refusal, seq, out)
                 return
             ready = self.ready
             ready.append(block)
-            added = len(block.data)
             expected += 1
-            ahead = self.ahead
+            moved = 0  # bytes of the blocks held ahead that follow it
             while ahead and expected in ahead:
                 nxt = ahead.pop(expected)
-                size = len(nxt.data)
-                self.ahead_bytes -= size
-                budget.used -= size
-                added += size
+                moved += len(nxt.data)
                 ready.append(nxt)
                 expected += 1
-            self.pending_bytes += added
-            budget.used += added
+            self.budget.take(len(block.data), moved)
             self.expected = expected
             self.last_in_order = expected - 1
             self._writes = None  # the resends are over: this is a new write
@@ -339,25 +329,22 @@ class Vdisk:
                     # Another write for a sequence not received in order yet: nothing
                     # was promised for the first (no FlushOK), the newest is kept.
                     self.ahead[seq] = block
-                    delta = len(block.data) - len(held.data)
-                    self.ahead_bytes += delta
-                    self.budget.used += delta
+                    self.budget.replace(len(held.data), len(block.data))
                 else:
                     self.stats.duplicate_blocks += 1
                 out.append(wire.recv_ok(seq))
-            elif (seq - expected > self._window
-                  or self.ahead_bytes + len(block.data) > self._window_bytes):
-                # Beyond the window: not kept; the client resends it once it got closer.
-                self.stats.recv_failed_window += 1
-                out.append(_response(BlockStatus.RECV_FAILED, (seq,)))
-            elif self.budget.used + len(block.data) > self.budget.limit:
-                self.stats.recv_failed_server += 1
-                out.append(_response(BlockStatus.RECV_FAILED, (seq,)))
             else:
-                self.ahead[seq] = block
-                self.ahead_bytes += len(block.data)
-                self.budget.used += len(block.data)
-                out.append(wire.recv_ok(seq))
+                size = len(block.data)
+                # Beyond the window (not kept; the client resends it once it got closer),
+                # or the server's buffers are full.
+                refusal = ("window" if seq - expected > self._window
+                           else self.budget.refuse_ahead(size))
+                if refusal is not None:
+                    self._refuse(refusal, seq, out)
+                else:
+                    self.ahead[seq] = block
+                    self.budget.hold(size)
+                    out.append(wire.recv_ok(seq))
         elif self._same_write(block, sender):
             self.stats.duplicate_blocks += 1
             out.append(wire.recv_ok(seq))
@@ -366,6 +353,17 @@ class Vdisk:
             # otherwise it is pending or being stored: its FlushOK will come
         else:
             self._new_write(block, out, sender)
+
+    def _refuse(self, why: Refusal, seq: int, out: list[bytes]) -> None:
+        """Answer RecvFailed for a block not kept for lack of room (counted by ``why``)."""
+        stats = self.stats
+        if why == "pending":
+            stats.recv_failed_pending += 1
+        elif why == "window":
+            stats.recv_failed_window += 1
+        else:
+            stats.recv_failed_server += 1
+        out.append(_response(BlockStatus.RECV_FAILED, (seq,)))
 
     def _refused_operation(self, block: Block) -> str | None:
         """Why a block whose operation is neither a set nor a delete is not taken; None for
@@ -453,9 +451,7 @@ class Vdisk:
             return
         for batch in batches:
             seqs = [b.sequence for b in batch.blocks]
-            size = sum(len(b.data) for b in batch.blocks)
-            self.pending_bytes -= size
-            self.budget.used -= size
+            self.budget.stored(sum(len(b.data) for b in batch.blocks))
             if batch.epoch != self.epoch:
                 # Stored in an epoch that has ended: its clients are gone, and the sequences
                 # now name other writes; telling the new clients would be a lie.
@@ -529,9 +525,8 @@ class Vdisk:
         self.log.warning("vdisk closed: %s (%d unacknowledged block(s) dropped in all)",
                          reason, dropped)
         self.ready.clear()
-        self._drop_ahead()
-        self.budget.used -= self.pending_bytes
-        self.pending_bytes = 0
+        self.ahead.clear()
+        self.budget.release()  # all of it (on_stored ignores a round still in flight)
         self._writes = None
         self._force_at.clear()
         for peer in list(self.peers):

@@ -1,0 +1,76 @@
+"""The byte budget on its own (`tlogserver.budget`): a vdisk's ahead and pending bytes and
+the server's total stay in step through every move, each bound refuses with its reason,
+and a vdisk given up returns what it held once. Inside the server the same accounting is
+checked by tests/test_hostile.py and tests/test_reliability.py."""
+
+from __future__ import annotations
+
+from tlogserver.budget import ServerBudget, VdiskBudget
+
+KIB = 1024
+
+
+def test_blocks_move_from_ahead_to_pending_without_counting_twice() -> None:
+    server = ServerBudget(1 << 30)
+    vdisk = VdiskBudget(server, max_ahead=64 * KIB, max_pending=64 * KIB)
+    vdisk.hold(4 * KIB)  # sequences 1 and 2 arrive before 0
+    vdisk.hold(4 * KIB)
+    assert (vdisk.ahead, vdisk.pending, server.used) == (8 * KIB, 0, 8 * KIB)
+    vdisk.take(4 * KIB, from_ahead=8 * KIB)  # 0 arrives: 0, 1 and 2 are in order
+    assert (vdisk.ahead, vdisk.pending, server.used) == (0, 12 * KIB, 12 * KIB)
+    vdisk.stored(12 * KIB)
+    assert (vdisk.ahead, vdisk.pending, server.used) == (0, 0, 0)
+
+
+def test_a_replaced_block_counts_its_new_size() -> None:
+    server = ServerBudget(1 << 30)
+    vdisk = VdiskBudget(server, max_ahead=64 * KIB, max_pending=64 * KIB)
+    vdisk.hold(4 * KIB)
+    vdisk.replace(4 * KIB, 0)  # a delete (no data) sent again in its place
+    assert (vdisk.ahead, server.used) == (0, 0)
+    vdisk.replace(0, 2 * KIB)
+    assert (vdisk.ahead, server.used) == (2 * KIB, 2 * KIB)
+
+
+def test_every_bound_refuses_with_its_reason() -> None:
+    server = ServerBudget(20 * KIB)
+    vdisk = VdiskBudget(server, max_ahead=8 * KIB, max_pending=12 * KIB)
+    assert vdisk.refuse_ahead(8 * KIB) is None
+    assert vdisk.refuse_ahead(8 * KIB + 1) == "window"
+    vdisk.take(12 * KIB, 0)
+    assert vdisk.refuse_in_order(unblocks=False) == "pending"
+    assert vdisk.refuse_in_order(unblocks=True) == "pending"  # storage behind: whatever it frees
+    vdisk.stored(4 * KIB)
+    assert vdisk.refuse_in_order(unblocks=False) is None
+    other = VdiskBudget(server, max_ahead=64 * KIB, max_pending=64 * KIB)
+    other.hold(12 * KIB)  # the server's 20 KiB are used up by the two vdisks together
+    assert server.used == 20 * KIB
+    assert vdisk.refuse_ahead(1) == "server"
+    assert vdisk.refuse_ahead(0) is None  # a block without data (a delete) takes no room
+    assert vdisk.refuse_in_order(unblocks=False) == "server"
+    # A block that moves blocks held ahead in order is taken: it frees the window.
+    assert other.refuse_in_order(unblocks=True) is None
+
+
+def test_a_vdisk_given_up_returns_everything_once() -> None:
+    server = ServerBudget(1 << 30)
+    kept = VdiskBudget(server, max_ahead=64 * KIB, max_pending=64 * KIB)
+    kept.take(4 * KIB, 0)
+    given_up = VdiskBudget(server, max_ahead=64 * KIB, max_pending=64 * KIB)
+    given_up.take(8 * KIB, 0)
+    given_up.hold(4 * KIB)
+    assert server.used == 16 * KIB
+    given_up.release()
+    assert (given_up.ahead, given_up.pending, server.used) == (0, 0, 4 * KIB)
+    given_up.drop_ahead()  # nothing more to give back
+    assert server.used == 4 * KIB
+
+
+def test_bounds_changed_on_reload_apply_to_the_next_block() -> None:
+    server = ServerBudget(1 << 30)
+    vdisk = VdiskBudget(server, max_ahead=64 * KIB, max_pending=64 * KIB)
+    vdisk.hold(16 * KIB)
+    vdisk.max_ahead = 16 * KIB
+    assert vdisk.refuse_ahead(1) == "window"
+    server.limit = 16 * KIB
+    assert vdisk.refuse_in_order(unblocks=False) == "server"
