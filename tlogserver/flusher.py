@@ -122,6 +122,28 @@ class Batch:
         self.prev = b""  # the hash the record chains to, once sealed
 
 
+class FlushListener(Protocol):
+    """What a flusher reports to, and asks of, the vdisk it stores for (given at
+    construction)."""
+
+    def on_stored(self, batches: list[Batch]) -> None:
+        """A round stored ``batches`` (in chain order)."""
+
+    def on_failed(self, batches: list[Batch], exc: Exception) -> None:
+        """A round of ``batches`` failed; it is retried after a backoff."""
+
+    def keep_retrying(self) -> bool:
+        """Whether a failing round may still be retried (a client is connected)."""
+
+    def abandon(self, reason: str, dropped: int) -> None:
+        """The flusher gave up (see the module doc); ``dropped`` blocks were not stored."""
+
+
+#: Told of every stored round before the listener, e.g. the standby sync, the retention
+#: keeper's measure of the log.
+StoredObserver = Callable[[list[Batch]], None]
+
+
 class RoundFailed(StorageError):
     """Fewer than ``min_pieces`` servers stored a round; names the ones that did not."""
 
@@ -139,9 +161,8 @@ class Flusher:
     """Seals, encodes and stores one vdisk's batches in order; see the module doc."""
 
     def __init__(self, vdisk_id: str, pool: StoragePool, writer: RecordWriter, prev: bytes,
-                 on_stored: Callable[[list[Batch]], None],
-                 on_failed: Callable[[list[Batch], Exception], None],
-                 stats: ServerStats | None = None, *, min_pieces: int | None = None,
+                 listener: FlushListener, stats: ServerStats | None = None, *,
+                 observers: Sequence[StoredObserver] = (), min_pieces: int | None = None,
                  straggler_wait: float | None = None,
                  server_heads: Sequence[bytes | None] | None = None) -> None:
         n = pool.k + pool.m
@@ -162,10 +183,8 @@ class Flusher:
         self._writer = writer
         self._coder = ErasureCoder(pool.k, pool.m)
         self._list_key = last_hash_key(vdisk_id)
-        self._on_stored = on_stored
-        self._on_failed = on_failed
-        self._keep_retrying: Callable[[], bool] = lambda: True
-        self._on_abandon: Callable[[str, int], None] = lambda reason, dropped: None
+        self._listener = listener
+        self._observers = tuple(observers)
         self._queue: deque[Batch] = deque()
         self._wake = asyncio.Event()
         self._retry = asyncio.Event()  # cuts the backoff before a retry short
@@ -192,13 +211,6 @@ class Flusher:
         self.abandoned = False
         self.stored_rounds = 0
         self.degraded_rounds = 0
-
-    def bind(self, keep_retrying: Callable[[], bool],
-             on_abandon: Callable[[str, int], None]) -> None:
-        """Hooks of the vdisk: whether a failing round may still be retried (a client is
-        connected), and what to do when the flusher gives up (reason, blocks dropped)."""
-        self._keep_retrying = keep_retrying
-        self._on_abandon = on_abandon
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(),
@@ -314,7 +326,7 @@ class Flusher:
                     self.log.warning("storing %d aggregation(s) failed, retrying in %.2fs: %s",
                                      len(sealed), delay, exc)
                     self.stats.flush_failed_blocks += sum(len(b.blocks) for b in sealed)
-                    self._on_failed(sealed, exc)
+                    self._listener.on_failed(sealed, exc)
                     self._retry.clear()
                     try:  # (asyncio.timeout: 3.11's wait_for may swallow a cancellation)
                         async with asyncio.timeout(delay):
@@ -342,14 +354,16 @@ class Flusher:
                 if last is not None:
                     self.stored_head = last.hash
                 self._count_stored(done)
-                self._on_stored(done)
+                for observe in self._observers:
+                    observe(done)
+                self._listener.on_stored(done)
             self._idle.set()
 
     # -- giving up instead of forking --
 
     async def _why_give_up(self) -> str | None:
         """Before a retry: a reason to stop retrying (see the module doc), else None."""
-        if not self._keep_retrying():
+        if not self._listener.keep_retrying():
             return "storage failing and no client connected any more"
         if self.foreign_head is not None:
             return (f"another writer moved the chain head to {self.foreign_head.hex()[:16]} "
@@ -376,7 +390,7 @@ class Flusher:
         self._idle.set()
         self.log.error("giving up on the vdisk: %s; %d unacknowledged block(s) dropped (no "
                        "FlushOK was sent for them: clients resend them)", reason, dropped)
-        self._on_abandon(reason, dropped)
+        self._listener.abandon(reason, dropped)
 
     def _remember(self, key: bytes) -> None:
         if len(self._known) == self._known.maxlen:

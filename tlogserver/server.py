@@ -14,6 +14,7 @@ import logging
 import ssl
 import time
 from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import Any
 
 from tlog.read.head import find_last_and_heads
@@ -45,7 +46,7 @@ from .config import (
 from .connection import TlogConnection
 from .etcdsource import EtcdSource
 from .fleet import fleet_gauges, fleet_unready
-from .flusher import Batch, Flusher
+from .flusher import Flusher, StoredObserver
 from .http import OpsServer
 from .looplag import LoopLagProbe
 from .metrics import ServerCollector, make_registry
@@ -342,30 +343,24 @@ class TlogServer:
             writer = LegacyWriter(cfg.master_key, cfg.legacy_nonce, vdisk_id)
         else:
             writer = V2Writer(cfg.master_key, vdisk_id)
-        holder: list[Vdisk] = []
+        # Told of every stored round, before the vdisk: its standby, the log's measure.
+        observers: list[StoredObserver] = []
         syncer = self.syncers.get(vdisk_id)
         if syncer is not None:
             syncer.attach(prev, last.epoch if last is not None else 0,
                           last.last_sequence if last is not None else -1)
-
-        factor = (pool.k + pool.m) / pool.k
-
-        def on_stored(batches: list[Batch]) -> None:
-            if syncer is not None:
-                syncer.stored(batches)
-            self.keeper.stored(vdisk_id, batches, factor)
-            holder[0].on_stored(batches)
-        flusher = Flusher(vdisk_id, pool, writer, prev, on_stored=on_stored,
-                          on_failed=lambda batches, exc: holder[0].on_failed(batches, exc),
-                          stats=self.stats, min_pieces=cfg.min_pieces,
+            observers.append(syncer.stored)
+        observers.append(partial(self.keeper.stored, vdisk_id,
+                                 factor=(pool.k + pool.m) / pool.k))
+        flusher = partial(Flusher, vdisk_id, pool, writer, prev, stats=self.stats,
+                          observers=observers, min_pieces=cfg.min_pieces,
                           server_heads=server_heads)
         vdisk = Vdisk(vdisk_id, cfg, flusher, self._retire, self.stats,
                       epoch=last.epoch if last is not None else 0,
                       last_sequence=last.last_sequence if last is not None else None,
-                      has_chain=last is not None, server_budget=self.budget)
-        vdisk.takes_ranges = cfg.storage_format == "v2"
-        holder.append(vdisk)
-        flusher.start()
+                      has_chain=last is not None, server_budget=self.budget,
+                      takes_ranges=cfg.storage_format == "v2")
+        vdisk.flusher.start()
         self.keeper.opened(vdisk_id)
         return vdisk
 

@@ -40,7 +40,7 @@ from tlog.record.identity import StoredWrites, write_identity
 
 from .budget import Refusal, ServerBudget, VdiskBudget
 from .config import ServerConfig
-from .flusher import Batch, Flusher
+from .flusher import Batch, Flusher, FlushListener
 from .logs import ContextLogger
 from .stats import ServerStats
 
@@ -51,6 +51,9 @@ log = logging.getLogger(__name__)
 #: that many stored blocks without their FlushOK): it numbers anew, and gets a new epoch.
 RESEND_CHECK_BLOCKS = 65536
 
+
+#: Builds a vdisk's flusher around it: the vdisk is the flusher's listener.
+FlusherFactory = Callable[[FlushListener], Flusher]
 
 #: How stored writes are read back: ``read(head, from_sequence, epoch, limit)`` ->
 #: `tlog.read.resends.stored_writes` on the vdisk's pool.
@@ -93,16 +96,17 @@ class HandshakeResult:
 
 
 class Vdisk:
-    """The ordering window, flush triggers and FlushOK fan-out of one vdisk."""
+    """The ordering window, flush triggers and FlushOK fan-out of one vdisk; the listener
+    of its flusher (`tlogserver.flusher.FlushListener`)."""
 
-    def __init__(self, vdisk_id: str, config: ServerConfig, flusher: Flusher,
+    def __init__(self, vdisk_id: str, config: ServerConfig, flusher: FlusherFactory,
                  on_retire: Callable[[Vdisk], None], stats: ServerStats | None = None, *,
                  epoch: int = 0, last_sequence: int | None = None, has_chain: bool = False,
-                 server_budget: ServerBudget | None = None) -> None:
+                 server_budget: ServerBudget | None = None, takes_ranges: bool = True) -> None:
         self.id = vdisk_id
         self.stats = stats if stats is not None else ServerStats()
         self.log = ContextLogger(log, vdisk=vdisk_id)
-        self.flusher = flusher
+        self.flusher = flusher(self)  # (it calls nothing back before it is started)
         self._on_retire = on_retire
         self.peers: set[Peer] = set()
         #: The bytes of the blocks held (``ahead``, ``pending``), within the server's budget.
@@ -136,10 +140,9 @@ class Vdisk:
         self._compacted_below = 0
         self.retired = False
         #: Whether range deletes can be stored (v2 records; the legacy format cannot).
-        self.takes_ranges = True
+        self.takes_ranges = takes_ranges
         #: Why the vdisk was given up (see `abandon`), None while it is in use.
         self.abandoned: str | None = None
-        flusher.bind(keep_retrying=lambda: bool(self.peers), on_abandon=self.abandon)
         self.apply(config)
 
     def apply(self, config: ServerConfig) -> None:
@@ -470,6 +473,11 @@ class Vdisk:
             if batch.epoch == self.epoch:
                 self._broadcast(_response(BlockStatus.FLUSH_FAILED,
                                           [b.sequence for b in batch.blocks]))
+
+    def keep_retrying(self) -> bool:
+        """A failing round is retried while a client is connected (see `tlogserver.flusher`:
+        without one, the client moved on, maybe to another server)."""
+        return bool(self.peers)
 
     def _broadcast(self, data: bytes) -> None:
         for peer in list(self.peers):
