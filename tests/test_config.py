@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import subprocess
 import sys
@@ -9,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tlogserver.config import ConfigError, ServerConfig, from_sources
+from tlogserver.config import RELOADABLE, ConfigError, ServerConfig, from_sources
 
 KEY = "12345678901234567890123456789012"
 
@@ -111,3 +112,24 @@ def test_storage_autofill() -> None:
     with pytest.raises(ConfigError, match="storage-addresses"):
         ServerConfig(storage_addresses=["a:1", "b:2", "c:3", "d:4", "e:5", "f:6", "g:7"],
                      priv_key=KEY).validate()
+
+
+def test_a_reload_builds_a_new_config_and_leaves_the_running_one_alone(tmp_path: Path) -> None:
+    key_file = tmp_path / "key"
+    key_file.write_text(KEY + "\n")
+    running = ServerConfig(key_file=str(key_file), storage_addresses=["127.0.0.1:7000"],
+                           flush_size=25).validate()
+    before = copy.deepcopy(running)
+    key_file.write_text("another key, not read before a restart\n")
+    new = ServerConfig(priv_key=KEY, storage_addresses=["127.0.0.1:7000"], flush_size=7, k=3,
+                       access="token").validate()
+    merged = running.reloaded(new, RELOADABLE, storage=False)
+    assert running == before and merged is not running
+    assert (merged.flush_size, merged.k, merged.key_file) == (7, 4, str(key_file))
+    assert merged.master_key == KEY.encode()  # the running key, the file not read again
+    assert merged.access_policy == new.access_policy != running.access_policy
+    # A mix that does not hold together is refused as a whole.
+    legacy = ServerConfig(priv_key=KEY, storage_format="legacy", nonce="ab" * 12).validate()
+    with pytest.raises(ConfigError, match="retention: the legacy storage format"):
+        legacy.reloaded(ServerConfig(retention_keep_sequences=10).validate(), RELOADABLE,
+                        storage=False)

@@ -8,6 +8,7 @@ own exposition parser.
 from __future__ import annotations
 
 import asyncio
+import copy
 import hashlib
 import json
 import logging
@@ -533,3 +534,42 @@ def test_reload_in_process_applies_what_it_can(caplog: pytest.LogCaptureFixture)
         run(scenario())
     assert "config reloaded: flush_size 25 -> 7" in caplog.text
     assert "k 4 -> 3: takes effect only after a restart" in caplog.text
+
+
+def test_a_reload_that_does_not_hold_together_changes_nothing(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The config a reload runs on is built whole and validated before anything changes.
+    Here the new flush size and window could apply, but the retention policy that comes
+    with them cannot on the running legacy format (the format needs a restart): none of it
+    applies, where setting the options one by one used to apply the first ones."""
+    async def scenario() -> None:
+        async with running_server(flush_size=25, storage_format="legacy", priv_key=KEY,
+                                  nonce="ab" * 12) as server:
+            running = server.config
+            before = copy.deepcopy(running)
+            client = await WireClient.connect(port_of(server))
+            for seq in range(7):
+                client.send(seq, block_data(seq))
+            await client.wait_for(lambda: len(client.events) == 8, "RecvOK x7")
+            new = ServerConfig(address="127.0.0.1:0", flush_time=30.0, flush_size=7,
+                               max_buffered_blocks=10, retention_keep_sequences=100).validate()
+            assert not server.reload(new)
+            assert server.config is running and running == before
+            assert server.stats.reloads_failed == 1 and server.stats.reloads_ok == 0
+            client.send(100, block_data(100))  # within the running window, not the new one
+            await client.wait_for(lambda: (100,) in client.responses(BlockStatus.RECV_OK),
+                                  "RecvOK in the running window")
+            # The same file without the policy: it applies (the 7 blocks are cut at once).
+            fixed = ServerConfig(address="127.0.0.1:0", flush_time=30.0, flush_size=7,
+                                 max_buffered_blocks=10).validate()
+            assert server.reload(fixed)
+            await client.wait_flushed(range(7))
+            assert server.config.flush_size == 7 and server.config.storage_format == "legacy"
+            assert running == before  # a new config, the old one untouched
+            await client.close()
+
+    with caplog.at_level("INFO"):
+        run(scenario())
+    assert ("config reload rejected, keeping the running config: retention: the legacy "
+            "storage format cannot hold checkpoints") in caplog.text
+    assert "config reloaded: flush_size 25 -> 7, max_buffered_blocks 16384 -> 10" in caplog.text

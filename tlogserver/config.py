@@ -4,6 +4,9 @@ Values come from, in order of precedence: command-line flags, ``TLOG_*``
 environment variables (click folds both in), the YAML file given with
 ``--config``, and the defaults below. `ServerConfig.validate` checks everything
 and raises `ConfigError` with a one-line message naming the bad setting.
+
+A config is built whole and then left alone: a reload builds the next one
+(`ServerConfig.reloaded`), validates it, and the server swaps it in.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import ipaddress
 import logging
 import os
 import ssl
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -54,6 +57,9 @@ LOG_LAYOUT = ("k", "m", "block_size", "storage_format", "nonce")
 #: Options whose values are never logged, not even when they change (storage addresses may
 #: hold passwords: they are logged without them).
 SECRET = frozenset({"priv_key", "nonce"})
+#: Field metadata of what a config is built from besides its options (the config source's
+#: structure): not an option, no flag.
+_SOURCE = {"option": False}
 
 
 @dataclass
@@ -116,9 +122,10 @@ class ServerConfig:
     retention_keep_bytes: str | None = None
     retention_interval: str = "10m"
 
-    # from the YAML file's structure (from_sources), not options
-    vdisk_access: dict[str, Any] = field(default_factory=dict, init=False, repr=False)
-    tls_clients: dict[str, Any] = field(default_factory=dict, init=False, repr=False)
+    # from the config source's structure (from_sources), not options
+    storage: StorageConfig | None = field(default=None, repr=False, metadata=_SOURCE)
+    vdisk_access: dict[str, Any] = field(default_factory=dict, repr=False, metadata=_SOURCE)
+    tls_clients: dict[str, Any] = field(default_factory=dict, repr=False, metadata=_SOURCE)
     # derived by validate()
     host: str = field(default="", init=False, repr=False)
     port: int = field(default=0, init=False, repr=False)
@@ -126,7 +133,6 @@ class ServerConfig:
     metrics_port: int = field(default=0, init=False, repr=False)
     master_key: bytes | None = field(default=None, init=False, repr=False)
     legacy_nonce: bytes | None = field(default=None, init=False, repr=False)
-    storage: StorageConfig | None = field(default=None, init=False, repr=False)
     ephemeral_key: bool = field(default=False, init=False, repr=False)
     old_keys: list[bytes] = field(default_factory=list, init=False, repr=False)
     access_policy: AccessPolicy = field(default_factory=AccessPolicy, init=False, repr=False)
@@ -142,10 +148,29 @@ class ServerConfig:
 
     @classmethod
     def option_names(cls) -> list[str]:
-        return [f.name for f in dataclasses.fields(cls) if f.init]
+        return [f.name for f in dataclasses.fields(cls)
+                if f.init and f.metadata.get("option", True)]
 
-    def validate(self) -> ServerConfig:
-        """Check every value and derive host/port, keys and storage; returns self."""
+    def reloaded(self, new: ServerConfig, live: Collection[str],
+                 storage: bool) -> ServerConfig:
+        """The config a reload runs on, built whole and validated (self is not touched):
+        this config's options but the ``live`` ones, which are ``new``'s; new's vdisk
+        entries and certificate names (access rules, retention); new's storage map when
+        ``storage``, else this one's. What only a restart changes keeps its running value
+        (see `validate`). ConfigError when the mix does not hold together."""
+        options = {name: getattr(new if name in live else self, name)
+                   for name in self.option_names()}
+        merged = ServerConfig(**options, storage=new.storage if storage else self.storage,
+                              vdisk_access=new.vdisk_access, tls_clients=new.tls_clients)
+        return merged.validate(running=self)
+
+    def validate(self, running: ServerConfig | None = None) -> ServerConfig:
+        """Check every value and derive host/port, keys and storage; returns self.
+
+        ``running``: the config of the running server this one replaces (a reload), whose
+        master key (the key file may have changed since, or the key was drawn at random)
+        and standbys are kept: they change only with a restart.
+        """
         self.host, self.port = parse_listen_address(self.address)
         if self.metrics_address:
             self.metrics_host, self.metrics_port = parse_listen_address(self.metrics_address,
@@ -183,11 +208,11 @@ class ServerConfig:
         if self.storage_format not in ("v2", "legacy"):
             raise ConfigError(f"storage-format: must be v2 or legacy, got {self.storage_format!r}")
         self._validate_storage()
-        self._validate_keys()
+        self._validate_keys(running)
         self._validate_min_pieces()
         self._validate_tls()
         self._validate_access()
-        self._validate_slaves()
+        self._validate_slaves(running)
         self._validate_retention()
         return self
 
@@ -221,7 +246,10 @@ class ServerConfig:
             return self.retention_vdisks[vdisk_id]
         return self.retention_default
 
-    def _validate_slaves(self) -> None:
+    def _validate_slaves(self, running: ServerConfig | None) -> None:
+        if running is not None:
+            self.slave_targets = running.slave_targets
+            return
         try:
             targets = parse_slave_targets(self.vdisk_access)
         except StorageConfigError as exc:
@@ -298,16 +326,19 @@ class ServerConfig:
     def uses_memory_storage(self) -> bool:
         return self.memory_storage or (not self.storage_addresses and self.storage is None)
 
-    def _validate_keys(self) -> None:
+    def _validate_keys(self, running: ServerConfig | None) -> None:
         if self.priv_key and self.key_file:
             raise ConfigError("priv-key and key-file: give only one master key")
-        try:
-            if self.key_file:
-                self.master_key = crypto.load_key_file(self.key_file)
-            elif self.priv_key:
-                self.master_key = crypto.parse_key(self.priv_key, "priv-key")
-        except crypto.CryptoError as exc:
-            raise ConfigError(str(exc)) from None
+        if running is not None:
+            self.master_key, self.ephemeral_key = running.master_key, running.ephemeral_key
+        else:
+            try:
+                if self.key_file:
+                    self.master_key = crypto.load_key_file(self.key_file)
+                elif self.priv_key:
+                    self.master_key = crypto.parse_key(self.priv_key, "priv-key")
+            except crypto.CryptoError as exc:
+                raise ConfigError(str(exc)) from None
         if self.old_key_files and self.storage_format == "legacy":
             raise ConfigError("old-key-file: only for the v2 storage format (legacy records "
                               "carry no key id)")
@@ -405,20 +436,21 @@ def from_sources(cli_values: Mapping[str, Any], explicit: set[str],
     for name, value in file_options(file_data, values["config"]).items():
         if name not in explicit:
             values[name] = value
-    cfg = ServerConfig(**{k: v for k, v in values.items() if k in known | {"config"}})
+    options = {k: v for k, v in values.items() if k in known | {"config"}}
+    storage = None
     if _has_storage_map(file_data):
         try:
-            cfg.storage = parse_storage_config(file_data, cfg.k + cfg.m if _int_ok(cfg) else None)
+            storage = parse_storage_config(file_data, _servers(options))
         except StorageConfigError as exc:
             raise ConfigError(f"config {values['config']}: {exc}") from None
     vdisks = file_data.get("vdisks")
-    cfg.vdisk_access = dict(vdisks) if isinstance(vdisks, dict) else {}
     clients = file_data.get("tls_clients")
     if clients is not None and not isinstance(clients, dict):
         raise ConfigError(f"config {values['config']}: tls_clients: expected a mapping of "
                           "certificate name -> vdisk patterns")
-    cfg.tls_clients = dict(clients or {})
-    return cfg.validate()
+    return ServerConfig(**options, storage=storage,
+                        vdisk_access=dict(vdisks) if isinstance(vdisks, dict) else {},
+                        tls_clients=dict(clients or {})).validate()
 
 
 def require_storage(cfg: ServerConfig, data: Mapping[str, Any]) -> None:
@@ -483,8 +515,11 @@ def _has_storage_map(file_data: Mapping[str, Any]) -> bool:
                for entry in vdisks.values() if entry is not None)
 
 
-def _int_ok(cfg: ServerConfig) -> bool:
-    return isinstance(cfg.k, int) and isinstance(cfg.m, int)
+def _servers(options: Mapping[str, Any]) -> int | None:
+    """k + m of the options (the defaults where not given); None if either is no number
+    (validation says so)."""
+    k, m = options.get("k", ServerConfig.k), options.get("m", ServerConfig.m)
+    return k + m if isinstance(k, int) and isinstance(m, int) else None
 
 
 def _coerce(name: str, value: Any, path: str) -> Any:

@@ -25,6 +25,7 @@ from tlog.record.identity import StoredWrites
 from tlog.record.pieces import DecodeError
 from tlog.storage import (
     ClusterPoolFactory,
+    StorageConfig,
     StorageConfigError,
     StorageError,
     StoragePool,
@@ -38,6 +39,7 @@ from . import logs
 from .budget import ServerBudget
 from .config import (
     RELOADABLE,
+    ConfigError,
     ServerConfig,
     changed_options,
     describe_change,
@@ -467,48 +469,55 @@ class TlogServer:
 
         Vdisks opened from now on get their storage cluster from the new map; open vdisks
         keep theirs until they are released. Options outside `RELOADABLE` are reported as
-        needing a restart and keep their running values. Nothing changes if the new storage
-        map does not fit the running k and m.
+        needing a restart and keep their running values. The config the server goes on
+        with is built whole and validated first (`ServerConfig.reloaded`), then swapped in
+        for the running one, which is never changed in place: nothing changes if that
+        config does not validate (e.g. a reloadable option that the running format
+        refuses), or if the new storage map does not fit the running k and m.
         """
         cur = self.config
         changed = changed_options(cur, new)
         live = RELOADABLE if self.tls is not None else RELOADABLE - {"tls_cert", "tls_key"}
-        reloadable = [name for name in changed if name in live]
         restart = [describe_change(name, cur, new) for name in changed
                    if name not in live and name != "config"]
         if (new.master_key != cur.master_key and not cur.ephemeral_key
                 and not {"priv_key", "key_file"} & set(changed)):
             restart.append("master key (the key file's content)")
-        applied = [describe_change(name, cur, new) for name in reloadable]
+        applied = [describe_change(name, cur, new) for name in changed if name in live]
+        new_map: tuple[ClusterPoolFactory, StorageConfig] | None = None  # to switch to
         if new.storage != cur.storage:
             if isinstance(self.factory, ClusterPoolFactory) and new.storage is not None:
-                try:
-                    self.factory.update(new.storage)  # checked before it is swapped in
-                except StorageConfigError as exc:
-                    return self.reload_failed(f"storage map: {exc}")
-                self._note_moved_vdisks(cur, new)
-                cur.storage = new.storage
-                applied.append(f"storage map ({self.factory.describe()})")
+                new_map = (self.factory, new.storage)
             elif new.storage is None:
                 restart.append("storage map removed (the running one is kept)")
             else:
                 restart.append("storage map (this server runs on --storage-addresses or "
                                "in-memory storage)")
-        for name in reloadable:
-            setattr(cur, name, getattr(new, name))
-        if (new.retention_default, new.retention_vdisks) != (cur.retention_default,
-                                                             cur.retention_vdisks):
-            cur.retention_default, cur.retention_vdisks = (new.retention_default,
-                                                           new.retention_vdisks)
-            applied.append("retention policies")
-            self.keeper.reconfigured()
         if new.slave_targets != cur.slave_targets:
             restart.append("slave sync settings (with_slave_sync, slave_server, slave_prefix)")
-        self.budget.limit = cur.max_server_buffered_bytes
+        try:
+            merged = cur.reloaded(new, live, storage=new_map is not None)
+        except ConfigError as exc:
+            return self.reload_failed(str(exc))
+        if new_map is not None:
+            factory, storage_map = new_map
+            try:
+                factory.update(storage_map)  # checked before it is swapped in
+            except StorageConfigError as exc:
+                return self.reload_failed(f"storage map: {exc}")
+            self._note_moved_vdisks(cur, new)
+            applied.append(f"storage map ({self.factory.describe()})")
+        # Nothing fails from here on: the new config goes in as a whole.
+        self.config = merged
+        if (merged.retention_default, merged.retention_vdisks) != (cur.retention_default,
+                                                                   cur.retention_vdisks):
+            applied.append("retention policies")
+            self.keeper.reconfigured()
+        self.budget.limit = merged.max_server_buffered_bytes
         for vdisk in list(self.vdisks.values()):
-            vdisk.apply(cur)
-        logs.reconfigure(cur.effective_log_level, cur.log_format)
-        applied.extend(self._reload_access(new))
+            vdisk.apply(merged)
+        logs.reconfigure(merged.effective_log_level, merged.log_format)
+        applied.extend(self._reload_access(cur, merged))
         self.stats.reloads_ok += 1
         self.stats.last_reload_ok = True
         self.stats.last_reload_time = time.time()
@@ -535,8 +544,9 @@ class TlogServer:
                          "(no client, nothing pending)", before, after, before,
                          extra={"vdisk": vdisk_id})
 
-    def _reload_access(self, new: ServerConfig) -> list[str]:
-        """Swap in the access rules, the old keys and the TLS certificate of ``new``.
+    def _reload_access(self, old: ServerConfig, new: ServerConfig) -> list[str]:
+        """Take the access rules, the old keys and the TLS certificate of ``new``, the
+        config swapped in for ``old``.
 
         Handshakes from now on are checked against the new rules; connections already
         accepted keep running (they were allowed when they came). Returns what changed,
@@ -545,12 +555,11 @@ class TlogServer:
         """
         changed = []
         if new.access_policy != self.access:
-            self.access = self.config.access_policy = new.access_policy
+            self.access = new.access_policy
             changed.append(f"access rules ({len(new.access_policy.vdisks)} vdisk rule(s), "
                            f"default {'/'.join(sorted(new.access_policy.default.modes))})")
-        if new.old_keys != self.config.old_keys:
-            self.config.old_keys = new.old_keys
-            self.opener = _opener(self.config)
+        if new.old_keys != old.old_keys:
+            self.opener = _opener(new)
             changed.append(f"read keys {_key_ids(self.opener.keyring.ids)}")
         if self.tls is not None and new.tls_cert:
             try:
