@@ -1,5 +1,6 @@
 """The package layout keeps its promises: no import circles, no module reaching into another's
-underscore names, the library never importing the daemon, and modules of a readable size.
+underscore names, the library never importing the daemon, and modules of a readable size; in
+the daemon, no object reaching into another's underscore attributes.
 
 Imports are read from the source (every ``import`` and ``from`` statement, those inside
 functions and ``if TYPE_CHECKING:`` blocks included), so a circle hidden behind a late
@@ -28,6 +29,10 @@ LAYERS = (
 )
 #: The daemon's write path: a block from the socket to the storage, and its answers.
 WRITE_PATH = ("tlogserver.connection", "tlogserver.vdisk", "tlogserver.flusher")
+
+#: Packages where only ``self._x`` and ``cls._x`` are used: an object's underscore attributes
+#: are its own (the wiring between objects goes through what they make public).
+OWN_PRIVATES_ONLY = ("tlogserver",)
 
 
 def _modules() -> dict[str, Path]:
@@ -181,6 +186,32 @@ def test_the_daemons_write_path_imports_nothing_from_the_read_side() -> None:
                  for target, _ in _imports(module)
                  if target == "tlog.read" or target.startswith("tlog.read.")]
     assert offenders == []
+
+def _foreign_privates(tree: ast.AST) -> list[ast.Attribute]:
+    """``x._name`` where x is not ``self`` or ``cls`` (dunder names aside). A module's own
+    underscore names are plain names, not attributes, and pass."""
+    return [node for node in ast.walk(tree)
+            if isinstance(node, ast.Attribute) and node.attr.startswith("_")
+            and not (node.attr.startswith("__") and node.attr.endswith("__"))
+            and not (isinstance(node.value, ast.Name) and node.value.id in ("self", "cls"))]
+
+
+def test_objects_use_only_their_own_underscore_attributes() -> None:
+    offenders = [f"{module}:{node.lineno}: {ast.unparse(node)}"
+                 for module, path in MODULES.items()
+                 if module.split(".")[0] in OWN_PRIVATES_ONLY
+                 for node in _foreign_privates(ast.parse(path.read_text(), str(path)))]
+    assert offenders == []
+
+
+def test_the_checker_sees_foreign_underscore_attributes() -> None:
+    source = ("_COUNT = 0\n"
+              "class A:\n"
+              "    def f(self, other):\n"
+              "        self._a = other._b + _COUNT\n"
+              "        return cls._c, other.public, other.__class__, self.peer._d\n")
+    assert [ast.unparse(n) for n in _foreign_privates(ast.parse(source))] == [
+        "other._b", "self.peer._d"]
 
 
 def test_the_checker_sees_circles() -> None:
