@@ -16,7 +16,8 @@ def test_blocks_move_from_ahead_to_pending_without_counting_twice() -> None:
     vdisk.hold(4 * KIB)  # sequences 1 and 2 arrive before 0
     vdisk.hold(4 * KIB)
     assert (vdisk.ahead, vdisk.pending, server.used) == (8 * KIB, 0, 8 * KIB)
-    vdisk.take(4 * KIB, from_ahead=8 * KIB)  # 0 arrives: 0, 1 and 2 are in order
+    assert vdisk.admit(4 * KIB, unblocks=True) is None  # 0 arrives...
+    vdisk.to_pending(8 * KIB)  # ...and 0, 1 and 2 are in order
     assert (vdisk.ahead, vdisk.pending, server.used) == (0, 12 * KIB, 12 * KIB)
     vdisk.stored(12 * KIB)
     assert (vdisk.ahead, vdisk.pending, server.used) == (0, 0, 0)
@@ -37,27 +38,28 @@ def test_every_bound_refuses_with_its_reason() -> None:
     vdisk = VdiskBudget(server, max_ahead=8 * KIB, max_pending=12 * KIB)
     assert vdisk.refuse_ahead(8 * KIB) is None
     assert vdisk.refuse_ahead(8 * KIB + 1) == "window"
-    vdisk.take(12 * KIB, 0)
-    assert vdisk.refuse_in_order(unblocks=False) == "pending"
-    assert vdisk.refuse_in_order(unblocks=True) == "pending"  # storage behind: whatever it frees
+    assert vdisk.admit(12 * KIB, unblocks=False) is None
+    assert vdisk.admit(1, unblocks=False) == "pending"
+    assert vdisk.admit(1, unblocks=True) == "pending"  # storage behind: whatever it frees
+    assert (vdisk.pending, server.used) == (12 * KIB, 12 * KIB)  # nothing counted when refused
     vdisk.stored(4 * KIB)
-    assert vdisk.refuse_in_order(unblocks=False) is None
     other = VdiskBudget(server, max_ahead=64 * KIB, max_pending=64 * KIB)
     other.hold(12 * KIB)  # the server's 20 KiB are used up by the two vdisks together
     assert server.used == 20 * KIB
     assert vdisk.refuse_ahead(1) == "server"
     assert vdisk.refuse_ahead(0) is None  # a block without data (a delete) takes no room
-    assert vdisk.refuse_in_order(unblocks=False) == "server"
+    assert vdisk.admit(1, unblocks=False) == "server"
     # A block that moves blocks held ahead in order is taken: it frees the window.
-    assert other.refuse_in_order(unblocks=True) is None
+    assert other.admit(1, unblocks=True) is None
+    assert server.used == 20 * KIB + 1
 
 
 def test_a_vdisk_given_up_returns_everything_once() -> None:
     server = ServerBudget(1 << 30)
     kept = VdiskBudget(server, max_ahead=64 * KIB, max_pending=64 * KIB)
-    kept.take(4 * KIB, 0)
+    kept.admit(4 * KIB, unblocks=False)
     given_up = VdiskBudget(server, max_ahead=64 * KIB, max_pending=64 * KIB)
-    given_up.take(8 * KIB, 0)
+    given_up.admit(8 * KIB, unblocks=False)
     given_up.hold(4 * KIB)
     assert server.used == 16 * KIB
     given_up.release()
@@ -73,4 +75,4 @@ def test_bounds_changed_on_reload_apply_to_the_next_block() -> None:
     vdisk.max_ahead = 16 * KIB
     assert vdisk.refuse_ahead(1) == "window"
     server.limit = 16 * KIB
-    assert vdisk.refuse_in_order(unblocks=False) == "server"
+    assert vdisk.admit(1, unblocks=False) == "server"

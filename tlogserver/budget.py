@@ -43,23 +43,23 @@ class VdiskBudget:
         self.max_pending = max_pending
 
     # -- blocks received in order --
-    def refuse_in_order(self, unblocks: bool) -> Refusal | None:
-        """Why a block received in order is not taken (None: it is). ``unblocks``: blocks
-        are held ahead of it, which it may move in order: then the server's budget does
-        not stop it (what it frees is counted already)."""
+    def admit(self, size: int, unblocks: bool) -> Refusal | None:
+        """A block of ``size`` bytes received in order: counted as pending and None, or why
+        it is not taken. ``unblocks``: blocks are held ahead of it, which it may move in
+        order: then the server's budget does not stop it (they are counted already)."""
         if self.pending >= self.max_pending:
             return "pending"
         server = self.server
         if not unblocks and server.used >= server.limit:
             return "server"
+        self.pending += size
+        server.used += size
         return None
 
-    def take(self, size: int, from_ahead: int) -> None:
-        """Blocks moved in order: a new one of ``size`` bytes, and ``from_ahead`` bytes of
-        blocks held ahead until now."""
-        self.ahead -= from_ahead
-        self.pending += size + from_ahead
-        self.server.used += size
+    def to_pending(self, size: int) -> None:
+        """``size`` bytes of blocks held ahead moved in order (behind an admitted one)."""
+        self.ahead -= size
+        self.pending += size
 
     def stored(self, size: int) -> None:
         """``size`` pending bytes were stored."""

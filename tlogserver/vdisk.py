@@ -296,7 +296,7 @@ class Vdisk:
         assert expected is not None
         if seq == expected:
             ahead = self.ahead
-            refusal = self.budget.refuse_in_order(bool(ahead))
+            refusal = self.budget.admit(len(block.data), bool(ahead))
             if refusal is not None:
                 # Storage is behind (or down), or the server's buffers are full (and this
                 # block unblocks nothing buffered here): not kept, the client resends it.
@@ -305,13 +305,14 @@ class Vdisk:
             ready = self.ready
             ready.append(block)
             expected += 1
-            moved = 0  # bytes of the blocks held ahead that follow it
-            while ahead and expected in ahead:
-                nxt = ahead.pop(expected)
-                moved += len(nxt.data)
-                ready.append(nxt)
-                expected += 1
-            self.budget.take(len(block.data), moved)
+            if ahead and expected in ahead:  # it unblocks the ones that arrived early
+                moved = 0
+                while expected in ahead:
+                    nxt = ahead.pop(expected)
+                    moved += len(nxt.data)
+                    ready.append(nxt)
+                    expected += 1
+                self.budget.to_pending(moved)
             self.expected = expected
             self.last_in_order = expected - 1
             self._writes = None  # the resends are over: this is a new write
