@@ -67,23 +67,22 @@ class VdiskBudget:
         self.server.used -= size
 
     # -- blocks ahead of their turn --
-    def refuse_ahead(self, size: int) -> Refusal | None:
-        """Why a block of ``size`` bytes is not held ahead (None: it is)."""
+    def admit_ahead(self, size: int) -> Refusal | None:
+        """A block of ``size`` bytes that arrived ahead of its turn: counted as held ahead
+        and None, or why it is not kept."""
         if self.ahead + size > self.max_ahead:
             return "window"
         server = self.server
         if server.used + size > server.limit:
             return "server"
-        return None
-
-    def hold(self, size: int) -> None:
-        """A block of ``size`` bytes is held ahead."""
         self.ahead += size
-        self.server.used += size
+        server.used += size
+        return None
 
     def replace(self, old: int, new: int) -> None:
         """A block held ahead, of ``old`` bytes, was replaced by one of ``new`` bytes."""
-        self.hold(new - old)
+        self.ahead += new - old
+        self.server.used += new - old
 
     def drop_ahead(self) -> None:
         """Every block held ahead was dropped."""

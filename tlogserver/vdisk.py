@@ -338,16 +338,14 @@ class Vdisk:
                     self.stats.duplicate_blocks += 1
                 out.append(wire.recv_ok(seq))
             else:
-                size = len(block.data)
                 # Beyond the window (not kept; the client resends it once it got closer),
                 # or the server's buffers are full.
                 refusal = ("window" if seq - expected > self._window
-                           else self.budget.refuse_ahead(size))
+                           else self.budget.admit_ahead(len(block.data)))
                 if refusal is not None:
                     self._refuse(refusal, seq, out)
                 else:
                     self.ahead[seq] = block
-                    self.budget.hold(size)
                     out.append(wire.recv_ok(seq))
         elif self._same_write(block, sender):
             self.stats.duplicate_blocks += 1
