@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import enum
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from . import schema, wire
 from .status import BlockStatus, HandshakeStatus, MessageType, Operation
@@ -182,6 +183,14 @@ class _FrameReader:
     def pending(self) -> int:
         return self._end - self._start
 
+    def consume(self, parse: Callable[..., int], *args: Any) -> None:
+        """Let ``parse(buf, start, end, *args)`` take whole messages off the front.
+
+        The fast paths (wire.take_blocks, wire.take_responses) parse straight out of
+        the buffer and return where the first message they left begins.
+        """
+        self._start = parse(self._buf, self._start, self._end, *args)
+
     def peek_byte(self) -> int | None:
         return self._buf[self._start] if self._end > self._start else None
 
@@ -282,9 +291,7 @@ class ServerConnection:
                 if self._state is _State.MESSAGES:
                     # Blocks in the usual layout straight out of the buffer; anything
                     # else (and every error) goes through the generic path below.
-                    buf, at, end = reader._buf, reader._start, reader._end
-                    limit = reader.max_message_size
-                    reader._start = take(buf, at, end, limit, events.append)
+                    reader.consume(take, reader.max_message_size, events.append)
                 event = self._next_event()
                 if event is None:
                     return events
@@ -382,8 +389,7 @@ class ClientConnection:
             while True:
                 if self._state is _State.MESSAGES:
                     # Responses in the usual layout (one per block at full speed) by hand.
-                    reader._start = wire.take_responses(reader._buf, reader._start,
-                                                        reader._end, events.append)
+                    reader.consume(wire.take_responses, events.append)
                 got = reader.next_frame()
                 if got is None:
                     return events

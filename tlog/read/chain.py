@@ -182,6 +182,10 @@ class ChainReader:
         """The sequences replayed so far in the current epoch."""
         return self._replayed.applied
 
+    async def fetch(self, key: bytes) -> Fetched:
+        """One record by its hash, read from the pool as the walk reads them."""
+        return await self._reader.fetch(key)
+
     @property
     def down_servers(self) -> list[int]:
         """Servers that failed during this read."""

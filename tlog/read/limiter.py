@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import bisect
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from tlog.protocol.wire import Block
@@ -130,22 +131,21 @@ class SequenceSet:
     plain set would hold millions of integers.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, ranges: Iterable[tuple[int, int]] = ()) -> None:
+        """Empty, or the set of these inclusive ranges (as `ranges` gives them)."""
         self._starts: list[int] = []
         self._ends: list[int] = []
+        for start, end in sorted(ranges):
+            if self._ends and start <= self._ends[-1] + 1:
+                self._ends[-1] = max(self._ends[-1], end)
+            else:
+                self._starts.append(start)
+                self._ends.append(end)
 
     @classmethod
-    def of_ranges(cls, ranges: tuple[tuple[int, int], ...] | list[tuple[int, int]]
-                  ) -> SequenceSet:
+    def of_ranges(cls, ranges: Iterable[tuple[int, int]]) -> SequenceSet:
         """The set of these inclusive ranges (as `ranges` gives them)."""
-        made = cls()
-        for start, end in sorted(ranges):
-            if made._ends and start <= made._ends[-1] + 1:
-                made._ends[-1] = max(made._ends[-1], end)
-            else:
-                made._starts.append(start)
-                made._ends.append(end)
-        return made
+        return cls(ranges)
 
     def __len__(self) -> int:
         return sum(e - s + 1 for s, e in zip(self._starts, self._ends, strict=True))

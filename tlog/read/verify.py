@@ -89,13 +89,16 @@ def _pieces_problem(key: bytes, missing: Sequence[int], corrupt: Sequence[int],
                         "(readable from parity)", "warning")
 
 
+#: An identity slot never written (a real digest equal to it is changed in one byte).
+_NO_WRITE = bytes(8)
+
+
 class _Identities:
     """What each sequence of an epoch wrote (index, operation, timestamp, hash), for verify
     to tell a re-flushed copy from a reused sequence: an 8-byte digest per sequence, in one
     array by offset from the epoch's first sequence (sequences are nearly contiguous), for
     up to `VERIFY_IDENTITIES` sequences; the others are not compared."""
 
-    _ZERO = bytes(8)
 
     def __init__(self) -> None:
         self._base: int | None = None
@@ -105,7 +108,7 @@ class _Identities:
     def _digest(b: Block) -> bytes:
         digest = hashlib.blake2b(write_identity(b.index, b.operation, b.timestamp, b.hash),
                                  digest_size=8).digest()
-        return digest if digest != _Identities._ZERO else b"\x01" + digest[1:]
+        return digest if digest != _NO_WRITE else b"\x01" + digest[1:]
 
     def _offset(self, seq: int) -> int | None:
         if self._base is None:
@@ -128,7 +131,7 @@ class _Identities:
         if off is None or 8 * off + 8 > len(self._buf):
             return None
         known = bytes(self._buf[8 * off:8 * off + 8])
-        return None if known == self._ZERO else known == self._digest(b)
+        return None if known == _NO_WRITE else known == self._digest(b)
 
 
 async def verify_chain(pool: StoragePool, vdisk_id: str, opener: RecordOpener, *,
@@ -165,7 +168,7 @@ async def verify_chain(pool: StoragePool, vdisk_id: str, opener: RecordOpener, *
             message = head.errors.get(key)
             if message is None and head.tried.get(key) is None:
                 try:
-                    agg = open_checked(opener, (await reader._reader.fetch(key)).record, key)
+                    agg = open_checked(opener, (await reader.fetch(key)).record, key)
                     if agg.vdisk_id != vdisk_id:
                         message = f"belongs to vdisk {agg.vdisk_id!r}"
                 except DecodeError as exc:
