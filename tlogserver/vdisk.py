@@ -20,7 +20,7 @@ a reset does: the blocks of a later epoch win over everything before them on
 restore (docs/durability.md). So every FlushOK names a write a restore
 replays. Telling the two apart needs what a stored sequence wrote: a
 handshake whose first sequence is below ``flushed_next`` has those writes
-read back from storage first (`tlog.read.fetch.stored_writes`).
+read back from storage first (`tlog.read.resends.stored_writes`).
 """
 
 from __future__ import annotations
@@ -212,7 +212,7 @@ class Vdisk:
         resends among a client's blocks can be told from new writes.
 
         ``read(head, from_sequence, epoch, limit)`` reads them back from the chain (see
-        `tlog.read.fetch.stored_writes`); rounds stored meanwhile are added as they complete.
+        `tlog.read.resends.stored_writes`); rounds stored meanwhile are added as they complete.
         """
         epoch = self.epoch
         if self._writes is None:
