@@ -210,6 +210,19 @@ def test_malformed_capnp_is_a_protocol_error() -> None:
         conn.receive_data(b"\x01" + bad)
 
 
+def test_a_response_whose_sequence_list_is_out_of_bounds_is_a_protocol_error() -> None:
+    # Found by tests/fuzz_wire.py: the struct is in bounds, so pycapnp only fails when the
+    # list is read, which escaped as its KjException.
+    conn = ClientConnection()
+    conn.receive_data(ServerConnection.send_handshake_response(HandshakeStatus.OK))
+    list_ptr = 1 | (5 << 32) | (100 << 35)  # 100 words of sequences in a 3-word segment
+    bad = struct.pack("<IIQQQ", 0, 3, (1 << 32) | (1 << 48), 1, list_ptr)
+    with pytest.raises(ProtocolError, match="malformed TlogResponse"):
+        conn.receive_data(bad)
+    with pytest.raises(ProtocolError, match="already failed"):
+        conn.receive_data(wire.recv_ok(1))
+
+
 def test_truncated_frames_wait_for_more() -> None:
     conn = handshaken()
     frame = ClientConnection.send_block(1, 1, 1, b"z" * 4096)

@@ -409,7 +409,10 @@ class ClientConnection:
                 parsed = wire.parse_response(body) if len(sizes) == 1 else None
                 if parsed is None:
                     msg = _read_struct(schema.TlogResponse, body, sizes, "TlogResponse")
-                    parsed = (msg.status, list(msg.sequences))
+                    try:
+                        parsed = (msg.status, list(msg.sequences))
+                    except Exception as exc:  # pycapnp reads lazily: bad pointers surface here
+                        raise ProtocolError(f"malformed TlogResponse: {exc}") from None
                 events.append(BlockResponse(_status(BlockStatus, parsed[0]), tuple(parsed[1])))
         except ProtocolError:
             self._state = _State.ERROR
