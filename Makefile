@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 ADDRESS ?= 127.0.0.1:11211
 
-.PHONY: install redis nbd etcd run test lint typecheck check bench soak fresh-check clean
+.PHONY: install redis nbd etcd run test lint typecheck check bench soak fuzz fresh-check clean
 
 # pip, not python: a venv made without Debian's python3-venv has python but no pip, and is made again.
 $(BIN)/tlogserver: pyproject.toml
@@ -45,6 +45,11 @@ bench: install redis
 # Crash consistency: 100,000 random writes and deletes, tlogserver killed -9 12 times.
 soak: install redis
 	$(BIN)/python scripts/soak.py --blocks 100000 --kills 12
+
+# The wire parser as imported (compiled when built) against its pure .py, under libFuzzer.
+FUZZ_SECONDS ?= 300
+fuzz: install
+	$(BIN)/python scripts/fuzz_wire.py --seconds $(FUZZ_SECONDS)
 
 # make run and make test on a fresh Debian bookworm (debootstrap, chroot; root, ~10 min).
 fresh-check:

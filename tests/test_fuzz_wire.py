@@ -158,6 +158,26 @@ def test_the_fuzzer_finds_an_alteration_no_seed_shows_and_its_input_reproduces_i
     assert clean.returncode == 0, clean.stderr[-2000:]
 
 
+def test_the_long_run_script_keeps_going_and_sums_up(tmp_path: Path) -> None:
+    # an alteration the seeds show at once (negative statuses): this checks the keeping
+    # going and the summing up, the test above the search
+    result = subprocess.run(
+        [sys.executable, "scripts/fuzz_wire.py", "--runs", "3000", "--seed", "1",
+         "--corpus", str(tmp_path / "corpus"), "--findings", str(tmp_path / "findings"),
+         "--alter", *UNSIGNED_STATUS],
+        cwd=ROOT, capture_output=True, text=True, timeout=120)
+    print(result.stdout)
+    assert result.returncode == 1, result.stdout + result.stderr[-2000:]
+    lines = dict(line.split(": ", 1) for line in result.stdout.splitlines()
+                 if not line.startswith(("fuzz_wire:", "FINDING", " ")) and ": " in line)
+    assert lines["compared"] == BANNER.removeprefix("fuzz_wire: ")
+    assert lines["runs"].startswith("3000 in ")  # kept going past the findings
+    assert int(lines["coverage"].split()[0]) > 0
+    saved = sorted((tmp_path / "findings").glob("finding-difference-*.txt"))
+    assert lines["findings"].startswith(f"{len(saved)} new")
+    assert saved and all(".status" in p.read_text() for p in saved)
+
+
 def test_compiled_modules_are_told_apart_from_python_ones() -> None:
     assert fuzz_wire.is_compiled(capnp.lib.capnp)  # pycapnp is a Cython extension
     assert not fuzz_wire.is_compiled(PURE.wire)
