@@ -65,7 +65,7 @@ def main(argv: list[str]) -> int:
     for line in proc.stdout:
         output.append(line)
         # the harness's own lines, findings and libFuzzer's pulses; not every new unit
-        if line.startswith(("fuzz_wire:", "FINDING", "==")) or " pulse " in line:
+        if line.startswith(("fuzz_wire:", "FINDING", "==")) or "pulse " in line:
             print(line, end="", flush=True)
     rc = proc.wait()
     elapsed = time.monotonic() - started
