@@ -261,7 +261,7 @@ def test_random_workload_across_a_server_crash(redis6: list[RedisProcess],
     for r in rows:
         covered.update(range(r["first_sequence"], r["last_sequence"] + 1))
     assert covered == set(range(total))
-    assert all(r["format"] == "v2" and r["data_bytes"] > 0 for r in rows)
+    assert all(r["format"] == "v3" and r["data_bytes"] > 0 for r in rows)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -346,7 +346,7 @@ def test_inspect_text_lines(redis6: list[RedisProcess]) -> None:
     proc = tlog_cli("inspect", *read_args(redis6))
     lines = proc.stdout.splitlines()
     assert [line.split()[0] for line in lines] == [s.hash.hex() for s in w.chain]
-    assert "seq 25..49 blocks 25" in lines[1] and lines[1].endswith("v2")
+    assert "seq 25..49 blocks 25" in lines[1] and lines[1].endswith("v3")
 
 
 def test_empty_vdisk_and_usage_errors(redis6: list[RedisProcess], tmp_path: Path) -> None:

@@ -32,6 +32,7 @@ from tlog.record.aggregation import (
 )
 from tlog.record.crypto import LegacyCipher
 from tlog.record.erasure import ErasureCoder
+from tlog.record.keying import V2_VERSION
 from tlog.record.pieces import DecodeError, fetch_record
 from tlog.storage import RedisStorageServer, ServerAddress, StoragePool, last_hash_key
 
@@ -488,16 +489,20 @@ def test_legacy_chain_is_opened_once_on_the_walk(redis6: list[RedisProcess]) -> 
 
 
 def test_mixed_formats_read_with_auto(redis6: list[RedisProcess]) -> None:
-    """A vdisk moved from the legacy format to v2: the chain continues across formats."""
+    """A vdisk moved from the legacy format to v2, then to v3 (BLAKE3 keys): the chain
+    continues across formats, each record checked against its key by its own hash."""
     legacy = ChainWriter(redis6, writer=LegacyWriter(KEY, NONCE, VDISK))
     blocks = legacy.write(50, 25)
-    w = ChainWriter(redis6)
+    w = ChainWriter(redis6, writer=V2Writer(KEY, VDISK, V2_VERSION))
     w.prev = legacy.prev
     blocks += w.write(50, 25, first=50)
+    w.writer = V2Writer(KEY, VDISK)
+    blocks += w.write(50, 25, first=100)
     auto = RecordOpener(Keyring.of(KEY), LegacyCipher(KEY, NONCE), "auto")
     items, _ = run(read_all(redis6, auto))
     assert applied(items) == blocks
-    assert [i.aggregation.format for i in items] == ["legacy", "legacy", "v2", "v2"]
+    assert [i.aggregation.format for i in items] == ["legacy"] * 2 + ["v2"] * 2 + ["v3"] * 2
+    assert [i.aggregation.hash for i in items] == [s.hash for s in legacy.chain + w.chain]
 
 
 def test_fetch_record_reads_data_pieces_only_when_enough(redis6: list[RedisProcess]) -> None:

@@ -3,7 +3,7 @@
 The layers, each a subpackage (docs/architecture.md draws them):
 
 - `tlog.protocol`: the wire protocol, sans I/O (framing, messages, statuses).
-- `tlog.record`: how an aggregation is sealed and stored (v2 and legacy records, keys,
+- `tlog.record`: how an aggregation is sealed and stored (v3, v2 and legacy records, keys,
   erasure coding).
 - `tlog.storage`: the k+m Redis-protocol storage servers, pools and the storage map.
 - `tlog.client`: the client library an NBD server logs its writes with.

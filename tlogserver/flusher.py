@@ -52,7 +52,7 @@ from tlog.record.aggregation import (
     SEAL_STEP,
     RecordError,
     SealedRecord,
-    is_v2,
+    is_v2_layout,
     parse_v2_header,
 )
 from tlog.record.erasure import ErasureCoder
@@ -421,12 +421,12 @@ class Flusher:
 
     async def _descends_from_ours(self, key: bytes) -> bool:
         """Whether following ``prev`` from ``key`` reaches one of our records within
-        `FORK_WALK` steps. Only v2 records can be followed without the key; an unreadable
+        `FORK_WALK` steps. Only v2 and v3 records can be followed without the key; an unreadable
         record (fewer than k pieces) counts as no descendant: it can never be a head."""
         for _ in range(FORK_WALK):
             try:
                 record = (await fetch_record(self.pool, key, self._coder)).record
-                if not is_v2(record):
+                if not is_v2_layout(record):
                     return False
                 prev = parse_v2_header(record).prev
             except (DecodeError, RecordError):

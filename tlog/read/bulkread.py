@@ -1,7 +1,8 @@
 """Opening a chain's records in worker processes, so a restore uses every core.
 
-Checking a record costs far more CPU than reading it: BLAKE2b of the whole record (is it the
-one the chain names?), AES-GCM, snappy, then BLAKE2b of every block. Hashing releases the
+Checking a record costs far more CPU than reading it: a hash of the whole record (BLAKE3 for
+v3, BLAKE2b for v2 and legacy: is it the one the chain names?), AES-GCM, snappy, then BLAKE2b
+of every block. Hashing releases the
 GIL, but 4 KiB at a time, so threads spend much of their time handing the GIL around (two
 threads checking records in memory reach 1.2x one thread on a 2-core machine). Worker
 processes have no GIL to share: each fetches the k data pieces of a batch of records
@@ -42,7 +43,6 @@ from tlog.record.aggregation import (
     RecordOpener,
     aggregation_from_plain,
     check_blocks,
-    record_hash,
 )
 from tlog.record.erasure import ErasureCoder, ErasureError
 from tlog.storage import ServerAddress
@@ -85,7 +85,7 @@ class _Worker:
     vdisk_id: str
     timeout: float
     shared: mmap.mmap
-    block_hashes: bool = True  # check the blocks' hashes of v2 records too
+    block_hashes: bool = True  # check the blocks' hashes of v2 and v3 records too
     conns: dict[int, RespConnection] = field(default_factory=dict)
 
     def conn(self, index: int) -> RespConnection:
@@ -145,7 +145,7 @@ def _open_one(w: _Worker, key: bytes, prev: bytes, data: list[bytes | None],
         record = coder.decode([*data, *([None] * coder.m)])
     except ErasureError:
         return None
-    if record_hash(record) != key:
+    if not w.opener.key_matches(record, key):
         return None
     try:
         agg = w.opener.open(record, key, True)
@@ -153,7 +153,7 @@ def _open_one(w: _Worker, key: bytes, prev: bytes, data: list[bytes | None],
         return None
     if agg.prev != prev or agg.vdisk_id != w.vdisk_id or agg.plain is None:
         return None
-    if (w.block_hashes or agg.format != "v2") and check_blocks(agg):
+    if (w.block_hashes or agg.format == "legacy") and check_blocks(agg):
         return None
     plain = agg.plain
     at, end = slot

@@ -8,8 +8,8 @@ entered at its head:
 1. **Walk back** from the head (`find_last`'s rule: per server, the first entry of its
    last-hash list that decodes; among servers, the one whose aggregation ends with the
    highest sequence) along ``prev`` to the zero hash, or to the aggregation where a
-   limiter says older ones cannot matter. A v2 record's plaintext header holds ``prev``
-   and the sequence range, so for v2 this pass reads piece 0's header alone and decrypts
+   limiter says older ones cannot matter. A v2 or v3 record's plaintext header holds ``prev``
+   and the sequence range, so for those this pass reads piece 0's header alone and decrypts
    nothing; storage server 0 follows the chain itself for up to `MAX_HEADER_RUN` records
    per round trip (`PieceReader.header_run`), the walk asks piece by piece where it cannot. Such a
    header is only believed for the walk: one that leads to no stored record, or
@@ -18,7 +18,8 @@ entered at its head:
    is kept for the second pass within a memory budget; beyond it only the hashes are
    kept and the records are read again.
 2. **Replay forward**, oldest first: fetch each record not kept (a few batches ahead,
-   one MGET per data server per batch), check that it hashes to its key, open it (AES-GCM
+   one MGET per data server per batch), check that it hashes to its key (BLAKE3 for a v3
+   record, BLAKE2b for the others: a chain may hold both), open it (AES-GCM
    tag, which covers the v2 header), check that its sealed ``prev`` is the link the walk
    followed, that it belongs to the vdisk and that every block's BLAKE2b matches its
    data (in worker processes, `tlog.read.bulkread`, or worker threads, while the caller
@@ -58,9 +59,8 @@ from tlog.record.aggregation import (
     RecordOpener,
     V2Header,
     check_blocks,
-    is_v2,
+    is_v2_layout,
     parse_v2_header,
-    record_hash,
 )
 from tlog.record.erasure import ErasureCoder, ErasureError
 from tlog.record.pieces import DecodeError, Fetched, PieceReader, piece_header
@@ -113,7 +113,8 @@ _Job = tuple[ChainLink, Aggregation | None, bytes | None, list[bytes] | None]
 class ChainReader:
     """Reads a vdisk's chain: `walk` back from the head, then iterate `items` oldest first.
 
-    ``opener`` decides the record format (v2, legacy or auto). ``cache_bytes`` bounds what
+    ``opener`` decides the record format (ours, legacy or auto) and how a record is checked
+    against its key. ``cache_bytes`` bounds what
     the walk keeps for the replay; ``prefetch`` bounds the records fetched ahead.
     ``workers`` threads check and open records while the caller applies the previous ones
     (hashing and decompression run outside the GIL); 0 opens them in the event loop's thread.
@@ -124,7 +125,7 @@ class ChainReader:
     ``timeout``: seconds to wait for a storage server in the workers and the walk script.
     ``head_key``: walk back from this aggregation instead of the chain's head (to replay
     the state at an older point, as `tlog compact` does). ``block_hashes=False`` leaves out
-    the BLAKE2b check of each block of a v2 record: its AES-GCM tag already proves the
+    the BLAKE2b check of each block of a v2 or v3 record: its AES-GCM tag already proves the
     record holds exactly what tlogserver sealed, after it checked every block's hash on
     receipt (legacy records, whose static nonce makes the tag forgeable, are always
     checked).
@@ -156,7 +157,7 @@ class ChainReader:
         self.processes = processes
         self.timeout = timeout
         self.head_key = head_key
-        self._reader = PieceReader(pool, self.coder, timeout)
+        self._reader = PieceReader(pool, self.coder, timeout, opener.key_matches)
         self._procs: WorkerPool | None = None
         # key -> its v2 header and length as server 0 read them (`_read_ahead`); None: not
         # a v2 header
@@ -227,7 +228,7 @@ class ChainReader:
     def _make_link(self, key: bytes, fetched: Fetched) -> ChainLink:
         """A verified link from a fetched record: by its header (v2), else opened."""
         record = fetched.record
-        if self._headers_suffice and is_v2(record):
+        if self._headers_suffice and is_v2_layout(record):
             try:
                 head = parse_v2_header(record)
             except RecordError as exc:
@@ -407,7 +408,7 @@ class ChainReader:
                               f"differs from the link followed to it ({link.prev.hex()})",
                               key)
         self._check_vdisk(key, agg.vdisk_id)
-        bad = check_blocks(agg) if self.block_hashes or agg.format != "v2" else []
+        bad = check_blocks(agg) if self.block_hashes or agg.format == "legacy" else []
         if bad:
             shown = ", ".join(str(s) for s in bad[:5]) + (" ..." if len(bad) > 5 else "")
             raise DecodeError(f"aggregation {key.hex()}: {len(bad)} block(s) do not match "
@@ -423,7 +424,7 @@ class ChainReader:
             record = self.coder.decode([*data, *([None] * self.coder.m)])
         except ErasureError:
             return None
-        if record_hash(record) != link.key:
+        if not self.opener.key_matches(record, link.key):
             return None
         return self._open_record(link, record)
 

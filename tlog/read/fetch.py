@@ -19,7 +19,7 @@ FIRST_HEADER_RUN = 64
 MAX_HEADER_RUN = 2048
 #: Headers of a run parsed between two turns of the event loop (under a millisecond).
 HEADER_STEP = 128
-#: Script runs in a row that find no v2 header before the walk stops asking for them.
+#: Script runs in a row that find no v2 or v3 header before the walk stops asking for them.
 SCRIPT_MISSES = 3
 
 
@@ -40,5 +40,5 @@ async def open_fetched(opener: RecordOpener, record: bytes, key: bytes) -> Aggre
 async def read_aggregation(pool: StoragePool, key: bytes, opener: RecordOpener,
                            coder: ErasureCoder | None = None) -> Aggregation:
     """Fetch, check and open one aggregation."""
-    fetched = await fetch_record(pool, key, coder)
+    fetched = await fetch_record(pool, key, coder, opener.key_matches)
     return await open_fetched(opener, fetched.record, key)

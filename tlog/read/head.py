@@ -116,13 +116,14 @@ async def find_last(pool: StoragePool, vdisk_id: str, opener: RecordOpener,
     Raises DecodeError when last-hash lists exist but none of their entries can
     be read: continuing a chain we cannot see would fork it.
     """
-    reader = PieceReader(pool, coder or ErasureCoder(pool.k, pool.m))
+    reader = PieceReader(pool, coder or ErasureCoder(pool.k, pool.m),
+                         matches=opener.key_matches)
     return (await find_head(pool, vdisk_id, opener, reader)).agg
 
 
 async def find_last_and_heads(pool: StoragePool, vdisk_id: str, opener: RecordOpener
                               ) -> tuple[Aggregation | None, list[bytes | None]]:
     """`find_last`, and each server's newest last-hash entry (see `Head.server_heads`)."""
-    reader = PieceReader(pool, ErasureCoder(pool.k, pool.m))
+    reader = PieceReader(pool, ErasureCoder(pool.k, pool.m), matches=opener.key_matches)
     head = await find_head(pool, vdisk_id, opener, reader)
     return head.agg, head.server_heads

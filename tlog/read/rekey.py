@@ -86,7 +86,7 @@ class RekeyReport:
 
 
 def _needs_rewrite(agg: Aggregation, new_key_id: int) -> bool:
-    return agg.format != "v2" or agg.key_id != new_key_id
+    return agg.format == "legacy" or agg.key_id != new_key_id
 
 
 async def _heads(pool: StoragePool, vdisk_id: str) -> list[bytes | None]:
@@ -137,7 +137,7 @@ async def rekey_vdisk(pool: StoragePool, vdisk_id: str, opener: RecordOpener, ne
     async for item in reader.items():
         agg = item.aggregation
         report.aggregations += 1
-        key_id = agg.key_id if agg.format == "v2" else None
+        key_id = agg.key_id if agg.format != "legacy" else None
         report.by_key[key_id] = report.by_key.get(key_id, 0) + 1
         if not rewriting and not _needs_rewrite(agg, report.new_key_id):
             report.kept += 1

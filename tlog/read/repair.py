@@ -29,9 +29,9 @@ import redis.asyncio
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from tlog.record.aggregation import RecordOpener, record_hash
+from tlog.record.aggregation import RecordOpener
 from tlog.record.erasure import ErasureCoder, ErasureError
-from tlog.record.pieces import DecodeError
+from tlog.record.pieces import DecodeError, KeyCheck
 from tlog.storage import RedisStorageServer, StorageError, StoragePool
 from tlog.storage.keys import (
     LAST_HASH_KEEP,
@@ -117,19 +117,20 @@ class RepairReport:
         return not self.problems and not self.unreachable
 
 
-def _fresh_pieces(coder: ErasureCoder, key: bytes,
-                  pieces: list[bytes | None]) -> list[bytes] | None:
+def _fresh_pieces(coder: ErasureCoder, key: bytes, pieces: list[bytes | None],
+                  key_matches: KeyCheck) -> list[bytes] | None:
     """Every piece of the record under ``key`` as it should be, None when fewer than k
     consistent pieces are left.
 
     The record is decoded from the data pieces (rebuilt from parity where missing); when
-    that does not hash to the key, every combination of k pieces is tried. The pieces are
+    that is not the record stored under the key (``key_matches``: by the hash its format
+    names), every combination of k pieces is tried. The pieces are
     then encoded afresh from the checked record rather than rebuilt with
     `ErasureCoder.reconstruct`: the same bytes for a missing piece, and a corrupt piece
     that decoding did not need (parity, usually) shows up as different too.
     """
     def matches(record: bytes) -> bool:
-        return record_hash(record) == key
+        return key_matches(record, key)
 
     try:
         record = coder.decode(pieces)
@@ -172,7 +173,7 @@ async def repair_vdisk(pool: StoragePool, vdisk_id: str, opener: RecordOpener, *
     keys = list(targets)
     for start in range(0, len(keys), BATCH):
         await _repair_batch(pool, vdisk_id, coder, keys[start:start + BATCH], targets,
-                            markers, report, unreachable, dry_run)
+                            markers, report, unreachable, dry_run, opener.key_matches)
     if scan and chain:
         await _restore_lists(pool, vdisk_id, chain, report, unreachable, dry_run)
     report.unreachable = sorted(unreachable)
@@ -194,7 +195,7 @@ async def _get_column(pool: StoragePool, index: int, keys: list[bytes],
 async def _repair_batch(pool: StoragePool, vdisk_id: str, coder: ErasureCoder,
                         keys: list[bytes], targets: dict[bytes, bool],
                         markers: dict[bytes, set[int]], report: RepairReport,
-                        unreachable: set[int], dry_run: bool) -> None:
+                        unreachable: set[int], dry_run: bool, key_matches: KeyCheck) -> None:
     n = coder.n
     columns = await asyncio.gather(*(_get_column(pool, i, keys, unreachable)
                                      for i in range(n)))
@@ -210,7 +211,7 @@ async def _repair_batch(pool: StoragePool, vdisk_id: str, coder: ErasureCoder,
                 log.info("aggregation %s is not stored at all: its marker is stale", key.hex())
                 done.append(key)
             continue
-        fresh = _fresh_pieces(coder, key, pieces)
+        fresh = _fresh_pieces(coder, key, pieces, key_matches)
         if fresh is None:
             present = sum(p is not None for p in pieces)
             report.problems.append(f"aggregation {key.hex()}: only {present} piece(s) of "

@@ -27,7 +27,8 @@ async def stored_writes(pool: StoragePool, vdisk_id: str, key: bytes, opener: Re
     covered: dict[bytes, CheckpointRef] | None = None
 
     async def checkpoints() -> dict[bytes, CheckpointRef]:
-        reader = PieceReader(pool, coder or ErasureCoder(pool.k, pool.m))
+        reader = PieceReader(pool, coder or ErasureCoder(pool.k, pool.m),
+                             matches=opener.key_matches)
         try:
             refs = await find_checkpoints(pool, vdisk_id, reader)
         finally:

@@ -1,15 +1,19 @@
 """Aggregations: the blocks of one flush, as a sealed record in the storage pool.
 
-Two record formats, both erasure-coded the same way afterwards (`tlog.record.erasure`)
-and stored under ``hash = BLAKE2b-256(record)``:
+Record formats, all erasure-coded the same way afterwards (`tlog.record.erasure`) and
+stored under the record's hash (`tlog.record.keying`):
 
-- **v2** (ours, the default; docs/storage-format.md): a plaintext header that
+- **v3** (ours, the default; docs/storage-format.md): a plaintext header that
   says what the record is (format, key id, sequence range, prev, vdisk), then
   the snappy-compressed Cap'n Proto aggregation sealed with AES-256-GCM under a
-  per-vdisk key and a fresh random nonce, the header as associated data.
+  per-vdisk key and a fresh random nonce, the header as associated data. Keyed by
+  BLAKE3-256.
+- **v2**: the same layout ("the v2 layout", `V2Header`) with version byte 2, keyed by
+  BLAKE2b-256: what tlog wrote before v3, still read, and written on request (a fleet
+  that may roll back to a tlog without v3).
 - **legacy** (0-Disk's): snappy + AES-256-GCM with one static nonce and no
-  associated data. Kept to read the reference's storage and to write storage
-  its tools can read.
+  associated data, keyed by BLAKE2b-256. Kept to read the reference's storage and to
+  write storage its tools can read.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import hashlib
 import logging
 import struct
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import cramjam
@@ -27,17 +31,29 @@ from tlog.protocol import schema, wire
 from tlog.protocol.wire import Block, BlockFields
 
 from . import crypto, layout
+from .keying import (
+    HASH_SIZE,
+    V2_MAGIC,
+    V2_VERSION,
+    V3_VERSION,
+    VERSIONS,
+    blake2b_key,
+    record_key,
+    record_key_matches,
+    record_version,
+)
 from .steps import Steps, Work, run_now
 
 log = logging.getLogger(__name__)
 
-HASH_SIZE = 32
 ZERO_HASH = bytes(HASH_SIZE)
 LEGACY_NAME = "The Go Tlog"
 V2_NAME = "tlog"
+#: The format name of each version of our layout (`Aggregation.format`, `tlog inspect`).
+FORMAT_NAMES = {V2_VERSION: "v2", V3_VERSION: "v3"}
+#: `RecordOpener` formats that read our records only.
+OUR_FORMATS = ("v3", "v2")
 
-V2_MAGIC = b"TLG2"
-V2_VERSION = 2
 COMPRESSION_SNAPPY = 1
 # magic, version, compression, flags, key id, first seq, last seq, count, timestamp, prev,
 # length of the vdisk id (which follows, then the extensions the flags announce)
@@ -55,11 +71,6 @@ NONCE_SIZE = 12
 #: Bytes of plaintext copied per step of `V2Writer.seal_in_steps` (a tenth of a
 #: millisecond), and the size under which it seals in a single step.
 SEAL_STEP = 256 * 1024
-
-
-def record_hash(record: bytes | memoryview) -> bytes:
-    """The key of a stored record, and the ``prev`` of the next aggregation."""
-    return hashlib.blake2b(record, digest_size=HASH_SIZE).digest()
 
 
 class RecordError(Exception):
@@ -138,7 +149,7 @@ class Aggregation:
     record_size: int = 0
     compressed_size: int = 0
     key_id: int | None = None
-    format: str = "v2"
+    format: str = "v3"  # "v3", "v2" or "legacy"
     #: The vdisk's epoch this aggregation belongs to (docs/durability.md); 0 in the
     #: reference's storage, which has no epochs.
     epoch: int = 0
@@ -214,12 +225,16 @@ def aggregation_from_plain(plain: bytes | memoryview, digest: bytes, record_size
 
 
 class V2Writer:
-    """Seals a vdisk's aggregations in the v2 format."""
+    """Seals a vdisk's aggregations in the v2 layout: as v3 records (BLAKE3 keys) unless
+    ``version`` is `V2_VERSION` (BLAKE2b keys, readable by a tlog that predates v3)."""
 
-    format = "v2"
-
-    def __init__(self, master_key: bytes, vdisk_id: str) -> None:
+    def __init__(self, master_key: bytes, vdisk_id: str, version: int = V3_VERSION) -> None:
+        if version not in VERSIONS:
+            raise ValueError(f"record version {version}: this tlog writes "
+                             f"{' or '.join(map(str, VERSIONS))}")
         self.vdisk_id = vdisk_id
+        self.version = version
+        self.format = FORMAT_NAMES[version]
         self._vdisk = vdisk_id.encode()
         self._cipher = crypto.VdiskCipher(master_key, vdisk_id)
 
@@ -264,7 +279,7 @@ class V2Writer:
         sequences = tuple(b.sequence for b in blocks)
         parts = layout.aggregation_parts(V2_NAME, ts, self.vdisk_id, prev, blocks, epoch)
         flags = (FLAG_EPOCH if epoch else 0) | (FLAG_CHECKPOINT if mark is not None else 0)
-        head = _V2_HEAD.pack(V2_MAGIC, V2_VERSION, COMPRESSION_SNAPPY, flags,
+        head = _V2_HEAD.pack(V2_MAGIC, self.version, COMPRESSION_SNAPPY, flags,
                              self._cipher.key_id, first, last, len(blocks), ts, prev,
                              len(self._vdisk)) + self._vdisk
         if epoch:
@@ -275,7 +290,7 @@ class V2Writer:
             compressed = cramjam.snappy.compress_raw(b"".join(parts))
             nonce, sealed = self._cipher.seal(bytes(compressed), head)
             record = b"".join((head, nonce, sealed))
-            return SealedRecord(record_hash(record), record, first, last, sequences)
+            return SealedRecord(record_key(record), record, first, last, sequences)
         plain = yield from _joined(parts, step)
         compressed = yield Work(cramjam.snappy.compress_raw, (plain,), len(plain))
         del plain
@@ -284,7 +299,7 @@ class V2Writer:
         del compressed
         record = yield Work(b"".join, ((head, nonce, sealed),), len(sealed))
         del sealed
-        digest = yield Work(record_hash, (record,), len(record))
+        digest = yield Work(record_key, (record,), len(record))
         return SealedRecord(digest, record, first, last, sequences)
 
 
@@ -309,7 +324,7 @@ def _joined(parts: Sequence[wire.Buffer], step: int) -> Steps[bytes]:
 
 @dataclass(frozen=True)
 class V2Header:
-    """The plaintext, authenticated header of a v2 record."""
+    """The plaintext, authenticated header of a record of the v2 layout (v2 or v3)."""
 
     key_id: int
     first_sequence: int
@@ -322,17 +337,21 @@ class V2Header:
     size: int  # bytes of header, associated data
     epoch: int = 0
     checkpoint: CheckpointMark | None = None
+    version: int = V3_VERSION
 
 
-def is_v2(record: bytes | memoryview) -> bool:
-    return bytes(record[:5]) == V2_MAGIC + bytes((V2_VERSION,))
+def is_v2_layout(record: bytes | memoryview) -> bool:
+    """Whether ``record`` starts like one of ours (v2 or v3): the header `parse_v2_header`
+    reads."""
+    return record_version(record) is not None
 
 
 def parse_v2_header(record: bytes | memoryview) -> V2Header:
-    """Read a v2 header without decrypting (it is authenticated once the record is opened)."""
-    if len(record) < _V2_HEAD.size + NONCE_SIZE + 16 or not is_v2(record):
-        raise RecordError("not a v2 tlog record")
-    (_, _, compression, flags, key_id, first, last, count, ts, prev,
+    """Read the header of a v2 or v3 record without decrypting (it is authenticated once
+    the record is opened)."""
+    if len(record) < _V2_HEAD.size + NONCE_SIZE + 16 or not is_v2_layout(record):
+        raise RecordError("not a tlog record (v2 or v3)")
+    (_, version, compression, flags, key_id, first, last, count, ts, prev,
      vlen) = _V2_HEAD.unpack_from(record, 0)
     if flags & ~_KNOWN_FLAGS:
         raise RecordError(f"v2 record with unknown header flags {flags:#x} (written by a "
@@ -353,7 +372,7 @@ def parse_v2_header(record: bytes | memoryview) -> V2Header:
         raise RecordError("v2 record is truncated")
     vdisk = bytes(record[_V2_HEAD.size:vdisk_end]).decode("utf-8", "replace")
     return V2Header(key_id, first, last, count, ts, prev, vdisk, compression, end, epoch,
-                    mark)
+                    mark, version)
 
 
 @dataclass
@@ -385,12 +404,14 @@ class Keyring:
         return found
 
 
-def _digest(record: bytes, expected_hash: bytes | None, hash_checked: bool) -> bytes:
-    """The record's hash; not computed again when the caller already checked it against
-    ``expected_hash`` (a reader that rebuilt the record from pieces had to)."""
+def _digest(record: bytes, expected_hash: bytes | None, hash_checked: bool,
+            key: Callable[[bytes], bytes]) -> bytes:
+    """The record's key by the hash ``key`` of its format; not computed again when the
+    caller already checked it against ``expected_hash`` (a reader that rebuilt the record
+    from pieces had to)."""
     if hash_checked and expected_hash is not None:
         return expected_hash
-    digest = record_hash(record)
+    digest = key(record)
     if expected_hash is not None and digest != expected_hash:
         raise RecordError("record hash does not match its key")
     return digest
@@ -398,9 +419,10 @@ def _digest(record: bytes, expected_hash: bytes | None, hash_checked: bool) -> b
 
 def open_v2(record: bytes, keyring: Keyring, expected_hash: bytes | None = None,
             hash_checked: bool = False) -> Aggregation:
-    """Check and decrypt a v2 record into its aggregation."""
+    """Check and decrypt a v2 or v3 record into its aggregation (its key: BLAKE3 for v3,
+    BLAKE2b for v2, as its authenticated version byte says)."""
     head = parse_v2_header(record)
-    digest = _digest(record, expected_hash, hash_checked)
+    digest = _digest(record, expected_hash, hash_checked, record_key)
     cipher = keyring.cipher(head.key_id, head.vdisk_id)
     view = memoryview(record)  # slices of a view, not copies of a 100 KB record
     nonce = bytes(view[head.size:head.size + NONCE_SIZE])
@@ -411,7 +433,8 @@ def open_v2(record: bytes, keyring: Keyring, expected_hash: bytes | None = None,
     if head.compression != COMPRESSION_SNAPPY:
         raise RecordError(f"unknown compression {head.compression}")
     plain = _decompress(compressed)
-    agg = aggregation_from_plain(plain, digest, len(record), len(compressed), head.key_id, "v2")
+    agg = aggregation_from_plain(plain, digest, len(record), len(compressed), head.key_id,
+                                 FORMAT_NAMES[head.version])
     if agg.prev != head.prev or agg.vdisk_id != head.vdisk_id or agg.epoch != head.epoch:
         raise RecordError("record header does not match its sealed content")
     agg.checkpoint = head.checkpoint
@@ -436,7 +459,8 @@ class LegacyWriter:
         sequences = tuple(b.sequence for b in blocks)
         plain = _plain_aggregation(LEGACY_NAME, ts, self.vdisk_id, prev, blocks, epoch)
         record = self._cipher.seal(bytes(cramjam.snappy.compress_raw(plain)))
-        return SealedRecord(record_hash(record), record, min(sequences), max(sequences),
+        # BLAKE2b whatever the record's first bytes: 0-Disk keys its records so
+        return SealedRecord(blake2b_key(record), record, min(sequences), max(sequences),
                             sequences)
 
     def seal_in_steps(self, prev: bytes, blocks: Sequence[BlockFields],
@@ -450,7 +474,7 @@ class LegacyWriter:
 
 def open_legacy(record: bytes, cipher: crypto.LegacyCipher,
                 expected_hash: bytes | None = None, hash_checked: bool = False) -> Aggregation:
-    digest = _digest(record, expected_hash, hash_checked)
+    digest = _digest(record, expected_hash, hash_checked, blake2b_key)
     try:
         compressed = cipher.open(record)
     except crypto.IntegrityError:
@@ -461,28 +485,52 @@ def open_legacy(record: bytes, cipher: crypto.LegacyCipher,
 
 @dataclass
 class RecordOpener:
-    """Opens records of either format with the keys at hand ("auto" tells them apart)."""
+    """Opens records of any format with the keys at hand ("auto" tells them apart).
+
+    ``format``: "auto"; "v3" or "v2" (ours only: records of either version, a chain may
+    hold both after an upgrade; the two differ in what a writer set up from the same
+    options writes); "legacy" (0-Disk's only).
+    """
 
     keyring: Keyring
     legacy: crypto.LegacyCipher | None = None
-    format: str = "auto"  # "v2", "legacy" or "auto"
+    format: str = "auto"  # "v3", "v2", "legacy" or "auto"
+
+    @property
+    def ours_only(self) -> bool:
+        """Whether only our records (v2 layout) are read."""
+        return self.format in OUR_FORMATS
+
+    def key_matches(self, record: bytes | memoryview, key: bytes) -> bool:
+        """Whether ``record`` is the one stored under ``key``, by its format's hash
+        (`record_key_matches`). A reader of legacy storage alone keys every record by
+        BLAKE2b, as 0-Disk does: a legacy record that happens to start like a v3 header (a
+        chance of 2^-40) is still read, and no v3 record opens under the legacy cipher."""
+        if self.format == "legacy":
+            return blake2b_key(record) == key
+        return record_key_matches(record, key)
 
     def open(self, record: bytes, expected_hash: bytes | None = None,
              hash_checked: bool = False) -> Aggregation:
-        """Open a record; ``hash_checked``: the caller already knows it hashes to
-        ``expected_hash`` (skips hashing it again)."""
-        # A legacy record is AES-GCM output, so it starts with the v2 magic and version
-        # only by chance (2^-40); when it does, the v2 open fails and legacy is tried.
-        if self.format != "legacy" and is_v2(record):
+        """Open a record; ``hash_checked``: the caller already knows it is stored under
+        ``expected_hash`` (`key_matches`; skips hashing it again)."""
+        # A legacy record is AES-GCM output, so it starts with our magic and a version
+        # only by chance (2^-40); when it does, the v2/v3 open fails and legacy is tried.
+        version = record_version(record) if self.format != "legacy" else None
+        if version is not None:
             try:
                 return open_v2(record, self.keyring, expected_hash, hash_checked)
             except MissingKeyError:
-                raise  # a v2 header naming a key we lack: say so, not "legacy failed"
+                raise  # a header naming a key we lack: say so, not "legacy failed"
             except RecordError:
-                if self.format == "v2" or self.legacy is None:
+                if self.ours_only or self.legacy is None:
                     raise
-        if self.format == "v2":
-            raise RecordError("not a v2 tlog record (a legacy one? try --format legacy)")
+            if version == V3_VERSION:
+                # The key was checked with BLAKE3; a legacy record's key is its BLAKE2b
+                hash_checked = False
+        if self.ours_only:
+            raise RecordError("not a tlog record, v2 or v3 (a legacy one? try --format "
+                              "legacy)")
         if self.legacy is None:
             raise RecordError("legacy record, but no legacy key and nonce were given")
         return open_legacy(record, self.legacy, expected_hash, hash_checked)

@@ -1,5 +1,6 @@
 """How a record is read back from the storage pool: its pieces fetched, rebuilt from parity
-when some are missing or corrupt, and checked against its hash (the key it is stored under).
+when some are missing or corrupt, and checked against its hash (the key it is stored under,
+BLAKE3 or BLAKE2b as the record's format says: `tlog.record.keying`).
 
 The k data pieces are fetched first; the m parity pieces only when a data piece is missing
 or the rebuilt record does not hash to its key. Up to m missing or corrupt pieces are
@@ -13,32 +14,37 @@ import asyncio
 import contextlib
 import logging
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import redis.asyncio
 
 from tlog.storage import ServerAddress, StorageError, StoragePool
 
-from .aggregation import NONCE_SIZE, RecordError, V2Header, is_v2, parse_v2_header, record_hash
+from .aggregation import NONCE_SIZE, RecordError, V2Header, is_v2_layout, parse_v2_header
 from .crypto import TAG_SIZE
 from .erasure import ErasureCoder, ErasureError
+from .keying import record_key_matches
 from .steps import off_loop
 
 log = logging.getLogger(__name__)
 
 
 _PREFIX = struct.Struct("<Q")
+#: Whether a record is the one stored under a key (`record_key_matches`, or a reader's
+#: own rule: `RecordOpener.key_matches`).
+KeyCheck = Callable[[bytes, bytes], bool]
 
 
 def piece_header(piece: bytes | None) -> tuple[V2Header, int] | None:
-    """The v2 header at the start of piece 0 and the record's length, when the piece holds
-    all of the header (a hint until the record is read whole and hash-checked)."""
+    """The header (v2 layout: a v2 or v3 record) at the start of piece 0 and the record's
+    length, when the piece holds all of the header (a hint until the record is read whole
+    and hash-checked)."""
     if piece is None or len(piece) < _PREFIX.size:
         return None
     (length,) = _PREFIX.unpack_from(piece)
     start = piece[_PREFIX.size:_PREFIX.size + length]
-    if not is_v2(start):
+    if not is_v2_layout(start):
         return None
     try:
         head = parse_v2_header(start)
@@ -64,21 +70,22 @@ class TooFewPieces(DecodeError):
 
 #: Run by storage server 0 (Redis EVAL): follow ``prev`` from KEYS[1] through at most
 #: ARGV[1] records, returning for each the start of its piece 0 (GETRANGE: the 8-byte length,
-#: then the v2 header up to its vdisk id and epoch, then as many bytes as a nonce and a tag,
-#: so the header parser sees a plausible record). Piece 0 holds ``uint64 length || record
-#: ...``: the magic and version at bytes 8-12, the flags at 14-15 (bit 0: an 8-byte epoch
-#: follows the vdisk id), ``prev`` at 48-79, the vdisk id's length at 80-81 (Lua counts
-#: from 1). Read-only; a wrong type, a missing key, a record that is not v2 or
-#: the zero ``prev`` ends the run. The walk still treats what it returns as piece 0's
-#: header: a hint checked when the record is read whole.
+#: then the v2-layout header up to its vdisk id and epoch, then as many bytes as a nonce and
+#: a tag, so the header parser sees a plausible record). Piece 0 holds ``uint64 length ||
+#: record ...``: the magic and version (2 or 3) at bytes 8-12, the flags at 14-15 (bit 0: an
+#: 8-byte epoch follows the vdisk id), ``prev`` at 48-79, the vdisk id's length at 80-81
+#: (Lua counts from 1). Read-only; a wrong type, a missing key, a record that is neither v2
+#: nor v3 or the zero ``prev`` ends the run (a chain may go on from v2 records to v3 ones).
+#: The walk still treats what it returns as piece 0's header: a hint checked when the record
+#: is read whole.
 _WALK_SCRIPT = """
 local key = KEYS[1]
 local out = {}
 local zero = string.rep('\\0', 32)
 for i = 1, tonumber(ARGV[1]) do
   local piece = redis.pcall('GETRANGE', key, 0, 255)
-  if type(piece) ~= 'string' or #piece < 82
-      or string.sub(piece, 9, 13) ~= 'TLG2\\2' then
+  if type(piece) ~= 'string' or #piece < 82 or string.sub(piece, 9, 12) ~= 'TLG2'
+      or (string.byte(piece, 13) ~= 2 and string.byte(piece, 13) ~= 3) then
     break
   end
   local size = 82 + string.byte(piece, 81) + 256 * string.byte(piece, 82) + 28
@@ -113,11 +120,14 @@ class Fetched:
 
 class PieceReader:
     """Fetches pieces from a pool, remembering servers that failed so they are not asked
-    again (a dead server would cost a connection attempt per record)."""
+    again (a dead server would cost a connection attempt per record). ``matches`` checks a
+    record against its key (by default by the hash its format names)."""
 
-    def __init__(self, pool: StoragePool, coder: ErasureCoder, timeout: float = 10.0) -> None:
+    def __init__(self, pool: StoragePool, coder: ErasureCoder, timeout: float = 10.0,
+                 matches: KeyCheck = record_key_matches) -> None:
         self.pool = pool
         self.coder = coder
+        self.matches = matches
         self.down: set[int] = set()
         self.timeout = timeout
         self.scripting = True  # whether to try `header_run`
@@ -229,7 +239,7 @@ class PieceReader:
             if all(p is not None for p in data):
                 # (a large record is joined and hashed in a thread: an event loop that
                 # reads a 16 MB one goes on meanwhile)
-                joined = await off_loop(_joined, coder, data, key,
+                joined = await off_loop(_joined, coder, data, key, self.matches,
                                         size=sum(len(p) for p in data if p is not None))
                 if joined is not None:
                     return Fetched(joined, [])
@@ -244,7 +254,7 @@ class PieceReader:
             raise DecodeError(f"aggregation {key.hex()} is not stored on any server", key)
         try:
             record, corrupt = await off_loop(
-                _rebuilt, coder, pieces, key,
+                _rebuilt, coder, pieces, key, self.matches,
                 size=k * max(len(p) for p in pieces if p is not None))
         except ErasureError as exc:
             kind = (TooFewPieces if n - len(missing) < k and not self.down.intersection(missing)
@@ -254,25 +264,27 @@ class PieceReader:
         return Fetched(record, missing, corrupt, parity_read=True)
 
 
-def _joined(coder: ErasureCoder, data: list[bytes | None], key: bytes) -> bytes | None:
-    """The record of the k data pieces ``data``; None unless it hashes to ``key``."""
+def _joined(coder: ErasureCoder, data: list[bytes | None], key: bytes,
+            matches: KeyCheck) -> bytes | None:
+    """The record of the k data pieces ``data``; None unless it is stored under ``key``."""
     try:
         record = coder.decode(data + [None] * coder.m)
     except ErasureError:
         return None
-    return record if record_hash(record) == key else None
+    return record if matches(record, key) else None
 
 
-def _rebuilt(coder: ErasureCoder, pieces: list[bytes | None],
-             key: bytes) -> tuple[bytes, list[int]]:
-    """The record that hashes to ``key``, rebuilt from any k of ``pieces``, and the
+def _rebuilt(coder: ErasureCoder, pieces: list[bytes | None], key: bytes,
+             matches: KeyCheck) -> tuple[bytes, list[int]]:
+    """The record stored under ``key``, rebuilt from any k of ``pieces``, and the
     damaged pieces: those that differ from a fresh encoding of it. ErasureError if none."""
-    record = coder.decode_verified(pieces, lambda found: record_hash(found) == key)
+    record = coder.decode_verified(pieces, lambda found: matches(found, key))
     expected = coder.encode(record)
     return record, [i for i, p in enumerate(pieces) if p is not None and p != expected[i]]
 
 
-async def fetch_record(pool: StoragePool, key: bytes, coder: ErasureCoder | None = None) -> Fetched:
+async def fetch_record(pool: StoragePool, key: bytes, coder: ErasureCoder | None = None,
+                       matches: KeyCheck = record_key_matches) -> Fetched:
     """The record stored under ``key``, checked against its hash (up to m pieces rebuilt)."""
-    reader = PieceReader(pool, coder or ErasureCoder(pool.k, pool.m))
+    reader = PieceReader(pool, coder or ErasureCoder(pool.k, pool.m), matches=matches)
     return await reader.fetch(key)

@@ -172,7 +172,7 @@ class _Journal:
 class Compactor:
     """Compacts one vdisk's log (see the module doc for the order of the work).
 
-    ``writer`` seals the checkpoint (v2, the vdisk's master key); ``on_step(name)`` is
+    ``writer`` seals the checkpoint (v3 or v2, the vdisk's master key); ``on_step(name)`` is
     called as each step starts and ``on_progress(done, total)`` while aggregations are
     deleted, for progress displays. Every storage server of the pool must be reachable.
     ``processes``: whether the replay may open records in forked worker processes (None:
