@@ -239,8 +239,13 @@ def test_tlog_config_put_merges_and_keeps_the_log_layout(etcd: EtcdProcess,  # n
     bad = tlog_cli("config", "put", "--etcd", url, "server", "--merge",
                    "block_size: 512\nstorage_format: legacy", check=False)
     assert bad.returncode == 1, bad.stderr
-    assert "block_size 4096 -> 512, storage_format 'v2' -> 'legacy': refused" in bad.stderr
+    assert "block_size 4096 -> 512, storage_format 'v3' -> 'legacy': refused" in bad.stderr
     assert "a live log cannot change it" in bad.stderr
+    # ...but v3 and v2 records are read alike: a log goes on from one to the other.
+    out = tlog_cli("config", "put", "--etcd", url, "server", "storage_format: v2",
+                   "--merge").stdout
+    assert "storage_format 'v3' -> 'v2' (after each server's restart)" in out
+    tlog_cli("config", "put", "--etcd", url, "server", "flush_size: 40", "--replace")
     (tmp_path / "k3.yaml").write_text(yaml.safe_dump({"k": 3, "m": 3}))
     bad = tlog_cli("config", "import", "--etcd", url, str(tmp_path / "k3.yaml"), check=False)
     assert bad.returncode == 1 and "k 4 -> 3, m 2 -> 3: refused" in bad.stderr, bad.stderr

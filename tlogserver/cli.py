@@ -58,10 +58,11 @@ _D = ServerConfig()
               type=click.Path(dir_okay=False),
               help="File holding a previous master key, to read aggregations sealed before a "
                    "key rotation (repeatable; each record names its key id).")
-@click.option("--storage-format", type=click.Choice(["v2", "legacy"]), default=_D.storage_format,
-              show_default=True,
-              help="v2 (ours: random nonce per aggregation) or legacy (0-Disk's layout, static "
-                   "nonce).")
+@click.option("--storage-format", type=click.Choice(["v3", "v2", "legacy"]),
+              default=_D.storage_format, show_default=True,
+              help="v3 (ours: random nonce per aggregation, BLAKE3 record keys), v2 (the same "
+                   "with BLAKE2b keys, readable by a tlog that predates v3: to keep a rollback "
+                   "open) or legacy (0-Disk's layout, static nonce).")
 @click.option("--nonce", default=None,
               help="Legacy format only: the static AES-GCM nonce, 24 hex digits.")
 @click.option("--max-message-size", type=int, default=_D.max_message_size, show_default=True,

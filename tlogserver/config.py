@@ -54,6 +54,17 @@ RELOADABLE = frozenset({"flush_size", "flush_time", "max_buffered_blocks", "max_
 #: Settings a stored log is written and read with: they cannot change once a log exists
 #: (`tlog config` refuses to change them in a fleet's keys; a server only reports them).
 LOG_LAYOUT = ("k", "m", "block_size", "storage_format", "nonce")
+#: Storage formats of ours: a log goes on from one to the other (an upgrade to v3, a
+#: rollback to v2), since readers read both; a change between them is no layout change.
+OUR_STORAGE_FORMATS = ("v3", "v2")
+
+
+def layout_moves(name: str, old: object, new: object) -> bool:
+    """Whether changing the `LOG_LAYOUT` setting ``name`` from ``old`` to ``new`` changes
+    what a live log is written with beyond what its readers follow."""
+    if name == "storage_format" and old in OUR_STORAGE_FORMATS and new in OUR_STORAGE_FORMATS:
+        return False
+    return old != new
 #: Options whose values are never logged, not even when they change (storage addresses may
 #: hold passwords: they are logged without them).
 SECRET = frozenset({"priv_key", "nonce"})
@@ -76,7 +87,9 @@ class ServerConfig:
     priv_key: str | None = field(default=None, repr=False)
     key_file: str | None = None
     old_key_files: list[str] = field(default_factory=list)
-    storage_format: str = "v2"
+    #: v3 (ours, BLAKE3 keys), v2 (ours, BLAKE2b keys: readable by a tlog without v3) or
+    #: legacy (0-Disk's)
+    storage_format: str = "v3"
     nonce: str | None = field(default=None, repr=False)
     max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE
     max_buffered_blocks: int = 16384
@@ -205,8 +218,9 @@ class ServerConfig:
         if self.block_size > self.max_message_size - 1024:
             raise ConfigError(f"block-size: {self.block_size} does not fit in max-message-size "
                               f"{self.max_message_size} (leave 1024 bytes for framing)")
-        if self.storage_format not in ("v2", "legacy"):
-            raise ConfigError(f"storage-format: must be v2 or legacy, got {self.storage_format!r}")
+        if self.storage_format not in ("v3", "v2", "legacy"):
+            raise ConfigError("storage-format: must be v3, v2 or legacy, got "
+                              f"{self.storage_format!r}")
         self._validate_storage()
         self._validate_keys(running)
         self._validate_min_pieces()
@@ -237,7 +251,7 @@ class ServerConfig:
         if (self.retention_default is not None or any(self.retention_vdisks.values())) and (
                 self.storage_format == "legacy"):
             raise ConfigError("retention: the legacy storage format cannot hold checkpoints "
-                              "(0-Disk's tools could not read the log); use v2")
+                              "(0-Disk's tools could not read the log); use v3 or v2")
 
     def retention_for(self, vdisk_id: str) -> RetentionPolicy | None:
         """The retention policy of ``vdisk_id``: its entry's, else the server's; None: its
@@ -340,8 +354,8 @@ class ServerConfig:
             except crypto.CryptoError as exc:
                 raise ConfigError(str(exc)) from None
         if self.old_key_files and self.storage_format == "legacy":
-            raise ConfigError("old-key-file: only for the v2 storage format (legacy records "
-                              "carry no key id)")
+            raise ConfigError("old-key-file: only for the v3 and v2 storage formats (legacy "
+                              "records carry no key id)")
         old: list[bytes] = []
         for path in self.old_key_files:
             try:
@@ -363,8 +377,8 @@ class ServerConfig:
                 raise ConfigError("priv-key: the legacy storage format needs the 32-character "
                                   "key (--priv-key, --key-file or TLOG_PRIV_KEY)")
         elif self.nonce:
-            raise ConfigError("nonce: only used with --storage-format legacy (v2 draws a fresh "
-                              "nonce for every aggregation)")
+            raise ConfigError("nonce: only used with --storage-format legacy (v3 and v2 draw a "
+                              "fresh nonce for every aggregation)")
         if self.master_key is None and old:
             raise ConfigError("old-key-file: the current key (key-file) is missing: old keys "
                               "only read, new aggregations are written with the current one")

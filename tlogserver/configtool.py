@@ -5,7 +5,8 @@ A change is written only if the whole configuration, with it, passes
 `tlogserver.config.check_file_data`, in one etcd transaction that fails if one of the keys
 it changes was changed meanwhile. The servers' own keys (``owners/``, ``servers/``, on
 their leases) are never written. A change of a setting the stored logs are written with
-(`tlogserver.config.LOG_LAYOUT`: k, m...) is refused once the fleet has a configuration.
+(`tlogserver.config.LOG_LAYOUT`: k, m...) is refused once the fleet has a configuration;
+storage_format from v2 to v3 or back is not one (readers read both).
 
 It is a command of the `tlog` tool, registered through the ``tlog.commands`` entry point
 (the library does not import the daemon)."""
@@ -40,7 +41,14 @@ from tlog.configsource import (
     split,
 )
 
-from .config import LOG_LAYOUT, RELOADABLE, ServerConfig, check_file_data, file_options
+from .config import (
+    LOG_LAYOUT,
+    RELOADABLE,
+    ServerConfig,
+    check_file_data,
+    file_options,
+    layout_moves,
+)
 
 #: Keys changed per etcd transaction (etcd allows 128 operations in one by default).
 TXN_KEYS = 64
@@ -286,7 +294,8 @@ def _write(url: str, edit: Callable[[_Snapshot], Changes], dry_run: bool,
             _check(after, str(store.url))
             if before is not None and snap.config and not force:
                 old, new = _layout(before), _layout(after)
-                moved = [f"{n} {old[n]!r} -> {new[n]!r}" for n in LOG_LAYOUT if old[n] != new[n]]
+                moved = [f"{n} {old[n]!r} -> {new[n]!r}" for n in LOG_LAYOUT
+                         if layout_moves(n, old[n], new[n])]
                 if moved:
                     raise ConfigError(f"{', '.join(moved)}: refused: the fleet's logs are "
                                       "written with it and a live log cannot change it "

@@ -78,11 +78,13 @@ class RetentionKeeper:
 
     ``served()`` gives the ids of the open vdisks; ``pool_for``, ``policy_for(vdisk)`` and
     ``holds(vdisk)`` (who must stay restorable: (name, (epoch, sequence)) pairs) are asked
-    each time, so a config reload applies at once; ``writer_key`` seals checkpoints. Every
+    each time, so a config reload applies at once; ``writer_key`` seals checkpoints, as
+    records of ``writer_version`` (3, or 2: the server's storage format). Every
     ``survey()`` seconds it looks (cheaply) whether someone else compacted a log it measured.
     """
 
     def __init__(self, stats: ServerStats, opener: RecordOpener, writer_key: bytes,
+                 writer_version: int,
                  served: Callable[[], Iterable[str]],
                  pool_for: Callable[[str], StoragePool],
                  policy_for: Callable[[str], RetentionPolicy | None],
@@ -91,6 +93,7 @@ class RetentionKeeper:
         self.stats = stats
         self.opener = opener
         self.writer_key = writer_key
+        self.writer_version = writer_version
         self.served = served
         self.pool_for = pool_for
         self.policy_for = policy_for
@@ -243,8 +246,8 @@ class RetentionKeeper:
     async def _compact(self, vdisk_id: str, pool: StoragePool, policy: RetentionPolicy,
                        entry: VdiskLog) -> CompactionSummary | None:
         """One compaction; its summary when it compacted something."""
-        compactor = Compactor(pool, vdisk_id, self.opener, V2Writer(self.writer_key, vdisk_id),
-                              processes=False)
+        writer = V2Writer(self.writer_key, vdisk_id, self.writer_version)
+        compactor = Compactor(pool, vdisk_id, self.opener, writer, processes=False)
         try:
             _plan, summary = await compactor.compact(policy, hold=self.holds(vdisk_id))
         except (CompactionError, DecodeError, StorageError) as exc:

@@ -22,6 +22,7 @@ from tlog.read.resends import stored_writes
 from tlog.record.aggregation import Keyring, LegacyWriter, RecordOpener, V2Writer
 from tlog.record.crypto import LegacyCipher
 from tlog.record.identity import StoredWrites
+from tlog.record.keying import V2_VERSION, V3_VERSION
 from tlog.record.pieces import DecodeError
 from tlog.storage import (
     ClusterPoolFactory,
@@ -94,7 +95,7 @@ class TlogServer:
         assert config.master_key is not None
         #: Log sizes and retention policies of the vdisks served (docs/retention.md).
         self.keeper = RetentionKeeper(
-            self.stats, self.opener, config.master_key,
+            self.stats, self.opener, config.master_key, record_version(config),
             lambda: [i for i, v in self.vdisks.items() if not v.retired],
             self.factory.pool_for, lambda vdisk_id: self.config.retention_for(vdisk_id),
             lambda vdisk_id: standby_holds(self.syncers.get(vdisk_id)),
@@ -155,7 +156,7 @@ class TlogServer:
                         "both get a round stored (the head's compare-and-set needs "
                         "2 * min-pieces > k + m to keep them apart)", pieces, cfg.k + cfg.m)
         self.syncers.update(start_syncers(cfg, self.factory, self.opener))
-        if cfg.storage_format == "v2":  # legacy logs are neither measured nor compacted
+        if cfg.storage_format != "legacy":  # legacy logs are neither measured nor compacted
             self.keeper.start()
         self.lag_probe.start()
         if cfg.metrics_host is not None:
@@ -344,7 +345,7 @@ class TlogServer:
             assert cfg.legacy_nonce is not None
             writer = LegacyWriter(cfg.master_key, cfg.legacy_nonce, vdisk_id)
         else:
-            writer = V2Writer(cfg.master_key, vdisk_id)
+            writer = V2Writer(cfg.master_key, vdisk_id, record_version(cfg))
         # Told of every stored round, before the vdisk: its standby, the log's measure.
         observers: list[StoredObserver] = []
         syncer = self.syncers.get(vdisk_id)
@@ -361,7 +362,7 @@ class TlogServer:
                       epoch=last.epoch if last is not None else 0,
                       last_sequence=last.last_sequence if last is not None else None,
                       has_chain=last is not None, server_budget=self.budget,
-                      takes_ranges=cfg.storage_format == "v2")
+                      takes_ranges=cfg.storage_format != "legacy")
         vdisk.flusher.start()
         self.keeper.opened(vdisk_id)
         return vdisk
@@ -578,7 +579,13 @@ def _opener(config: ServerConfig) -> RecordOpener:
     legacy = (LegacyCipher(config.master_key, config.legacy_nonce)
               if config.legacy_nonce is not None else None)
     return RecordOpener(Keyring.of(config.master_key, *config.old_keys), legacy,
-                        "legacy" if legacy is not None else "v2")
+                        "legacy" if legacy is not None else config.storage_format)
+
+
+def record_version(config: ServerConfig) -> int:
+    """The version of the records of ours this server writes: 2 with storage format v2
+    (a log an older tlog can still read), else 3."""
+    return V2_VERSION if config.storage_format == "v2" else V3_VERSION
 
 
 def _key_ids(ids: list[int]) -> str:

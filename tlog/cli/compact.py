@@ -12,7 +12,7 @@ from tlog.record.aggregation import V2Writer
 from tlog.record.pieces import DecodeError
 from tlog.retention import CompactionError, Compactor, RetentionPolicy, parse_duration, parse_size
 
-from .options import fail_with, read_options, read_setup, run_async
+from .options import fail_with, read_options, read_setup, run_async, write_version
 
 
 def _policy(values: dict[str, Any]) -> RetentionPolicy:
@@ -54,7 +54,7 @@ def compact_command(ctx: click.Context, **values: Any) -> None:
     policy = _policy(values)
     setup = read_setup(ctx, values)
     keyring = setup.opener.keyring
-    writer = V2Writer(keyring.keys[keyring.ids[0]], setup.vdisk)
+    writer = V2Writer(keyring.keys[keyring.ids[0]], setup.vdisk, write_version(values))
     show = values["progress"] if values["progress"] is not None else sys.stderr.isatty()
     # The steps go to stderr as they start (also without a terminal: a log names them).
     bar: list[Any] = []

@@ -17,7 +17,8 @@ import click
 from tlog.configsource import ConfigError, describe_empty, load_config
 from tlog.read.limiter import Limiter
 from tlog.record import crypto
-from tlog.record.aggregation import Keyring, RecordOpener
+from tlog.record.aggregation import OUR_FORMATS, Keyring, RecordOpener
+from tlog.record.keying import V2_VERSION, V3_VERSION
 from tlog.storage import (
     ClusterPoolFactory,
     StaticPoolFactory,
@@ -73,11 +74,14 @@ def read_options(func: F) -> F:
                      multiple=True, type=click.Path(dir_okay=False),
                      help="File holding a previous master key, as given to tlogserver "
                           "(repeatable; same as another --key-file here)."),
-        click.option("--format", "record_format", type=click.Choice(["auto", "v2", "legacy"]),
+        click.option("--format", "record_format",
+                     type=click.Choice(["auto", "v3", "v2", "legacy"]),
                      default="auto", show_default=True,
-                     help="Record format: v2 (tlog's), legacy (0-Disk's, needs --nonce) or "
-                          "auto (v2 records are told apart by their header; the others are "
-                          "read as legacy when --nonce is given)."),
+                     help="Record format: v3 or v2 (tlog's: both read either, a log may hold "
+                          "both; compact and rekey write v2 records with v2, else v3), "
+                          "legacy (0-Disk's, needs --nonce) or auto (tlog's records are told "
+                          "apart by their header; the others are read as legacy when --nonce "
+                          "is given)."),
         click.option("--nonce", envvar="TLOG_NONCE", default=None,
                      help="Legacy format: the static AES-GCM nonce, 24 hex digits."),
         click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=10.0,
@@ -216,8 +220,8 @@ def read_setup(ctx: click.Context, values: dict[str, Any]) -> ReadSetup:
 
 def _opener(values: dict[str, Any]) -> RecordOpener:
     record_format = values["record_format"]
-    if record_format not in ("auto", "v2", "legacy"):
-        raise click.UsageError(f"format: must be auto, v2 or legacy, got {record_format!r}")
+    if record_format not in ("auto", *OUR_FORMATS, "legacy"):
+        raise click.UsageError(f"format: must be auto, v3, v2 or legacy, got {record_format!r}")
     if values["priv_key"] and values["key_file"]:
         raise click.UsageError("give only one of --priv-key and --key-file")
     try:
@@ -231,7 +235,7 @@ def _opener(values: dict[str, Any]) -> RecordOpener:
         key = keys[0]  # the legacy format has no key ids: its key comes first
         legacy = None
         if values["nonce"]:
-            if record_format == "v2":
+            if record_format in OUR_FORMATS:
                 raise click.UsageError("--nonce is only used with --format legacy or auto")
             legacy = crypto.LegacyCipher.from_hex_nonce(key, values["nonce"])
         elif record_format == "legacy":
@@ -239,6 +243,13 @@ def _opener(values: dict[str, Any]) -> RecordOpener:
     except crypto.CryptoError as exc:
         raise click.UsageError(str(exc)) from None
     return RecordOpener(Keyring.of(*keys), legacy, record_format)
+
+
+def write_version(values: dict[str, Any]) -> int:
+    """The version of the records a command writes (compact's checkpoints, rekey's copies):
+    2 with --format v2 (or a config's ``storage_format: v2``), which keeps a log readable
+    by a tlog that predates v3; else 3."""
+    return V2_VERSION if values["record_format"] == "v2" else V3_VERSION
 
 
 def limiter_from(values: dict[str, Any]) -> Limiter:

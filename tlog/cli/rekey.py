@@ -10,7 +10,7 @@ import click
 from tlog.read.rekey import RekeyError, rekey_vdisk
 from tlog.record.pieces import DecodeError
 
-from .options import EXIT_FAILED, read_options, read_setup
+from .options import EXIT_FAILED, read_options, read_setup, write_version
 
 
 @click.command("rekey")
@@ -31,15 +31,16 @@ def rekey_command(ctx: click.Context, **values: Any) -> None:
     be written during the rekey (checked before the switch). Exit status 1 on failure.
     """
     if values["record_format"] == "legacy":
-        raise click.UsageError("rekey writes v2 records: use --format auto (with --nonce) to "
-                               "convert a legacy log")
+        raise click.UsageError("rekey writes tlog's own records (v3, or v2 with --format v2): "
+                               "use --format auto (with --nonce) to convert a legacy log")
     setup = read_setup(ctx, values)
     keyring = setup.opener.keyring
     new_key = keyring.keys[keyring.ids[0]]
     try:
         report = setup.run(rekey_vdisk(setup.pool, setup.vdisk, setup.opener, new_key,
                                        delete_old=values["delete_old"],
-                                       dry_run=values["dry_run"]))
+                                       dry_run=values["dry_run"],
+                                       version=write_version(values)))
     except (RekeyError, DecodeError) as exc:
         click.echo(f"error: {exc}", err=True)
         raise SystemExit(EXIT_FAILED) from None

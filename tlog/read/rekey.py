@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 
 from tlog.record.aggregation import Aggregation, Keyring, RecordOpener, V2Writer
 from tlog.record.erasure import ErasureCoder
+from tlog.record.keying import V3_VERSION
 from tlog.storage import StorageError, StoragePool
 from tlog.storage.keys import LAST_HASH_KEEP, last_hash_key
 
@@ -116,15 +117,17 @@ async def _store(pool: StoragePool, coder: ErasureCoder,
 
 
 async def rekey_vdisk(pool: StoragePool, vdisk_id: str, opener: RecordOpener, new_key: bytes,
-                      *, delete_old: bool = False, dry_run: bool = False) -> RekeyReport:
+                      *, delete_old: bool = False, dry_run: bool = False,
+                      version: int = V3_VERSION) -> RekeyReport:
     """Re-encrypt ``vdisk_id``'s chain under ``new_key``; see the module's description.
 
     ``opener`` must hold every key the chain was sealed with (and the legacy key and nonce
-    if it holds 0-Disk records, which become v2 records). Raises `RekeyError` or
-    `tlog.record.pieces.DecodeError`.
+    if it holds 0-Disk records, which become records of ours). The records rewritten are
+    of ``version`` (3, or 2 for a fleet that may roll back to a tlog without v3); those
+    kept keep theirs. Raises `RekeyError` or `tlog.record.pieces.DecodeError`.
     """
     started = time.perf_counter()
-    writer = V2Writer(new_key, vdisk_id)
+    writer = V2Writer(new_key, vdisk_id, version)
     report = RekeyReport(vdisk_id, Keyring.of(new_key).ids[0], dry_run=dry_run)
     coder = ErasureCoder(pool.k, pool.m)
     heads_before = await _heads(pool, vdisk_id)
