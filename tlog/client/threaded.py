@@ -64,7 +64,7 @@ class ThreadedClient:
         self._batch_interval = batch_interval
         self._tick: asyncio.TimerHandle | None = None  # the drain's next look (loop thread)
         self._loop = _new_loop()
-        self._thread = threading.Thread(target=self._run_loop, daemon=True,
+        self._loop_thread = threading.Thread(target=self._run_loop, daemon=True,
                                         name=f"tlog client {vdisk_id}")
         self._cond = threading.Condition()
         self._inbox: list[tuple[int, bytes]] = []
@@ -74,7 +74,7 @@ class ThreadedClient:
         self._waiting = 0
         self._next_sequence = first_sequence or 0
         self._closed = False
-        self._thread.start()
+        self._loop_thread.start()
 
         async def make() -> TlogClient:
             client = TlogClient(servers, vdisk_id, first_sequence, **options)
@@ -104,10 +104,10 @@ class ThreadedClient:
     def _stop_loop(self) -> None:
         if self._loop.is_running():
             self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(timeout=10)
+        self._loop_thread.join(timeout=10)
 
     def _call(self, coro: Coroutine[Any, Any, T], timeout: float | None) -> T:
-        if threading.current_thread() is self._thread:
+        if threading.current_thread() is self._loop_thread:
             coro.close()
             raise RuntimeError("ThreadedClient methods cannot be called from its own loop "
                                "thread (e.g. from on_response)")
