@@ -22,6 +22,11 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from . import compiled
+
+# Before any module of ours loads: TLOG_NO_EXTENSIONS=1, or a stale build, means the .py.
+compiled.install()
+
 if TYPE_CHECKING:
     from .client import ClientClosedError, HandshakeError, ThreadedClient, TlogClient
     from .protocol import Block, BlockStatus, Operation
