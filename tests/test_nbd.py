@@ -22,6 +22,8 @@ import pytest
 import redis
 import yaml
 
+from tlog import compiled
+
 from .redis_fixture import RedisFactory, RedisProcess
 from .serverproc import ServerProcess
 from .test_cli_read import KEY, WAIT, read_args, start_tlogserver, tlog_cli
@@ -161,6 +163,13 @@ def test_nbd_clients_write_and_the_restore_equals_the_served_image(
     data.write_bytes(os.urandom(8 * 1024 * 1024))
     with start_tlogserver(redis6, KEY) as server:
         with NbdServer(tmp_path, *nbd_args(server, "nbd1", image, "--size", "16M")) as nbd:
+            # nbdkit's embedded Python (Debian's 3.11) loads the compiled modules when
+            # they are built, as the venv's Python does.
+            modules = nbd.wait_for("per-block modules")
+            if compiled.why_pure() is None:
+                assert "per-block modules compiled (" in modules, modules
+            else:
+                assert "per-block modules in pure Python" in modules, modules
             nbdcopy(str(data), nbd.uri)  # 8 MiB of random data, aligned
             qemu_io(nbd.uri,
                     "write -P 0xab 1000 5000",          # unaligned: two partial blocks

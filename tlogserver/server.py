@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Any
 
+from tlog import compiled
 from tlog.read.head import find_last_and_heads
 from tlog.read.resends import stored_writes
 from tlog.record.aggregation import Keyring, LegacyWriter, RecordOpener, V2Writer
@@ -140,6 +141,7 @@ class TlogServer:
             log.warning("storage: in-memory (embedded default): data will NOT survive a restart")
         else:
             log.info("storage: %s", self.factory.describe())
+        log.info("%s", compiled.summary())  # compiled, or pure Python and why
         if cfg.ephemeral_key:
             log.warning("no master key given: using a random key for this run only")
         if cfg.storage_format == "legacy":

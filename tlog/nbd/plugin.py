@@ -41,6 +41,7 @@ from typing import Any
 
 import nbdkit  # type: ignore[import-not-found]  # provided by nbdkit's embedded Python
 
+from tlog import compiled
 from tlog.client import TlogClientError, parse_address
 from tlog.nbd import threadstate
 from tlog.nbd.backend import BackendError
@@ -104,6 +105,7 @@ def after_fork() -> None:
         host, port = parse_address(_settings.metrics_address)
         serve_metrics(host, port, lambda: _disk)
         logging.getLogger("tlog.nbd").info("metrics on http://%s:%d/metrics", host, port)
+    logging.getLogger("tlog.nbd").info("%s", compiled.summary())
     logging.getLogger("tlog.nbd").info("serving %s", _settings.describe(_disk))
 
 
