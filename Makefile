@@ -7,13 +7,20 @@ ADDRESS ?= 127.0.0.1:11211
 .PHONY: install redis nbd etcd run test lint typecheck check bench soak fuzz fresh-check clean
 
 # pip, not python: a venv made without Debian's python3-venv has python but no pip, and is made again.
-$(BIN)/tlogserver: pyproject.toml
+# The install compiles the per-block modules (setup.py, mypyc) when it can: a C compiler and
+# Python's headers are installed first when missing.
+$(BIN)/tlogserver: pyproject.toml setup.py tlog/compiled.py
+	@./scripts/install_build_deps.sh $(PY)
 	test -x $(BIN)/pip || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[test]'
 	touch $(BIN)/tlogserver
 
+# A build older than its .py files (a pull, an edit) is made again; then the state is printed.
 install: $(BIN)/tlogserver
+	@$(BIN)/python -c 'import sys; from tlog.compiled import main; sys.exit(main(["--stale"]))' \
+	  || $(BIN)/pip install -q --no-deps -e .
+	@$(BIN)/python -c 'from tlog.compiled import main; main()'
 
 # redis-server for the tests: installed from Debian's packages when missing.
 redis:
@@ -30,11 +37,24 @@ etcd:
 run: install
 	$(BIN)/tlogserver --address $(ADDRESS) --memory-storage
 
+# The protocol, record, client and server tests (and one of tlog nbd) again on the pure-Python
+# path, when the first run was on the compiled one.
+PURE_TESTS := tests/test_compiled.py tests/test_protocol.py tests/test_protocol_properties.py \
+	tests/test_decoder.py tests/test_fuzz_wire.py tests/test_aggregation.py \
+	tests/test_record_keys.py tests/test_client.py tests/test_client_buffer.py \
+	tests/test_client_waiters.py tests/test_server.py tests/test_answers.py tests/test_budget.py \
+	tests/test_acks.py tests/test_hostile.py \
+	tests/test_nbd.py::test_nbd_clients_write_and_the_restore_equals_the_served_image
+
 test: install redis nbd etcd
 	$(BIN)/pytest -q
+	@if $(BIN)/python -c 'import sys; from tlog.compiled import why_pure; sys.exit(why_pure() is not None)'; then \
+	  echo "TLOG_NO_EXTENSIONS=1: the pure-Python path"; \
+	  TLOG_NO_EXTENSIONS=1 $(BIN)/pytest -q $(PURE_TESTS); \
+	fi
 
 lint: install
-	$(BIN)/ruff check tlog tlogserver tests benchmarks scripts
+	$(BIN)/ruff check tlog tlogserver tests benchmarks scripts setup.py
 	$(BIN)/mypy tlog tlogserver
 
 check: lint test
