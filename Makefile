@@ -44,6 +44,7 @@ PURE_TESTS := tests/test_compiled.py tests/test_protocol.py tests/test_protocol_
 	tests/test_record_keys.py tests/test_client.py tests/test_client_buffer.py \
 	tests/test_client_waiters.py tests/test_server.py tests/test_answers.py tests/test_budget.py \
 	tests/test_acks.py tests/test_hostile.py \
+	tests/test_reliability.py::test_a_server_still_retrying_when_its_client_failed_over_does_not_fork_the_chain \
 	tests/test_nbd.py::test_nbd_clients_write_and_the_restore_equals_the_served_image
 
 test: install redis nbd etcd

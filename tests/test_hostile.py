@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import logging
 import random
 import socket
 import struct
@@ -284,23 +285,38 @@ def test_truncated_frames_and_unfinished_handshakes_are_dropped(
     run(scenario())
 
 
+class ClosedConnections(logging.Handler):
+    """The connections tlogserver closes, by name, with the reason it logs."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.closed: dict[str, str] = {}
+        self.event = asyncio.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if message.startswith("closing: "):
+            self.closed[getattr(record, "conn", "?")] = message[len("closing: "):]
+            self.event.set()
+
+
 def test_a_client_that_never_reads_is_disconnected(redis6: list[RedisProcess],
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(connection_mod, "WRITE_BUFFER_HIGH", 64 * 1024)
-    closed: dict[str, str] = {}
-    gone = asyncio.Event()
-    original = connection_mod.TlogConnection.close
-
-    def close(self: connection_mod.TlogConnection, reason: str) -> None:
-        closed[self.name] = reason
-        gone.set()
-        original(self, reason)
-
-    monkeypatch.setattr(connection_mod.TlogConnection, "close", close)
+    logger = logging.getLogger("tlogserver")
 
     async def scenario() -> None:
-        nonlocal gone
-        gone = asyncio.Event()
+        watch = ClosedConnections()  # made in the loop: its event belongs to it
+        logger.addHandler(watch)
+        level = logger.level
+        logger.setLevel(logging.INFO)
+        try:
+            await never_reads(watch)
+        finally:
+            logger.removeHandler(watch)
+            logger.setLevel(level)
+
+    async def never_reads(watch: ClosedConnections) -> None:
         async with running_server([r.address for r in redis6], flush_size=10,
                                   stalled_writer_timeout=0.5) as server:
             port = port_of(server)
@@ -316,8 +332,8 @@ def test_a_client_that_never_reads_is_disconnected(redis6: list[RedisProcess],
             # gives up on it.
             request = ClientConnection.send_wait_nbd_slave_sync()
             writer.write(request * 400_000)
-            await asyncio.wait_for(gone.wait(), WAIT)
-            assert list(closed.values()) == ["client stopped reading its responses"]
+            await asyncio.wait_for(watch.event.wait(), WAIT)
+            assert list(watch.closed.values()) == ["client stopped reading its responses"]
             for seq in range(10):  # the other vdisk was served all along
                 good.send(seq, data(seq))
             await good.wait_flushed(range(10))

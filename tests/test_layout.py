@@ -21,7 +21,7 @@ ONE_CONCERN: dict[str, str] = {}
 ONE_CONCERN_MAX_LINES = 750
 #: The layers, bottom first: a module imports from its own layer or those below, never above.
 LAYERS = (
-    ("tlog.units", "tlog.holes", "tlog.allocator", "tlog.configsource"),
+    ("tlog.compiled", "tlog.units", "tlog.holes", "tlog.allocator", "tlog.configsource"),
     ("tlog.protocol", "tlog.storage"),
     ("tlog.record", "tlog.client"),
     ("tlog.read", "tlog.retention", "tlog.nbd"),
