@@ -293,7 +293,14 @@ def norm(value: Any) -> Any:
     """A value as plain data, comparable across the two sides' distinct classes. Leaves are
     (type name, value) tuples (enums: class, member, value); dataclasses, named tuples and
     Blocks are dicts of their fields, and sequences dicts of their items, each with its
-    type under the key ``""``."""
+    type under the key ``""``.
+
+    An IntEnum member is an int here: statuses and operations are typed ``BlockStatus |
+    int``, which is int to mypy and so to mypyc, whose compiled code hands out the plain
+    number where the pure path hands out the member (equal, and named by the code that
+    shows them: tlog.client.errors)."""
+    if isinstance(value, enum.IntEnum):
+        return ("int", int(value))
     if isinstance(value, enum.Enum):
         return (type(value).__name__, value.name, value.value)
     if isinstance(value, bool | int | str | float | None):

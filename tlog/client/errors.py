@@ -30,7 +30,11 @@ class HandshakeError(TlogClientError):
     def __init__(self, status: int, address: str = "") -> None:
         self.status = status
         self.address = address
-        name = status.name if isinstance(status, HandshakeStatus) else str(status)
+        # A number, or the member: compiled code hands statuses out as plain ints.
+        try:
+            name = HandshakeStatus(status).name
+        except ValueError:
+            name = str(status)  # a status from a newer server
         where = f" by {address}" if address else ""
         super().__init__(f"handshake refused{where}: {name}")
 

@@ -109,8 +109,8 @@ ServerEvent = Handshake | Block | ForceFlush | WaitNbdSlaveSync
 ClientEvent = HandshakeResponse | BlockResponse
 
 
-def _status(enum_type: type[enum.IntEnum], value: int) -> enum.IntEnum | int:
-    # Not ``-> int``: compiled, that would hand back a plain int for the enum member.
+def _status(enum_type: type[enum.IntEnum], value: int) -> int:
+    # The member on the pure path; compiled (mypyc), an int result is the plain number.
     try:
         return enum_type(value)
     except ValueError:
