@@ -28,7 +28,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 
@@ -40,6 +40,14 @@ LISTENING = re.compile(r"listening on (\S+):(\d+)")
 _TAIL_LINES = 400
 
 _running: set[ServerProcess] = set()
+
+
+def config_free_env(base: Mapping[str, str] | None = None) -> dict[str, str]:
+    """An environment without TLOG_* configuration variables, so that a subprocess gets only
+    what its test gives it, except TLOG_NO_EXTENSIONS: make test's pure-Python pass runs its
+    subprocesses (tlogserver, tlog, nbdkit's plugin) on the pure-Python path too."""
+    return {k: v for k, v in (os.environ if base is None else base).items()
+            if not k.startswith("TLOG_") or k == "TLOG_NO_EXTENSIONS"}
 
 
 class ServerStartError(RuntimeError):

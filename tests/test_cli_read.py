@@ -25,7 +25,7 @@ from tlog.protocol.status import BlockStatus, HandshakeStatus
 from tlog.protocol.wire import Block
 
 from .redis_fixture import RedisFactory, RedisProcess
-from .serverproc import ServerProcess, start_server, storage_args
+from .serverproc import ServerProcess, config_free_env, start_server, storage_args
 from .test_decoder import TS0, VDISK, ChainWriter, make_blocks
 
 KEY = "12345678901234567890123456789012"
@@ -159,7 +159,7 @@ def image(blocks: Sequence[Block], *, end_seq: int | None = None,
 
 def tlog_cli(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     """Run the real `tlog` command line in a subprocess (no TLOG_* from the environment)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TLOG_")}
+    env = config_free_env()
     proc = subprocess.run([sys.executable, "-c", "from tlog.cli import main; main()", *args],
                           capture_output=True, text=True, timeout=120, env=env)
     if check:

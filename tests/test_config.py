@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,11 +11,13 @@ import pytest
 
 from tlogserver.config import RELOADABLE, ConfigError, ServerConfig, from_sources
 
+from .serverproc import config_free_env
+
 KEY = "12345678901234567890123456789012"
 
 
 def tlogserver(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith("TLOG_")}
+    full_env = config_free_env()
     full_env.update(env or {})
     return subprocess.run([sys.executable, "-m", "tlogserver", *args], capture_output=True,
                           text=True, timeout=60, env=full_env)

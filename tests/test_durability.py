@@ -26,7 +26,7 @@ from tlog.client import TlogClient
 from tlog.protocol.status import BlockStatus, Operation
 
 from .redis_fixture import RedisFactory
-from .serverproc import ServerProcess, storage_args
+from .serverproc import ServerProcess, config_free_env, storage_args
 from .wireclient import KEY
 
 BLOCK_SIZE = 4096
@@ -56,7 +56,7 @@ def image(ops: Sequence[tuple[int, int, bytes]]) -> bytes:
 
 
 def tlog(*args: str) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TLOG_")}
+    env = config_free_env()
     return subprocess.run([sys.executable, "-c", "from tlog.cli import main; main()", *args],
                           capture_output=True, text=True, timeout=120, env=env)
 

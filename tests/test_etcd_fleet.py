@@ -29,7 +29,7 @@ from tlog.protocol.status import HandshakeStatus
 
 from .etcd_fixture import EtcdProcess, etcd  # noqa: F401  (the fixture)
 from .redis_fixture import RedisProcess
-from .serverproc import ServerProcess, pick_port
+from .serverproc import ServerProcess, config_free_env, pick_port
 from .test_cli_read import KEY, tlog_cli
 from .test_etcd_config import clusters, put_yaml, readyz, wait_until
 from .wireclient import WireClient
@@ -341,7 +341,7 @@ def test_a_new_operator_restores_a_fleet_vdisk_from_etcd(etcd: EtcdProcess,  # n
     assert "--key-file" in bad.stderr
 
     # TLOG_CONFIG, as tlog config takes it, works for the readers too...
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TLOG_")}
+    env = config_free_env()
     env["TLOG_CONFIG"] = url
 
     def tlog(*args: str) -> subprocess.CompletedProcess[str]:

@@ -25,7 +25,7 @@ import yaml
 from tlog import compiled
 
 from .redis_fixture import RedisFactory, RedisProcess
-from .serverproc import ServerProcess
+from .serverproc import ServerProcess, config_free_env
 from .test_cli_read import KEY, WAIT, read_args, start_tlogserver, tlog_cli
 
 pytestmark = pytest.mark.skipif(
@@ -41,7 +41,7 @@ class NbdServer:
     def __init__(self, tmp_path: Path, *args: str, socket_path: str | None = None) -> None:
         self.socket = socket_path or str(tmp_path / f"nbd-{time.monotonic_ns()}.sock")
         self.uri = f"nbd+unix:///?socket={self.socket}"
-        env = {k: v for k, v in os.environ.items() if not k.startswith("TLOG_")}
+        env = config_free_env()
         self.process = subprocess.Popen(
             [sys.executable, "-c", "from tlog.cli import main; main()", "nbd",
              "--socket", self.socket, *args],

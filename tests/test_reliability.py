@@ -34,7 +34,7 @@ from tlog.storage import any_pool_factory
 from tlog.storage.keys import MARKER_PREFIX, parse_marker_value
 
 from .redis_fixture import RedisFactory, RedisProcess
-from .serverproc import ServerProcess, storage_args, stored_sequences
+from .serverproc import ServerProcess, config_free_env, storage_args, stored_sequences
 from .test_compiled import PATCHES_COMPILED
 from .wireclient import KEY, WireClient, port_of, read_chain, running_server
 
@@ -60,7 +60,7 @@ def send(client: WireClient, sequences: range) -> None:
 
 
 def tlog(*args: str) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TLOG_")}
+    env = config_free_env()
     return subprocess.run([sys.executable, "-c", "from tlog.cli import main; main()", *args],
                           capture_output=True, text=True, timeout=120, env=env)
 

@@ -35,7 +35,7 @@ from tlog.retention.lock import CompactionLock
 from tlog.storage import any_pool_factory, checkpoint_list_key, compaction_key
 
 from .redis_fixture import RedisProcess
-from .serverproc import pick_port
+from .serverproc import config_free_env, pick_port
 from .test_cli_read import KEY, image, read_args, start_tlogserver, tlog_cli
 from .test_decoder import VDISK, ChainWriter
 
@@ -256,7 +256,7 @@ def _compact_and_kill(servers: Sequence[RedisProcess], step: str | None, delay: 
                       keep: int) -> tuple[int, str]:
     """`tlog compact` killed -9 ``delay`` s after it announced ``step`` (None: let it
     finish); its exit code and what it printed."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TLOG_")}
+    env = config_free_env()
     env["PYTHONUNBUFFERED"] = "1"
     proc = subprocess.Popen(
         [sys.executable, "-c", "from tlog.cli import main; main()", "compact",
@@ -351,7 +351,7 @@ def test_writes_continue_during_compaction(redis6: list[RedisProcess], tmp_path:
             out[index * BS:(index + 1) * BS] = data
         return bytes(out)
 
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TLOG_")}
+    env = config_free_env()
     try:
         writer = Writer(server.port, 0)
         for _ in range(4):  # four compactions, each with writes going on all through it
