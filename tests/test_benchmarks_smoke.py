@@ -78,6 +78,13 @@ def test_server_ingest_one_block_per_write() -> None:
     assert set(final["summary"]["server_cpu_us_per_block"]) == {"median", "min", "max"}
 
 
+def test_server_path() -> None:
+    run, final = bench("server_path.py", "--runs", "1", "--blocks", "2000")
+    assert run["cpu_us_per_block"] > 0 and run["blocks_per_s"] > 0
+    assert final["blocks"] == 2000 and set(final["cpu_us_per_block"]) == {"median", "min", "max"}
+    assert final["modules"].startswith("per-block modules")
+
+
 def test_compact() -> None:
     run, final = bench("compact.py", "--runs", "1", "--blocks", "2000", "--indexes", "300",
                        "--keep", "500")
