@@ -85,6 +85,7 @@ class Transport:
 
 
 def feed(conn: TlogConnection, data: bytes | memoryview) -> None:
+    """Hand ``data`` to a connection as the event loop does: into its buffer, in pieces."""
     view = memoryview(data)
     while view:
         buf = conn.get_buffer(len(view))

@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from benchmarks.server_path import feed
 from tlog.protocol import BlockResponse, ClientConnection, ServerConnection
 from tlog.protocol.status import BlockStatus, HandshakeStatus
 from tlogserver.acks import STREAMING_BLOCKS
@@ -83,16 +84,6 @@ async def connected(ack_delay: float, flush_size: int = 25) -> tuple[TlogConnect
         await asyncio.sleep(0.001)
     transport.writes.clear()
     return conn, transport
-
-
-def feed(conn: TlogConnection, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        buf = conn.get_buffer(len(view))
-        n = min(len(buf), len(view))
-        buf[:n] = view[:n]
-        view = view[n:]
-        conn.buffer_updated(n)
 
 
 def block(seq: int) -> bytes:
