@@ -21,6 +21,7 @@ install: $(BIN)/tlogserver
 	@$(BIN)/python -c 'import sys; from tlog.compiled import main; sys.exit(main(["--stale"]))' \
 	  || $(BIN)/pip install -q --no-deps -e .
 	@$(BIN)/python -c 'from tlog.compiled import main; main()'
+	@if [ -s build/tlog-pure-python.txt ]; then cat build/tlog-pure-python.txt; fi
 
 # redis-server for the tests: installed from Debian's packages when missing.
 redis:

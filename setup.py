@@ -31,8 +31,20 @@ def compiled_modules() -> list[str]:
     raise SystemExit("tlog/compiled.py has no COMPILED_MODULES")
 
 
+#: Why the last build fell back to pure Python (pip -q hides the build's output; make
+#: install shows this file when the modules did not come out compiled).
+WHY_PURE = HERE / "build" / "tlog-pure-python.txt"
+
+
 def warn(message: str) -> None:
-    print(f"tlog: {message}; installing the pure-Python modules only", file=sys.stderr)
+    line = f"tlog: {message}; installing the pure-Python modules only"
+    print(line, file=sys.stderr)
+    try:
+        WHY_PURE.parent.mkdir(exist_ok=True)
+        with WHY_PURE.open("a") as out:
+            out.write(line + "\n")
+    except OSError:
+        pass
 
 
 class OptionalBuildExt(build_ext):
@@ -52,6 +64,7 @@ class OptionalBuildExt(build_ext):
 
 
 def extensions() -> list:
+    WHY_PURE.unlink(missing_ok=True)
     if os.environ.get("TLOG_NO_EXTENSIONS", "") not in ("", "0"):
         warn("TLOG_NO_EXTENSIONS is set")
         return []
@@ -64,8 +77,11 @@ def extensions() -> list:
     try:
         # One group: the modules call each other natively through one shared library,
         # tlog/native__mypyc.*.so (in the package, so an editable install finds it too).
-        return mypycify(["--config-file", "pyproject.toml", *sources], opt_level="3",
-                        group_name="tlog.native")
+        # --follow-imports=silent: the modules compiled are checked; the others they import
+        # (and their packages, which the build's isolated environment may not have, so
+        # their types are Any) are read for types without failing the build.
+        return mypycify(["--config-file", "pyproject.toml", "--follow-imports=silent",
+                         *sources], opt_level="3", group_name="tlog.native")
     except BaseException as exc:  # mypyc exits on a type error: a bug of ours, not the user's
         warn(f"mypyc could not translate the per-block modules ({exc!r})")
         return []

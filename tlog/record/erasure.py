@@ -17,7 +17,7 @@ import itertools
 import logging
 import struct
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, TypeAlias
 
 import numpy as np
 import numpy.typing as npt
@@ -36,7 +36,7 @@ _PLAN_CACHE_SIZE = 64
 #: (with k=4, 1 MiB of record: a quarter of a millisecond with ISA-L).
 ENCODE_STEP = 256 * 1024
 
-U8Array = npt.NDArray[np.uint8]
+U8Array: TypeAlias = npt.NDArray[np.uint8]
 
 #: Encodes (process-wide) that pyeclib failed and numpy did instead; the first one is logged.
 _fallbacks = 0
