@@ -107,6 +107,9 @@ class LoggedDisk:
         self.checkpoints = 0
         self.written_blocks = 0
         self.failed_requests = 0
+        #: FLUSH requests answered (successfully or not) and the seconds they took in all
+        self.flushes = 0
+        self.flush_seconds = 0.0
         #: Opens the standby backend (None: no standby, or switched to it already).
         self._open_standby = standby
         self.failover_timeout = failover_timeout
@@ -155,10 +158,15 @@ class LoggedDisk:
 
     def flush(self) -> None:
         """Every write so far durable in the log, then the backend synced (a checkpoint)."""
-        if self.client is None:
-            self._on_backend(lambda b: b.flush())
-            return
-        self.checkpoint("flush")
+        start = time.monotonic()
+        try:
+            if self.client is None:
+                self._on_backend(lambda b: b.flush())
+            else:
+                self.checkpoint("flush")
+        finally:
+            self.flushes += 1
+            self.flush_seconds += time.monotonic() - start
 
     def checkpoint(self, what: str = "checkpoint") -> None:
         """Every write so far stored in the log and synced on the device, then their marks

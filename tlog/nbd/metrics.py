@@ -7,7 +7,12 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, ProcessCollector, start_http_server
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    Metric,
+    SummaryMetricFamily,
+)
 from prometheus_client.registry import Collector
 
 from .disk import LoggedDisk
@@ -38,6 +43,13 @@ class ExportCollector(Collector):
         yield counter("tlog_nbd_written_blocks", "Blocks written through the export (logged, "
                       "then written to the device); trims and zeroes included.",
                       disk.written_blocks)
+        yield counter("tlog_nbd_written_bytes", "Bytes of the blocks written through the "
+                      "export (whole blocks, as logged).", disk.written_blocks * disk.block_size)
+        flushes = SummaryMetricFamily("tlog_nbd_flush_seconds", "FLUSH requests answered and "
+                                      "the seconds they took (log stored, device synced).",
+                                      labels=["vdisk"])
+        flushes.add_metric(label, count_value=disk.flushes, sum_value=disk.flush_seconds)
+        yield flushes
         yield counter("tlog_nbd_failed_requests", "NBD requests answered with an error "
                       "(EIO: the log or the device failed).", disk.failed_requests)
         yield counter("tlog_nbd_checkpoints", "Checkpoints made: writes flushed in the log "
