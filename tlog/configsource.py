@@ -10,7 +10,10 @@ content, one key per part (after 0-Disk's ``<vdiskID>:vdisk:conf:storage:tlog`` 
 - ``PREFIX/clusters/<clusterID>``: ``servers: [host:port, ...]``;
 - ``PREFIX/vdisks/<vdiskID>``: the vdisk's entry (``storage_cluster``, ``access``...);
 - ``PREFIX/default_storage_cluster``: a cluster name;
-- ``PREFIX/tls_clients``: certificate name -> vdisk patterns.
+- ``PREFIX/tls_clients``: certificate name -> vdisk patterns;
+- ``PREFIX/nbd_servers/<serverID>``: the vdisks an NBD server (``tlog nbd --config``)
+  serves, with their settings (after 0-Disk's ``<serverID>:nbdserver:conf:vdisks``;
+  `tlog.nbd.hostconfig`).
 
 Beside them the servers keep keys of their own, attached to their etcd leases, which are
 not configuration: ``PREFIX/owners/<vdiskID>`` (who flushes the vdisk) and
@@ -38,9 +41,10 @@ TLS_CLIENTS = "tls_clients"
 #: Keys holding one part of the file each (``server``: its options, merged at the top).
 SINGLE_KEYS = (SERVER, DEFAULT_STORAGE_CLUSTER, TLS_CLIENTS)
 #: Directories of keys, one per entry of the file's mapping named here.
-DIRECTORIES = {"clusters": "storage_clusters", "vdisks": "vdisks"}
+DIRECTORIES = {"clusters": "storage_clusters", "vdisks": "vdisks", "nbd_servers": "nbd_servers"}
 #: The file's top-level keys that are not server options (they have keys of their own).
-STRUCTURE_KEYS = ("storage_clusters", "vdisks", DEFAULT_STORAGE_CLUSTER, TLS_CLIENTS)
+STRUCTURE_KEYS = ("storage_clusters", "vdisks", DEFAULT_STORAGE_CLUSTER, TLS_CLIENTS,
+                  "nbd_servers")
 #: Directories the servers write, on their leases: vdisk owners and server ids in use.
 OWNERS = "owners"
 SERVERS = "servers"
@@ -149,7 +153,8 @@ def assemble(items: Iterable[tuple[bytes, bytes]], prefix: str) -> dict[str, Any
             data.setdefault(DIRECTORIES[group], {})[ident] = parse_value(key, raw_value)
             continue
         raise ConfigError(f"etcd key {key}: unknown key (expected server, clusters/<id>, "
-                          "vdisks/<id>, default_storage_cluster or tls_clients)")
+                          "vdisks/<id>, nbd_servers/<id>, default_storage_cluster or "
+                          "tls_clients)")
     return data
 
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tlog.configsource import ConfigError, describe_empty, load_yaml_file
+from tlog.nbd.hostconfig import NBD_SERVERS, check_nbd_servers
 from tlog.protocol import DEFAULT_MAX_MESSAGE_SIZE
 from tlog.read.standby import StandbyTarget, parse_slave_targets
 from tlog.record import crypto
@@ -42,6 +43,8 @@ log = logging.getLogger(__name__)
 STORAGE_KEYS = ("storage_clusters", "vdisks", "default_storage_cluster")
 #: YAML keys that are not server options but access settings (tlogserver.access).
 ACCESS_KEYS = ("tls_clients",)
+#: YAML keys of the NBD servers (`tlog.nbd.hostconfig`): checked, not a server option.
+NBD_KEYS = (NBD_SERVERS,)
 LOG_LEVELS = ("debug", "info", "warning", "error")
 #: Options a SIGHUP applies to the running server; the others need a restart.
 RELOADABLE = frozenset({"flush_size", "flush_time", "max_buffered_blocks", "max_buffered_bytes",
@@ -487,7 +490,7 @@ def file_options(data: Mapping[str, Any], source: str | None) -> dict[str, Any]:
     options: dict[str, Any] = {}
     for key, value in data.items():
         name = str(key).replace("-", "_")
-        if key in STORAGE_KEYS or key in ACCESS_KEYS:
+        if key in STORAGE_KEYS or key in ACCESS_KEYS or key in NBD_KEYS:
             continue
         if name not in known:
             raise ConfigError(f"config {source}: unknown key {key!r}")
@@ -504,6 +507,10 @@ def check_file_data(data: Mapping[str, Any], source: str) -> None:
     values = {name: getattr(defaults, name) for name in ServerConfig.option_names()}
     values.update(file_options(data, source))
     k, m = values["k"], values["m"]
+    try:
+        check_nbd_servers(data)
+    except ConfigError as exc:
+        raise ConfigError(f"config {source}: {exc}") from None
     try:
         if _has_storage_map(data):
             parse_storage_config(data, k + m)

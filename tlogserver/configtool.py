@@ -113,7 +113,8 @@ def config_command() -> None:
     """Read, check and write tlogserver's configuration in etcd.
 
     Keys, under the prefix: server (options), clusters/<id>, vdisks/<id>,
-    default_storage_cluster, tls_clients; values are YAML. The servers' own keys,
+    nbd_servers/<id> (tlog nbd --config), default_storage_cluster, tls_clients; values
+    are YAML. The servers' own keys,
     owners/<vdisk> and servers/<id>, are read only (tlog config owners).
     """
 
@@ -264,7 +265,8 @@ def _refuse_key(name: str) -> None:
                                "on its owner or the owner stops")
     if not is_config_key(name):
         raise click.UsageError(f"{name}: unknown key (expected server, clusters/<id>, "
-                               "vdisks/<id>, default_storage_cluster or tls_clients)")
+                               "vdisks/<id>, nbd_servers/<id>, default_storage_cluster or "
+                               "tls_clients)")
 
 
 def _write(url: str, edit: Callable[[_Snapshot], Changes], dry_run: bool,

@@ -106,8 +106,10 @@ class NbdSettings:
                 out.append(f"{key.replace('_', '-')}={value}")
         return out
 
-    def check(self) -> None:
-        """Everything that can be checked without connecting; raises SettingsError."""
+    def check(self, local: bool = True) -> None:
+        """Everything that can be checked without connecting; raises SettingsError.
+        ``local=False``: not the files either (a fleet's config, checked on another
+        machine than the one serving it)."""
         if not self.vdisk:
             raise SettingsError("vdisk: the vdisk id is required")
         if self.block_size < 512 or self.block_size & (self.block_size - 1):
@@ -137,11 +139,13 @@ class NbdSettings:
         if self.backend == "file":
             if not self.image:
                 raise SettingsError("image: the image file is required with the file backend")
-            if self.readonly and not os.path.exists(self.image):
+            if not local:
+                pass
+            elif self.readonly and not os.path.exists(self.image):
                 raise SettingsError(f"image: {self.image} does not exist")
-            if not self.size and not os.path.exists(self.image):
+            elif not self.size and not os.path.exists(self.image):
                 raise SettingsError("size: a new image needs its size")
-            if (not self.readonly and not self.state_file and os.path.exists(self.image)
+            if (local and not self.readonly and not self.state_file and os.path.exists(self.image)
                     and not os.path.isfile(self.image)):
                 raise SettingsError(f"state-file: {self.image} is not a regular file: say "
                                     "where to keep its tlog state (--state-file)")
@@ -166,7 +170,7 @@ class NbdSettings:
                 raise SettingsError("size: a standby needs the vdisk's size")
         for name in ("tls_ca", "tls_cert", "tls_key", "token_file"):
             path = getattr(self, name)
-            if path and not os.path.isfile(path):
+            if local and path and not os.path.isfile(path):
                 raise SettingsError(f"{name.replace('_', '-')}: {path} is not a file")
 
     def describe(self, disk: LoggedDisk) -> str:
