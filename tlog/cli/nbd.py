@@ -21,10 +21,12 @@ from typing import Any
 import click
 
 from tlog.client import TlogClientError, parse_address
+from tlog.configsource import ConfigError
 from tlog.nbd.backend import BackendError
 from tlog.nbd.convergence import ExportRefused
 from tlog.nbd.disk import DEFAULT_CHECKPOINT_BYTES
 from tlog.nbd.export import LOG_FORMAT, prepare
+from tlog.nbd.host import serve_host
 from tlog.nbd.intent import IntentError
 from tlog.nbd.settings import NbdSettings, SettingsError
 
@@ -131,7 +133,17 @@ def _check_nbdkit() -> str:
 
 
 @click.command("nbd")
-@click.option("--vdisk", required=True, help="The vdisk to serve.")
+@click.option("--config", "config_source", default=None,
+              metavar="FILE|etcd://HOST:PORT/PREFIX",
+              help="Serve every vdisk the config's nbd_servers assigns to --server-id, each "
+                   "on --socket-dir/VDISK.sock, following the config (docs/nbd.md, "
+                   "\"Serving a host's vdisks\").")
+@click.option("--server-id", default=None, envvar="TLOG_NBD_SERVER_ID", metavar="ID",
+              help="With --config: this NBD server's id in nbd_servers [default: the "
+                   "host name].")
+@click.option("--socket-dir", default=None, metavar="DIR",
+              help="With --config: where the vdisks' sockets are made (created if missing).")
+@click.option("--vdisk", default=None, help="The vdisk to serve.")
 @click.option("--server", "servers", multiple=True, metavar="HOST:PORT",
               help="tlogserver to log the writes to (repeat for failover, in order).")
 @click.option("--image", default="", metavar="FILE",
@@ -196,13 +208,24 @@ def _check_nbdkit() -> str:
 @click.option("--verbose", is_flag=True,
               help="Print the nbdkit command, and nbdkit's debug output.")
 def nbd_command(socket_path: str | None, listen: str | None, verbose: bool, threads: int,
-                servers: tuple[str, ...], size: int, **values: Any) -> None:
+                servers: tuple[str, ...], size: int, config_source: str | None,
+                server_id: str | None, socket_dir: str | None, **values: Any) -> None:
     """Serve a vdisk over NBD (nbdkit in the foreground), logging every write.
 
     Writes are logged before they reach the image; FLUSH and FUA wait until the tlog
     servers have stored them. Starting again continues the vdisk's log. Stop it with
     SIGTERM or Ctrl-C: the last writes are flushed first.
+
+    With --config, serve every vdisk a fleet's config assigns to this server, each in an
+    nbdkit of its own on --socket-dir/VDISK.sock, and follow the config.
     """
+    if config_source is not None:
+        _serve_host(config_source, server_id, socket_dir, values["metrics_address"], threads)
+        return
+    if socket_dir is not None or _given("server_id"):
+        raise click.UsageError("--server-id and --socket-dir go with --config")
+    if not values["vdisk"]:
+        raise click.UsageError("give --vdisk (one vdisk) or --config (a host's vdisks)")
     if (socket_path is None) == (listen is None):
         raise click.UsageError("give exactly one of --socket PATH and --listen HOST:PORT")
     settings = NbdSettings(servers=list(servers), **values)
@@ -225,3 +248,45 @@ def nbd_command(socket_path: str | None, listen: str | None, verbose: bool, thre
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(nbdkit, argv, plugin_environment())
+
+
+#: The options `tlog nbd --config` takes; the others are the config's, per vdisk.
+HOST_OPTIONS = ("config_source", "server_id", "socket_dir", "metrics_address", "threads",
+                "verbose")
+
+
+def _given(name: str) -> bool:
+    """Whether option ``name`` was given on the command line (not a default, not the
+    environment)."""
+    source = click.get_current_context().get_parameter_source(name)
+    return source == click.core.ParameterSource.COMMANDLINE
+
+
+def _serve_host(source: str, server_id: str | None, socket_dir: str | None,
+                metrics_address: str, threads: int) -> None:
+    """`tlog nbd --config`: the supervisor of the host's vdisks (`tlog.nbd.host`)."""
+    ctx = click.get_current_context()
+    given = [f"--{name.replace('_', '-')}" for name in ctx.params
+             if name not in HOST_OPTIONS and _given(name)]
+    if given:
+        raise click.UsageError(f"{', '.join(given)}: with --config each vdisk's settings are "
+                               "the config's (nbd_servers)")
+    if not socket_dir:
+        raise click.UsageError("--config needs --socket-dir DIR (each vdisk's socket: "
+                               "DIR/VDISK.sock)")
+    if metrics_address:
+        try:
+            parse_address(metrics_address)
+        except ValueError as exc:
+            raise click.UsageError(f"--metrics-address: {exc}") from None
+    _check_nbdkit()
+    logging.basicConfig(stream=sys.stderr, level=logging.INFO, format=LOG_FORMAT)
+    try:
+        code = serve_host(source, server_id or socket.gethostname(), socket_dir,
+                          metrics_address=metrics_address, threads=threads)
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+    except OSError as exc:
+        raise click.ClickException(f"--socket-dir {socket_dir}: {exc.strerror or exc}"
+                                   ) from None
+    sys.exit(code)
