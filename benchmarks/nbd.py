@@ -4,10 +4,11 @@ Each run, for random and for compressible data: a fresh tlogserver on 6 redis (k
 a new image served through `tlog nbd` on a unix socket, ``--mib`` MiB copied into it with
 nbdcopy (without ``--flush``: the copy ends when nbdkit acknowledged the last write, so
 the log's last flush window and the file plugin's page cache are not waited for; the
-same for both); then the same with ``nbdkit file``, the ceiling of the machine. Then 4 KiB writes, one NBD request each,
-queue depth 16, into both: sequential with ``qemu-img bench``, and random with fio's nbd
-engine for ``--fio-seconds`` (Debian's ``fio``; ``make nbd`` installs it). Prints one JSON
-line per run, then medians over ``--runs`` with the ratio to the file plugin.
+same for both); then the same with ``nbdkit file``, the ceiling of the machine. Then 4 KiB
+writes, one NBD request each, queue depth 16, into both: sequential with ``qemu-img
+bench``, and random with fio's nbd engine for ``--fio-seconds`` (Debian's ``fio``;
+``make nbd`` installs it). Prints one JSON line per run, then medians over ``--runs``
+with the ratio to the file plugin.
 
     .venv/bin/python benchmarks/nbd.py --mib 256 --runs 3
 """
