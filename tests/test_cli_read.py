@@ -46,13 +46,15 @@ def start_tlogserver(servers: Sequence[RedisProcess], key: str, *extra: str) -> 
 class Client:
     """One protocol connection over a blocking socket, through the sans-I/O client core."""
 
-    def __init__(self, port: int, vdisk: str, first_sequence: int) -> None:
+    def __init__(self, port: int, vdisk: str, first_sequence: int,
+                 range_ops: bool = False) -> None:
         self.sock = socket.create_connection(("127.0.0.1", port), timeout=WAIT)
         self.core = ClientConnection()
         self.flushed: set[int] = set()
         self.failed: list[int] = []
         self.handshake: HandshakeResponse | None = None
-        self.sock.sendall(ClientConnection.send_handshake(vdisk, first_sequence))
+        self.sock.sendall(ClientConnection.send_handshake(vdisk, first_sequence,
+                                                          range_ops=range_ops))
         self.pump(lambda: self.handshake is not None, "handshake response")
         assert self.handshake is not None and self.handshake.status == HandshakeStatus.OK
 
@@ -64,7 +66,7 @@ class Client:
     def force_flush(self, sequence: int) -> None:
         self.sock.sendall(ClientConnection.send_force_flush(sequence))
 
-    def pump(self, done: Callable[[], bool], what: str) -> None:
+    def pump(self, done: Callable[[], object], what: str = "the server's answers") -> None:
         """Read responses until ``done()``; fails after WAIT seconds or on a closed socket."""
         deadline = time.monotonic() + WAIT
         while not done():

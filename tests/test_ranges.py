@@ -24,20 +24,18 @@ import pytest
 
 from tlog.client import ThreadedClient
 from tlog.protocol import (
-    BlockResponse,
     ClientConnection,
     Handshake,
-    HandshakeResponse,
     ServerConnection,
     block_hash,
 )
 from tlog.protocol.ranges import range_count, range_data
-from tlog.protocol.status import BlockStatus, HandshakeStatus, Operation
+from tlog.protocol.status import BlockStatus, Operation
 from tlog.protocol.wire import Block
 
 from .redis_fixture import RedisFactory, RedisProcess
 from .serverproc import pick_port
-from .test_cli_read import KEY, read_args, start_tlogserver, tlog_cli
+from .test_cli_read import KEY, Client, read_args, start_tlogserver, tlog_cli
 from .test_decoder import VDISK
 from .test_nbd import NbdServer, nbd_args, qemu_io
 from .test_retention import compact, restore_image
@@ -101,51 +99,20 @@ def model(blocks: Sequence[Block], *, end_seq: int | None = None, end_ts: int | 
     return bytes(out)
 
 
-class RawClient:
-    """One protocol connection over a blocking socket; every answer kept by sequence."""
+class RawClient(Client):
+    """test_cli_read's blocking protocol client, asking for range operations."""
 
     def __init__(self, port: int, vdisk: str, first: int, range_ops: bool = True) -> None:
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=WAIT)
-        self.core = ClientConnection()
-        self.flushed: set[int] = set()
-        self.failed: list[int] = []
-        self.handshake: HandshakeResponse | None = None
-        self.sock.sendall(ClientConnection.send_handshake(vdisk, first, range_ops=range_ops))
-        self.pump(lambda: self.handshake is not None)
-        assert self.handshake is not None and self.handshake.status == HandshakeStatus.OK
-
-    def pump(self, done: object) -> None:
-        deadline = time.monotonic() + WAIT
-        while not done():  # type: ignore[operator]
-            left = deadline - time.monotonic()
-            assert left > 0, "timed out waiting for the server"
-            self.sock.settimeout(left)
-            data = self.sock.recv(1 << 18)
-            assert data, "the server closed the connection"
-            for event in self.core.receive_data(data):
-                if isinstance(event, HandshakeResponse):
-                    self.handshake = event
-                elif isinstance(event, BlockResponse):
-                    if event.status == BlockStatus.FLUSH_OK:
-                        self.flushed.update(event.sequences)
-                    elif event.status in (BlockStatus.RECV_FAILED, BlockStatus.FLUSH_FAILED):
-                        self.failed.extend(event.sequences)
-
-    def send(self, b: Block) -> None:
-        self.sock.sendall(ClientConnection.send_block(b.sequence, b.index, b.timestamp,
-                                                      b.data, b.operation))
+        super().__init__(port, vdisk, first, range_ops=range_ops)
 
     def write(self, blocks: Sequence[Block]) -> None:
         """Send ``blocks`` and wait until all are flushed, none failed."""
         for b in blocks:
             self.send(b)
-        self.sock.sendall(ClientConnection.send_force_flush(blocks[-1].sequence))
+        self.force_flush(blocks[-1].sequence)
         want = {b.sequence for b in blocks}
         self.pump(lambda: want <= self.flushed or self.failed)
         assert not self.failed, f"the server failed blocks: {self.failed[:5]}"
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 def range_block(seq: int, first: int, count: int) -> Block:
