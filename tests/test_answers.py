@@ -86,6 +86,13 @@ async def connected(ack_delay: float, flush_size: int = 25) -> tuple[TlogConnect
     return conn, transport
 
 
+async def until_released(conn: TlogConnection) -> None:
+    """Wait (bounded) until the answers held on ``conn`` have been written."""
+    async with asyncio.timeout(WAIT):
+        while conn.acks.held_bytes:
+            await asyncio.sleep(0.005)
+
+
 def block(seq: int) -> bytes:
     return ClientConnection.send_block(seq, seq, time.time_ns(), DATA)
 
@@ -99,7 +106,7 @@ def test_answers_of_single_block_reads_are_held_and_written_together() -> None:
         for seq in range(1, 10):
             feed(conn, block(seq))
         assert len(transport.writes) == 1  # held: written less than ack_delay ago
-        await asyncio.sleep(0.2)
+        await until_released(conn)
         assert len(transport.writes) == 2  # one write for the nine held answers
         assert answers(transport.writes) == [(BlockStatus.RECV_OK, [s]) for s in range(10)]
     asyncio.run(scenario())
@@ -147,7 +154,7 @@ def test_no_holding_with_ack_delay_zero_nor_for_big_reads() -> None:
             buf[:len(buf)] = stream[at:at + len(buf)]
             conn.buffer_updated(len(buf))
             at += len(buf)
-        await asyncio.sleep(0.6)  # whatever was held went out
+        await until_released(conn)  # whatever was held went out
         before = len(answers(transport.writes))
         count = len(transport.writes)
         whole = (at // size + n) * size - at  # up to the end of the n-th next block
