@@ -91,6 +91,17 @@ class Client:
                   f"FlushOK of {sequences.start}..{sequences.stop - 1}")
         assert not self.failed
 
+    def write(self, blocks: Sequence[Block]) -> None:
+        """Send ``blocks`` and a ForceFlush, and wait until all are flushed, none failed."""
+        frames = [ClientConnection.send_block(b.sequence, b.index, b.timestamp, b.data,
+                                              b.operation) for b in blocks]
+        self.sock.sendall(b"".join(frames)
+                          + ClientConnection.send_force_flush(blocks[-1].sequence))
+        want = {b.sequence for b in blocks}
+        self.pump(lambda: want <= self.flushed or self.failed,
+                  f"FlushOK of {len(want)} blocks")
+        assert not self.failed, f"the server failed blocks: {self.failed[:5]}"
+
     def close(self) -> None:
         self.sock.close()
 

@@ -105,15 +105,6 @@ class RawClient(Client):
     def __init__(self, port: int, vdisk: str, first: int, range_ops: bool = True) -> None:
         super().__init__(port, vdisk, first, range_ops=range_ops)
 
-    def write(self, blocks: Sequence[Block]) -> None:
-        """Send ``blocks`` and wait until all are flushed, none failed."""
-        for b in blocks:
-            self.send(b)
-        self.force_flush(blocks[-1].sequence)
-        want = {b.sequence for b in blocks}
-        self.pump(lambda: want <= self.flushed or self.failed)
-        assert not self.failed, f"the server failed blocks: {self.failed[:5]}"
-
 
 def range_block(seq: int, first: int, count: int) -> Block:
     data = range_data(first, count)

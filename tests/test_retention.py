@@ -13,7 +13,6 @@ import os
 import random
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -24,8 +23,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tlog.protocol import BlockResponse, ClientConnection, HandshakeResponse, block_hash
-from tlog.protocol.status import BlockStatus, HandshakeStatus
+from tlog.protocol import block_hash
 from tlog.protocol.wire import Block
 from tlog.read.player import FileBlockStorage, restore
 from tlog.record.aggregation import Keyring, RecordOpener
@@ -36,7 +34,7 @@ from tlog.storage import any_pool_factory, checkpoint_list_key, compaction_key
 
 from .redis_fixture import RedisProcess
 from .serverproc import config_free_env, pick_port
-from .test_cli_read import KEY, image, read_args, start_tlogserver, tlog_cli
+from .test_cli_read import KEY, Client, image, read_args, start_tlogserver, tlog_cli
 from .test_decoder import VDISK, ChainWriter
 
 BS = 512  # block size of these vdisks: small, so that 100,000 blocks stay quick
@@ -135,49 +133,6 @@ def assert_nothing_left_behind(servers: Sequence[RedisProcess]) -> None:
 # A protocol client that counts every failure the server answers
 
 
-class Writer:
-    """One connection over a blocking socket; `write` sends blocks and waits for all of
-    their FlushOKs. Every RecvFailed / FlushFailed answer is kept in ``failures``."""
-
-    def __init__(self, port: int, first_sequence: int, vdisk: str = VDISK) -> None:
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=WAIT)
-        self.core = ClientConnection()
-        self.failures: list[tuple[int, Sequence[int]]] = []
-        self.flushed = 0
-        self.handshake: HandshakeResponse | None = None
-        self.sock.sendall(ClientConnection.send_handshake(vdisk, first_sequence))
-        self._pump(lambda: self.handshake is not None)
-        assert self.handshake is not None and self.handshake.status == HandshakeStatus.OK
-
-    def _pump(self, done: object) -> None:
-        deadline = time.monotonic() + WAIT
-        while not done():  # type: ignore[operator]
-            left = deadline - time.monotonic()
-            assert left > 0, "timed out waiting for the server"
-            self.sock.settimeout(left)
-            data = self.sock.recv(1 << 18)
-            assert data, "the server closed the connection"
-            for event in self.core.receive_data(data):
-                if isinstance(event, HandshakeResponse):
-                    self.handshake = event
-                elif isinstance(event, BlockResponse):
-                    if event.status == BlockStatus.FLUSH_OK:
-                        self.flushed += len(event.sequences)
-                    elif event.status in (BlockStatus.RECV_FAILED, BlockStatus.FLUSH_FAILED):
-                        self.failures.append((int(event.status), list(event.sequences)))
-
-    def write(self, blocks: Sequence[Block]) -> None:
-        want = self.flushed + len(blocks)
-        frames = b"".join(ClientConnection.send_block(b.sequence, b.index, b.timestamp, b.data,
-                                                      b.operation) for b in blocks)
-        self.sock.sendall(frames + ClientConnection.send_force_flush(blocks[-1].sequence))
-        self._pump(lambda: self.flushed >= want or self.failures)
-        assert not self.failures, f"the server failed blocks: {self.failures[:3]}"
-
-    def close(self) -> None:
-        self.sock.close()
-
-
 # ---------------------------------------------------------------------------------------------
 # 100,000 blocks through a real tlogserver, compacted to the last 20,000 sequences
 
@@ -188,7 +143,7 @@ def test_compaction_keeps_every_retained_point(redis6: list[RedisProcess],
     blocks = blocks_from(0, total, seed=16, indexes=2_000)
     server = start_tlogserver(redis6, KEY, "--flush-size", "25")
     try:
-        writer = Writer(server.port, 0)
+        writer = Client(server.port, VDISK, 0)
         for start in range(0, total, 5_000):
             writer.write(blocks[start:start + 5_000])
         writer.close()
@@ -353,7 +308,7 @@ def test_writes_continue_during_compaction(redis6: list[RedisProcess], tmp_path:
 
     env = config_free_env()
     try:
-        writer = Writer(server.port, 0)
+        writer = Client(server.port, VDISK, 0)
         for _ in range(4):  # four compactions, each with writes going on all through it
             compaction = subprocess.Popen(
                 [sys.executable, "-c", "from tlog.cli import main; main()", "compact",
@@ -389,11 +344,11 @@ def test_a_client_numbering_again_after_compaction_loses_nothing(
              for b in blocks_from(0, 500, seed=22, indexes=300)]
     server = start_tlogserver(redis6, KEY, "--flush-size", "25")
     try:
-        writer = Writer(server.port, 0)
+        writer = Client(server.port, VDISK, 0)
         writer.write(first)
         writer.close()
         compact(redis6, "--keep-sequences", "1000")
-        writer = Writer(server.port, 0)
+        writer = Client(server.port, VDISK, 0)
         writer.write(again)
         writer.close()
         server.wait_for_log("epoch 1 starts at sequence 0")
@@ -593,11 +548,11 @@ def test_tlogserver_compacts_by_policy(redis6: list[RedisProcess], tmp_path: Pat
     blocks = blocks_from(0, 10_000, seed=31, indexes=500)
     other = blocks_from(0, 2_000, seed=32, indexes=500)
     try:
-        writer = Writer(server.port, 0)
+        writer = Client(server.port, VDISK, 0)
         writer.write(blocks[:5_000])
         server.wait_for_log(r"retention \(keep 1000 sequences\): compacted vdisk vd1", WAIT)
         writer.write(blocks[5_000:])  # and writes go on while it keeps compacting
-        other_writer = Writer(server.port, 0, "vd2")
+        other_writer = Client(server.port, "vd2", 0)
         other_writer.write(other)
         line = server.wait_for_log(r"compacted vdisk vd1: .* at sequence 89\d\d ", WAIT)
         assert "oldest restorable point" in line
