@@ -48,11 +48,16 @@ PURE_TESTS := tests/test_compiled.py tests/test_protocol.py tests/test_protocol_
 	tests/test_reliability.py::test_a_server_still_retrying_when_its_client_failed_over_does_not_fork_the_chain \
 	tests/test_nbd.py::test_nbd_clients_write_and_the_restore_equals_the_served_image
 
+# Tests run on TEST_WORKERS pytest-xdist workers (0: in the pytest process itself); worksteal
+# keeps both busy until the end. The slowest tests are listed after the run.
+TEST_WORKERS ?= 2
+PYTEST := $(BIN)/pytest -q -n $(TEST_WORKERS) --dist worksteal
+
 test: install redis nbd etcd
-	$(BIN)/pytest -q
+	$(PYTEST) --durations=10
 	@if $(BIN)/python -c 'import sys; from tlog.compiled import why_pure; sys.exit(why_pure() is not None)'; then \
 	  echo "TLOG_NO_EXTENSIONS=1: the pure-Python path"; \
-	  TLOG_NO_EXTENSIONS=1 $(BIN)/pytest -q $(PURE_TESTS); \
+	  TLOG_NO_EXTENSIONS=1 $(PYTEST) $(PURE_TESTS); \
 	fi
 
 lint: install
