@@ -250,3 +250,58 @@ def test_recoveries_in_the_log_and_the_metrics(redis6: list[RedisProcess],
                 assert value(samples, "tlog_nbd_failed_requests_total", vdisk="metered") == 0
                 assert nbd.stop() == 0
     assert restored(redis6, "metered", tmp_path / "r.img", 4 * MiB) == image.read_bytes()
+
+
+def test_background_checkpoints_sync_nothing_and_bound_the_recovery(
+        redis6: list[RedisProcess], tmp_path: Path) -> None:
+    """A client that never flushes (nbdcopy without --flush) gets background checkpoints
+    every --checkpoint-bytes that clear the block marks of what the log has, without
+    syncing the device: after a kill -9 the recovery looks at fewer blocks than were
+    written. Their regions stay marked: with the state made to look like a crash of the
+    machine, the recovery takes every region written. The restore equals the device."""
+    from tlog.nbd.intent import FileIntentLog
+
+    from .serverproc import pick_port
+    from .test_operations import scrape, value
+
+    image = tmp_path / "bg.img"
+    sock = str(tmp_path / "bg.sock")
+    data = tmp_path / "data.bin"
+    data.write_bytes(os.urandom(8 * MiB))
+    written = 8 * MiB // 4096
+    metrics = pick_port()
+    with start_tlogserver(redis6, KEY) as server:
+        args = [*nbd_args(server, "bg", image, "--size", "16M"), "--checkpoint-bytes", "1M"]
+        for machine_crash in (False, True):
+            with NbdServer(tmp_path, *args, "--metrics-address", f"127.0.0.1:{metrics}",
+                           socket_path=sock) as nbd:
+                nbd.wait_for("metrics on http://127.0.0.1")
+                subprocess.run(["nbdcopy", str(data), nbd.uri], check=True, timeout=WAIT * 4)
+                deadline = time.monotonic() + WAIT
+                while True:  # the checkpoints run in the background: until two are done
+                    samples = asyncio.run(scrape(metrics))
+                    if value(samples, "tlog_nbd_checkpoints_total", vdisk="bg") >= 2:
+                        break
+                    assert time.monotonic() < deadline, "no background checkpoints"
+                    time.sleep(0.05)
+                assert value(samples, "tlog_nbd_device_syncs_total", vdisk="bg") == 0
+                kill(nbd)
+            if machine_crash:  # the block marks were never synced: not to be trusted
+                intent = FileIntentLog(f"{image}.tlog-state", 4096, 16 * MiB)
+                state = intent.load()
+                assert state is not None
+                state.boot_id = "another boot"
+                intent.save(state)
+                intent.close()
+            with NbdServer(tmp_path, *args, socket_path=sock) as nbd:
+                line = nbd.wait_for("recovered after an unclean stop")
+                looked = int(line.split("looked at ")[1].split(" block")[0])
+                if machine_crash:
+                    assert looked >= written, line  # the two regions written, whole
+                else:  # at least the writes before the second checkpoint began were cleared
+                    assert looked <= written - 256, line
+                qemu_io(nbd.uri, "write -P 0x77 0 4096", "flush")
+                assert nbd.stop() == 0
+            served = image.read_bytes()
+            assert restored(redis6, "bg", tmp_path / "r.img", 16 * MiB) == served
+            assert served[4096:8 * MiB] == data.read_bytes()[4096:]

@@ -105,6 +105,8 @@ class LoggedDisk:
         self.diverged = False
         # counters, for metrics
         self.checkpoints = 0
+        #: Syncs of the device by FLUSH, FUA and full checkpoints (not light ones).
+        self.device_syncs = 0
         self.written_blocks = 0
         self.failed_requests = 0
         #: FLUSH requests answered (successfully or not) and the seconds they took in all
@@ -137,7 +139,7 @@ class LoggedDisk:
             high = self._log_and_write(first, self._merged(first, last, offset, buf))
         if fua:
             self._wait_flushed(high, "FUA write")
-            self._on_backend(lambda b: b.flush())
+            self._sync_device()
 
     def zero(self, count: int, offset: int, fua: bool = False) -> None:
         """Zeroes: whole blocks deleted, partial edge blocks written as zeroes."""
@@ -154,41 +156,50 @@ class LoggedDisk:
             high = self._clear(count, offset, partial_edges)
         if fua and high is not None:
             self._wait_flushed(high, what)
-            self._on_backend(lambda b: b.flush())
+            self._sync_device()
 
     def flush(self) -> None:
         """Every write so far durable in the log, then the backend synced (a checkpoint)."""
         start = time.monotonic()
         try:
             if self.client is None:
-                self._on_backend(lambda b: b.flush())
+                self._sync_device()
             else:
                 self.checkpoint("flush")
         finally:
             self.flushes += 1
             self.flush_seconds += time.monotonic() - start
 
-    def checkpoint(self, what: str = "checkpoint") -> None:
+    def checkpoint(self, what: str = "checkpoint", light: bool = False) -> None:
         """Every write so far stored in the log and synced on the device, then their marks
         cleared and the state's position moved there. When another checkpoint is running,
-        only the waits (a FLUSH must not wait for a second one). Raises EIO like FLUSH."""
+        only the waits (a FLUSH must not wait for a second one). Raises EIO like FLUSH.
+
+        ``light`` (a background checkpoint): unless the intent log needs the device synced,
+        the device is not synced and only the block marks are cleared; the regions stay
+        marked (`IntentLog.end_light_checkpoint`)."""
         assert self.client is not None
         if self.intent is None or not self._checkpoint_lock.acquire(blocking=False):
             self._wait_flushed(None, what)
-            self._on_backend(lambda b: b.flush())
+            self._sync_device()
             return
         try:
             with self._write_lock:
                 intent = self.intent
+                light = light and not intent.needs_device_sync()
                 token = intent.begin_checkpoint()
                 target = self.client.next_sequence - 1
                 self._since_checkpoint = 0
             self._wait_flushed(target, what)
-            self._on_backend(lambda b: b.flush())
+            if not light:
+                self._sync_device()
             with self._write_lock:
                 if self.diverged or self.intent is not intent:
                     return  # the marks stay (a failed write; or a failover moved them)
-                intent.end_checkpoint(token)
+                if light:
+                    intent.end_light_checkpoint()
+                else:
+                    intent.end_checkpoint(token)
             state = self.state
             if state is not None:
                 state.sequence, state.epoch = target, self.client.epoch
@@ -200,6 +211,11 @@ class LoggedDisk:
             raise io_error(f"vdisk {self.vdisk}: {what} failed: {exc}") from None
         finally:
             self._checkpoint_lock.release()
+
+    def _sync_device(self) -> None:
+        """The device's writes durable (EIO, or a failover, when the backend fails)."""
+        self._on_backend(lambda b: b.flush())
+        self.device_syncs += 1
 
     def _start_checkpointer(self) -> None:
         if self._checkpointer is None:
@@ -215,7 +231,7 @@ class LoggedDisk:
             if self._closing:
                 return
             try:
-                self.checkpoint("background checkpoint")
+                self.checkpoint("background checkpoint", light=True)
             except OSError:
                 pass  # logged; the marks stay, the next one tries again
 

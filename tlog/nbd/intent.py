@@ -17,6 +17,11 @@ Two grains, after md's write-intent bitmap and DRBD's activity log:
 
 ``mark`` comes before the write is logged, the checkpoint's clearing after the log has it
 and the device is synced: whatever crashed when, a block that may differ is marked.
+
+A crash of the process keeps the device's page cache, so block marks can go as soon as the
+log has their writes, without syncing the device: a *light* checkpoint. Only region marks
+need the device synced (a *full* checkpoint: a FLUSH, or a background one once more than
+`HOT_REGIONS` regions are marked), as DRBD keeps its hot extents in the activity log.
 """
 
 from __future__ import annotations
@@ -42,6 +47,10 @@ if TYPE_CHECKING:
 
 #: Bytes of one region: the grain of the durable marks (DRBD's activity-log extent).
 REGION_BYTES = 4 * 1024 * 1024
+#: Regions a background checkpoint leaves marked without syncing the device (256 MiB):
+#: what a recovery after a crash of the machine reads at most, beyond the regions written
+#: since the last full checkpoint (DRBD's al-extents; its default is about 4.8 GiB).
+HOT_REGIONS = 64
 #: The state file's format, in its header slots.
 MAGIC = b"TLOGNBD1"
 _SLOT = 4096
@@ -169,6 +178,17 @@ class IntentLog(abc.ABC):
         device): later ones go to fresh marks. A token for `end_checkpoint`."""
         self._next_generation()
         return self._writes
+
+    def needs_device_sync(self) -> bool:
+        """Whether a background checkpoint must be full (sync the device, unmark regions):
+        where blocks are not marked one by one, or once more than `HOT_REGIONS` are marked."""
+        return not self._has_block_marks() or len(self._marked) > HOT_REGIONS
+
+    def end_light_checkpoint(self) -> None:
+        """The writes before `begin_checkpoint` are in the log, not yet synced on the
+        device: their block marks go (a crash of the process keeps the page cache), their
+        regions stay marked (a crash of the machine may not)."""
+        self._clear_blocks_generation()
 
     def end_checkpoint(self, token: int) -> None:
         """The writes up to ``token`` are safe: their marks go, unless written again."""

@@ -52,9 +52,12 @@ class ExportCollector(Collector):
         yield flushes
         yield counter("tlog_nbd_failed_requests", "NBD requests answered with an error "
                       "(EIO: the log or the device failed).", disk.failed_requests)
-        yield counter("tlog_nbd_checkpoints", "Checkpoints made: writes flushed in the log "
-                      "and synced on the device, their marks cleared (a FLUSH is one).",
+        yield counter("tlog_nbd_checkpoints", "Checkpoints made: writes flushed in the log, "
+                      "their block marks cleared (a FLUSH is one, and syncs the device).",
                       disk.checkpoints)
+        yield counter("tlog_nbd_device_syncs", "Syncs of the device: FLUSH, FUA and full "
+                      "checkpoints (background checkpoints are light while few regions are "
+                      "marked).", disk.device_syncs)
         intent, state = disk.intent, disk.state
         if intent is not None:
             yield gauge("tlog_nbd_marked_regions", "4 MiB regions marked in the intent log "
