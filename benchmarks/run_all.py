@@ -2,8 +2,8 @@
 
 Runs micro, ingest, restore (random and compressible blocks, flush size 25 and 250), the
 server alone (batched and one block per write), compact, the event loop's stalls
-(loop_stall), memory, nbd and nbd_recovery with their defaults (``--quick``: small sizes,
-one run each, to check that they work), passing each script's
+(loop_stall), memory, nbd, nbd_recovery and intent_cost with their defaults (``--quick``:
+small sizes, one run each, to check that they work), passing each script's
 JSON lines through to stdout as they come and writing them all to ``--output`` (default
 ``benchmarks/results/latest.json``: ``{"machine": ..., "benchmarks": {"micro": [...],
 ...}}``). Each script prints its own table on stderr.
@@ -63,6 +63,8 @@ BENCHMARKS: dict[str, tuple[str, list[str], list[str]]] = {
             ["--runs", "1", "--mib", "4", "--writes", "500", "--fio-seconds", "1"]),
     "nbd_recovery": ("nbd_recovery.py", ["--runs", "3"],
                      ["--runs", "1", "--size", "1G", "--regions", "2"]),
+    "intent_cost": ("intent_cost.py", ["--runs", "5"],
+                    ["--runs", "1", "--size", "64M", "--marks", "2000"]),
 }
 
 

@@ -135,6 +135,14 @@ def test_nbd_recovery() -> None:
     assert objects[0]["process_crash_blocks"] == objects[0]["machine_crash_blocks"] == 2048
 
 
+def test_intent_cost() -> None:
+    objects = bench("intent_cost.py", "--runs", "1", "--size", "64M", "--marks", "2000")
+    result = summary(objects, runs=1)
+    assert set(result["summary"]) == {"mark_random_4k_us", "mark_seq_256k_us", "checkpoint_ms",
+                                      "region_mark_ms", "image_sync_64m_ms"}
+    assert all(v["median"] > 0 for v in result["summary"].values())
+
+
 def test_loop_stall() -> None:
     *runs, final = bench("loop_stall.py", "--runs", "1", "--flush-blocks", "100",
                          "--flush-size", "10", "--compact-blocks", "2000", "--indexes", "300")

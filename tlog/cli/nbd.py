@@ -198,7 +198,8 @@ def _check_nbdkit() -> str:
 @click.option("--checkpoint-bytes", type=SIZE, default=DEFAULT_CHECKPOINT_BYTES,
               metavar="SIZE", show_default=True,
               help="Written between two background checkpoints (a FLUSH is one too): a "
-                   "recovery after a crash looks at about twice this at most.")
+                   "recovery after a crash of the process looks at about twice this at "
+                   "most.")
 @click.option("--metrics-address", default="", metavar="HOST:PORT",
               help="Serve the export's metrics for Prometheus at http://HOST:PORT/metrics "
                    "(recoveries, checkpoints, written blocks, failed requests...).")
