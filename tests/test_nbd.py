@@ -41,11 +41,14 @@ class NbdServer:
     def __init__(self, tmp_path: Path, *args: str, socket_path: str | None = None) -> None:
         self.socket = socket_path or str(tmp_path / f"nbd-{time.monotonic_ns()}.sock")
         self.uri = f"nbd+unix:///?socket={self.socket}"
-        env = config_free_env()
+        self._start("--socket", self.socket, *args)
+
+    def _start(self, *args: str) -> None:
+        """`tlog nbd ARGS` started (without TLOG_* configuration), its stderr read."""
         self.process = subprocess.Popen(
-            [sys.executable, "-c", "from tlog.cli import main; main()", "nbd",
-             "--socket", self.socket, *args],
-            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
+            [sys.executable, "-c", "from tlog.cli import main; main()", "nbd", *args],
+            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+            env=config_free_env())
         self.lines: list[str] = []
         self._cond = threading.Condition()
         self._reader = threading.Thread(target=self._read, daemon=True)

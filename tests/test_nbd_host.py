@@ -10,8 +10,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
-import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -37,15 +35,8 @@ class HostServer(NbdServer):
         self.sockets = sockets
         self.socket = ""
         self.uri = ""
-        env = {k: v for k, v in os.environ.items() if not k.startswith("TLOG_")}
-        self.process = subprocess.Popen(
-            [sys.executable, "-c", "from tlog.cli import main; main()", "nbd", "--config",
-             source, "--server-id", server_id, "--socket-dir", str(sockets), *extra],
-            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
-        self.lines: list[str] = []
-        self._cond = threading.Condition()
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
+        self._start("--config", source, "--server-id", server_id, "--socket-dir",
+                    str(sockets), *extra)
 
     def __enter__(self) -> HostServer:
         return self
