@@ -246,6 +246,7 @@ def test_recoveries_in_the_log_and_the_metrics(redis6: list[RedisProcess],
                 qemu_io(nbd.uri, f"write -P {round_ + 1} 65536 4096", "flush")
                 samples = asyncio.run(scrape(metrics))
                 assert value(samples, "tlog_nbd_checkpoints_total", vdisk="metered") >= 1
+                assert value(samples, "tlog_nbd_device_syncs_total", vdisk="metered") >= 1
                 assert value(samples, "tlog_nbd_written_blocks_total", vdisk="metered") == 1
                 assert value(samples, "tlog_nbd_failed_requests_total", vdisk="metered") == 0
                 assert nbd.stop() == 0
